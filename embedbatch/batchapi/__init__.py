@@ -1,0 +1,1 @@
+"""The OpenAI Batch API path: plan → submit → poll → ingest, with state on disk."""

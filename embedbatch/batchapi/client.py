@@ -1,0 +1,229 @@
+"""The provider boundary: ``openai.AsyncOpenAI`` with tenacity retries and error translation.
+
+The SDK's own retries are off (``max_retries=0``) so one policy owns them: transient failures
+(429 honouring Retry-After, 5xx, timeouts, connection resets) become :class:`RetryLater` and
+are retried with exponential backoff and jitter; other 4xx become :class:`ProviderError` with
+the API's message. The API key lives only in the SDK client; it is never logged or stored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import openai
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity.wait import wait_base
+
+from embedbatch.config import Settings
+from embedbatch.errors import ProviderError, RetryLater, UsageError
+
+__all__ = ["BatchClient", "RetryPolicy"]
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """Backoff for transient provider errors: attempts in total, first and largest wait (s)."""
+
+    attempts: int = 8
+    initial_s: float = 1.0
+    max_s: float = 60.0
+
+
+class _WaitRetryAfter(wait_base):
+    """Exponential backoff with jitter, but never shorter than the server's Retry-After."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.backoff = wait_exponential_jitter(
+            initial=policy.initial_s, max=policy.max_s, jitter=policy.initial_s
+        )
+        self.max_s = policy.max_s
+
+    def __call__(self, retry_state: Any) -> float:
+        wait = float(self.backoff(retry_state))
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, RetryLater) and exc.retry_after_s is not None:
+            wait = max(wait, min(exc.retry_after_s, self.max_s))
+        return wait
+
+
+def _translate(exc: Exception) -> Exception:
+    """Map an openai SDK exception to ours (most specific first)."""
+    if isinstance(exc, openai.APITimeoutError):
+        return RetryLater(f"request timed out: {exc}")
+    if isinstance(exc, openai.APIConnectionError):
+        return RetryLater(f"connection failed: {exc}")
+    if isinstance(exc, openai.RateLimitError):
+        retry_after = None
+        header = exc.response.headers.get("retry-after") if exc.response is not None else None
+        if header:
+            try:
+                retry_after = float(header)
+            except ValueError:
+                retry_after = None
+        return RetryLater(_message(exc), status_code=429, retry_after_s=retry_after)
+    if isinstance(exc, openai.APIStatusError):
+        if exc.status_code >= 500 or (exc.status_code in (408, 409) and "lock" in _message(exc).lower()):
+            return RetryLater(_message(exc), status_code=exc.status_code)
+        return ProviderError(_message(exc), status_code=exc.status_code)
+    return exc
+
+
+def _message(exc: openai.APIError) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+    return str(exc.message)
+
+
+class BatchClient:
+    """The calls embedbatch makes, each retried under :class:`RetryPolicy`.
+
+    Args:
+        settings: key, base URL and timeout.
+        policy: retry policy.
+        client: an existing ``AsyncOpenAI`` (tests), else one is built from ``settings``.
+
+    Raises:
+        UsageError: no API key is configured.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        policy: RetryPolicy | None = None,
+        client: openai.AsyncOpenAI | None = None,
+    ) -> None:
+        if client is None:
+            if not settings.openai_api_key:
+                raise UsageError("OPENAI_API_KEY is not set (put it in the environment or .env)")
+            client = openai.AsyncOpenAI(
+                api_key=settings.openai_api_key,
+                base_url=settings.openai_base_url,
+                timeout=settings.openai_timeout_s,
+                max_retries=0,
+            )
+        self.client = client
+        self.policy = policy or RetryPolicy(
+            attempts=int(os.environ.get("EMBEDBATCH_RETRY_ATTEMPTS", "8")),
+            initial_s=float(os.environ.get("EMBEDBATCH_RETRY_INITIAL_S", "1.0")),
+        )
+        self.retries = 0
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(RetryLater),
+            stop=stop_after_attempt(self.policy.attempts),
+            wait=_WaitRetryAfter(self.policy),
+            reraise=True,
+        ):
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    self.retries += 1
+                    log.info("retrying", call=what, attempt=attempt.retry_state.attempt_number)
+                try:
+                    return await fn()
+                except openai.APIError as exc:
+                    raise _translate(exc) from exc
+        raise AssertionError("unreachable")
+
+    async def upload(self, path: Path, filename: str) -> dict[str, Any]:
+        """Upload a batch input file (``purpose=batch``); returns the file object."""
+
+        async def go() -> dict[str, Any]:
+            with open(path, "rb") as fh:
+                obj = await self.client.files.create(file=(filename, fh), purpose="batch")
+            return obj.model_dump()
+
+        return await self._call("files.create", go)
+
+    async def find_file(self, filename: str) -> dict[str, Any] | None:
+        """The newest uploaded ``purpose=batch`` file named ``filename``, or None."""
+
+        async def go() -> dict[str, Any] | None:
+            async for f in self.client.files.list(purpose="batch"):
+                if f.filename == filename:
+                    return f.model_dump()
+            return None
+
+        return await self._call("files.list", go)
+
+    async def create_batch(self, file_id: str, *, window: str, metadata: dict[str, str]) -> dict[str, Any]:
+        """Create an embeddings batch for an uploaded input file; returns the batch object."""
+
+        async def go() -> dict[str, Any]:
+            obj = await self.client.batches.create(
+                input_file_id=file_id,
+                endpoint="/v1/embeddings",
+                completion_window=window,  # type: ignore[arg-type]
+                metadata=metadata,
+            )
+            return obj.model_dump()
+
+        return await self._call("batches.create", go)
+
+    async def find_batch(self, match: dict[str, str]) -> dict[str, Any] | None:
+        """The newest batch whose metadata contains every pair of ``match``, or None."""
+
+        async def go() -> dict[str, Any] | None:
+            async for b in self.client.batches.list(limit=100):
+                meta = b.metadata or {}
+                if all(meta.get(k) == v for k, v in match.items()):
+                    return b.model_dump()
+            return None
+
+        return await self._call("batches.list", go)
+
+    async def retrieve_batch(self, batch_id: str) -> dict[str, Any]:
+        async def go() -> dict[str, Any]:
+            return (await self.client.batches.retrieve(batch_id)).model_dump()
+
+        return await self._call("batches.retrieve", go)
+
+    async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        async def go() -> dict[str, Any]:
+            return (await self.client.batches.cancel(batch_id)).model_dump()
+
+        return await self._call("batches.cancel", go)
+
+    async def download(self, file_id: str, dest: Path) -> int:
+        """Stream a file's content to ``dest`` atomically (never whole in memory); returns bytes."""
+        from embedbatch.workspace import atomic_open
+
+        async def go() -> int:
+            n = 0
+            async with self.client.files.with_streaming_response.content(file_id) as resp:
+                with atomic_open(dest) as fh:
+                    async for chunk in resp.iter_bytes(1 << 20):
+                        fh.write(chunk)
+                        n += len(chunk)
+            return n
+
+        return await self._call("files.content", go)
+
+    async def embed(
+        self, texts: list[str], *, model: str, dimensions: int | None = None
+    ) -> list[list[float]]:
+        """Embed texts synchronously through /v1/embeddings (for ``search`` queries)."""
+
+        async def go() -> list[list[float]]:
+            kwargs: dict[str, Any] = {"model": model, "input": texts}
+            if dimensions is not None:
+                kwargs["dimensions"] = dimensions
+            resp = await self.client.embeddings.create(**kwargs)
+            return [list(d.embedding) for d in sorted(resp.data, key=lambda d: d.index)]
+
+        return await self._call("embeddings.create", go)

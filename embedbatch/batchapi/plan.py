@@ -1,0 +1,113 @@
+"""Planning: records → request lines → batch input files under the API limits (pure).
+
+One request per input: ``custom_id`` is the record id, ``url`` is ``/v1/embeddings``, and the
+body asks for ``encoding_format: "base64"`` (about 4× smaller output than float JSON and no
+float parsing on ingest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import orjson
+
+from embedbatch.config import BatchLimits
+from embedbatch.errors import LimitError, UsageError
+from embedbatch.tokens import queue_tokens, supports_dimensions
+
+__all__ = ["BatchSplitter", "RequestSize", "assign_batches", "check_model_options", "request_line"]
+
+EMBEDDINGS_URL = "/v1/embeddings"
+
+
+def check_model_options(model: str, dimensions: int | None) -> None:
+    """Raise UsageError when ``dimensions`` is given for a model that does not take it
+    (only text-embedding-3-* do, per the embeddings API reference, 2026)."""
+    if dimensions is None:
+        return
+    if dimensions < 1:
+        raise UsageError(f"--dimensions must be positive, got {dimensions}")
+    if not supports_dimensions(model) and model.startswith("text-embedding-"):
+        raise UsageError(f"--dimensions is only supported by text-embedding-3 models, not {model}")
+
+
+def request_line(custom_id: str, text: str, *, model: str, dimensions: int | None) -> bytes:
+    """One JSONL request line (with its trailing newline) for one input."""
+    body: dict[str, object] = {"model": model, "input": text, "encoding_format": "base64"}
+    if dimensions is not None:
+        body["dimensions"] = dimensions
+    return (
+        orjson.dumps({"custom_id": custom_id, "method": "POST", "url": EMBEDDINGS_URL, "body": body}) + b"\n"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSize:
+    """What one request weighs against the limits: bytes of its line, inputs, queue tokens."""
+
+    n_bytes: int
+    n_inputs: int = 1
+    tokens: int = 0
+
+
+class BatchSplitter:
+    """Decides where one batch ends and the next begins, request by request.
+
+    Each batch stays within ``max_requests`` lines, ``max_inputs`` inputs, ``max_bytes`` bytes and
+    ``max_enqueued_tokens`` tokens (when set).
+    """
+
+    def __init__(self, limits: BatchLimits) -> None:
+        self.limits = limits
+        self.batch = -1
+        self.requests = 0
+        self.inputs = 0
+        self.bytes = 0
+        self.tokens = 0
+
+    def add(self, size: RequestSize) -> int:
+        """Account for one request; return the 0-based batch index it goes to.
+
+        Raises:
+            LimitError: the request alone exceeds a limit.
+        """
+        lim = self.limits
+        if size.n_bytes > lim.max_bytes:
+            raise LimitError(
+                f"a request line of {size.n_bytes} bytes exceeds --max-bytes-per-batch {lim.max_bytes}"
+            )
+        if size.n_inputs > lim.max_inputs:
+            raise LimitError(
+                f"a request of {size.n_inputs} inputs exceeds the {lim.max_inputs}-input batch limit"
+            )
+        if lim.max_enqueued_tokens is not None and size.tokens > lim.max_enqueued_tokens:
+            raise LimitError(
+                f"a request of {size.tokens} tokens exceeds --max-enqueued-tokens {lim.max_enqueued_tokens}"
+            )
+        if (
+            self.batch < 0
+            or self.requests + 1 > lim.max_requests
+            or self.inputs + size.n_inputs > lim.max_inputs
+            or self.bytes + size.n_bytes > lim.max_bytes
+            or (lim.max_enqueued_tokens is not None and self.tokens + size.tokens > lim.max_enqueued_tokens)
+        ):
+            self.batch += 1
+            self.requests = self.inputs = self.bytes = self.tokens = 0
+        self.requests += 1
+        self.inputs += size.n_inputs
+        self.bytes += size.n_bytes
+        self.tokens += size.tokens
+        return self.batch
+
+
+def assign_batches(sizes: Iterable[RequestSize], limits: BatchLimits) -> Iterator[int]:
+    """The batch index of each request, in order (pure; see :class:`BatchSplitter`)."""
+    splitter = BatchSplitter(limits)
+    for size in sizes:
+        yield splitter.add(size)
+
+
+def size_of(line: bytes, n_tokens: int, text_bytes: int) -> RequestSize:
+    """The :class:`RequestSize` of a one-input request line (queue tokens are conservative)."""
+    return RequestSize(len(line), 1, queue_tokens(n_tokens, text_bytes))

@@ -1,0 +1,1233 @@
+"""The ``embedbatch`` command line: parses flags into config objects, calls stages, prints.
+
+This is the only place errors become messages and exit codes (``EMBEDBATCH_RAISE_ERRORS=1``
+re-raises instead).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from embedbatch import __version__
+from embedbatch.config import (
+    BatchLimits,
+    IngestConfig,
+    PgTarget,
+    PrepareConfig,
+    SampleConfig,
+    Settings,
+    SourceConfig,
+    SubmitConfig,
+)
+from embedbatch.errors import EmbedbatchError, UsageError
+from embedbatch.logs import configure_logging, scrub
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn datasets into embeddings, cheaply.")
+db_app = typer.Typer(no_args_is_help=True, help="PostgreSQL helpers.")
+app.add_typer(db_app, name="db")
+console = Console()
+err_console = Console(stderr=True)
+
+
+@dataclass
+class _Globals:
+    workspace: Path | None = None
+    log_format: str = "auto"
+
+
+_G = _Globals()
+
+
+@app.callback()
+def _main(
+    workspace: Annotated[Path | None, typer.Option(help="Workspace root (env EMBEDBATCH_WORKSPACE).")] = None,
+    log_format: Annotated[str, typer.Option(help="auto, console or json.")] = "auto",
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+) -> None:
+    _G.workspace = workspace
+    _G.log_format = log_format
+    configure_logging(log_format, log_level)
+
+
+def settings() -> Settings:
+    return Settings.from_env(workspace=_G.workspace)
+
+
+# ---- shared option types -------------------------------------------------------------------
+IdField = Annotated[str, typer.Option("--id-field", help="Field holding the record id (custom_id).")]
+SplitField = Annotated[str | None, typer.Option("--split-field", help="Field holding the split.")]
+Dataset = Annotated[str | None, typer.Option("--dataset", help="Dataset name (default: file stem or table).")]
+SkipBad = Annotated[
+    bool, typer.Option("--skip-bad-rows", help="Record bad rows in rejected.jsonl and go on.")
+]
+Fields = Annotated[
+    str | None, typer.Option("--fields", help="Comma-separated fields to join (default: text).")
+]
+Template = Annotated[
+    str | None, typer.Option("--template", help="e.g. 'Title: {title}\\nAbstract: {abstract}'.")
+]
+Prefix = Annotated[str | None, typer.Option("--prefix")]
+Suffix = Annotated[str | None, typer.Option("--suffix")]
+Delimiter = Annotated[str | None, typer.Option("--delimiter", help="Between fields (default: blank line).")]
+Lowercase = Annotated[bool, typer.Option("--lowercase")]
+TruncChars = Annotated[int | None, typer.Option("--truncate-chars")]
+MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="Token cut (default 8191).")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="YAML, JSON or TOML preparation config.")]
+N = Annotated[int | None, typer.Option("--n", help="Sample n rows.")]
+P = Annotated[float | None, typer.Option("--p", help="Sample each row with probability p.")]
+Seed = Annotated[int, typer.Option("--seed")]
+Stratify = Annotated[str | None, typer.Option("--stratify-by")]
+Ids = Annotated[str | None, typer.Option("--ids", help='e.g. "1,5,10-20".')]
+Model = Annotated[str | None, typer.Option("--model", help="Embedding model (env OPENAI_EMBED_MODEL).")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+Table_ = Annotated[str | None, typer.Option("--table", help="postgres source: table.")]
+IdColumn = Annotated[str, typer.Option("--id-column", help="postgres source: id column.")]
+TextColumn = Annotated[str, typer.Option("--text-column", help="postgres source: text column.")]
+Where = Annotated[str | None, typer.Option("--where", help="postgres source: WHERE with $1.. params.")]
+Param = Annotated[list[str] | None, typer.Option("--param", help="postgres source: a $n parameter.")]
+Query = Annotated[str | None, typer.Option("--query", help="postgres source: a whole SELECT.")]
+VectorColumn = Annotated[str | None, typer.Option("--vector-column", help="postgres source: skip non-NULL.")]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="postgres: embed/write rows that have a vector.")
+]
+Dsn = Annotated[str | None, typer.Option("--dsn", help="postgres source DSN (env DATABASE_URL).")]
+
+
+def source_config(
+    source: str,
+    *,
+    id_field: str,
+    split_field: str | None,
+    dataset: str | None,
+    skip_bad_rows: bool,
+    table: str | None = None,
+    id_column: str = "id",
+    text_column: str = "content",
+    where: str | None = None,
+    param: list[str] | None = None,
+    query: str | None = None,
+    vector_column: str | None = None,
+    overwrite: bool = False,
+    dsn: str | None = None,
+) -> SourceConfig:
+    if source == "postgres":
+        dsn = dsn or settings().database_url
+        if not dsn:
+            raise UsageError("the postgres source needs --dsn or DATABASE_URL")
+        if not table and not query:
+            raise UsageError("the postgres source needs --table or --query")
+        return SourceConfig(
+            path="postgres",
+            id_field=id_column,
+            split_field=split_field,
+            dataset=dataset,
+            skip_bad_rows=skip_bad_rows,
+            pg_dsn=dsn,
+            pg_table=table,
+            pg_id_column=id_column,
+            pg_text_column=text_column,
+            pg_vector_column=vector_column,
+            pg_where=where,
+            pg_params=tuple(param or ()),
+            pg_query=query,
+            pg_overwrite=overwrite,
+        )
+    return SourceConfig(
+        path=source, id_field=id_field, split_field=split_field, dataset=dataset, skip_bad_rows=skip_bad_rows
+    )
+
+
+def prepare_config(
+    *,
+    fields: str | None,
+    template: str | None,
+    prefix: str | None,
+    suffix: str | None,
+    delimiter: str | None,
+    lowercase: bool,
+    truncate_chars: int | None,
+    max_tokens: int | None,
+    config: Path | None,
+    default_fields: tuple[str, ...] = ("text",),
+) -> PrepareConfig:
+    overrides: dict[str, Any] = {
+        "fields": tuple(f.strip() for f in fields.split(",") if f.strip()) if fields else None,
+        "template": template.replace("\\n", "\n") if template else None,
+        "prefix": prefix,
+        "suffix": suffix,
+        "delimiter": delimiter.replace("\\n", "\n") if delimiter is not None else None,
+        "lowercase": lowercase or None,
+        "truncate_chars": truncate_chars,
+        "max_tokens": max_tokens,
+    }
+    if config is not None:
+        return PrepareConfig.from_file(config, **overrides)
+    values = {k: v for k, v in overrides.items() if v is not None}
+    values.setdefault("fields", default_fields)
+    return PrepareConfig(**values)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
+
+
+def _fmt_usd(v: float | None) -> str:
+    return "n/a" if v is None else f"${v:,.4f}"
+
+
+def print_estimate(est: Any) -> None:
+    s = est.stats
+    t = Table(title=f"Estimate: {est.dataset} with {est.model}", show_header=False)
+    for k, v in [
+        ("rows read", f"{s.rows_read:,}"),
+        ("rejected", f"{s.rejected:,} ({s.rejected_empty:,} empty text)"),
+        ("sampled", f"{s.sampled:,}"),
+        ("tokens total", f"{s.tokens_total:,}"),
+        ("tokens mean / max", f"{s.tokens_mean:,.1f} / {s.tokens_max:,}"),
+        ("truncated rows", f"{s.truncated:,}"),
+        ("batch files", f"{est.batches:,}"),
+        ("queue tokens (conservative)", f"{est.queue_tokens:,}"),
+        ("cost at standard price", _fmt_usd(est.cost_standard_usd)),
+        ("cost at Batch API price", _fmt_usd(est.cost_batch_usd)),
+    ]:
+        t.add_row(k, v)
+    console.print(t)
+
+
+class _RowProgress:
+    """A rich progress line counting rows read (only on a TTY)."""
+
+    def __init__(self, what: str) -> None:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TextColumn("{task.completed:,} rows"),
+            TimeElapsedColumn(),
+            console=err_console,
+            disable=not err_console.is_terminal,
+            transient=True,
+        )
+        self.task = self.progress.add_task(what, total=None)
+
+    def __enter__(self) -> _RowProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def __call__(self, rows: int) -> None:
+        self.progress.update(self.task, completed=rows)
+
+
+@app.command()
+def estimate(
+    source: Annotated[str, typer.Argument(help="File, directory, glob, or 'postgres'.")],
+    id_field: IdField = "id",
+    split_field: SplitField = None,
+    dataset: Dataset = None,
+    skip_bad_rows: SkipBad = False,
+    fields: Fields = None,
+    template: Template = None,
+    prefix: Prefix = None,
+    suffix: Suffix = None,
+    delimiter: Delimiter = None,
+    lowercase: Lowercase = False,
+    truncate_chars: TruncChars = None,
+    max_tokens: MaxTokens = None,
+    config: ConfigFile = None,
+    n: N = None,
+    p: P = None,
+    seed: Seed = 0,
+    stratify_by: Stratify = None,
+    ids: Ids = None,
+    model: Model = None,
+    dimensions: Annotated[int | None, typer.Option()] = None,
+    max_requests_per_batch: Annotated[int, typer.Option()] = 50_000,
+    max_bytes_per_batch: Annotated[int, typer.Option()] = 188_743_680,
+    max_enqueued_tokens: Annotated[int | None, typer.Option()] = None,
+    table: Table_ = None,
+    id_column: IdColumn = "id",
+    text_column: TextColumn = "content",
+    where: Where = None,
+    param: Param = None,
+    query: Query = None,
+    vector_column: VectorColumn = None,
+    overwrite: Overwrite = False,
+    dsn: Dsn = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Count rows, tokens, batch files and cost; sends nothing."""
+    from embedbatch.estimate import estimate as run_estimate
+
+    src = source_config(
+        source,
+        id_field=id_field,
+        split_field=split_field,
+        dataset=dataset,
+        skip_bad_rows=skip_bad_rows,
+        table=table,
+        id_column=id_column,
+        text_column=text_column,
+        where=where,
+        param=param,
+        query=query,
+        vector_column=vector_column,
+        overwrite=overwrite,
+        dsn=dsn,
+    )
+    prep = prepare_config(
+        fields=fields,
+        template=template,
+        prefix=prefix,
+        suffix=suffix,
+        delimiter=delimiter,
+        lowercase=lowercase,
+        truncate_chars=truncate_chars,
+        max_tokens=max_tokens,
+        config=config,
+        default_fields=(text_column,) if source == "postgres" else ("text",),
+    )
+    sample = SampleConfig(n=n, p=p, seed=seed, stratify_by=stratify_by, ids=ids)
+    limits = BatchLimits(
+        max_requests=max_requests_per_batch,
+        max_bytes=max_bytes_per_batch,
+        max_enqueued_tokens=max_enqueued_tokens,
+    )
+    with _RowProgress("reading") as progress:
+        est = run_estimate(
+            source=src,
+            prepare=prep,
+            sample=sample,
+            model=model or settings().openai_embed_model,
+            dimensions=dimensions,
+            limits=limits,
+            on_row=progress,
+        )
+    if json_out:
+        print_json(est.to_json())
+    else:
+        print_estimate(est)
+
+
+def _workspace() -> Any:
+    from embedbatch.workspace import Workspace
+
+    return Workspace(settings().workspace)
+
+
+def _client() -> Any:
+    from embedbatch.batchapi.client import BatchClient
+
+    return BatchClient(settings())
+
+
+async def _with_client(fn: Any) -> Any:
+    client = _client()
+    try:
+        return await fn(client)
+    finally:
+        await client.close()
+
+
+def _run(coro_fn: Any) -> Any:
+    import anyio
+
+    return anyio.run(_with_client, coro_fn)
+
+
+def _parse_metadata(items: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--metadata takes k=v, got {item!r}")
+        out[key] = value
+    return out
+
+
+def _pg_target(
+    pg_table: str | None,
+    pg_id_column: str,
+    pg_vector_column: str,
+    overwrite: bool,
+    update_chunk_size: int,
+    pg_mode: str,
+    rebuild_index: bool,
+    concurrently: bool,
+) -> PgTarget | None:
+    if not pg_table:
+        return None
+    if pg_mode not in ("update", "insert"):
+        raise UsageError(f"--pg-mode must be update or insert, got {pg_mode!r}")
+    return PgTarget(
+        table=pg_table,
+        id_column=pg_id_column,
+        vector_column=pg_vector_column,
+        overwrite=overwrite,
+        update_chunk_size=update_chunk_size,
+        mode=pg_mode,  # type: ignore[arg-type]
+        rebuild_index=rebuild_index,
+        concurrently=concurrently,
+    )
+
+
+PgDsn = Annotated[str | None, typer.Option("--pg-dsn", help="Sink DSN (env DATABASE_URL).")]
+PgTable = Annotated[str | None, typer.Option("--pg-table", help="Write vectors into this table.")]
+PgIdColumn = Annotated[str, typer.Option("--pg-id-column")]
+PgVectorColumn = Annotated[str, typer.Option("--pg-vector-column")]
+UpdateChunk = Annotated[int, typer.Option("--update-chunk-size")]
+PgMode = Annotated[str, typer.Option("--pg-mode", help="update (fill rows by id) or insert (COPY).")]
+RebuildIndex = Annotated[bool, typer.Option("--rebuild-index", help="Drop a vector index, write, recreate.")]
+Concurrently = Annotated[bool, typer.Option("--concurrently", help="Recreate the index CONCURRENTLY.")]
+RowsPerShard = Annotated[int, typer.Option("--rows-per-shard")]
+Dtype = Annotated[str, typer.Option("--dtype", help="float32 or float16 shards.")]
+
+
+def _submit_common(
+    source: str,
+    *,
+    resume: Path | None,
+    id_field: str,
+    split_field: str | None,
+    dataset: str | None,
+    skip_bad_rows: bool,
+    fields: str | None,
+    template: str | None,
+    prefix: str | None,
+    suffix: str | None,
+    delimiter: str | None,
+    lowercase: bool,
+    truncate_chars: int | None,
+    max_tokens: int | None,
+    config: Path | None,
+    n: int | None,
+    p: float | None,
+    seed: int,
+    stratify_by: str | None,
+    ids: str | None,
+    model: str | None,
+    dimensions: int | None,
+    max_requests_per_batch: int,
+    max_bytes_per_batch: int,
+    max_enqueued_tokens: int | None,
+    dry_run: bool,
+    max_cost_usd: float | None,
+    completion_window: str,
+    metadata: list[str] | None,
+    table: str | None,
+    id_column: str,
+    text_column: str,
+    where: str | None,
+    param: list[str] | None,
+    query: str | None,
+    vector_column: str | None,
+    overwrite: bool,
+    dsn: str | None,
+    pg_target: PgTarget | None,
+    args: dict[str, Any],
+) -> Any:
+    from embedbatch.batchapi.submit import plan_run
+
+    ws = _workspace()
+    if resume is not None:
+        return ws.resolve_run(resume), None
+    if completion_window != "24h":
+        raise UsageError("--completion-window must be 24h (the only window the Batch API offers, 2026)")
+    src = source_config(
+        source,
+        id_field=id_field,
+        split_field=split_field,
+        dataset=dataset,
+        skip_bad_rows=skip_bad_rows,
+        table=table,
+        id_column=id_column,
+        text_column=text_column,
+        where=where,
+        param=param,
+        query=query,
+        vector_column=vector_column
+        or (pg_target.vector_column if pg_target and source == "postgres" else None),
+        overwrite=overwrite,
+        dsn=dsn,
+    )
+    prep = prepare_config(
+        fields=fields,
+        template=template,
+        prefix=prefix,
+        suffix=suffix,
+        delimiter=delimiter,
+        lowercase=lowercase,
+        truncate_chars=truncate_chars,
+        max_tokens=max_tokens,
+        config=config,
+        default_fields=(text_column,) if source == "postgres" else ("text",),
+    )
+    sample = SampleConfig(n=n, p=p, seed=seed, stratify_by=stratify_by, ids=ids)
+    limits = BatchLimits(
+        max_requests=max_requests_per_batch,
+        max_bytes=max_bytes_per_batch,
+        max_inputs=min(50_000, max_requests_per_batch) if False else 50_000,
+        max_enqueued_tokens=max_enqueued_tokens,
+    )
+    sub = SubmitConfig(
+        model=model or settings().openai_embed_model,
+        dimensions=dimensions,
+        limits=limits,
+        dry_run=dry_run,
+        max_cost_usd=max_cost_usd,
+        completion_window=completion_window,
+        metadata=_parse_metadata(metadata),
+    )
+    with _RowProgress("planning") as progress:
+        planned = plan_run(
+            ws, source=src, prepare=prep, sample=sample, submit=sub, args=args, on_row=progress
+        )
+    if pg_target is not None and planned.run is not None:
+        from embedbatch.batchapi.state import RunState
+
+        rs = RunState.load(planned.run)
+        rs.pg_target = pg_target.to_json()
+        rs.save(planned.run)
+    return planned.run, planned
+
+
+def _safe_args(values: dict[str, Any]) -> dict[str, Any]:
+    """CLI args for run.json, without secrets (DSNs are dropped)."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if "dsn" in k or k.startswith("_"):
+            continue
+        if isinstance(v, Path):
+            out[k] = str(v)
+        elif (
+            v is None
+            or isinstance(v, str | int | float | bool)
+            or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+        ):
+            out[k] = v
+    return out
+
+
+def _submit_and_print(run: Any, planned: Any, *, dry_run: bool, json_out: bool) -> None:
+    if planned is not None:
+        if json_out:
+            print_json(
+                {
+                    "run_dir": str(run.root),
+                    "skipped_existing": planned.skipped_existing,
+                    **planned.estimate.to_json(),
+                }
+            )
+        else:
+            print_estimate(planned.estimate)
+            if planned.skipped_existing:
+                console.print(f"skipped {planned.skipped_existing:,} rows already embedded or planned")
+
+
+@app.command()
+def submit(
+    source: Annotated[str, typer.Argument(help="File, directory, glob, or 'postgres'.")] = "",
+    resume: Annotated[Path | None, typer.Option("--resume", help="Resume submitting this run dir.")] = None,
+    id_field: IdField = "id",
+    split_field: SplitField = None,
+    dataset: Dataset = None,
+    skip_bad_rows: SkipBad = False,
+    fields: Fields = None,
+    template: Template = None,
+    prefix: Prefix = None,
+    suffix: Suffix = None,
+    delimiter: Delimiter = None,
+    lowercase: Lowercase = False,
+    truncate_chars: TruncChars = None,
+    max_tokens: MaxTokens = None,
+    config: ConfigFile = None,
+    n: N = None,
+    p: P = None,
+    seed: Seed = 0,
+    stratify_by: Stratify = None,
+    ids: Ids = None,
+    model: Model = None,
+    dimensions: Annotated[int | None, typer.Option()] = None,
+    max_requests_per_batch: Annotated[int, typer.Option()] = 50_000,
+    max_bytes_per_batch: Annotated[int, typer.Option()] = 188_743_680,
+    max_enqueued_tokens: Annotated[
+        int | None, typer.Option(help="Org queue limit per model (tokens).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the JSONL files; no network.")] = False,
+    max_cost_usd: Annotated[
+        float | None, typer.Option(help="Refuse above this Batch-price estimate.")
+    ] = None,
+    completion_window: Annotated[str, typer.Option()] = "24h",
+    metadata: Annotated[
+        list[str] | None, typer.Option("--metadata", help="k=v passed on to each batch.")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="Uploads/creates at once.")] = 4,
+    table: Table_ = None,
+    id_column: IdColumn = "id",
+    text_column: TextColumn = "content",
+    where: Where = None,
+    param: Param = None,
+    query: Query = None,
+    vector_column: VectorColumn = None,
+    overwrite: Overwrite = False,
+    dsn: Dsn = None,
+    pg_table: PgTable = None,
+    pg_id_column: PgIdColumn = "id",
+    pg_vector_column: PgVectorColumn = "embedding",
+    update_chunk_size: UpdateChunk = 1000,
+    pg_mode: PgMode = "update",
+    rebuild_index: RebuildIndex = False,
+    concurrently: Concurrently = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Plan batch input files under the API limits, upload them and create batches."""
+    from embedbatch.batchapi.submit import submit_run
+
+    if not source and resume is None:
+        raise UsageError("give a SOURCE or --resume RUN_DIR")
+    target = _pg_target(
+        pg_table,
+        pg_id_column,
+        pg_vector_column,
+        overwrite,
+        update_chunk_size,
+        pg_mode,
+        rebuild_index,
+        concurrently,
+    )
+    run, planned = _submit_common(
+        source,
+        resume=resume,
+        id_field=id_field,
+        split_field=split_field,
+        dataset=dataset,
+        skip_bad_rows=skip_bad_rows,
+        fields=fields,
+        template=template,
+        prefix=prefix,
+        suffix=suffix,
+        delimiter=delimiter,
+        lowercase=lowercase,
+        truncate_chars=truncate_chars,
+        max_tokens=max_tokens,
+        config=config,
+        n=n,
+        p=p,
+        seed=seed,
+        stratify_by=stratify_by,
+        ids=ids,
+        model=model,
+        dimensions=dimensions,
+        max_requests_per_batch=max_requests_per_batch,
+        max_bytes_per_batch=max_bytes_per_batch,
+        max_enqueued_tokens=max_enqueued_tokens,
+        dry_run=dry_run,
+        max_cost_usd=max_cost_usd,
+        completion_window=completion_window,
+        metadata=metadata,
+        table=table,
+        id_column=id_column,
+        text_column=text_column,
+        where=where,
+        param=param,
+        query=query,
+        vector_column=vector_column,
+        overwrite=overwrite,
+        dsn=dsn,
+        pg_target=target,
+        args=_safe_args(dict(locals())),
+    )
+    _submit_and_print(run, planned, dry_run=dry_run, json_out=json_out)
+    if dry_run:
+        console.print(f"dry run: batch files written to {run.root} (nothing sent)")
+        return
+    ws = _workspace()
+
+    async def go(client: Any) -> Any:
+        from rich.progress import Progress
+
+        from embedbatch.batchapi.state import load_batches
+
+        total = sum(1 for b in load_batches(run) if b.status in ("planned", "uploaded"))
+        with Progress(console=err_console, disable=not err_console.is_terminal, transient=True) as prog:
+            task = prog.add_task("submitting batches", total=total)
+            return await submit_run(
+                ws, client, run, concurrency=concurrency, on_batch=lambda bs: prog.advance(task)
+            )
+
+    done = _run(go)
+    if not json_out:
+        console.print(f"submitted {len(done)} batch(es); run directory:")
+    print(run.root)
+
+
+def _status_table(rs: Any, batches: list[Any], totals: dict[str, Any]) -> Table:
+    import time as _t
+
+    t = Table(title=f"{rs.model} / {rs.dataset} / {rs.run_id}  [{rs.status}]")
+    for col in (
+        "batch",
+        "status",
+        "requests",
+        "done",
+        "failed",
+        "tokens",
+        "batch id",
+        "input file",
+        "output file",
+        "error file",
+        "age",
+    ):
+        t.add_column(col)
+    now = _t.time()
+    for bs in batches:
+        remote = bs.remote or {}
+        counts = remote.get("request_counts") or {}
+        created = remote.get("created_at")
+        age = f"{(now - created) / 60:.1f} min" if created else ""
+        t.add_row(
+            bs.name,
+            bs.status
+            + (f" ({bs.remote_status})" if bs.remote_status and bs.remote_status != bs.status else ""),
+            f"{bs.requests:,}",
+            f"{counts.get('completed', bs.succeeded or 0):,}",
+            f"{counts.get('failed', bs.failed or 0):,}",
+            f"{bs.tokens:,}",
+            bs.batch_id or "",
+            bs.file_id or "",
+            bs.output_file_id or "",
+            bs.error_file_id or "",
+            age,
+        )
+    est = rs.estimate.get("cost_batch_usd")
+    t.caption = (
+        f"requests {totals['requests']:,} · succeeded {totals['succeeded']:,} · failed {totals['failed']:,}"
+        f" · enqueued tokens {totals['enqueued_tokens']:,} · estimated cost {_fmt_usd(est)}"
+    )
+    return t
+
+
+@app.command()
+def status(
+    run_dir: Annotated[Path | None, typer.Option("--run-dir")] = None,
+    batch_file: Annotated[Path | None, typer.Option("--batch-file", help="One batch.json.")] = None,
+    update_json: Annotated[
+        bool, typer.Option("--update-json", help="Write refreshed state to disk.")
+    ] = False,
+    offline: Annotated[bool, typer.Option("--offline", help="Show what is on disk; no API calls.")] = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Show every run (or one run / one batch) with fresh status from the API."""
+    from embedbatch.batchapi.poll import refresh_run, run_totals
+    from embedbatch.batchapi.state import BatchState, RunState, load_batches
+
+    ws = _workspace()
+    if batch_file is not None:
+        runs = [ws.resolve_run(batch_file.parent.parent.parent)]
+        only = batch_file.parent.name
+    else:
+        runs = [ws.resolve_run(run_dir)] if run_dir else ws.all_runs()
+        only = None
+
+    async def go(client: Any) -> list[Any]:
+        out = []
+        for run in runs:
+            if offline:
+                rs, batches = RunState.load(run), load_batches(run)
+            else:
+                rs, batches = await refresh_run(client, run, save=update_json)
+            out.append((run, rs, batches))
+        return out
+
+    if offline:
+        import anyio
+
+        results = anyio.run(go, None)
+    else:
+        results = _run(go)
+    payload = []
+    for run, rs, batches in results:
+        if only:
+            batches = [b for b in batches if b.name == only]
+        totals = run_totals(rs, batches)
+        if json_out:
+            from dataclasses import asdict
+
+            payload.append(
+                {
+                    "run_dir": str(run.root),
+                    "run_id": rs.run_id,
+                    "status": rs.status,
+                    "totals": totals,
+                    "estimate": rs.estimate,
+                    "batches": [asdict(b) for b in batches],
+                }
+            )
+        else:
+            console.print(_status_table(rs, batches, totals))
+    if json_out:
+        print_json(payload)
+    elif not results:
+        console.print("no runs in the workspace")
+    _ = BatchState
+
+
+@app.command()
+def poll(
+    watch: Annotated[float | None, typer.Option("--watch", help="Repeat every N seconds.")] = None,
+    ingest: Annotated[bool, typer.Option("--ingest", help="Ingest finished batches too.")] = False,
+    max_enqueued_tokens: Annotated[int | None, typer.Option(help="Override the runs' queue budget.")] = None,
+    rows_per_shard: RowsPerShard = 100_000,
+    dtype: Dtype = "float32",
+) -> None:
+    """One pass over every active run (the cron entry point)."""
+    import time as _t
+
+    import anyio
+    import structlog
+
+    from embedbatch.batchapi.poll import poll_pass
+
+    log = structlog.get_logger("embedbatch.poll")
+    ws = _workspace()
+    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype)  # type: ignore[arg-type]
+    while True:
+        started = _t.monotonic()
+        report = _run(
+            lambda c: poll_pass(
+                ws, c, max_enqueued_tokens=max_enqueued_tokens, ingest=ingest, ingest_config=cfg
+            )
+        )
+        log.info("poll pass", **report.to_json())
+        if watch is None:
+            return
+        # Sleep the interval minus the time the pass took.
+        anyio.run(anyio.sleep, max(0.0, watch - (_t.monotonic() - started)))
+
+
+@app.command()
+def cancel(run_dir: Annotated[Path, typer.Option("--run-dir")]) -> None:
+    """Cancel a run's active batches and record the result."""
+    from embedbatch.batchapi.poll import cancel_run
+
+    run = _workspace().resolve_run(run_dir)
+    batches = _run(lambda c: cancel_run(c, run))
+    for bs in batches:
+        console.print(f"{bs.name}: {bs.status}")
+
+
+@app.command()
+def ingest(
+    run_dir: Annotated[Path, typer.Option("--run-dir")],
+    redownload: Annotated[bool, typer.Option("--redownload")] = False,
+    rows_per_shard: RowsPerShard = 100_000,
+    dtype: Dtype = "float32",
+    pg_dsn: PgDsn = None,
+    pg_table: PgTable = None,
+    pg_id_column: PgIdColumn = "id",
+    pg_vector_column: PgVectorColumn = "embedding",
+    overwrite: Overwrite = False,
+    update_chunk_size: UpdateChunk = 1000,
+    pg_mode: PgMode = "update",
+    rebuild_index: RebuildIndex = False,
+    concurrently: Concurrently = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Map downloaded outputs into Parquet shards and the manifest (and pgvector)."""
+    import anyio
+
+    from embedbatch.batchapi.ingest import ingest_run
+    from embedbatch.batchapi.state import RunState
+
+    ws = _workspace()
+    run = ws.resolve_run(run_dir)
+    target = _pg_target(
+        pg_table,
+        pg_id_column,
+        pg_vector_column,
+        overwrite,
+        update_chunk_size,
+        pg_mode,
+        rebuild_index,
+        concurrently,
+    )
+    if target is not None:
+        rs = RunState.load(run)
+        rs.pg_target = target.to_json()
+        rs.save(run)
+    if pg_dsn:
+        os.environ["DATABASE_URL"] = pg_dsn
+    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, redownload=redownload)  # type: ignore[arg-type]
+    result = anyio.run(lambda: ingest_run(ws, run, cfg))
+    if json_out:
+        print_json(result.to_json())
+    else:
+        console.print(
+            f"ingested {result.batches} batch(es): {result.rows:,} rows, {result.failed:,} failed, "
+            f"shards {', '.join(result.shards) or '-'} ({result.seconds:.2f} s)"
+        )
+        if result.pg:
+            console.print(f"postgres: {result.pg}")
+
+
+@app.command()
+def retry(
+    run_dir: Annotated[Path, typer.Option("--run-dir")],
+    max_attempts: Annotated[int, typer.Option("--max-attempts")] = 3,
+    no_submit: Annotated[bool, typer.Option("--no-submit", help="Only plan the retry batch.")] = False,
+) -> None:
+    """Plan the failed and missing ids of a run again (a new batch in the same run)."""
+    from embedbatch.batchapi.retry import plan_retry
+    from embedbatch.batchapi.submit import submit_run
+
+    ws = _workspace()
+    run = ws.resolve_run(run_dir)
+    plan = plan_retry(ws, run, max_attempts=max_attempts)
+    console.print(
+        f"re-planned {plan.requeued:,} ids in {plan.batches or 'no batch'}; "
+        f"{len(plan.given_up):,} over {max_attempts} attempts stay failed; "
+        f"{plan.already_embedded:,} were embedded since"
+    )
+    if plan.requeued and not no_submit:
+        _run(lambda c: submit_run(ws, c, run))
+
+
+@app.command("run")
+def run_cmd(
+    source: Annotated[str, typer.Argument(help="File, directory, glob, or 'postgres'.")] = "",
+    resume: Annotated[Path | None, typer.Option("--resume")] = None,
+    id_field: IdField = "id",
+    split_field: SplitField = None,
+    dataset: Dataset = None,
+    skip_bad_rows: SkipBad = False,
+    fields: Fields = None,
+    template: Template = None,
+    prefix: Prefix = None,
+    suffix: Suffix = None,
+    delimiter: Delimiter = None,
+    lowercase: Lowercase = False,
+    truncate_chars: TruncChars = None,
+    max_tokens: MaxTokens = None,
+    config: ConfigFile = None,
+    n: N = None,
+    p: P = None,
+    seed: Seed = 0,
+    stratify_by: Stratify = None,
+    ids: Ids = None,
+    model: Model = None,
+    dimensions: Annotated[int | None, typer.Option()] = None,
+    max_requests_per_batch: Annotated[int, typer.Option()] = 50_000,
+    max_bytes_per_batch: Annotated[int, typer.Option()] = 188_743_680,
+    max_enqueued_tokens: Annotated[int | None, typer.Option()] = None,
+    max_cost_usd: Annotated[float | None, typer.Option()] = None,
+    completion_window: Annotated[str, typer.Option()] = "24h",
+    metadata: Annotated[list[str] | None, typer.Option("--metadata")] = None,
+    poll_seconds: Annotated[float, typer.Option("--poll-seconds")] = 10.0,
+    max_attempts: Annotated[int, typer.Option("--max-attempts")] = 3,
+    rows_per_shard: RowsPerShard = 100_000,
+    dtype: Dtype = "float32",
+    table: Table_ = None,
+    id_column: IdColumn = "id",
+    text_column: TextColumn = "content",
+    where: Where = None,
+    param: Param = None,
+    query: Query = None,
+    vector_column: VectorColumn = None,
+    overwrite: Overwrite = False,
+    dsn: Dsn = None,
+    pg_table: PgTable = None,
+    pg_id_column: PgIdColumn = "id",
+    pg_vector_column: PgVectorColumn = "embedding",
+    update_chunk_size: UpdateChunk = 1000,
+    pg_mode: PgMode = "update",
+    rebuild_index: RebuildIndex = False,
+    concurrently: Concurrently = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Submit, poll until every batch is terminal, ingest, retry failures; print a summary."""
+    from embedbatch.runner import drive_run
+
+    if not source and resume is None:
+        raise UsageError("give a SOURCE or --resume RUN_DIR")
+    target = _pg_target(
+        pg_table,
+        pg_id_column,
+        pg_vector_column,
+        overwrite,
+        update_chunk_size,
+        pg_mode,
+        rebuild_index,
+        concurrently,
+    )
+    run, planned = _submit_common(
+        source,
+        resume=resume,
+        id_field=id_field,
+        split_field=split_field,
+        dataset=dataset,
+        skip_bad_rows=skip_bad_rows,
+        fields=fields,
+        template=template,
+        prefix=prefix,
+        suffix=suffix,
+        delimiter=delimiter,
+        lowercase=lowercase,
+        truncate_chars=truncate_chars,
+        max_tokens=max_tokens,
+        config=config,
+        n=n,
+        p=p,
+        seed=seed,
+        stratify_by=stratify_by,
+        ids=ids,
+        model=model,
+        dimensions=dimensions,
+        max_requests_per_batch=max_requests_per_batch,
+        max_bytes_per_batch=max_bytes_per_batch,
+        max_enqueued_tokens=max_enqueued_tokens,
+        dry_run=False,
+        max_cost_usd=max_cost_usd,
+        completion_window=completion_window,
+        metadata=metadata,
+        table=table,
+        id_column=id_column,
+        text_column=text_column,
+        where=where,
+        param=param,
+        query=query,
+        vector_column=vector_column,
+        overwrite=overwrite,
+        dsn=dsn,
+        pg_target=target,
+        args=_safe_args(dict(locals())),
+    )
+    if not json_out:
+        _submit_and_print(run, planned, dry_run=False, json_out=False)
+        console.print(f"run directory: {run.root}")
+    ws = _workspace()
+    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype)  # type: ignore[arg-type]
+    summary = _run(
+        lambda c: drive_run(
+            ws,
+            c,
+            run,
+            poll_s=poll_seconds,
+            max_attempts=max_attempts,
+            ingest_config=cfg,
+            max_enqueued_tokens=max_enqueued_tokens,
+        )
+    )
+    if json_out:
+        print_json(summary.__dict__)
+        return
+    t = Table(title="run summary", show_header=False)
+    for k, v in [
+        ("run directory", summary.run_dir),
+        ("rows embedded", f"{summary.embedded:,}"),
+        ("rows failed", f"{summary.failed:,}"),
+        ("tokens (usage)", f"{summary.usage_tokens:,}"),
+        ("cost (batch price)", _fmt_usd(summary.cost_batch_usd)),
+        ("estimated cost", _fmt_usd(summary.estimated_cost_batch_usd)),
+        ("retried ids", f"{summary.retries:,}"),
+        ("wall time", f"{summary.wall_s:.1f} s"),
+        ("dataset rows / shards", f"{summary.extra['dataset_rows']:,} / {summary.extra['shards']}"),
+    ]:
+        t.add_row(k, v)
+    console.print(t)
+
+
+@app.command()
+def verify(
+    dataset: Annotated[str | None, typer.Option("--dataset")] = None,
+    model: Annotated[str | None, typer.Option("--model")] = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Re-read every shard and check it against the manifest; exit 1 on any problem."""
+    from embedbatch.verify import verify_dataset
+
+    ws = _workspace()
+    pairs = [
+        (m, d)
+        for m, d in ws.datasets()
+        if (dataset is None or d == dataset) and (model is None or m == model)
+    ]
+    if not pairs:
+        raise UsageError(
+            f"no dataset matches (have: {', '.join(f'{m}/{d}' for m, d in ws.datasets()) or 'none'})"
+        )
+    reports = [verify_dataset(ws, m, d) for m, d in pairs]
+    if json_out:
+        print_json([r.__dict__ | {"ok": r.ok} for r in reports])
+    else:
+        for r in reports:
+            mark = "[green]OK[/]" if r.ok else "[red]FAILED[/]"
+            console.print(f"{mark} {r.model}/{r.dataset}: {r.shards} shards, {r.rows:,} rows")
+            for prob in r.problems:
+                console.print(f"  - {prob}", highlight=False)
+    if not all(r.ok for r in reports):
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_cmd(json_out: JsonOut = False) -> None:
+    """Datasets, models, row counts, runs and their states in the workspace."""
+    from embedbatch.verify import list_workspace
+
+    data = list_workspace(_workspace())
+    if json_out:
+        print_json(data)
+        return
+    t = Table(title="datasets")
+    for c in ("model", "dataset", "rows", "shards", "dim", "runs"):
+        t.add_column(c)
+    for d in data["datasets"]:
+        t.add_row(
+            d["model"],
+            d["dataset"],
+            f"{d['rows']:,}",
+            str(d["shards"]),
+            str(d["dimensions"]),
+            str(len(d["runs"])),
+        )
+    console.print(t)
+    t = Table(title="runs")
+    for c in ("run", "model", "dataset", "kind", "status", "batches"):
+        t.add_column(c)
+    for r in data["runs"]:
+        t.add_row(
+            r.get("run_id", "?"),
+            r.get("model", ""),
+            r.get("dataset", ""),
+            r.get("kind", ""),
+            r.get("status", r.get("error", "")),
+            ", ".join(f"{k}: {v}" for k, v in r.get("batches", {}).items()),
+        )
+    console.print(t)
+
+
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8765,
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="Required bearer token (default: any).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Local SentenceTransformer (default: hash model).")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Where files are kept.")] = None,
+    faults: Annotated[str, typer.Option("--faults", help="e.g. rate_429=0.05,line_error_rate=0.05")] = "",
+    step_s: Annotated[float, typer.Option("--step-s", help="Seconds per batch status step.")] = 0.2,
+) -> None:
+    """Run an OpenAI-compatible server (files, batches, embeddings) for tests and local models."""
+    import tempfile
+
+    from aiohttp import web
+
+    from embedbatch.server.app import FakeOpenAI, FaultConfig, build_app
+
+    fault_cfg = FaultConfig.parse(faults) if faults else FaultConfig()
+    fault_cfg.step_s = step_s
+    backend = None
+    if model:
+        from embedbatch.local.model import LocalBackend
+
+        backend = LocalBackend(model)
+    state = FakeOpenAI(
+        data_dir or Path(tempfile.mkdtemp(prefix="embedbatch-serve-")),
+        api_key=api_key,
+        backend=backend,
+        faults=fault_cfg,
+    )
+    err_console.print(f"embedbatch serve on http://{host}:{port}/v1 (model: {model or 'hash'})")
+    web.run_app(build_app(state), host=host, port=port, print=None, access_log=None)
+
+
+@app.command()
+def search(
+    query_text: Annotated[str, typer.Argument(help="The query text.")],
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Search the dataset's shards.")] = None,
+    model: Model = None,
+    k: Annotated[int, typer.Option("-k", "--k")] = 5,
+    pg_table: PgTable = None,
+    pg_dsn: PgDsn = None,
+    pg_id_column: PgIdColumn = "id",
+    pg_vector_column: PgVectorColumn = "embedding",
+    pg_text_column: Annotated[str, typer.Option("--pg-text-column")] = "content",
+    local_model: Annotated[str | None, typer.Option("--local-model", help="Embed the query locally.")] = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Embed a query with the dataset's model and print the nearest rows."""
+    from embedbatch.search import search_pg, search_shards
+
+    ws = _workspace()
+    s = settings()
+    if pg_table:
+        hits = search_pg(
+            s,
+            query_text,
+            dsn=pg_dsn or s.database_url,
+            table=pg_table,
+            id_column=pg_id_column,
+            vector_column=pg_vector_column,
+            text_column=pg_text_column,
+            model=model,
+            k=k,
+            local_model=local_model,
+        )
+    elif dataset:
+        hits = search_shards(ws, s, query_text, dataset=dataset, model=model, k=k, local_model=local_model)
+    else:
+        raise UsageError("give --dataset (Parquet shards) or --pg-table (PostgreSQL)")
+    if json_out:
+        print_json(hits)
+        return
+    t = Table(title=f"nearest to {query_text!r}")
+    for c in ("score", "id", "text"):
+        t.add_column(c)
+    for h in hits:
+        t.add_row(f"{h['score']:.4f}", str(h["id"]), (h.get("text") or "")[:160].replace("\n", " "))
+    console.print(t)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    console.print(f"embedbatch {__version__}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning EmbedbatchError into a message and its exit code."""
+    try:
+        app(standalone_mode=False)
+    except EmbedbatchError as exc:
+        if os.environ.get("EMBEDBATCH_RAISE_ERRORS") == "1":
+            raise
+        err_console.print(f"[bold red]error:[/] {scrub(str(exc))}", highlight=False, markup=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; the run can be resumed")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

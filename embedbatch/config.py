@@ -1,0 +1,357 @@
+"""Typed configuration: settings from the environment and one dataclass per stage.
+
+Config flows one way: CLI flags → these dataclasses → stages. No stage reads environment
+variables itself; :meth:`Settings.from_env` is the only place that does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from embedbatch.errors import UsageError
+
+__all__ = [
+    "BatchLimits",
+    "IngestConfig",
+    "LocalConfig",
+    "PgTarget",
+    "PrepareConfig",
+    "SampleConfig",
+    "Settings",
+    "SourceConfig",
+    "SubmitConfig",
+    "redact",
+    "redact_dsn",
+]
+
+DEFAULT_MODEL = "text-embedding-3-small"
+
+
+def redact_dsn(dsn: str | None) -> str | None:
+    """Return ``dsn`` with any password replaced by ``***`` (safe to log or store)."""
+    if not dsn:
+        return dsn
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "***"
+    if parts.password is None:
+        return re.sub(r"(password=)\S+", r"\1***", dsn)
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def redact(value: str | None) -> str:
+    """Return a fixed placeholder that shows whether a secret is set, never the secret."""
+    return "<set>" if value else "<unset>"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Process-wide settings, read once from the environment (and ``.env``, which never overrides).
+
+    Attributes:
+        openai_api_key: OPENAI_API_KEY; never logged, never written to run files.
+        openai_base_url: OPENAI_BASE_URL, e.g. ``http://127.0.0.1:8765/v1`` for ``embedbatch serve``.
+        openai_embed_model: OPENAI_EMBED_MODEL, default ``text-embedding-3-small``.
+        openai_timeout_s: OPENAI_TIMEOUT in seconds (default 600).
+        database_url: DATABASE_URL for the pgvector sink and postgres source.
+        workspace: EMBEDBATCH_WORKSPACE, default ``./workspace``.
+    """
+
+    openai_api_key: str | None = field(default=None, repr=False)
+    openai_base_url: str | None = None
+    openai_embed_model: str = DEFAULT_MODEL
+    openai_timeout_s: float = 600.0
+    database_url: str | None = field(default=None, repr=False)
+    workspace: Path = Path("workspace")
+
+    @classmethod
+    def from_env(cls, *, env_file: Path | None = Path(".env"), **overrides: Any) -> Settings:
+        """Build settings from the environment after loading ``env_file`` without overriding.
+
+        Args:
+            env_file: a dotenv file; missing is fine.
+            **overrides: values that win over the environment (from CLI flags); None is ignored.
+
+        Raises:
+            UsageError: OPENAI_TIMEOUT is not a number.
+        """
+        if env_file is not None and env_file.is_file():
+            from dotenv import load_dotenv
+
+            load_dotenv(env_file, override=False)
+        env = os.environ
+        try:
+            timeout = float(env.get("OPENAI_TIMEOUT", "600"))
+        except ValueError as exc:
+            raise UsageError(
+                f"OPENAI_TIMEOUT must be a number of seconds, got {env['OPENAI_TIMEOUT']!r}"
+            ) from exc
+        values: dict[str, Any] = {
+            "openai_api_key": env.get("OPENAI_API_KEY") or None,
+            "openai_base_url": env.get("OPENAI_BASE_URL") or None,
+            "openai_embed_model": env.get("OPENAI_EMBED_MODEL") or DEFAULT_MODEL,
+            "openai_timeout_s": timeout,
+            "database_url": env.get("DATABASE_URL") or None,
+            "workspace": Path(env.get("EMBEDBATCH_WORKSPACE") or "workspace"),
+        }
+        names = {f.name for f in fields(cls)}
+        for key, value in overrides.items():
+            if key not in names:
+                raise UsageError(f"unknown setting {key!r}; valid: {sorted(names)}")
+            if value is not None:
+                values[key] = value
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """Where records come from and how rows map to records.
+
+    Attributes:
+        path: a file, a directory, or a glob; or ``postgres`` for a table (see ``pg_*``).
+        id_field: the field holding the record id (``custom_id``).
+        split_field: a field holding the split (train/test...), optional.
+        dataset: dataset name (a path component); default: the file's stem.
+        skip_bad_rows: record bad rows in ``rejected.jsonl`` and go on instead of stopping.
+        pg_*: the postgres source (table, columns, WHERE with $n params, or a whole query).
+    """
+
+    path: str
+    id_field: str = "id"
+    split_field: str | None = None
+    dataset: str | None = None
+    skip_bad_rows: bool = False
+    format: Literal["auto", "jsonl", "json", "parquet", "csv"] = "auto"
+    pg_dsn: str | None = field(default=None, repr=False)
+    pg_table: str | None = None
+    pg_id_column: str = "id"
+    pg_text_column: str = "content"
+    pg_vector_column: str | None = None
+    pg_where: str | None = None
+    pg_params: tuple[str, ...] = ()
+    pg_query: str | None = None
+    pg_overwrite: bool = False
+
+    @property
+    def is_postgres(self) -> bool:
+        """True when rows come from a PostgreSQL table or query."""
+        return self.path == "postgres"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareConfig:
+    """How a row becomes the text that is embedded.
+
+    Attributes:
+        fields: fields joined with ``delimiter``; list values joined with ", ".
+        template: a ``str.format`` template over the row's fields; wins over ``fields``.
+        max_tokens: tokens kept, cut at a token boundary (8191 is OpenAI's input limit for
+            text-embedding-3-* and ada-002, per the embeddings guide, 2026).
+        truncate_chars: characters kept before tokenizing (None: all).
+    """
+
+    fields: tuple[str, ...] = ("text",)
+    template: str | None = None
+    prefix: str = ""
+    suffix: str = ""
+    delimiter: str = "\n\n"
+    lowercase: bool = False
+    truncate_chars: int | None = None
+    max_tokens: int = 8191
+
+    @classmethod
+    def from_file(cls, path: Path, **overrides: Any) -> PrepareConfig:
+        """Read keys fields, template, prefix, suffix, delimiter, lowercase, truncate (and
+        max_tokens) from a YAML, JSON or TOML file; ``overrides`` (non-None) win.
+
+        Raises:
+            UsageError: unreadable file, unknown key, or wrong type.
+        """
+        text = path.read_text(encoding="utf-8")
+        data: Any
+        try:
+            if path.suffix == ".toml":
+                import tomllib
+
+                data = tomllib.loads(text)
+            elif path.suffix == ".json":
+                import orjson
+
+                data = orjson.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as exc:
+            raise UsageError(f"{path}: cannot parse config: {exc}") from exc
+        if not isinstance(data, dict):
+            raise UsageError(f"{path}: config must be a mapping of keys")
+        allowed = {
+            "fields",
+            "template",
+            "prefix",
+            "suffix",
+            "delimiter",
+            "lowercase",
+            "truncate",
+            "max_tokens",
+        }
+        unknown = set(data) - allowed
+        if unknown:
+            raise UsageError(f"{path}: unknown config keys {sorted(unknown)}; valid: {sorted(allowed)}")
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key == "fields":
+                values["fields"] = tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+            elif key == "truncate":
+                values["truncate_chars"] = int(value) if value is not None else None
+            else:
+                values[key] = value
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    """Deterministic sampling: a row is kept by a seeded hash of its id.
+
+    Attributes:
+        n: keep the n rows with the smallest hashes (O(n) memory).
+        p: keep each row whose hash falls under ``p`` (O(1) memory).
+        seed: the hash seed.
+        stratify_by: with ``n``, allocate n proportionally across the values of this field.
+        ids: an id filter like ``"1,5,10-20"`` (ranges compare integer ids).
+    """
+
+    n: int | None = None
+    p: float | None = None
+    seed: int = 0
+    stratify_by: str | None = None
+    ids: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.n is not None and self.p is not None:
+            raise UsageError("give --n or --p, not both")
+        if self.n is not None and self.n < 1:
+            raise UsageError(f"--n must be at least 1, got {self.n}")
+        if self.p is not None and not 0.0 < self.p <= 1.0:
+            raise UsageError(f"--p must be in (0, 1], got {self.p}")
+
+    def describe(self) -> dict[str, Any]:
+        """The sampling criteria as recorded in run.json and the manifest."""
+        return {"n": self.n, "p": self.p, "seed": self.seed, "stratify_by": self.stratify_by, "ids": self.ids}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchLimits:
+    """Per-batch limits of the OpenAI Batch API (Batch API guide and rate-limits page, 2026).
+
+    Attributes:
+        max_requests: request lines per input file (API: 50,000).
+        max_bytes: bytes per input file (API: 200 MB; default cut 180 MiB = 188,743,680 for margin).
+        max_inputs: embedding inputs across all requests (API: 50,000 for /v1/embeddings).
+        max_enqueued_tokens: the org's enqueued-token limit per model (3M at tier 1 … 4B at
+            tier 5 for text-embedding-3-small, rate-limits page, 2026); None: unlimited.
+    """
+
+    max_requests: int = 50_000
+    max_bytes: int = 188_743_680
+    max_inputs: int = 50_000
+    max_enqueued_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_requests <= 50_000:
+            raise UsageError(f"--max-requests-per-batch must be in 1..50000, got {self.max_requests}")
+        if not 1024 <= self.max_bytes <= 200 * 1024 * 1024:
+            raise UsageError(f"--max-bytes-per-batch must be in 1024..209715200, got {self.max_bytes}")
+        if not 1 <= self.max_inputs <= 50_000:
+            raise UsageError(f"max inputs per batch must be in 1..50000, got {self.max_inputs}")
+        if self.max_enqueued_tokens is not None and self.max_enqueued_tokens < 1:
+            raise UsageError("--max-enqueued-tokens must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubmitConfig:
+    """What ``submit`` sends, on top of the source, preparation and sampling.
+
+    Attributes:
+        dimensions: output dims (text-embedding-3-* only).
+        max_cost_usd: refuse before any upload when the Batch-price estimate is higher.
+        concurrency: uploads/creates in flight at once.
+    """
+
+    model: str = DEFAULT_MODEL
+    dimensions: int | None = None
+    limits: BatchLimits = field(default_factory=BatchLimits)
+    dry_run: bool = False
+    max_cost_usd: float | None = None
+    completion_window: str = "24h"
+    metadata: dict[str, str] = field(default_factory=dict)
+    concurrency: int = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class PgTarget:
+    """A pgvector column to write embeddings into (``--pg-*`` flags); the DSN is never stored.
+
+    Attributes:
+        mode: ``update`` fills existing rows by id; ``insert`` loads a fresh table by binary COPY.
+        update_chunk_size: rows per transaction.
+    """
+
+    table: str
+    id_column: str = "id"
+    vector_column: str = "embedding"
+    text_column: str | None = None
+    overwrite: bool = False
+    update_chunk_size: int = 1000
+    mode: Literal["update", "insert"] = "update"
+    rebuild_index: bool = False
+    concurrently: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe form stored in run.json (no DSN)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestConfig:
+    """How results become shards.
+
+    Attributes:
+        rows_per_shard: shard size target in rows (a batch never straddles two shards).
+        dtype: ``float32`` or ``float16`` for the ``embedding`` column.
+    """
+
+    rows_per_shard: int = 100_000
+    dtype: Literal["float32", "float16"] = "float32"
+    redownload: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalConfig:
+    """The local SentenceTransformer worker.
+
+    Attributes:
+        tokens_per_batch: padded tokens per forward pass (None: 131072 on GPU, 8192 on CPU).
+        bucket_min_tokens / bucket_max_tokens: power-of-two bucket edges, capped at the model's
+            max length.
+        pad_to: ``longest`` pads to the batch's longest text; ``bucket`` to the bucket edge.
+    """
+
+    model: str
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    tokens_per_batch: int | None = None
+    bucket_min_tokens: int = 128
+    bucket_max_tokens: int = 32768
+    pad_to: Literal["longest", "bucket"] = "longest"
+    compile: bool = False
+    devices: tuple[str, ...] = ()

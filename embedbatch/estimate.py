@@ -1,0 +1,96 @@
+"""Estimate: counts, tokens, batch files and cost of a job before anything is sent."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from embedbatch.batchapi.plan import BatchSplitter, request_line, size_of
+from embedbatch.config import BatchLimits, PrepareConfig, SampleConfig, SourceConfig
+from embedbatch.intake import Intake, IntakeStats
+from embedbatch.tokens import PRICES_AS_OF, cost_usd, get_tokenizer
+
+__all__ = ["Estimate", "estimate"]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The numbers ``estimate`` and ``submit --dry-run`` print.
+
+    Attributes:
+        stats: intake counts and token totals (model tokenizer).
+        batches: batch input files the limits give.
+        cost_standard_usd / cost_batch_usd: at standard and Batch API prices (None: unpriced model).
+    """
+
+    model: str
+    dataset: str
+    stats: IntakeStats
+    batches: int
+    queue_tokens: int
+    cost_standard_usd: float | None
+    cost_batch_usd: float | None
+    sampling: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "dataset": self.dataset,
+            **self.stats.to_json(),
+            "batches": self.batches,
+            "queue_tokens": self.queue_tokens,
+            "cost_standard_usd": self.cost_standard_usd,
+            "cost_batch_usd": self.cost_batch_usd,
+            "prices_as_of": PRICES_AS_OF,
+            "sampling": self.sampling,
+        }
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        model: str,
+        dataset: str,
+        stats: IntakeStats,
+        batches: int,
+        queue_tokens: int,
+        sampling: dict[str, Any],
+    ) -> Estimate:
+        standard, batch = cost_usd(model, stats.tokens_total)
+        return cls(model, dataset, stats, batches, queue_tokens, standard, batch, sampling)
+
+
+def estimate(
+    *,
+    source: SourceConfig,
+    prepare: PrepareConfig,
+    sample: SampleConfig,
+    model: str,
+    dimensions: int | None = None,
+    limits: BatchLimits | None = None,
+    on_row: Callable[[int], None] | None = None,
+) -> Estimate:
+    """Read, prepare and sample the source; count what a submit would send.
+
+    Raises:
+        InputError: a bad row (unless ``skip_bad_rows``), duplicate ids.
+    """
+    intake = Intake(
+        source=source, prepare=prepare, sample=sample, tokenizer=get_tokenizer(model), on_row=on_row
+    )
+    splitter = BatchSplitter(limits or BatchLimits())
+    queue = 0
+    for rec in intake.records():
+        line = request_line(rec.id, rec.text, model=model, dimensions=dimensions)
+        size = size_of(line, rec.n_tokens, len(rec.text.encode("utf-8")))
+        queue += size.tokens
+        splitter.add(size)
+    return Estimate.build(
+        model=model,
+        dataset=intake.dataset,
+        stats=intake.stats,
+        batches=splitter.batch + 1,
+        queue_tokens=queue,
+        sampling=intake.sampler.describe(),
+    )

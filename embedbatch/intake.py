@@ -1,0 +1,260 @@
+"""Intake: readers → row checks → preparation → sampling, shared by estimate, submit and local.
+
+Bad rows (malformed, not an object, no id, no text field) stop the run with an
+:class:`~embedbatch.errors.InputError` naming file, line and field, unless ``skip_bad_rows``;
+then each is written to ``rejected.jsonl`` with its reason. Rows whose prepared text is empty
+are always rejected (recorded, never a request). Duplicate ids raise
+:class:`~embedbatch.errors.DuplicateIdError` after the scan, before any remote call; the check
+keeps 8 bytes per row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import orjson
+
+from embedbatch.config import PrepareConfig, SampleConfig, SourceConfig
+from embedbatch.errors import DuplicateIdError, InputError
+from embedbatch.prepare import Preparer
+from embedbatch.records import RawRow, Record
+from embedbatch.sampling import Sampler
+from embedbatch.tokens import Tokenizer
+
+__all__ = ["Intake", "IntakeStats", "dataset_name"]
+
+
+def dataset_name(source: SourceConfig) -> str:
+    """The dataset name: ``--dataset``, else the table, else the file stem without extensions."""
+    if source.dataset:
+        return source.dataset
+    if source.is_postgres:
+        return source.pg_table or "query"
+    name = Path(source.path.rstrip("/")).name
+    for ext in (".gz", ".jsonl", ".json", ".parquet", ".csv", ".ndjson"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    for ch in "*?[]":
+        name = name.replace(ch, "")
+    return name or "dataset"
+
+
+@dataclass
+class IntakeStats:
+    """Counts from one intake pass (tokens use the model's tokenizer)."""
+
+    rows_read: int = 0
+    rejected: int = 0
+    rejected_empty: int = 0
+    prepared: int = 0
+    sampled: int = 0
+    tokens_total: int = 0
+    tokens_max: int = 0
+    truncated: int = 0
+    bytes_total: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tokens_mean(self) -> float:
+        return self.tokens_total / self.sampled if self.sampled else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rows_read": self.rows_read,
+            "rejected": self.rejected,
+            "rejected_empty": self.rejected_empty,
+            "prepared": self.prepared,
+            "sampled": self.sampled,
+            "tokens_total": self.tokens_total,
+            "tokens_mean": round(self.tokens_mean, 2),
+            "tokens_max": self.tokens_max,
+            "truncated": self.truncated,
+            "bytes_total": self.bytes_total,
+            "reasons": self.reasons,
+        }
+
+
+def _id_key(record_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(record_id.encode(), digest_size=8).digest(), "little")
+
+
+class Intake:
+    """One pass over a source producing sampled, prepared :class:`Record` objects.
+
+    Args:
+        source / prepare / sample: the stage configs.
+        tokenizer: the model's tokenizer.
+        rejected_path: where rejected rows go (``rejected.jsonl``); None keeps counts only.
+        on_row: called every 10,000 rows read with the count (progress display).
+        exclude: ``(id, text_sha256) -> bool``; True drops the record before sampling (already
+            embedded with that text, or planned in an unfinished run).
+    """
+
+    def __init__(
+        self,
+        *,
+        source: SourceConfig,
+        prepare: PrepareConfig,
+        sample: SampleConfig,
+        tokenizer: Tokenizer,
+        rejected_path: Path | None = None,
+        on_row: Callable[[int], None] | None = None,
+        exclude: Callable[[str, str], bool] | None = None,
+    ) -> None:
+        self.source = source
+        self.preparer = Preparer(prepare, tokenizer)
+        self.sampler = Sampler(sample)
+        self.rejected_path = rejected_path
+        self.on_row = on_row
+        self.exclude = exclude
+        self.stats = IntakeStats()
+        self.skipped_existing = 0
+        self.dataset = dataset_name(source)
+        self._rejected_fh: IO[bytes] | None = None
+
+    def _raw_rows(self) -> Iterator[RawRow]:
+        if self.source.is_postgres:
+            from embedbatch.sources.postgres import iter_rows as pg_rows
+
+            return pg_rows(self.source, text_fields=self.preparer.source_fields)
+        from embedbatch.sources import iter_raw_rows
+
+        return iter_raw_rows(self.source.path, fmt=self.source.format)
+
+    def _reject(
+        self, raw: RawRow, reason: str, field_name: str | None, *, fatal: bool, record_id: str | None = None
+    ) -> None:
+        key = reason.split(":")[0]
+        self.stats.reasons[key] = self.stats.reasons.get(key, 0) + 1
+        if fatal and not self.source.skip_bad_rows:
+            raise InputError(reason, path=raw.path, line=raw.line, field=field_name)
+        self.stats.rejected += 1
+        if self.rejected_path is not None:
+            if self._rejected_fh is None:
+                self.rejected_path.parent.mkdir(parents=True, exist_ok=True)
+                self._rejected_fh = open(self.rejected_path, "ab")  # noqa: SIM115
+            entry = {
+                "path": raw.path,
+                "line": raw.line,
+                "id": record_id,
+                "field": field_name,
+                "reason": reason,
+            }
+            self._rejected_fh.write(orjson.dumps(entry) + b"\n")
+
+    def _records(self, id_keys: array[int]) -> Iterator[Record]:
+        src = self.source
+        preparer = self.preparer
+        stratify = self.sampler.config.stratify_by
+        source_kind = "postgres" if src.is_postgres else "file"
+        for raw in self._raw_rows():
+            self.stats.rows_read += 1
+            if self.on_row is not None and self.stats.rows_read % 10_000 == 0:
+                self.on_row(self.stats.rows_read)
+            if raw.data is None:
+                self._reject(raw, raw.error or "unreadable row", None, fatal=True)
+                continue
+            row = raw.data
+            rid = row.get(src.id_field)
+            if rid is None or rid == "":
+                self._reject(raw, "missing id", src.id_field, fatal=True)
+                continue
+            if isinstance(rid, bool) or not isinstance(rid, str | int):
+                self._reject(
+                    raw, f"id must be a string or integer, got {type(rid).__name__}", src.id_field, fatal=True
+                )
+                continue
+            rid = str(rid)
+            id_keys.append(_id_key(rid))
+            prepared = preparer.prepare(row)
+            if prepared.missing_field is not None:
+                self._reject(raw, "missing text field", prepared.missing_field, fatal=True, record_id=rid)
+                continue
+            if not prepared.text:
+                self.stats.rejected_empty += 1
+                self._reject(raw, "empty text", ",".join(preparer.source_fields), fatal=False, record_id=rid)
+                continue
+            self.stats.prepared += 1
+            meta = prepared.metadata()
+            meta["path"] = raw.path
+            meta["line"] = raw.line
+            split = row.get(src.split_field) if src.split_field else None
+            stratum = row.get(stratify) if stratify else None
+            rec = Record(
+                id=rid,
+                source=source_kind,
+                dataset=self.dataset,
+                split=None if split is None else str(split),
+                text=prepared.text,
+                n_tokens=prepared.n_tokens,
+                metadata=meta,
+                stratum=None if stratum is None else str(stratum),
+            )
+            if self.exclude is not None and self.exclude(rid, rec.sha256):
+                self.skipped_existing += 1
+                continue
+            yield rec
+
+    def records(self) -> Iterator[Record]:
+        """Chosen records; raises at the end of the scan if ids repeat.
+
+        Raises:
+            InputError: a bad row (without ``skip_bad_rows``).
+            DuplicateIdError: an id occurs twice; names the first duplicates and their places.
+        """
+        id_keys: array[int] = array("Q")
+        try:
+            for rec in self.sampler.select(self._records(id_keys)):
+                self.stats.sampled += 1
+                self.stats.tokens_total += rec.n_tokens
+                self.stats.tokens_max = max(self.stats.tokens_max, rec.n_tokens)
+                self.stats.bytes_total += len(rec.text.encode("utf-8"))
+                if rec.metadata.get("truncated"):
+                    self.stats.truncated += 1
+                yield rec
+            self._check_duplicates(id_keys)
+        finally:
+            if self._rejected_fh is not None:
+                self._rejected_fh.close()
+                self._rejected_fh = None
+
+    def _check_duplicates(self, id_keys: array[int]) -> None:
+        keys = np.frombuffer(id_keys, dtype=np.uint64) if len(id_keys) else np.empty(0, np.uint64)
+        if len(keys) < 2:
+            return
+        ordered = np.sort(keys)
+        dup_keys = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+        if not dup_keys:
+            return
+        # Rare path: a second scan names the duplicates and where they are.
+        seen: dict[str, str] = {}
+        found: list[str] = []
+        for raw in self._raw_rows():
+            if raw.data is None:
+                continue
+            rid = raw.data.get(self.source.id_field)
+            if rid is None:
+                continue
+            rid = str(rid)
+            if _id_key(rid) not in dup_keys:
+                continue
+            where = f"{raw.path}:{raw.line}"
+            if rid in seen:
+                found.append(f"{rid!r} at {seen[rid]} and {where}")
+                if len(found) >= 5:
+                    break
+            else:
+                seen[rid] = where
+        if not found:  # a 64-bit hash collision between distinct ids, not a duplicate
+            return
+        total = int(np.sum(ordered[1:] == ordered[:-1]))
+        raise DuplicateIdError(
+            f"duplicate ids ({total} repeats); first: " + "; ".join(found),
+            field=self.source.id_field,
+        )

@@ -1,0 +1,143 @@
+"""Text preparation: fields or template → prefix/suffix → lowercase → char cut → token cut."""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Any
+
+from embedbatch.config import PrepareConfig
+from embedbatch.errors import UsageError
+from embedbatch.tokens import Tokenizer
+
+__all__ = ["PreparedText", "Preparer", "format_value"]
+
+
+def format_value(value: Any) -> str | None:
+    """A field value as text: lists joined with ", ", chat messages as ``role: content`` lines,
+    None and empty lists as None."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        if value and all(isinstance(v, dict) and "content" in v for v in value):
+            return "\n".join(f"{m.get('role', 'unknown')}: {m['content']}" for m in value)
+        parts = [p for p in (format_value(v) for v in value) if p]
+        return ", ".join(parts) if parts else None
+    if isinstance(value, dict):
+        import orjson
+
+        return orjson.dumps(value).decode()
+    return str(value)
+
+
+@dataclass(slots=True)
+class PreparedText:
+    """The result of preparing one row.
+
+    Attributes:
+        text: the text to embed ('' means the row is rejected as empty).
+        n_tokens: tokens in ``text``.
+        fields_used: the fields that contributed.
+        truncated_tokens: tokens cut by ``max_tokens`` (0: none).
+        truncated_chars: characters cut by ``truncate_chars`` (0: none).
+        missing_field: set when the row had none of the fields (a bad row).
+    """
+
+    text: str
+    n_tokens: int
+    fields_used: list[str]
+    truncated_tokens: int = 0
+    truncated_chars: int = 0
+    missing_field: str | None = None
+
+    def metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "fields": self.fields_used,
+            "truncated": bool(self.truncated_tokens or self.truncated_chars),
+        }
+        if self.truncated_tokens:
+            meta["truncated_tokens"] = self.truncated_tokens
+        if self.truncated_chars:
+            meta["truncated_chars"] = self.truncated_chars
+        return meta
+
+
+class Preparer:
+    """Builds the embedded text of a row.
+
+    Args:
+        config: the preparation options.
+        tokenizer: counts tokens and cuts at a token boundary.
+
+    Raises:
+        UsageError: the template is malformed.
+    """
+
+    def __init__(self, config: PrepareConfig, tokenizer: Tokenizer) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self._template_fields: list[str] = []
+        if config.template is not None:
+            try:
+                parsed = list(string.Formatter().parse(config.template))
+            except ValueError as exc:
+                raise UsageError(f"bad --template: {exc}") from exc
+            self._template_fields = [f for _, f, _, _ in parsed if f]
+            if not self._template_fields:
+                raise UsageError("--template names no field, e.g. 'Title: {title}'")
+        if config.max_tokens < 1:
+            raise UsageError("--max-tokens must be at least 1")
+
+    @property
+    def source_fields(self) -> list[str]:
+        """The row fields preparation reads."""
+        return self._template_fields or list(self.config.fields)
+
+    def _build(self, row: dict[str, Any]) -> tuple[str, list[str], str | None]:
+        cfg = self.config
+        if cfg.template is not None:
+            values = {f: format_value(row.get(f)) for f in self._template_fields}
+            used = [f for f, v in values.items() if v is not None]
+            if not used:
+                return "", [], ",".join(self._template_fields)
+            return cfg.template.format_map({k: v or "" for k, v in values.items()}), used, None
+        parts: list[str] = []
+        used = []
+        for f in cfg.fields:
+            v = format_value(row.get(f))
+            if v is not None and v != "":
+                parts.append(v)
+                used.append(f)
+        if not used and all(row.get(f) is None for f in cfg.fields):
+            return "", [], ",".join(cfg.fields)
+        return cfg.delimiter.join(parts), used, None
+
+    def prepare(self, row: dict[str, Any]) -> PreparedText:
+        """Prepare one row; see :class:`PreparedText` for what comes back."""
+        cfg = self.config
+        body, used, missing = self._build(row)
+        if missing is not None:
+            return PreparedText("", 0, [], missing_field=missing)
+        text = f"{cfg.prefix}{body}{cfg.suffix}" if body.strip() else ""
+        if cfg.lowercase:
+            text = text.lower()
+        cut_chars = 0
+        if cfg.truncate_chars is not None and len(text) > cfg.truncate_chars:
+            cut_chars = len(text) - cfg.truncate_chars
+            text = text[: cfg.truncate_chars]
+        if not text.strip():
+            return PreparedText("", 0, used)
+        tokens = self.tokenizer.encode(text)
+        cut_tokens = 0
+        if len(tokens) > cfg.max_tokens:
+            cut_tokens = len(tokens) - cfg.max_tokens
+            tokens = tokens[: cfg.max_tokens]
+            text = self.tokenizer.decode(tokens)
+            # A cut inside a multi-byte character decodes to U+FFFD; drop it and recount.
+            while text.endswith("\ufffd"):
+                text = text[:-1]
+            tokens = self.tokenizer.encode(text)
+            while len(tokens) > cfg.max_tokens:
+                text = self.tokenizer.decode(tokens[: cfg.max_tokens - (len(tokens) - cfg.max_tokens)])
+                tokens = self.tokenizer.encode(text)
+        return PreparedText(text, len(tokens), used, cut_tokens, cut_chars)

@@ -1,0 +1,100 @@
+"""Nearest-neighbour search over a dataset's shards (NumPy) or a pgvector column (``<=>``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from embedbatch.config import Settings
+from embedbatch.errors import UsageError
+from embedbatch.sinks.parquet import Manifest, read_vectors
+from embedbatch.workspace import Workspace
+
+__all__ = ["embed_query", "search_pg", "search_shards"]
+
+
+def embed_query(
+    settings: Settings,
+    text: str,
+    *,
+    model: str,
+    dimensions: int | None = None,
+    local_model: str | None = None,
+) -> np.ndarray:
+    """The query vector, ``(dim,)`` float32: from a local model path, or the API (/v1/embeddings)."""
+    if local_model:
+        from embedbatch.local.model import LocalBackend
+
+        return LocalBackend(local_model).embed([text], model, None)[0]
+    import anyio
+
+    from embedbatch.batchapi.client import BatchClient
+
+    async def go() -> list[list[float]]:
+        client = BatchClient(settings)
+        try:
+            return await client.embed([text], model=model, dimensions=dimensions)
+        finally:
+            await client.close()
+
+    return np.asarray(anyio.run(go)[0], dtype=np.float32)
+
+
+def search_shards(
+    ws: Workspace,
+    settings: Settings,
+    text: str,
+    *,
+    dataset: str,
+    model: str | None,
+    k: int = 5,
+    local_model: str | None = None,
+) -> list[dict[str, Any]]:
+    """Top-k rows by cosine similarity over every shard of (model, dataset).
+
+    Raises:
+        UsageError: no such dataset.
+    """
+    pairs = [(m, d) for m, d in ws.datasets() if d == dataset and (model is None or m == model)]
+    if not pairs:
+        raise UsageError(f"no dataset {dataset!r} in the workspace (see `embedbatch list`)")
+    m, d = pairs[0]
+    manifest = Manifest.load(ws, m, d)
+    ids, texts, vecs = read_vectors(ws, m, d)
+    dims = manifest.dimensions if manifest.dimensions and m.startswith("text-embedding-3") else None
+    q = embed_query(settings, text, model=m, dimensions=dims, local_model=local_model)
+    norms = np.linalg.norm(vecs, axis=1) * (np.linalg.norm(q) or 1.0)
+    scores = (vecs @ q) / np.where(norms == 0, 1.0, norms)
+    top = np.argsort(-scores)[:k]
+    return [{"id": ids[i], "score": float(scores[i]), "text": texts[i]} for i in top]
+
+
+def search_pg(
+    settings: Settings,
+    text: str,
+    *,
+    dsn: str | None,
+    table: str,
+    id_column: str,
+    vector_column: str,
+    text_column: str,
+    model: str | None,
+    k: int = 5,
+    local_model: str | None = None,
+) -> list[dict[str, Any]]:
+    """Top-k rows by pgvector cosine distance (``<=>``)."""
+    if not dsn:
+        raise UsageError("--pg-table needs --pg-dsn or DATABASE_URL")
+    from embedbatch.sinks.pgvector import nearest
+
+    q = embed_query(settings, text, model=model or settings.openai_embed_model, local_model=local_model)
+    return nearest(
+        dsn,
+        table=table,
+        id_column=id_column,
+        vector_column=vector_column,
+        text_column=text_column,
+        query=q,
+        k=k,
+    )

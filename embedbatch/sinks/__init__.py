@@ -1,0 +1,1 @@
+"""Sinks: Parquet shards with a manifest, and pgvector columns."""

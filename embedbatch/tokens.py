@@ -1,0 +1,137 @@
+"""Tokenizers, prices and cost estimates.
+
+OpenAI embedding models use the ``cl100k_base`` encoding (tiktoken's ``encoding_for_model``
+table, 2026); we load it offline from ``bpe-openai``, which ships the ranks.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Protocol
+
+from embedbatch.errors import UsageError
+
+__all__ = [
+    "MODEL_DIMENSIONS",
+    "PRICES",
+    "PRICES_AS_OF",
+    "ModelPrice",
+    "Tokenizer",
+    "cost_usd",
+    "get_tokenizer",
+    "queue_tokens",
+]
+
+PRICES_AS_OF = "2026-11"
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """USD per 1M input tokens at standard and at Batch API prices."""
+
+    standard_per_m: float
+    batch_per_m: float
+
+
+# Source: OpenAI pricing page, embeddings section (Batch API is 50% off), as of 2026.
+PRICES: dict[str, ModelPrice] = {
+    "text-embedding-3-small": ModelPrice(0.02, 0.01),
+    "text-embedding-3-large": ModelPrice(0.13, 0.065),
+    "text-embedding-ada-002": ModelPrice(0.10, 0.05),
+}
+
+# Default output dimensions (OpenAI embeddings guide, 2026). Only text-embedding-3-* accept
+# the ``dimensions`` parameter.
+MODEL_DIMENSIONS: dict[str, int] = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+
+
+def supports_dimensions(model: str) -> bool:
+    """True for models that accept ``dimensions`` (text-embedding-3-*)."""
+    return model.startswith("text-embedding-3")
+
+
+def cost_usd(model: str, tokens: int) -> tuple[float | None, float | None]:
+    """(standard, batch) cost in USD for ``tokens`` input tokens; (None, None) for unpriced models."""
+    price = PRICES.get(model)
+    if price is None:
+        return None, None
+    return tokens * price.standard_per_m / 1e6, tokens * price.batch_per_m / 1e6
+
+
+def queue_tokens(n_tokens: int, n_bytes: int) -> int:
+    """Tokens to count against the enqueued-token limit for one input.
+
+    OpenAI's server-side estimate can exceed a local tokenizer count, so take the larger of the
+    tokenizer count and UTF-8 bytes / 4 (rounded up).
+    """
+    return max(n_tokens, -(-n_bytes // 4))
+
+
+class Tokenizer(Protocol):
+    """What preparation needs of a tokenizer: count and truncate at a token boundary."""
+
+    name: str
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, tokens: list[int]) -> str: ...
+
+
+class _Cl100k:
+    """cl100k_base via bpe-openai; special-token text is treated as plain text."""
+
+    name = "cl100k_base"
+
+    def __init__(self) -> None:
+        import bpe_openai
+
+        self._enc = bpe_openai.get_encoding("cl100k_base")
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._enc.encode_ordinary(text))
+
+    def decode(self, tokens: list[int]) -> str:
+        return str(self._enc.decode(tokens))
+
+
+class _HFTokenizer:
+    """A Hugging Face fast tokenizer (local models), without special tokens."""
+
+    def __init__(self, name_or_path: str) -> None:
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as exc:
+            from embedbatch.errors import MissingExtraError
+
+            raise MissingExtraError("transformers", "local") from exc
+        self.name = name_or_path
+        self._tok = AutoTokenizer.from_pretrained(name_or_path)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def decode(self, tokens: list[int]) -> str:
+        return str(self._tok.decode(tokens))
+
+
+@functools.lru_cache(maxsize=8)
+def get_tokenizer(model: str) -> Tokenizer:
+    """The tokenizer for ``model``: cl100k_base for OpenAI embedding models and unknown API
+    models, the model's own tokenizer for a local path.
+
+    Raises:
+        UsageError: the tokenizer cannot be loaded.
+    """
+    import os
+
+    if model in PRICES or not os.path.isdir(model):
+        return _Cl100k()
+    try:
+        return _HFTokenizer(model)
+    except OSError as exc:
+        raise UsageError(f"cannot load the tokenizer of {model!r}: {exc}") from exc

@@ -1,0 +1,127 @@
+"""Verify shards against the manifest, and list what a workspace holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from embedbatch.batchapi.state import RunState, load_batches
+from embedbatch.sinks.parquet import Manifest, _sha256, _superseded
+from embedbatch.workspace import Workspace
+
+__all__ = ["VerifyReport", "list_workspace", "verify_dataset"]
+
+
+@dataclass
+class VerifyReport:
+    """Problems found in one dataset's shards (empty: all good)."""
+
+    model: str
+    dataset: str
+    shards: int = 0
+    rows: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_dataset(ws: Workspace, model: str, dataset: str) -> VerifyReport:
+    """Re-read every shard: sha256 and size match the manifest, row counts match, one constant
+    dimension, no NaN/inf, ids unique across shards (a row replaced by a later shard's
+    ``supersedes`` is not a duplicate), no unlisted shard files."""
+    manifest = Manifest.load(ws, model, dataset)
+    rep = VerifyReport(model, dataset)
+    base = ws.shards_dir(model, dataset)
+    if not manifest.path.exists():
+        rep.problems.append(f"no manifest at {manifest.path}")
+        return rep
+    gone = _superseded(manifest)
+    seen: dict[str, str] = {}
+    dims: set[int] = set()
+    listed = {s["file"] for s in manifest.shards}
+    if base.is_dir():
+        for p in base.iterdir():
+            if p.name not in listed:
+                rep.problems.append(f"{p.name}: file not listed in the manifest")
+    for s in manifest.shards:
+        path = base / s["file"]
+        rep.shards += 1
+        if not path.exists():
+            rep.problems.append(f"{s['file']}: missing")
+            continue
+        if path.stat().st_size != s["bytes"]:
+            rep.problems.append(f"{s['file']}: size {path.stat().st_size} != manifest {s['bytes']}")
+        if _sha256(path) != s["sha256"]:
+            rep.problems.append(f"{s['file']}: sha256 differs from the manifest")
+        try:
+            table = pq.read_table(path, columns=["id", "embedding"])
+        except Exception as exc:
+            rep.problems.append(f"{s['file']}: unreadable ({exc})")
+            continue
+        if len(table) != s["rows"]:
+            rep.problems.append(f"{s['file']}: {len(table)} rows != manifest {s['rows']}")
+        emb = table.column("embedding").combine_chunks()
+        dim = emb.type.list_size
+        dims.add(dim)
+        values = emb.values.to_numpy(zero_copy_only=False)
+        if not np.isfinite(values).all():
+            rep.problems.append(f"{s['file']}: NaN or inf in embeddings")
+        drop = gone.get(s["file"], set())
+        for rid in table.column("id").to_pylist():
+            if rid in drop:
+                continue
+            if rid in seen:
+                rep.problems.append(f"id {rid!r} in both {seen[rid]} and {s['file']}")
+            else:
+                seen[rid] = s["file"]
+        rep.rows += len(table) - len(drop & set(table.column("id").to_pylist()))
+    if len(dims) > 1:
+        rep.problems.append(f"dimensions differ across shards: {sorted(dims)}")
+    if manifest.dimensions is not None and dims and dims != {manifest.dimensions}:
+        rep.problems.append(f"shard dimension {sorted(dims)} != manifest {manifest.dimensions}")
+    return rep
+
+
+def list_workspace(ws: Workspace) -> dict[str, Any]:
+    """Datasets (model, rows, shards) and runs (status, batch states) in the workspace."""
+    datasets = []
+    for model, dataset in ws.datasets():
+        m = Manifest.load(ws, model, dataset)
+        datasets.append(
+            {
+                "model": model,
+                "dataset": dataset,
+                "rows": sum(s["rows"] for s in m.shards),
+                "shards": len(m.shards),
+                "dimensions": m.dimensions,
+                "runs": sorted(m.runs),
+            }
+        )
+    runs = []
+    for run in ws.all_runs():
+        try:
+            rs = RunState.load(run)
+        except Exception as exc:
+            runs.append({"run_dir": str(run.root), "error": str(exc)})
+            continue
+        states: dict[str, int] = {}
+        for bs in load_batches(run):
+            states[bs.status] = states.get(bs.status, 0) + 1
+        runs.append(
+            {
+                "run_id": rs.run_id,
+                "model": rs.model,
+                "dataset": rs.dataset,
+                "kind": rs.kind,
+                "status": rs.status,
+                "batches": states,
+                "planned": rs.counts.get("planned", 0),
+                "run_dir": str(run.root),
+            }
+        )
+    return {"datasets": datasets, "runs": runs}

@@ -1,0 +1,245 @@
+"""Every on-disk path of the workspace, atomic writes, and locks.
+
+Layout (root: ``--workspace`` / EMBEDBATCH_WORKSPACE)::
+
+    batches/{model}/{dataset}/run_<UTC stamp>/run.json, rejected.jsonl, run.lock
+        batches/batch_NNN/input.jsonl records.jsonl batch.json output.jsonl errors.jsonl failed_ids.tsv
+    embeddings/{model}/{dataset}/shard-NNNNN.parquet
+    indexes/{model}/{dataset}/manifest.json
+    cache/  logs/  workspace.lock
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from embedbatch.errors import LockedError, StateError, UsageError
+
+__all__ = [
+    "RunPaths",
+    "Workspace",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "check_component",
+    "file_lock",
+    "read_json",
+    "utc_now",
+    "utc_stamp",
+]
+
+_BAD_COMPONENT = re.compile(r"[\x00-\x1f/\\]")
+
+
+def check_component(name: str, what: str) -> str:
+    """Return ``name`` if it is a safe single path component, else raise.
+
+    Raises:
+        UsageError: empty, ``.``/``..``, contains ``/``, ``\\`` or control characters.
+    """
+    if not name or name in {".", ".."} or _BAD_COMPONENT.search(name) or name.startswith("."):
+        raise UsageError(f"invalid {what} name {name!r}: it must be one path component (no '/', '..')")
+    return name
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def utc_stamp() -> str:
+    """A run stamp like ``20261122T020631Z_123456`` (sortable, unique per microsecond)."""
+    now = utc_now()
+    return now.strftime("%Y%m%dT%H%M%SZ_") + f"{now.microsecond:06d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, rename, fsync dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path) -> Iterator[IO[bytes]]:
+    """Open a temp file for streaming writes; on clean exit fsync and rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file written by :func:`atomic_write_json`.
+
+    Raises:
+        StateError: missing or not valid JSON.
+    """
+    try:
+        return orjson.loads(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise StateError(f"{path}: missing") from exc
+    except orjson.JSONDecodeError as exc:
+        raise StateError(f"{path}: not valid JSON ({exc})") from exc
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, what: str, blocking: bool = False) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block.
+
+    The lock dies with the process, so a ``kill -9`` never leaves a stale lock.
+
+    Raises:
+        LockedError: another process holds it and ``blocking`` is False.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError as exc:
+            raise LockedError(f"{what} is locked by another process ({path})") from exc
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Paths inside one run directory ``batches/{model}/{dataset}/run_<stamp>/``."""
+
+    root: Path
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "run.lock"
+
+    @property
+    def rejected(self) -> Path:
+        return self.root / "rejected.jsonl"
+
+    @property
+    def failed_ids(self) -> Path:
+        return self.root / "failed_ids.tsv"
+
+    @property
+    def run_id(self) -> str:
+        return self.root.name
+
+    def batch_dir(self, name: str) -> Path:
+        return self.root / "batches" / name
+
+    def batch_names(self) -> list[str]:
+        base = self.root / "batches"
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and (p / "batch.json").exists())
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The workspace root and the paths below it; model and dataset names are checked."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).absolute())
+
+    def runs_dir(self, model: str, dataset: str) -> Path:
+        return self.root / "batches" / check_component(model, "model") / check_component(dataset, "dataset")
+
+    def new_run(self, model: str, dataset: str) -> RunPaths:
+        """A fresh run directory path (not created) named by the current UTC time."""
+        return RunPaths(self.runs_dir(model, dataset) / f"run_{utc_stamp()}")
+
+    def all_runs(self) -> list[RunPaths]:
+        """Every run directory that has a run.json, oldest first."""
+        base = self.root / "batches"
+        if not base.is_dir():
+            return []
+        runs = [RunPaths(p.parent) for p in base.glob("*/*/run_*/run.json")]
+        return sorted(runs, key=lambda r: r.root.name)
+
+    def shards_dir(self, model: str, dataset: str) -> Path:
+        return (
+            self.root / "embeddings" / check_component(model, "model") / check_component(dataset, "dataset")
+        )
+
+    def manifest_path(self, model: str, dataset: str) -> Path:
+        return (
+            self.root
+            / "indexes"
+            / check_component(model, "model")
+            / check_component(dataset, "dataset")
+            / "manifest.json"
+        )
+
+    def datasets(self) -> list[tuple[str, str]]:
+        """(model, dataset) pairs that have a manifest."""
+        base = self.root / "indexes"
+        if not base.is_dir():
+            return []
+        return sorted((p.parent.parent.name, p.parent.name) for p in base.glob("*/*/manifest.json"))
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "workspace.lock"
+
+    def resolve_run(self, run_dir: Path) -> RunPaths:
+        """A run directory given by the user.
+
+        Raises:
+            StateError: it has no run.json.
+        """
+        paths = RunPaths(Path(run_dir).absolute())
+        if not paths.run_json.exists():
+            raise StateError(f"{run_dir}: not a run directory (no run.json)")
+        return paths
