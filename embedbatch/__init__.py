@@ -1,7 +1,60 @@
-"""embedbatch: datasets to embeddings, through the OpenAI Batch API or local models."""
+"""embedbatch: datasets to embeddings, through the OpenAI Batch API or local models.
+
+The same operations as the CLI, as functions over typed config objects (async where they talk
+to the provider)::
+
+    plan_run, submit_run, poll_pass, ingest_run, drive_run, estimate, verify_dataset
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from embedbatch.batchapi.client import BatchClient, RetryPolicy
+from embedbatch.batchapi.ingest import ingest_run
+from embedbatch.batchapi.poll import cancel_run, poll_pass
+from embedbatch.batchapi.retry import plan_retry
+from embedbatch.batchapi.submit import plan_run, submit_run
+from embedbatch.config import (
+    BatchLimits,
+    IngestConfig,
+    LocalConfig,
+    PgTarget,
+    PrepareConfig,
+    SampleConfig,
+    Settings,
+    SourceConfig,
+    SubmitConfig,
+)
+from embedbatch.errors import EmbedbatchError
+from embedbatch.estimate import estimate
+from embedbatch.runner import drive_run
+from embedbatch.verify import list_workspace, verify_dataset
+from embedbatch.workspace import Workspace
+
+__all__ = [
+    "BatchClient",
+    "BatchLimits",
+    "EmbedbatchError",
+    "IngestConfig",
+    "LocalConfig",
+    "PgTarget",
+    "PrepareConfig",
+    "RetryPolicy",
+    "SampleConfig",
+    "Settings",
+    "SourceConfig",
+    "SubmitConfig",
+    "Workspace",
+    "__version__",
+    "cancel_run",
+    "drive_run",
+    "estimate",
+    "ingest_run",
+    "list_workspace",
+    "plan_retry",
+    "plan_run",
+    "poll_pass",
+    "submit_run",
+    "verify_dataset",
+]

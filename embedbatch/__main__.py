@@ -1,0 +1,5 @@
+"""``python -m embedbatch`` runs the CLI."""
+
+from embedbatch.cli import main
+
+main()

