@@ -42,7 +42,7 @@ class _WaitRetryAfter(wait_base):
 
     def __init__(self, policy: RetryPolicy) -> None:
         self.backoff = wait_exponential_jitter(
-            initial=policy.initial_s, max=policy.max_s, jitter=policy.initial_s
+            multiplier=policy.initial_s, max=policy.max_s, jitter=policy.initial_s
         )
         self.max_s = policy.max_s
 

@@ -82,6 +82,8 @@ async def refresh_batch(
         bs.batch_id = None
         bs.attempt += 1
         bs.remote_status = None
+        bs.succeeded = bs.failed = None
+        bs.output_file_id = bs.error_file_id = None
         bs.set_status("uploaded")
         requeued = True
     elif batch["status"] != bs.status:

@@ -437,7 +437,14 @@ async def _submit_locked(
             if on_batch is not None:
                 on_batch(bs)
 
-    async with anyio.create_task_group() as tg:
-        for bs in chosen:
-            tg.start_soon(one, bs)
+    try:
+        async with anyio.create_task_group() as tg:
+            for bs in chosen:
+                tg.start_soon(one, bs)
+    except BaseExceptionGroup as group:
+        # Surface the first real error (the others were cancelled with it); state is on disk.
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from group
     return done
