@@ -1211,7 +1211,9 @@ def version() -> None:
 def main() -> None:
     """Entry point: run the app, turning EmbedbatchError into a message and its exit code."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except EmbedbatchError as exc:
         if os.environ.get("EMBEDBATCH_RAISE_ERRORS") == "1":
             raise
