@@ -66,15 +66,9 @@ def settings() -> Settings:
 IdField = Annotated[str, typer.Option("--id-field", help="Field holding the record id (custom_id).")]
 SplitField = Annotated[str | None, typer.Option("--split-field", help="Field holding the split.")]
 Dataset = Annotated[str | None, typer.Option("--dataset", help="Dataset name (default: file stem or table).")]
-SkipBad = Annotated[
-    bool, typer.Option("--skip-bad-rows", help="Record bad rows in rejected.jsonl and go on.")
-]
-Fields = Annotated[
-    str | None, typer.Option("--fields", help="Comma-separated fields to join (default: text).")
-]
-Template = Annotated[
-    str | None, typer.Option("--template", help="e.g. 'Title: {title}\\nAbstract: {abstract}'.")
-]
+SkipBad = Annotated[bool, typer.Option("--skip-bad-rows", help="Record bad rows in rejected.jsonl and go on.")]
+Fields = Annotated[str | None, typer.Option("--fields", help="Comma-separated fields to join (default: text).")]
+Template = Annotated[str | None, typer.Option("--template", help="e.g. 'Title: {title}\\nAbstract: {abstract}'.")]
 Prefix = Annotated[str | None, typer.Option("--prefix")]
 Suffix = Annotated[str | None, typer.Option("--suffix")]
 Delimiter = Annotated[str | None, typer.Option("--delimiter", help="Between fields (default: blank line).")]
@@ -96,9 +90,7 @@ Where = Annotated[str | None, typer.Option("--where", help="postgres source: WHE
 Param = Annotated[list[str] | None, typer.Option("--param", help="postgres source: a $n parameter.")]
 Query = Annotated[str | None, typer.Option("--query", help="postgres source: a whole SELECT.")]
 VectorColumn = Annotated[str | None, typer.Option("--vector-column", help="postgres source: skip non-NULL.")]
-Overwrite = Annotated[
-    bool, typer.Option("--overwrite", help="postgres: embed/write rows that have a vector.")
-]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="postgres: embed/write rows that have a vector.")]
 Dsn = Annotated[str | None, typer.Option("--dsn", help="postgres source DSN (env DATABASE_URL).")]
 
 
@@ -120,6 +112,7 @@ def source_config(
     dsn: str | None = None,
 ) -> SourceConfig:
     if source == "postgres":
+        raise UsageError("the postgres source is not available in this version yet")
         dsn = dsn or settings().database_url
         if not dsn:
             raise UsageError("the postgres source needs --dsn or DATABASE_URL")
@@ -369,6 +362,7 @@ def _pg_target(
 ) -> PgTarget | None:
     if not pg_table:
         return None
+    raise UsageError("the pgvector sink (--pg-table) is not available in this version yet")
     if pg_mode not in ("update", "insert"):
         raise UsageError(f"--pg-mode must be update or insert, got {pg_mode!r}")
     return PgTarget(
@@ -457,8 +451,7 @@ def _submit_common(
         where=where,
         param=param,
         query=query,
-        vector_column=vector_column
-        or (pg_target.vector_column if pg_target and source == "postgres" else None),
+        vector_column=vector_column or (pg_target.vector_column if pg_target and source == "postgres" else None),
         overwrite=overwrite,
         dsn=dsn,
     )
@@ -491,9 +484,7 @@ def _submit_common(
         metadata=_parse_metadata(metadata),
     )
     with _RowProgress("planning") as progress:
-        planned = plan_run(
-            ws, source=src, prepare=prep, sample=sample, submit=sub, args=args, on_row=progress
-        )
+        planned = plan_run(ws, source=src, prepare=prep, sample=sample, submit=sub, args=args, on_row=progress)
     if pg_target is not None and planned.run is not None:
         from embedbatch.batchapi.state import RunState
 
@@ -562,17 +553,11 @@ def submit(
     dimensions: Annotated[int | None, typer.Option()] = None,
     max_requests_per_batch: Annotated[int, typer.Option()] = 50_000,
     max_bytes_per_batch: Annotated[int, typer.Option()] = 188_743_680,
-    max_enqueued_tokens: Annotated[
-        int | None, typer.Option(help="Org queue limit per model (tokens).")
-    ] = None,
+    max_enqueued_tokens: Annotated[int | None, typer.Option(help="Org queue limit per model (tokens).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the JSONL files; no network.")] = False,
-    max_cost_usd: Annotated[
-        float | None, typer.Option(help="Refuse above this Batch-price estimate.")
-    ] = None,
+    max_cost_usd: Annotated[float | None, typer.Option(help="Refuse above this Batch-price estimate.")] = None,
     completion_window: Annotated[str, typer.Option()] = "24h",
-    metadata: Annotated[
-        list[str] | None, typer.Option("--metadata", help="k=v passed on to each batch.")
-    ] = None,
+    metadata: Annotated[list[str] | None, typer.Option("--metadata", help="k=v passed on to each batch.")] = None,
     concurrency: Annotated[int, typer.Option(help="Uploads/creates at once.")] = 4,
     table: Table_ = None,
     id_column: IdColumn = "id",
@@ -663,9 +648,7 @@ def submit(
         total = sum(1 for b in load_batches(run) if b.status in ("planned", "uploaded"))
         with Progress(console=err_console, disable=not err_console.is_terminal, transient=True) as prog:
             task = prog.add_task("submitting batches", total=total)
-            return await submit_run(
-                ws, client, run, concurrency=concurrency, on_batch=lambda bs: prog.advance(task)
-            )
+            return await submit_run(ws, client, run, concurrency=concurrency, on_batch=lambda bs: prog.advance(task))
 
     done = _run(go)
     if not json_out:
@@ -699,8 +682,7 @@ def _status_table(rs: Any, batches: list[Any], totals: dict[str, Any]) -> Table:
         age = f"{(now - created) / 60:.1f} min" if created else ""
         t.add_row(
             bs.name,
-            bs.status
-            + (f" ({bs.remote_status})" if bs.remote_status and bs.remote_status != bs.status else ""),
+            bs.status + (f" ({bs.remote_status})" if bs.remote_status and bs.remote_status != bs.status else ""),
             f"{bs.requests:,}",
             f"{counts.get('completed', bs.succeeded or 0):,}",
             f"{counts.get('failed', bs.failed or 0):,}",
@@ -723,9 +705,7 @@ def _status_table(rs: Any, batches: list[Any], totals: dict[str, Any]) -> Table:
 def status(
     run_dir: Annotated[Path | None, typer.Option("--run-dir")] = None,
     batch_file: Annotated[Path | None, typer.Option("--batch-file", help="One batch.json.")] = None,
-    update_json: Annotated[
-        bool, typer.Option("--update-json", help="Write refreshed state to disk.")
-    ] = False,
+    update_json: Annotated[bool, typer.Option("--update-json", help="Write refreshed state to disk.")] = False,
     offline: Annotated[bool, typer.Option("--offline", help="Show what is on disk; no API calls.")] = False,
     json_out: JsonOut = False,
 ) -> None:
@@ -806,9 +786,7 @@ def poll(
     while True:
         started = _t.monotonic()
         report = _run(
-            lambda c: poll_pass(
-                ws, c, max_enqueued_tokens=max_enqueued_tokens, ingest=ingest, ingest_config=cfg
-            )
+            lambda c: poll_pass(ws, c, max_enqueued_tokens=max_enqueued_tokens, ingest=ingest, ingest_config=cfg)
         )
         log.info("poll pass", **report.to_json())
         if watch is None:
@@ -1058,15 +1036,9 @@ def verify(
     from embedbatch.verify import verify_dataset
 
     ws = _workspace()
-    pairs = [
-        (m, d)
-        for m, d in ws.datasets()
-        if (dataset is None or d == dataset) and (model is None or m == model)
-    ]
+    pairs = [(m, d) for m, d in ws.datasets() if (dataset is None or d == dataset) and (model is None or m == model)]
     if not pairs:
-        raise UsageError(
-            f"no dataset matches (have: {', '.join(f'{m}/{d}' for m, d in ws.datasets()) or 'none'})"
-        )
+        raise UsageError(f"no dataset matches (have: {', '.join(f'{m}/{d}' for m, d in ws.datasets()) or 'none'})")
     reports = [verify_dataset(ws, m, d) for m, d in pairs]
     if json_out:
         print_json([r.__dict__ | {"ok": r.ok} for r in reports])
@@ -1121,9 +1093,7 @@ def list_cmd(json_out: JsonOut = False) -> None:
 def serve(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8765,
     host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
-    api_key: Annotated[
-        str | None, typer.Option("--api-key", help="Required bearer token (default: any).")
-    ] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", help="Required bearer token (default: any).")] = None,
     model: Annotated[
         str | None, typer.Option("--model", help="Local SentenceTransformer (default: hash model).")
     ] = None,

@@ -90,9 +90,7 @@ class Settings:
         try:
             timeout = float(env.get("OPENAI_TIMEOUT", "600"))
         except ValueError as exc:
-            raise UsageError(
-                f"OPENAI_TIMEOUT must be a number of seconds, got {env['OPENAI_TIMEOUT']!r}"
-            ) from exc
+            raise UsageError(f"OPENAI_TIMEOUT must be a number of seconds, got {env['OPENAI_TIMEOUT']!r}") from exc
         values: dict[str, Any] = {
             "openai_api_key": env.get("OPENAI_API_KEY") or None,
             "openai_base_url": env.get("OPENAI_BASE_URL") or None,

@@ -127,9 +127,7 @@ class RetryLater(ProviderError):
         retry_after_s: the server's Retry-After, in seconds, if it sent one.
     """
 
-    def __init__(
-        self, message: str, *, status_code: int | None = None, retry_after_s: float | None = None
-    ) -> None:
+    def __init__(self, message: str, *, status_code: int | None = None, retry_after_s: float | None = None) -> None:
         self.retry_after_s = retry_after_s
         super().__init__(message, status_code=status_code)
 

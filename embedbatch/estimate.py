@@ -76,9 +76,7 @@ def estimate(
     Raises:
         InputError: a bad row (unless ``skip_bad_rows``), duplicate ids.
     """
-    intake = Intake(
-        source=source, prepare=prepare, sample=sample, tokenizer=get_tokenizer(model), on_row=on_row
-    )
+    intake = Intake(source=source, prepare=prepare, sample=sample, tokenizer=get_tokenizer(model), on_row=on_row)
     splitter = BatchSplitter(limits or BatchLimits())
     queue = 0
     for rec in intake.records():

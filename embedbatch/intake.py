@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 
 from embedbatch.config import PrepareConfig, SampleConfig, SourceConfig
-from embedbatch.errors import DuplicateIdError, InputError
+from embedbatch.errors import DuplicateIdError, InputError, UsageError
 from embedbatch.prepare import Preparer
 from embedbatch.records import RawRow, Record
 from embedbatch.sampling import Sampler
@@ -120,9 +120,7 @@ class Intake:
 
     def _raw_rows(self) -> Iterator[RawRow]:
         if self.source.is_postgres:
-            from embedbatch.sources.postgres import iter_rows as pg_rows
-
-            return pg_rows(self.source, text_fields=self.preparer.source_fields)
+            raise UsageError("the postgres source is not available in this version yet")
         from embedbatch.sources import iter_raw_rows
 
         return iter_raw_rows(self.source.path, fmt=self.source.format)
@@ -166,9 +164,7 @@ class Intake:
                 self._reject(raw, "missing id", src.id_field, fatal=True)
                 continue
             if isinstance(rid, bool) or not isinstance(rid, str | int):
-                self._reject(
-                    raw, f"id must be a string or integer, got {type(rid).__name__}", src.id_field, fatal=True
-                )
+                self._reject(raw, f"id must be a string or integer, got {type(rid).__name__}", src.id_field, fatal=True)
                 continue
             rid = str(rid)
             id_keys.append(_id_key(rid))

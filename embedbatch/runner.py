@@ -60,7 +60,7 @@ async def drive_run(
     summary = RunSummary(str(run.root))
     await submit_run(ws, client, run, max_enqueued_tokens=max_enqueued_tokens)
     while True:
-        report = await poll_pass(
+        await poll_pass(
             ws,
             client,
             max_enqueued_tokens=max_enqueued_tokens,
@@ -89,7 +89,8 @@ async def drive_run(
     manifest = Manifest.load(ws, rs.model, rs.dataset)
     keys = {f"{rs.run_id}/{bs.name}" for bs in batches}
     summary.embedded = sum(bs.succeeded or 0 for bs in batches if f"{rs.run_id}/{bs.name}" in keys)
-    summary.failed = max(0, sum(1 for _ in open(run.failed_ids, "rb")) - 1) if run.failed_ids.exists() else 0
+    if run.failed_ids.exists():
+        summary.failed = max(0, len(run.failed_ids.read_bytes().splitlines()) - 1)
     summary.usage_tokens = rs.actual.get("usage_tokens", 0)
     summary.cost_batch_usd = rs.actual.get("cost_batch_usd")
     summary.estimated_cost_batch_usd = rs.estimate.get("cost_batch_usd")

@@ -25,9 +25,7 @@ _HASH_SPACE = 1 << 64
 
 def id_hash(record_id: str, seed: int) -> int:
     """A 64-bit unsigned hash of ``record_id`` under ``seed`` (blake2b, stable across runs)."""
-    digest = hashlib.blake2b(
-        record_id.encode("utf-8"), digest_size=8, key=seed.to_bytes(8, "little", signed=True)
-    )
+    digest = hashlib.blake2b(record_id.encode("utf-8"), digest_size=8, key=seed.to_bytes(8, "little", signed=True))
     return int.from_bytes(digest.digest(), "big")
 
 

@@ -26,7 +26,8 @@ def embed_query(
     if local_model:
         from embedbatch.local.model import LocalBackend
 
-        return LocalBackend(local_model).embed([text], model, None)[0]
+        vec: np.ndarray = LocalBackend(local_model).embed([text], model, None)[0]
+        return vec
     import anyio
 
     from embedbatch.batchapi.client import BatchClient
@@ -83,18 +84,9 @@ def search_pg(
     k: int = 5,
     local_model: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Top-k rows by pgvector cosine distance (``<=>``)."""
-    if not dsn:
-        raise UsageError("--pg-table needs --pg-dsn or DATABASE_URL")
-    from embedbatch.sinks.pgvector import nearest
+    """Top-k rows of a pgvector column (not available in this version).
 
-    q = embed_query(settings, text, model=model or settings.openai_embed_model, local_model=local_model)
-    return nearest(
-        dsn,
-        table=table,
-        id_column=id_column,
-        vector_column=vector_column,
-        text_column=text_column,
-        query=q,
-        k=k,
-    )
+    Raises:
+        UsageError: always, until the pgvector sink lands.
+    """
+    raise UsageError("search over PostgreSQL (--pg-table) is not available in this version yet")

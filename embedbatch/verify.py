@@ -102,7 +102,7 @@ def list_workspace(ws: Workspace) -> dict[str, Any]:
                 "runs": sorted(m.runs),
             }
         )
-    runs = []
+    runs: list[dict[str, Any]] = []
     for run in ws.all_runs():
         try:
             rs = RunState.load(run)

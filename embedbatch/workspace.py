@@ -209,9 +209,7 @@ class Workspace:
         return sorted(runs, key=lambda r: r.root.name)
 
     def shards_dir(self, model: str, dataset: str) -> Path:
-        return (
-            self.root / "embeddings" / check_component(model, "model") / check_component(dataset, "dataset")
-        )
+        return self.root / "embeddings" / check_component(model, "model") / check_component(dataset, "dataset")
 
     def manifest_path(self, model: str, dataset: str) -> Path:
         return (

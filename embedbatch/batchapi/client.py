@@ -41,9 +41,7 @@ class _WaitRetryAfter(wait_base):
     """Exponential backoff with jitter, but never shorter than the server's Retry-After."""
 
     def __init__(self, policy: RetryPolicy) -> None:
-        self.backoff = wait_exponential_jitter(
-            multiplier=policy.initial_s, max=policy.max_s, jitter=policy.initial_s
-        )
+        self.backoff = wait_exponential_jitter(multiplier=policy.initial_s, max=policy.max_s, jitter=policy.initial_s)
         self.max_s = policy.max_s
 
     def __call__(self, retry_state: Any) -> float:
@@ -214,9 +212,7 @@ class BatchClient:
 
         return await self._call("files.content", go)
 
-    async def embed(
-        self, texts: list[str], *, model: str, dimensions: int | None = None
-    ) -> list[list[float]]:
+    async def embed(self, texts: list[str], *, model: str, dimensions: int | None = None) -> list[list[float]]:
         """Embed texts synchronously through /v1/embeddings (for ``search`` queries)."""
 
         async def go() -> list[list[float]]:

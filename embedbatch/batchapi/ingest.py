@@ -98,9 +98,7 @@ def _error_reason(line: dict[str, Any]) -> str:
     return f"http {resp.get('status_code')}"
 
 
-def read_batch_results(
-    batch_dir: Path, *, expected_dim: int | None, remote_status: str | None
-) -> BatchResult:
+def read_batch_results(batch_dir: Path, *, expected_dim: int | None, remote_status: str | None) -> BatchResult:
     """Decode a downloaded batch (see the module docstring); never loads a file whole."""
     ids: list[str] = []
     with open(batch_dir / "records.jsonl", "rb") as fh:
@@ -259,13 +257,7 @@ async def ingest_run_locked(ws: Workspace, run: RunPaths, config: IngestConfig) 
     """:func:`ingest_run` for a caller that already holds the run lock."""
     import anyio
 
-    result = await anyio.to_thread.run_sync(_ingest_sync, ws, run, config)
-    rs = RunState.load(run)
-    if rs.pg_target:
-        from embedbatch.sinks.pgvector import write_run_to_pg
-
-        result.pg = await write_run_to_pg(ws, run, rs)
-    return result
+    return await anyio.to_thread.run_sync(_ingest_sync, ws, run, config)
 
 
 def _ingest_sync(ws: Workspace, run: RunPaths, config: IngestConfig) -> IngestResult:
@@ -300,8 +292,7 @@ def _ingest_sync(ws: Workspace, run: RunPaths, config: IngestConfig) -> IngestRe
             if br.dim is not None:
                 if manifest.dimensions is not None and br.dim != manifest.dimensions:
                     raise StateError(
-                        f"batch {bs.name} has {br.dim}-d vectors but the dataset has "
-                        f"{manifest.dimensions}-d shards"
+                        f"batch {bs.name} has {br.dim}-d vectors but the dataset has {manifest.dimensions}-d shards"
                     )
                 expected = br.dim
             rows = b"".join(
@@ -383,9 +374,7 @@ def _ingest_sync(ws: Workspace, run: RunPaths, config: IngestConfig) -> IngestRe
     rebuild_failed_ids(run, shard_ids(ws, rs.model, rs.dataset))
     _update_run_costs(run)
     res.seconds = time.monotonic() - started
-    log.info(
-        "ingested", run=rs.run_id, batches=res.batches, rows=res.rows, failed=res.failed, shards=res.shards
-    )
+    log.info("ingested", run=rs.run_id, batches=res.batches, rows=res.rows, failed=res.failed, shards=res.shards)
     return res
 
 

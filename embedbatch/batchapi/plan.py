@@ -37,9 +37,7 @@ def request_line(custom_id: str, text: str, *, model: str, dimensions: int | Non
     body: dict[str, object] = {"model": model, "input": text, "encoding_format": "base64"}
     if dimensions is not None:
         body["dimensions"] = dimensions
-    return (
-        orjson.dumps({"custom_id": custom_id, "method": "POST", "url": EMBEDDINGS_URL, "body": body}) + b"\n"
-    )
+    return orjson.dumps({"custom_id": custom_id, "method": "POST", "url": EMBEDDINGS_URL, "body": body}) + b"\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,13 +72,9 @@ class BatchSplitter:
         """
         lim = self.limits
         if size.n_bytes > lim.max_bytes:
-            raise LimitError(
-                f"a request line of {size.n_bytes} bytes exceeds --max-bytes-per-batch {lim.max_bytes}"
-            )
+            raise LimitError(f"a request line of {size.n_bytes} bytes exceeds --max-bytes-per-batch {lim.max_bytes}")
         if size.n_inputs > lim.max_inputs:
-            raise LimitError(
-                f"a request of {size.n_inputs} inputs exceeds the {lim.max_inputs}-input batch limit"
-            )
+            raise LimitError(f"a request of {size.n_inputs} inputs exceeds the {lim.max_inputs}-input batch limit")
         if lim.max_enqueued_tokens is not None and size.tokens > lim.max_enqueued_tokens:
             raise LimitError(
                 f"a request of {size.tokens} tokens exceeds --max-enqueued-tokens {lim.max_enqueued_tokens}"

@@ -55,9 +55,7 @@ def _is_token_limit(batch: dict[str, Any]) -> bool:
     return any((e or {}).get("code") == "token_limit_exceeded" for e in errors)
 
 
-async def refresh_batch(
-    client: BatchClient, run: RunPaths, rs: RunState, bs: BatchState, *, save: bool = True
-) -> bool:
+async def refresh_batch(client: BatchClient, run: RunPaths, rs: RunState, bs: BatchState, *, save: bool = True) -> bool:
     """Fetch the batch object and record its status; re-queue token_limit_exceeded failures.
 
     Returns:
@@ -97,9 +95,7 @@ async def refresh_batch(
     return requeued
 
 
-async def download_batch(
-    client: BatchClient, run: RunPaths, bs: BatchState, *, redownload: bool = False
-) -> bool:
+async def download_batch(client: BatchClient, run: RunPaths, bs: BatchState, *, redownload: bool = False) -> bool:
     """Stream the output and error files of a finished batch into its folder; mark downloaded."""
     if bs.status not in REMOTE_TERMINAL and not (redownload and bs.status in ("downloaded", "ingested")):
         return False

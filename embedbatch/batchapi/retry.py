@@ -70,11 +70,7 @@ def plan_retry(ws: Workspace, run: RunPaths, *, max_attempts: int = 3) -> RetryP
                     chosen[rid] = (rline, iline, len(text.encode("utf-8")), rs_tokens(rec, text))
         if not chosen:
             return plan
-        limits = (
-            BatchLimits(**{k: v for k, v in rs.limits.items() if v is not None})
-            if rs.limits
-            else BatchLimits()
-        )
+        limits = BatchLimits(**{k: v for k, v in rs.limits.items() if v is not None}) if rs.limits else BatchLimits()
         splitter = BatchSplitter(limits)
         n_existing = sum(1 for b in batches if b.name.startswith("retry_"))
         states: list[BatchState] = []

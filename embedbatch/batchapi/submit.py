@@ -56,9 +56,7 @@ def upload_filename(rs: RunState, bs: BatchState) -> str:
 def batch_metadata(rs: RunState, bs: BatchState) -> dict[str, str]:
     """Metadata sent with the batch; resume finds a created batch by it."""
     meta = dict(rs.metadata)
-    meta.update(
-        {"embedbatch_run": run_key(rs), "embedbatch_batch": bs.name, "embedbatch_attempt": str(bs.attempt)}
-    )
+    meta.update({"embedbatch_run": run_key(rs), "embedbatch_batch": bs.name, "embedbatch_attempt": str(bs.attempt)})
     return meta
 
 
@@ -238,11 +236,7 @@ def plan_run(
         queue_tokens=queue,
         sampling=intake.sampler.describe(),
     )
-    if (
-        submit.max_cost_usd is not None
-        and est.cost_batch_usd is not None
-        and est.cost_batch_usd > submit.max_cost_usd
-    ):
+    if submit.max_cost_usd is not None and est.cost_batch_usd is not None and est.cost_batch_usd > submit.max_cost_usd:
         shutil.rmtree(partial, ignore_errors=True)
         raise LimitError(
             f"estimated Batch API cost ${est.cost_batch_usd:.4f} exceeds --max-cost-usd "
@@ -365,9 +359,7 @@ async def submit_batch(client: BatchClient, run: RunPaths, rs: RunState, bs: Bat
         bs.pending = "create"
         bs.save(d)
         crash_point("before_create")
-        batch = await client.create_batch(
-            bs.file_id, window=rs.completion_window, metadata=batch_metadata(rs, bs)
-        )
+        batch = await client.create_batch(bs.file_id, window=rs.completion_window, metadata=batch_metadata(rs, bs))
         crash_point("after_create")
         _record_created(bs, batch)
         bs.save(d)

@@ -229,11 +229,7 @@ class FakeOpenAI:
             return await handler(request)
         auth = request.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ").strip()
-        if (
-            not auth.startswith("Bearer ")
-            or not token
-            or (self.api_key is not None and token != self.api_key)
-        ):
+        if not auth.startswith("Bearer ") or not token or (self.api_key is not None and token != self.api_key):
             return _err(401, "Incorrect API key provided.", code="invalid_api_key")
         f = self.faults
         if not f.paths or any(p in request.path for p in f.paths):
@@ -258,9 +254,7 @@ class FakeOpenAI:
                         code="rate_limit_exceeded",
                         headers={"Retry-After": str(f.retry_after_s)},
                     )
-                return _err(
-                    status, "The server had an error while processing your request.", type_="server_error"
-                )
+                return _err(status, "The server had an error while processing your request.", type_="server_error")
         response = await handler(request)
         self.calls.append((request.method, request.path, response.status))
         return response
@@ -303,9 +297,7 @@ class FakeOpenAI:
             items = [f for f in items if f.purpose == purpose]
         return _json(self._page(request, [f.obj() for f in items], default_limit=10_000))
 
-    def _page(
-        self, request: web.Request, objs: list[dict[str, Any]], *, default_limit: int
-    ) -> dict[str, Any]:
+    def _page(self, request: web.Request, objs: list[dict[str, Any]], *, default_limit: int) -> dict[str, Any]:
         limit = int(request.query.get("limit", default_limit))
         after = request.query.get("after")
         if after:
@@ -468,9 +460,7 @@ class FakeOpenAI:
             self._fail(b, "too_many_requests", f"The input file has more than {MAX_REQUESTS} requests.")
             return
         if n_inputs > MAX_EMBEDDING_INPUTS:
-            self._fail(
-                b, "too_many_inputs", f"The batch has more than {MAX_EMBEDDING_INPUTS} embedding inputs."
-            )
+            self._fail(b, "too_many_inputs", f"The batch has more than {MAX_EMBEDDING_INPUTS} embedding inputs.")
             return
         if fate == "fail":
             self._fail(b, "invalid_request", "Injected validation failure.")
@@ -654,7 +644,7 @@ class FakeOpenAI:
                     "code": None,
                 }
             }, 400
-        tokens = [len(self.tokenizer.encode(t)) for t in texts]
+        tokens = [len(self.tokenizer.encode(str(t))) for t in texts]
         if max(tokens) > 8192:
             return {
                 "error": {
@@ -664,7 +654,7 @@ class FakeOpenAI:
                     "code": None,
                 }
             }, 400
-        vecs = self.backend.embed(texts, model, dims)
+        vecs = self.backend.embed([str(t) for t in texts], model, dims)
         fmt = body.get("encoding_format", "float")
         data = []
         for i, v in enumerate(vecs):

@@ -48,7 +48,7 @@ def open_maybe_gzip(path: Path) -> IO[bytes]:
     with open(path, "rb") as fh:
         head = fh.read(2)
     if head == GZIP_MAGIC:
-        return gzip.open(path, "rb")
+        return gzip.open(path, "rb")  # type: ignore[return-value]
     return open(path, "rb")
 
 

@@ -80,9 +80,7 @@ def iter_json_array(path: Path) -> Iterator[RawRow]:
             try:
                 text = utf8.decode(chunk, final=not chunk)
             except UnicodeDecodeError as exc:
-                raise InputError(
-                    f"invalid UTF-8 near element {index}: {exc.reason}", path=name, line=index
-                ) from exc
+                raise InputError(f"invalid UTF-8 near element {index}: {exc.reason}", path=name, line=index) from exc
             buf = buf[pos:] + text
             pos = 0
             if not chunk:
