@@ -28,6 +28,7 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith(("OPENAI_", "EMBEDBATCH_")) or key == "DATABASE_URL":
             monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     structlog.reset_defaults()
 
 
