@@ -189,7 +189,15 @@ class ShardWriter:
         fd, tmp = tempfile.mkstemp(prefix=".shard-", suffix=".tmp", dir=self.dir)
         os.close(fd)
         self._tmp = Path(tmp)
-        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        # zstd level 1: float vectors barely compress, higher levels only cost time; dictionaries
+        # only for the low-cardinality columns.
+        self._writer = pq.ParquetWriter(
+            self._tmp,
+            self.schema,
+            compression="zstd",
+            compression_level=1,
+            use_dictionary=["source", "dataset", "split", "model", "run_id"],
+        )
         self._rows = 0
         self._min_norm, self._max_norm = np.inf, 0.0
 

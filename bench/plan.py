@@ -1,0 +1,63 @@
+"""Planning throughput: plan + write the JSONL batch files for the 886k-row PyPI file, against a
+baseline in the same run that only serialises the same request lines with orjson (no limits,
+no files per batch). Target: at least half the baseline's rate.
+
+Usage: python bench/plan.py
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import DATA  # noqa: E402
+
+from embedbatch.batchapi.plan import BatchSplitter, request_line, size_of  # noqa: E402
+from embedbatch.batchapi.submit import _BatchWriter  # noqa: E402
+from embedbatch.config import BatchLimits  # noqa: E402
+from embedbatch.records import Record  # noqa: E402
+
+MODEL = "text-embedding-3-small"
+
+
+def main() -> None:
+    table = pq.read_table(DATA / "pypi_package_summaries.parquet", columns=["name", "summary"])
+    pairs = [(n, s) for n, s in zip(table["name"].to_pylist(), table["summary"].to_pylist(), strict=True) if s]
+    records = [Record(id=n, source="file", dataset="pypi", split=None, text=s, n_tokens=len(s) // 4 + 1,
+                      metadata={"fields": ["summary"]}) for n, s in pairs]
+    tmp = Path(tempfile.mkdtemp())
+
+    t = time.perf_counter()
+    n_bytes = 0
+    with open(tmp / "baseline.jsonl", "wb") as fh:
+        for r in records:
+            line = orjson.dumps({"custom_id": r.id, "method": "POST", "url": "/v1/embeddings",
+                                 "body": {"model": MODEL, "input": r.text, "encoding_format": "base64"}}) + b"\n"
+            fh.write(line)
+            n_bytes += len(line)
+    base_s = time.perf_counter() - t
+
+    t = time.perf_counter()
+    writer = _BatchWriter(tmp / "run", BatchSplitter(BatchLimits()))
+    for r in records:
+        line = request_line(r.id, r.text, model=MODEL, dimensions=None)
+        writer.add(r, line, 0, len(r.text.encode()))
+    states = writer.finish()
+    ours_s = time.perf_counter() - t
+
+    n = len(records)
+    print(f"{'':<28}{'rows/s':>12}{'MB/s':>10}{'seconds':>10}")
+    print(f"{'baseline (orjson only)':<28}{n / base_s:>12,.0f}{n_bytes / base_s / 1e6:>10.1f}{base_s:>10.2f}")
+    print(f"{'plan + write batch files':<28}{n / ours_s:>12,.0f}{n_bytes / ours_s / 1e6:>10.1f}{ours_s:>10.2f}")
+    print(f"rows: {n:,}  batches: {len(states)}  ratio ours/baseline = {base_s / ours_s:.2f} (target >= 0.5)")
+    _ = size_of
+
+
+if __name__ == "__main__":
+    main()
