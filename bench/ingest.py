@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import PEAK_RSS, run_child  # noqa: E402
+from _util import PEAK_RSS, run_child
 
 MAKE = """
 import base64, sys, orjson, numpy as np

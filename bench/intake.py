@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import DATA, PEAK_RSS, run_child  # noqa: E402
+from _util import DATA, PEAK_RSS, run_child
 
 CHILD = PEAK_RSS + """
 import json, sys, time

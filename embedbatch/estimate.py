@@ -6,10 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from embedbatch.batchapi.plan import BatchSplitter, request_line, size_of
+from embedbatch.batchapi.plan import BatchSplitter, request_line
 from embedbatch.config import BatchLimits, PrepareConfig, SampleConfig, SourceConfig
 from embedbatch.intake import Intake, IntakeStats
-from embedbatch.tokens import PRICES_AS_OF, cost_usd, get_tokenizer
+from embedbatch.tokens import PRICES_AS_OF, cost_usd, get_tokenizer, queue_tokens
 
 __all__ = ["Estimate", "estimate"]
 
@@ -81,9 +81,9 @@ def estimate(
     queue = 0
     for rec in intake.records():
         line = request_line(rec.id, rec.text, model=model, dimensions=dimensions)
-        size = size_of(line, rec.n_tokens, len(rec.text.encode("utf-8")))
-        queue += size.tokens
-        splitter.add(size)
+        tokens = queue_tokens(rec.n_tokens, len(rec.text.encode("utf-8")))
+        queue += tokens
+        splitter.add_request(len(line), 1, tokens)
     return Estimate.build(
         model=model,
         dataset=intake.dataset,

@@ -141,7 +141,7 @@ async def test_enqueued_budget_holds_batches(tmp_path: Path, ws: Workspace, clie
     tokens = [b.tokens for b in load_batches(run)]
     assert all(t <= 250 for t in tokens) and sum(tokens) > 250
     submitted = await submit_run(ws, client, run)
-    assert 1 == len(submitted)
+    assert len(submitted) == 1
     await drain(ws, client, server)
     assert len(tokens) == len(server.state.batches)
 

@@ -69,7 +69,7 @@ def test_kill_during_create_then_poll_adopts(tmp_path: Path, ws: Workspace, serv
     (run_dir,) = [r.root for r in ws.all_runs()]
     assert "create" == load_batches(ws.resolve_run(run_dir))[0].pending
     _finish(ws, server, env, tmp_path, run_dir)
-    assert 1 == len(server.state.batches)
+    assert len(server.state.batches) == 1
 
 
 @pytest.mark.parametrize("point", ["before_manifest", "after_manifest"])

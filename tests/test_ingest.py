@@ -123,7 +123,7 @@ def test_verify_catches_corruption(tmp_path: Path, ws: Workspace, server: Server
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
     r = run_cli(["verify"], env, tmp_path)
-    assert 1 == r.returncode
+    assert r.returncode == 1
     assert "sha256 differs" in r.stdout
 
 
@@ -137,7 +137,7 @@ def test_changed_text_supersedes(tmp_path: Path, ws: Workspace, server: ServerTh
     rows[1]["title"] = "Changed"
     write_jsonl(path, rows)
     r = run_cli(["run", str(path), "--fields", "title,body", "--poll-seconds", "0.05", "--json"], env, tmp_path)
-    assert 1 == orjson.loads(r.stdout)["embedded"]
+    assert orjson.loads(r.stdout)["embedded"] == 1
     rep = verify_dataset(ws, MODEL, "d")
     assert (True, 4) == (rep.ok, rep.rows)
     r = run_cli(["search", "Changed\n\nBody text number 1 about topic 1.", "--dataset", "d", "--json"], env,

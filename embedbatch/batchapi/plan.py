@@ -14,7 +14,7 @@ import orjson
 
 from embedbatch.config import BatchLimits
 from embedbatch.errors import LimitError, UsageError
-from embedbatch.tokens import queue_tokens, supports_dimensions
+from embedbatch.tokens import supports_dimensions
 
 __all__ = ["BatchSplitter", "RequestSize", "assign_batches", "check_model_options", "request_line"]
 
@@ -53,16 +53,28 @@ class BatchSplitter:
     """Decides where one batch ends and the next begins, request by request.
 
     Each batch stays within ``max_requests`` lines, ``max_inputs`` inputs, ``max_bytes`` bytes and
-    ``max_enqueued_tokens`` tokens (when set).
+    ``max_enqueued_tokens`` tokens (when set). This runs once per row on the planning hot path,
+    so the limits are kept as plain ints.
     """
 
     def __init__(self, limits: BatchLimits) -> None:
         self.limits = limits
+        self._max_requests = limits.max_requests
+        self._max_inputs = limits.max_inputs
+        self._max_bytes = limits.max_bytes
+        self._max_tokens = limits.max_enqueued_tokens if limits.max_enqueued_tokens is not None else 1 << 62
         self.batch = -1
-        self.requests = 0
+        self.requests = self._max_requests  # forces a first batch
         self.inputs = 0
         self.bytes = 0
         self.tokens = 0
+        self.closed: list[tuple[int, int, int, int]] = []
+
+    def totals(self) -> list[tuple[int, int, int, int]]:
+        """(requests, inputs, bytes, tokens) of every batch so far, the open one last."""
+        if self.batch < 0:
+            return []
+        return [*self.closed, (self.requests, self.inputs, self.bytes, self.tokens)]
 
     def add(self, size: RequestSize) -> int:
         """Account for one request; return the 0-based batch index it goes to.
@@ -70,29 +82,35 @@ class BatchSplitter:
         Raises:
             LimitError: the request alone exceeds a limit.
         """
-        lim = self.limits
-        if size.n_bytes > lim.max_bytes:
-            raise LimitError(f"a request line of {size.n_bytes} bytes exceeds --max-bytes-per-batch {lim.max_bytes}")
-        if size.n_inputs > lim.max_inputs:
-            raise LimitError(f"a request of {size.n_inputs} inputs exceeds the {lim.max_inputs}-input batch limit")
-        if lim.max_enqueued_tokens is not None and size.tokens > lim.max_enqueued_tokens:
-            raise LimitError(
-                f"a request of {size.tokens} tokens exceeds --max-enqueued-tokens {lim.max_enqueued_tokens}"
-            )
+        return self.add_request(size.n_bytes, size.n_inputs, size.tokens)
+
+    def add_request(self, n_bytes: int, n_inputs: int, tokens: int) -> int:
+        """:meth:`add` without the :class:`RequestSize` object (bytes, inputs, queue tokens)."""
         if (
-            self.batch < 0
-            or self.requests + 1 > lim.max_requests
-            or self.inputs + size.n_inputs > lim.max_inputs
-            or self.bytes + size.n_bytes > lim.max_bytes
-            or (lim.max_enqueued_tokens is not None and self.tokens + size.tokens > lim.max_enqueued_tokens)
+            self.requests >= self._max_requests
+            or self.inputs + n_inputs > self._max_inputs
+            or self.bytes + n_bytes > self._max_bytes
+            or self.tokens + tokens > self._max_tokens
         ):
+            self._check_alone(n_bytes, n_inputs, tokens)
+            if self.batch >= 0:
+                self.closed.append((self.requests, self.inputs, self.bytes, self.tokens))
             self.batch += 1
             self.requests = self.inputs = self.bytes = self.tokens = 0
         self.requests += 1
-        self.inputs += size.n_inputs
-        self.bytes += size.n_bytes
-        self.tokens += size.tokens
+        self.inputs += n_inputs
+        self.bytes += n_bytes
+        self.tokens += tokens
         return self.batch
+
+    def _check_alone(self, n_bytes: int, n_inputs: int, tokens: int) -> None:
+        lim = self.limits
+        if n_bytes > lim.max_bytes:
+            raise LimitError(f"a request line of {n_bytes} bytes exceeds --max-bytes-per-batch {lim.max_bytes}")
+        if n_inputs > lim.max_inputs:
+            raise LimitError(f"a request of {n_inputs} inputs exceeds the {lim.max_inputs}-input batch limit")
+        if tokens > self._max_tokens:
+            raise LimitError(f"a request of {tokens} tokens exceeds --max-enqueued-tokens {lim.max_enqueued_tokens}")
 
 
 def assign_batches(sizes: Iterable[RequestSize], limits: BatchLimits) -> Iterator[int]:
@@ -100,8 +118,3 @@ def assign_batches(sizes: Iterable[RequestSize], limits: BatchLimits) -> Iterato
     splitter = BatchSplitter(limits)
     for size in sizes:
         yield splitter.add(size)
-
-
-def size_of(line: bytes, n_tokens: int, text_bytes: int) -> RequestSize:
-    """The :class:`RequestSize` of a one-input request line (queue tokens are conservative)."""
-    return RequestSize(len(line), 1, queue_tokens(n_tokens, text_bytes))

@@ -8,6 +8,7 @@ metadata, and adopts it instead of calling again.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import orjson
 import structlog
 
 from embedbatch.batchapi.client import BatchClient
-from embedbatch.batchapi.plan import BatchSplitter, check_model_options, request_line, size_of
+from embedbatch.batchapi.plan import BatchSplitter, check_model_options, request_line
 from embedbatch.batchapi.state import (
     REMOTE_ACTIVE,
     BatchState,
@@ -101,63 +102,82 @@ class PlannedRun:
     skipped_existing: int
 
 
-class _BatchWriter:
-    """Streams request lines into ``batches/batch_NNN/{input,records}.jsonl`` under the limits."""
+class BatchFileWriter:
+    """Streams request lines into ``batches/{prefix}_NNN/{input,records}.jsonl`` under the limits.
 
-    def __init__(self, root: Path, splitter: BatchSplitter) -> None:
+    ``input.jsonl`` is what is uploaded; ``records.jsonl`` holds, line for line, what the API does
+    not carry back (split, source, metadata) for ingest. Used by planning and by retry.
+
+    Args:
+        root: the run directory (or its ``.partial`` twin while planning).
+        prefix / first_number: batch names, e.g. ``batch_001`` or ``retry_003``.
+    """
+
+    def __init__(self, root: Path, splitter: BatchSplitter, *, prefix: str = "batch", first_number: int = 1) -> None:
         self.root = root
         self.splitter = splitter
+        self.prefix = prefix
+        self.first_number = first_number
         self.current = -1
         self.inp: IO[bytes] | None = None
         self.recs: IO[bytes] | None = None
         self.states: list[BatchState] = []
+        self._tokenizer_tokens = 0
+        self._write_inp = None
+        self._write_rec = None
 
-    def add(self, rec: Record, line: bytes, queue_tokens: int, n_bytes_text: int) -> None:
-        size = size_of(line, rec.n_tokens, n_bytes_text)
-        index = self.splitter.add(size)
-        if index != self.current:
-            self._close()
-            self.current = index
-            name = f"batch_{index + 1:03d}"
-            d = self.root / "batches" / name
-            d.mkdir(parents=True)
-            self.inp = open(d / "input.jsonl", "wb")  # noqa: SIM115
-            self.recs = open(d / "records.jsonl", "wb")  # noqa: SIM115
-            self.states.append(BatchState(name=name))
-        assert self.inp is not None and self.recs is not None
-        self.inp.write(line)
-        self.recs.write(
-            orjson.dumps(
-                {
-                    "id": rec.id,
-                    "split": rec.split,
-                    "source": rec.source,
-                    "metadata": rec.metadata,
-                    "sha256": rec.sha256,
-                }
-            )
-            + b"\n"
+    def add_record(self, rec: Record, line: bytes) -> None:
+        """Add one prepared record and its request line (see :func:`plan.request_line`)."""
+        n_tokens = rec.n_tokens
+        record_line = orjson.dumps(
+            {"id": rec.id, "split": rec.split, "source": rec.source, "metadata": rec.metadata, "n_tokens": n_tokens}
         )
-        bs = self.states[-1]
-        bs.requests += 1
-        bs.inputs += 1
-        bs.bytes += len(line)
-        bs.tokens += size.tokens
-        bs.tokenizer_tokens += rec.n_tokens
+        # Queue tokens inline (see tokens.queue_tokens): this is the planning hot path.
+        text = rec.text
+        n_bytes = len(text) if text.isascii() else len(text.encode())  # isascii() is O(1)
+        tokens = max(n_tokens, (n_bytes + 3) >> 2)
+        self.add_line(line, record_line + b"\n", n_tokens, tokens)
+
+    def add_line(self, line: bytes, record_line: bytes, n_tokens: int, tokens: int) -> None:
+        """Add a request line and its records.jsonl line; ``tokens`` are queue tokens."""
+        if self.splitter.add_request(len(line), 1, tokens) != self.current:
+            self._open(self.current + 1)
+        self._write_inp(line)  # type: ignore[misc]
+        self._write_rec(record_line)  # type: ignore[misc]
+        self._tokenizer_tokens += n_tokens
+
+    def _open(self, index: int) -> None:
+        self._close()
+        self.current = index
+        name = f"{self.prefix}_{self.first_number + index:03d}"
+        d = self.root / "batches" / name
+        d.mkdir(parents=True)
+        self.inp = open(d / "input.jsonl", "wb", buffering=1 << 20)  # noqa: SIM115
+        self.recs = open(d / "records.jsonl", "wb", buffering=1 << 20)  # noqa: SIM115
+        self._write_inp = self.inp.write  # type: ignore[assignment]
+        self._write_rec = self.recs.write  # type: ignore[assignment]
+        self.states.append(BatchState(name=name))
 
     def _close(self) -> None:
+        if self.states:
+            self.states[-1].tokenizer_tokens = self._tokenizer_tokens
+            self._tokenizer_tokens = 0
         for fh in (self.inp, self.recs):
             if fh is not None:
                 fh.flush()
-                import os
-
                 os.fsync(fh.fileno())
                 fh.close()
         self.inp = self.recs = None
 
-    def finish(self) -> list[BatchState]:
+    def abort(self) -> None:
+        """Close files without saving batch states (the caller removes the directory)."""
         self._close()
-        for bs in self.states:
+
+    def finish(self) -> list[BatchState]:
+        """Close the files and write each ``batch.json`` (status planned)."""
+        self._close()
+        for bs, (requests, inputs, n_bytes, tokens) in zip(self.states, self.splitter.totals(), strict=True):
+            bs.requests, bs.inputs, bs.bytes, bs.tokens = requests, inputs, n_bytes, tokens
             bs.history.append(["planned", _now()])
             bs.save(self.root / "batches" / bs.name)
         return self.states
@@ -215,16 +235,14 @@ def plan_run(
         on_row=on_row,
         exclude=exclude,
     )
-    writer = _BatchWriter(partial, BatchSplitter(submit.limits))
-    queue = 0
+    writer = BatchFileWriter(partial, BatchSplitter(submit.limits))
+    model, dims = submit.model, submit.dimensions
     try:
         for rec in intake.records():
-            line = request_line(rec.id, rec.text, model=submit.model, dimensions=submit.dimensions)
-            n_text = len(rec.text.encode("utf-8"))
-            writer.add(rec, line, 0, n_text)
+            writer.add_record(rec, request_line(rec.id, rec.text, model=model, dimensions=dims))
         states = writer.finish()
     except BaseException:
-        writer._close()
+        writer.abort()
         shutil.rmtree(partial, ignore_errors=True)
         raise
     queue = sum(bs.tokens for bs in states)
