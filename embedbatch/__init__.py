@@ -6,8 +6,6 @@ to the provider)::
     plan_run, submit_run, poll_pass, ingest_run, drive_run, estimate, verify_dataset
 """
 
-from __future__ import annotations
-
 __version__ = "0.1.0"
 
 from embedbatch.batchapi.client import BatchClient, RetryPolicy
