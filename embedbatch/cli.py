@@ -112,7 +112,6 @@ def source_config(
     dsn: str | None = None,
 ) -> SourceConfig:
     if source == "postgres":
-        raise UsageError("the postgres source is not available in this version yet")
         dsn = dsn or settings().database_url
         if not dsn:
             raise UsageError("the postgres source needs --dsn or DATABASE_URL")
@@ -362,7 +361,6 @@ def _pg_target(
 ) -> PgTarget | None:
     if not pg_table:
         return None
-    raise UsageError("the pgvector sink (--pg-table) is not available in this version yet")
     if pg_mode not in ("update", "insert"):
         raise UsageError(f"--pg-mode must be update or insert, got {pg_mode!r}")
     return PgTarget(
@@ -378,6 +376,36 @@ def _pg_target(
 
 
 PgDsn = Annotated[str | None, typer.Option("--pg-dsn", help="Sink DSN (env DATABASE_URL).")]
+
+
+def _sink_target(
+    source: str,
+    table: str | None,
+    id_column: str,
+    vector_column: str | None,
+    dsn: str | None,
+    pg_dsn: str | None,
+    pg_table: str | None,
+    pg_id_column: str,
+    pg_vector_column: str,
+    overwrite: bool,
+    update_chunk_size: int,
+    pg_mode: str,
+    rebuild_index: bool,
+    concurrently: bool,
+) -> PgTarget | None:
+    """The pgvector target of submit/run: ``--pg-table``, or for a postgres source with
+    ``--vector-column`` the source table itself (rows map back by id). The DSN goes to
+    DATABASE_URL for this process only; run.json never stores it."""
+    if pg_table is None and source == "postgres" and table and vector_column:
+        pg_table, pg_id_column, pg_vector_column = table, id_column, vector_column
+    if pg_dsn or (pg_table and dsn):
+        os.environ["DATABASE_URL"] = pg_dsn or dsn or ""
+    return _pg_target(
+        pg_table, pg_id_column, pg_vector_column, overwrite, update_chunk_size, pg_mode, rebuild_index, concurrently
+    )
+
+
 PgTable = Annotated[str | None, typer.Option("--pg-table", help="Write vectors into this table.")]
 PgIdColumn = Annotated[str, typer.Option("--pg-id-column")]
 PgVectorColumn = Annotated[str, typer.Option("--pg-vector-column")]
@@ -575,6 +603,7 @@ def submit(
     pg_mode: PgMode = "update",
     rebuild_index: RebuildIndex = False,
     concurrently: Concurrently = False,
+    pg_dsn: PgDsn = None,
     json_out: JsonOut = False,
 ) -> None:
     """Plan batch input files under the API limits, upload them and create batches."""
@@ -582,7 +611,13 @@ def submit(
 
     if not source and resume is None:
         raise UsageError("give a SOURCE or --resume RUN_DIR")
-    target = _pg_target(
+    target = _sink_target(
+        source,
+        table,
+        id_column,
+        vector_column,
+        dsn,
+        pg_dsn,
         pg_table,
         pg_id_column,
         pg_vector_column,
@@ -932,6 +967,7 @@ def run_cmd(
     pg_mode: PgMode = "update",
     rebuild_index: RebuildIndex = False,
     concurrently: Concurrently = False,
+    pg_dsn: PgDsn = None,
     json_out: JsonOut = False,
 ) -> None:
     """Submit, poll until every batch is terminal, ingest, retry failures; print a summary."""
@@ -939,7 +975,13 @@ def run_cmd(
 
     if not source and resume is None:
         raise UsageError("give a SOURCE or --resume RUN_DIR")
-    target = _pg_target(
+    target = _sink_target(
+        source,
+        table,
+        id_column,
+        vector_column,
+        dsn,
+        pg_dsn,
         pg_table,
         pg_id_column,
         pg_vector_column,
@@ -1170,6 +1212,24 @@ def search(
     for h in hits:
         t.add_row(f"{h['score']:.4f}", str(h["id"]), (h.get("text") or "")[:160].replace("\n", " "))
     console.print(t)
+
+
+@db_app.command("init")
+def db_init(
+    dsn: Annotated[str | None, typer.Option("--dsn", help="Database (env DATABASE_URL).")] = None,
+    migrations: Annotated[Path | None, typer.Option("--migrations", help="Folder of *.sql files.")] = None,
+) -> None:
+    """Apply the SQL migrations (pgvector extension, example knowledge_chunks table)."""
+    import anyio
+
+    from embedbatch.sinks.pgvector import apply_migrations
+
+    dsn = dsn or settings().database_url
+    if not dsn:
+        raise UsageError("db init needs --dsn or DATABASE_URL")
+    folder = migrations or Path(__file__).resolve().parents[1] / "migrations"
+    applied = anyio.run(apply_migrations, dsn, folder)
+    console.print(f"applied {', '.join(applied)}")
 
 
 @app.command()

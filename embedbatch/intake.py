@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 
 from embedbatch.config import PrepareConfig, SampleConfig, SourceConfig
-from embedbatch.errors import DuplicateIdError, InputError, UsageError
+from embedbatch.errors import DuplicateIdError, InputError
 from embedbatch.prepare import Preparer
 from embedbatch.records import RawRow, Record
 from embedbatch.sampling import Sampler
@@ -120,7 +120,9 @@ class Intake:
 
     def _raw_rows(self) -> Iterator[RawRow]:
         if self.source.is_postgres:
-            raise UsageError("the postgres source is not available in this version yet")
+            from embedbatch.sources.postgres import iter_rows as pg_rows
+
+            return pg_rows(self.source)
         from embedbatch.sources import iter_raw_rows
 
         return iter_raw_rows(self.source.path, fmt=self.source.format)

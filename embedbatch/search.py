@@ -79,14 +79,31 @@ def search_pg(
     table: str,
     id_column: str,
     vector_column: str,
-    text_column: str,
+    text_column: str | None,
     model: str | None,
     k: int = 5,
     local_model: str | None = None,
+    dimensions: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Top-k rows of a pgvector column (not available in this version).
+    """Top-k rows of a pgvector column by cosine distance (``<=>``).
 
     Raises:
-        UsageError: always, until the pgvector sink lands.
+        UsageError: no DSN.
+        DatabaseError: the table or column does not fit the query vector.
     """
-    raise UsageError("search over PostgreSQL (--pg-table) is not available in this version yet")
+    if not dsn:
+        raise UsageError("--pg-table needs --pg-dsn or DATABASE_URL")
+    import anyio
+
+    from embedbatch.sinks.pgvector import nearest
+
+    q = embed_query(
+        settings, text, model=model or settings.openai_embed_model, dimensions=dimensions, local_model=local_model
+    )
+
+    async def go() -> list[dict[str, Any]]:
+        return await nearest(
+            dsn, table=table, id_column=id_column, vector_column=vector_column, text_column=text_column, query=q, k=k
+        )
+
+    return anyio.run(go)

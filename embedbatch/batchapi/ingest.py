@@ -257,7 +257,67 @@ async def ingest_run_locked(ws: Workspace, run: RunPaths, config: IngestConfig) 
     """:func:`ingest_run` for a caller that already holds the run lock."""
     import anyio
 
-    return await anyio.to_thread.run_sync(_ingest_sync, ws, run, config)
+    result = await anyio.to_thread.run_sync(_ingest_sync, ws, run, config)
+    rs = RunState.load(run)
+    if rs.pg_target:
+        result.pg = await sink_run_to_pg(ws, run, rs)
+    return result
+
+
+async def sink_run_to_pg(ws: Workspace, run: RunPaths, rs: RunState) -> dict[str, Any]:
+    """Write the run's shard rows into its pgvector target (``run.json`` ``pg_target``).
+
+    The DSN comes from DATABASE_URL (``--pg-dsn`` sets it for the process) and is never stored.
+    Progress per shard is kept in run.json, so a crash resumes at the first uncommitted chunk
+    and a repeated ingest writes nothing new.
+
+    Raises:
+        UsageError: no DSN is configured.
+        DatabaseError: the target does not fit or PostgreSQL fails.
+    """
+    from embedbatch.config import PgTarget, Settings
+    from embedbatch.errors import UsageError
+    from embedbatch.sinks.pgvector import sync_run_to_pg
+
+    assert rs.pg_target is not None
+    dsn = Settings.from_env(workspace=ws.root).database_url
+    if not dsn:
+        raise UsageError("the run writes to PostgreSQL: set DATABASE_URL or pass --pg-dsn")
+    manifest = Manifest.load(ws, rs.model, rs.dataset)
+    if manifest.dimensions is None:
+        return {}
+    target = PgTarget(**rs.pg_target)
+    progress: dict[str, int] = dict(rs.pg.get("progress", {}))
+
+    def save(p: dict[str, int]) -> None:
+        state = RunState.load(run)
+        state.pg["progress"] = dict(p)
+        state.save(run)
+        crash_point("pg_after_chunk")
+
+    report = await sync_run_to_pg(
+        ws,
+        model=rs.model,
+        dataset=rs.dataset,
+        run_id=rs.run_id,
+        target=target,
+        dsn=dsn,
+        dim=manifest.dimensions,
+        progress=progress,
+        save_progress=save,
+    )
+    state = RunState.load(run)
+    totals = state.pg.setdefault("totals", {"written": 0, "missing_ids": 0, "skipped_has_vector": 0})
+    for key in totals:
+        totals[key] += getattr(report, key)
+    state.save(run)
+    log.info(
+        "pgvector",
+        run=rs.run_id,
+        table=target.table,
+        **{k: v for k, v in report.to_json().items() if k != "index_rebuilt"},
+    )
+    return report.to_json()
 
 
 def _ingest_sync(ws: Workspace, run: RunPaths, config: IngestConfig) -> IngestResult:

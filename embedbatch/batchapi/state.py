@@ -149,6 +149,7 @@ class RunState:
     estimate: dict[str, Any] = field(default_factory=dict)
     actual: dict[str, Any] = field(default_factory=dict)
     pg_target: dict[str, Any] | None = None
+    pg: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
     local: dict[str, Any] = field(default_factory=dict)
