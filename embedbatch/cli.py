@@ -1214,6 +1214,172 @@ def search(
     console.print(t)
 
 
+@app.command()
+def local(
+    source: Annotated[str, typer.Argument(help="File, directory, glob, or 'postgres'.")],
+    model: Annotated[str, typer.Option("--model", help="SentenceTransformer path or hub name.")],
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    devices: Annotated[str | None, typer.Option(help="e.g. cuda:0,cuda:1: one encoder process each.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16.")] = "auto",
+    tokens_per_batch: Annotated[
+        int | None, typer.Option(help="Padded tokens per batch (GPU 131072, CPU 8192).")
+    ] = None,
+    bucket_min_tokens: Annotated[int, typer.Option()] = 128,
+    bucket_max_tokens: Annotated[int, typer.Option(help="Capped at the model's max length.")] = 32768,
+    pad_to: Annotated[str, typer.Option(help="longest or bucket.")] = "longest",
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile, warmed per bucket shape.")] = False,
+    id_field: IdField = "id",
+    split_field: SplitField = None,
+    dataset: Dataset = None,
+    skip_bad_rows: SkipBad = False,
+    fields: Fields = None,
+    template: Template = None,
+    prefix: Prefix = None,
+    suffix: Suffix = None,
+    delimiter: Delimiter = None,
+    lowercase: Lowercase = False,
+    truncate_chars: TruncChars = None,
+    max_tokens: MaxTokens = None,
+    config: ConfigFile = None,
+    n: N = None,
+    p: P = None,
+    seed: Seed = 0,
+    stratify_by: Stratify = None,
+    ids: Ids = None,
+    rows_per_shard: RowsPerShard = 100_000,
+    out_dtype: Annotated[str, typer.Option("--shard-dtype")] = "float32",
+    table: Table_ = None,
+    id_column: IdColumn = "id",
+    text_column: TextColumn = "content",
+    where: Where = None,
+    param: Param = None,
+    query: Query = None,
+    vector_column: VectorColumn = None,
+    overwrite: Overwrite = False,
+    dsn: Dsn = None,
+    pg_table: PgTable = None,
+    pg_id_column: PgIdColumn = "id",
+    pg_vector_column: PgVectorColumn = "embedding",
+    update_chunk_size: UpdateChunk = 1000,
+    pg_mode: PgMode = "update",
+    rebuild_index: RebuildIndex = False,
+    concurrently: Concurrently = False,
+    pg_dsn: PgDsn = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Embed with a local SentenceTransformer (GPU or CPU) into the same shards and sinks."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from embedbatch.config import LocalConfig
+    from embedbatch.local.pipeline import run_local
+
+    if pad_to not in ("longest", "bucket"):
+        raise UsageError(f"--pad-to must be longest or bucket, got {pad_to!r}")
+    target = _sink_target(
+        source,
+        table,
+        id_column,
+        vector_column,
+        dsn,
+        pg_dsn,
+        pg_table,
+        pg_id_column,
+        pg_vector_column,
+        overwrite,
+        update_chunk_size,
+        pg_mode,
+        rebuild_index,
+        concurrently,
+    )
+    src = source_config(
+        source,
+        id_field=id_field,
+        split_field=split_field,
+        dataset=dataset,
+        skip_bad_rows=skip_bad_rows,
+        table=table,
+        id_column=id_column,
+        text_column=text_column,
+        where=where,
+        param=param,
+        query=query,
+        vector_column=vector_column,
+        overwrite=overwrite,
+        dsn=dsn,
+    )
+    prep = prepare_config(
+        fields=fields,
+        template=template,
+        prefix=prefix,
+        suffix=suffix,
+        delimiter=delimiter,
+        lowercase=lowercase,
+        truncate_chars=truncate_chars,
+        max_tokens=max_tokens,
+        config=config,
+        default_fields=(text_column,) if source == "postgres" else ("text",),
+    )
+    cfg = LocalConfig(
+        model=model,
+        device=device,
+        dtype=dtype,  # type: ignore[arg-type]
+        tokens_per_batch=tokens_per_batch,
+        bucket_min_tokens=bucket_min_tokens,
+        bucket_max_tokens=bucket_max_tokens,
+        pad_to=pad_to,  # type: ignore[arg-type]
+        compile=compile_,
+        devices=tuple(d.strip() for d in devices.split(",")) if devices else (),
+    )
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("embedding"),
+        TextColumn("{task.completed:,} rows"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=not err_console.is_terminal,
+        transient=True,
+    ) as prog:
+        task = prog.add_task("local", total=None)
+        result = run_local(
+            _workspace(),
+            source=src,
+            prepare=prep,
+            sample=SampleConfig(n=n, p=p, seed=seed, stratify_by=stratify_by, ids=ids),
+            local=cfg,
+            ingest=IngestConfig(rows_per_shard=rows_per_shard, dtype=out_dtype),  # type: ignore[arg-type]
+            pg_target=target,
+            args=_safe_args(dict(locals())),
+            on_rows=lambda rows: prog.update(task, completed=rows),
+        )
+    data = result.to_json()
+    if json_out:
+        print_json(data)
+        return
+    t = Table(title=f"local run: {result.model} on {result.device} ({result.dtype})", show_header=False)
+    for k in (
+        "run_dir",
+        "rows",
+        "skipped_existing",
+        "rejected",
+        "truncated",
+        "real_tokens",
+        "padded_tokens",
+        "padding_ratio",
+        "batches",
+        "rows_per_s",
+        "tokens_per_s",
+        "wall_s",
+        "shards",
+    ):
+        v = data[k]
+        t.add_row(k, f"{v:,.2f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
+    for stage in ("loader", "encoder", "writer"):
+        t.add_row(f"{stage} busy / idle s", f"{data[stage]['busy_s']:.2f} / {data[stage]['idle_s']:.2f}")
+    if result.pg:
+        t.add_row("postgres", str(result.pg))
+    console.print(t)
+
+
 @db_app.command("init")
 def db_init(
     dsn: Annotated[str | None, typer.Option("--dsn", help="Database (env DATABASE_URL).")] = None,

@@ -92,7 +92,7 @@ class Intake:
         tokenizer: the model's tokenizer.
         rejected_path: where rejected rows go (``rejected.jsonl``); None keeps counts only.
         on_row: called every 10,000 rows read with the count (progress display).
-        exclude: ``(id, text_sha256) -> bool``; True drops the record before sampling (already
+        exclude: ``(id, text_sha256) -> bool``; True drops a chosen record after sampling (already
             embedded with that text, or planned in an unfinished run).
     """
 
@@ -102,7 +102,7 @@ class Intake:
         source: SourceConfig,
         prepare: PrepareConfig,
         sample: SampleConfig,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,
         rejected_path: Path | None = None,
         on_row: Callable[[int], None] | None = None,
         exclude: Callable[[str, str], bool] | None = None,
@@ -194,9 +194,6 @@ class Intake:
                 metadata=meta,
                 stratum=None if stratum is None else str(stratum),
             )
-            if self.exclude is not None and self.exclude(rid, rec.sha256):
-                self.skipped_existing += 1
-                continue
             yield rec
 
     def records(self) -> Iterator[Record]:
@@ -209,6 +206,9 @@ class Intake:
         id_keys: array[int] = array("Q")
         try:
             for rec in self.sampler.select(self._records(id_keys)):
+                if self.exclude is not None and self.exclude(rec.id, rec.sha256):
+                    self.skipped_existing += 1
+                    continue
                 self.stats.sampled += 1
                 self.stats.tokens_total += rec.n_tokens
                 self.stats.tokens_max = max(self.stats.tokens_max, rec.n_tokens)

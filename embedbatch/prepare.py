@@ -67,13 +67,14 @@ class Preparer:
 
     Args:
         config: the preparation options.
-        tokenizer: counts tokens and cuts at a token boundary.
+        tokenizer: counts tokens and cuts at a token boundary; None leaves both to the caller
+            (the local worker tokenizes in batches).
 
     Raises:
         UsageError: the template is malformed.
     """
 
-    def __init__(self, config: PrepareConfig, tokenizer: Tokenizer) -> None:
+    def __init__(self, config: PrepareConfig, tokenizer: Tokenizer | None) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self._template_fields: list[str] = []
@@ -127,17 +128,12 @@ class Preparer:
             text = text[: cfg.truncate_chars]
         if not text.strip():
             return PreparedText("", 0, used)
-        tokens = self.tokenizer.encode(text)
+        if self.tokenizer is None:  # counted and cut later, in batches (the local worker)
+            return PreparedText(text, 0, used, 0, cut_chars)
+        n_tokens = len(self.tokenizer.encode(text))
         cut_tokens = 0
-        if len(tokens) > cfg.max_tokens:
-            cut_tokens = len(tokens) - cfg.max_tokens
-            tokens = tokens[: cfg.max_tokens]
-            text = self.tokenizer.decode(tokens)
-            # A cut inside a multi-byte character decodes to U+FFFD; drop it and recount.
-            while text.endswith("\ufffd"):
-                text = text[:-1]
-            tokens = self.tokenizer.encode(text)
-            while len(tokens) > cfg.max_tokens:
-                text = self.tokenizer.decode(tokens[: cfg.max_tokens - (len(tokens) - cfg.max_tokens)])
-                tokens = self.tokenizer.encode(text)
-        return PreparedText(text, len(tokens), used, cut_tokens, cut_chars)
+        if n_tokens > cfg.max_tokens:
+            text = self.tokenizer.cut(text, cfg.max_tokens)
+            cut_tokens = n_tokens - cfg.max_tokens
+            n_tokens = len(self.tokenizer.encode(text))
+        return PreparedText(text, n_tokens, used, cut_tokens, cut_chars)

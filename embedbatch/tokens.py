@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from embedbatch.errors import UsageError
 
@@ -16,6 +16,7 @@ __all__ = [
     "MODEL_DIMENSIONS",
     "PRICES",
     "PRICES_AS_OF",
+    "HFTokenizer",
     "ModelPrice",
     "Tokenizer",
     "cost_usd",
@@ -73,13 +74,15 @@ def queue_tokens(n_tokens: int, n_bytes: int) -> int:
 
 
 class Tokenizer(Protocol):
-    """What preparation needs of a tokenizer: count and truncate at a token boundary."""
+    """What preparation needs of a tokenizer: count tokens, and cut a text at a token boundary."""
 
     name: str
 
     def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, tokens: list[int]) -> str: ...
+    def cut(self, text: str, max_tokens: int) -> str:
+        """The longest prefix of ``text`` (original characters) that is at most ``max_tokens`` tokens."""
+        ...
 
 
 class _Cl100k:
@@ -95,28 +98,51 @@ class _Cl100k:
     def encode(self, text: str) -> list[int]:
         return list(self._enc.encode_ordinary(text))
 
-    def decode(self, tokens: list[int]) -> str:
-        return str(self._enc.decode(tokens))
+    def cut(self, text: str, max_tokens: int) -> str:
+        tokens = self.encode(text)
+        if len(tokens) <= max_tokens:
+            return text
+        # Byte-level BPE: decode the kept tokens; a cut inside a multi-byte character leaves
+        # U+FFFD at the end, which is dropped. Re-tokenising can merge differently, so re-check.
+        keep = max_tokens
+        while True:
+            out = str(self._enc.decode(tokens[:keep])).rstrip("\ufffd")
+            if len(self.encode(out)) <= max_tokens or keep == 0:
+                return out
+            keep -= 1
 
 
-class _HFTokenizer:
-    """A Hugging Face fast tokenizer (local models), without special tokens."""
+class HFTokenizer:
+    """A Hugging Face fast tokenizer (local models), counting without special tokens.
 
-    def __init__(self, name_or_path: str) -> None:
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as exc:
-            from embedbatch.errors import MissingExtraError
+    Args:
+        name_or_path: load with ``AutoTokenizer`` from here, unless ``tokenizer`` is given.
+        tokenizer: an existing tokenizer instance (not shared across threads).
+    """
 
-            raise MissingExtraError("transformers", "local") from exc
+    def __init__(self, name_or_path: str, tokenizer: Any = None) -> None:
         self.name = name_or_path
-        self._tok = AutoTokenizer.from_pretrained(name_or_path)
+        if tokenizer is None:
+            try:
+                from transformers import AutoTokenizer
+            except ImportError as exc:
+                from embedbatch.errors import MissingExtraError
+
+                raise MissingExtraError("transformers", "local") from exc
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        self._tok = tokenizer
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
 
-    def decode(self, tokens: list[int]) -> str:
-        return str(self._tok.decode(tokens))
+    def cut(self, text: str, max_tokens: int) -> str:
+        # Cut at the character offset where the last kept token ends, so the text keeps its
+        # original characters (decoding WordPiece would lowercase and re-space it).
+        enc = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        if len(offsets) <= max_tokens:
+            return text
+        return text[: offsets[max_tokens - 1][1]] if max_tokens > 0 else ""
 
 
 @functools.lru_cache(maxsize=8)
@@ -132,6 +158,6 @@ def get_tokenizer(model: str) -> Tokenizer:
     if model in PRICES or not os.path.isdir(model):
         return _Cl100k()
     try:
-        return _HFTokenizer(model)
+        return HFTokenizer(model)
     except OSError as exc:
         raise UsageError(f"cannot load the tokenizer of {model!r}: {exc}") from exc

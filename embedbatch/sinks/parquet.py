@@ -295,6 +295,7 @@ class ShardWriter:
             entry["supersedes"] = self._supersedes
         self.pending.append(entry)
         self._sources, self._supersedes = [], []
+        self._rows = 0
 
     def abort(self) -> None:
         if self._writer is not None:
