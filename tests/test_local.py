@@ -68,7 +68,7 @@ def encoder(model_path: str) -> object:
 
 
 def rows(n: int) -> list[dict[str, object]]:
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
     return [{"id": f"r{i}", "text": " ".join(words[: 1 + (i * 7) % 12]) + f" number {i}" * (1 + i % 5)}
             for i in range(n)]
 

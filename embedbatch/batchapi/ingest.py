@@ -20,7 +20,6 @@ import binascii
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -98,92 +97,171 @@ def _error_reason(line: dict[str, Any]) -> str:
     return f"http {resp.get('status_code')}"
 
 
-def read_batch_results(batch_dir: Path, *, expected_dim: int | None, remote_status: str | None) -> BatchResult:
-    """Decode a downloaded batch (see the module docstring); never loads a file whole."""
-    ids: list[str] = []
-    with open(batch_dir / "records.jsonl", "rb") as fh:
-        for line in fh:
-            ids.append(orjson.loads(line)["id"])
-    pos = {rid: i for i, rid in enumerate(ids)}
-    n = len(ids)
-    dim = expected_dim
-    vectors = np.empty((n, dim), dtype=np.float32) if dim else np.empty((0, 0), np.float32)
-    ok = np.zeros(n, dtype=bool)
-    failed_at: dict[int, tuple[str, int]] = {}
-    usage = 0
-    out = batch_dir / "output.jsonl"
-    if out.exists():
+class BatchReader:
+    """Streams one downloaded batch: ok rows in output order, chunk by chunk.
+
+    The input is indexed first (ids, and the byte offset of every ``records.jsonl`` and
+    ``input.jsonl`` line: 8 bytes each), so a row's text and metadata are read back by offset
+    when its vector arrives; no file is held whole and no ``(n, dim)`` array is built.
+
+    After :meth:`chunks` is exhausted, ``failed`` lists (id, reason, line) for every input id that
+    is not ok (error lines of both shapes, invalid vectors, and ids absent from every file),
+    ``usage_tokens`` sums ``usage.total_tokens``, and ``dim`` is the vectors' dimension.
+    """
+
+    def __init__(
+        self, batch_dir: Path, *, expected_dim: int | None, remote_status: str | None, chunk_rows: int = CHUNK_ROWS
+    ) -> None:
+        self.dir = batch_dir
+        self.dim = expected_dim
+        self.remote_status = remote_status
+        self.chunk_rows = chunk_rows
+        self.ids: list[str] = []
+        rec_off = [0]
+        with open(batch_dir / "records.jsonl", "rb") as fh:
+            for line in fh:
+                self.ids.append(orjson.loads(line)["id"])
+                rec_off.append(rec_off[-1] + len(line))
+        inp_off = [0]
+        with open(batch_dir / "input.jsonl", "rb") as fh:
+            for line in fh:
+                inp_off.append(inp_off[-1] + len(line))
+        if len(inp_off) != len(rec_off):
+            raise AssertionError(f"{batch_dir}: records.jsonl and input.jsonl have different line counts")
+        self.rec_off = np.asarray(rec_off, dtype=np.int64)
+        self.inp_off = np.asarray(inp_off, dtype=np.int64)
+        self.pos = {rid: i for i, rid in enumerate(self.ids)}
+        self.ok = np.zeros(len(self.ids), dtype=bool)
+        self.failed_at: dict[int, tuple[str, int]] = {}
+        self.usage_tokens = 0
+        self.failed: list[tuple[str, str, int]] = []
+
+    @property
+    def n_ok(self) -> int:
+        return int(self.ok.sum())
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(positions (m,) int64, vectors (m, dim) float32)`` of valid rows, in output order."""
+        out = self.dir / "output.jsonl"
+        if out.exists():
+            yield from self._output_chunks(out)
+        self._read_errors()
+        for i in range(len(self.ids)):
+            if not self.ok[i]:
+                reason, lineno = self.failed_at.get(
+                    i, (f"missing from output (batch {self.remote_status or 'unknown'})", 0)
+                )
+                self.failed.append((self.ids[i], reason, lineno))
+
+    def _output_chunks(self, out: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        pos_get = self.pos.get
+        positions: list[int] = []
+        lines: list[int] = []
+        usages: list[int] = []
+        buf: np.ndarray | None = np.empty((self.chunk_rows, self.dim), np.float32) if self.dim else None
         with open(out, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
-                if not raw.strip():
-                    continue
                 try:
                     line = orjson.loads(raw)
-                    cid = line["custom_id"]
+                    i = pos_get(line["custom_id"])
                 except (orjson.JSONDecodeError, KeyError, TypeError):
-                    log.warning("unreadable output line", batch=batch_dir.name, line=lineno)
+                    if raw.strip():
+                        log.warning("unreadable output line", batch=self.dir.name, line=lineno)
                     continue
-                i = pos.get(cid)
-                if i is None:
-                    log.warning("output line for an unknown custom_id", batch=batch_dir.name, line=lineno)
+                if i is None or self.ok[i]:
+                    log.warning("output line for an unknown or repeated custom_id", batch=self.dir.name, line=lineno)
                     continue
                 resp = line.get("response") or {}
                 if resp.get("status_code") != 200 or line.get("error"):
-                    failed_at[i] = (_error_reason(line), lineno)
+                    self.failed_at[i] = (_error_reason(line), lineno)
                     continue
                 try:
-                    data = resp["body"]["data"]
-                    item = next(d for d in data if d.get("index", 0) == 0)
+                    body = resp["body"]
+                    data = body["data"]
+                    item = data[0] if len(data) == 1 else next(d for d in data if d.get("index", 0) == 0)
                     vec = decode_vector(item["embedding"])
                 except (KeyError, TypeError, StopIteration, ValueError, binascii.Error) as exc:
-                    failed_at[i] = (f"undecodable embedding: {exc}", lineno)
+                    self.failed_at[i] = (f"undecodable embedding: {exc}", lineno)
                     continue
-                if dim is None:
-                    dim = len(vec)
-                    vectors = np.empty((n, dim), dtype=np.float32)
-                if len(vec) != dim:
-                    failed_at[i] = (f"dimension {len(vec)} != expected {dim}", lineno)
+                if self.dim is None:
+                    self.dim = len(vec)
+                if buf is None:
+                    buf = np.empty((self.chunk_rows, self.dim), np.float32)
+                if len(vec) != self.dim:
+                    self.failed_at[i] = (f"dimension {len(vec)} != expected {self.dim}", lineno)
                     continue
-                if not np.isfinite(vec).all():
-                    failed_at[i] = ("non-finite values in embedding", lineno)
-                    continue
-                vectors[i] = vec
-                ok[i] = True
-                failed_at.pop(i, None)
-                usage += int(((resp["body"].get("usage") or {}).get("total_tokens")) or 0)
-    err = batch_dir / "errors.jsonl"
-    if err.exists():
+                buf[len(positions)] = vec
+                positions.append(i)
+                lines.append(lineno)
+                usages.append(int((body.get("usage") or {}).get("total_tokens") or 0))
+                self.ok[i] = True
+                self.failed_at.pop(i, None)
+                if len(positions) == self.chunk_rows:
+                    yield self._finish_chunk(buf, positions, lines, usages)
+                    buf = np.empty((self.chunk_rows, self.dim), np.float32)
+                    positions, lines, usages = [], [], []
+        if positions and buf is not None:
+            yield self._finish_chunk(buf, positions, lines, usages)
+
+    def _finish_chunk(
+        self, buf: np.ndarray, positions: list[int], lines: list[int], usages: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        vecs = buf[: len(positions)]
+        pos = np.asarray(positions, dtype=np.int64)
+        self.usage_tokens += sum(usages)
+        # Finiteness in one vectorised pass (a per-row check costs a ufunc call per line).
+        finite = np.isfinite(vecs).all(axis=1)
+        if not finite.all():
+            for k in np.nonzero(~finite)[0]:
+                self.ok[pos[k]] = False
+                self.failed_at[int(pos[k])] = ("non-finite values in embedding", lines[k])
+                self.usage_tokens -= usages[k]  # an invalid row counts as failed, as before
+            vecs, pos = vecs[finite], pos[finite]
+        return pos, vecs
+
+    def _read_errors(self) -> None:
+        err = self.dir / "errors.jsonl"
+        if not err.exists():
+            return
         with open(err, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
-                if not raw.strip():
-                    continue
                 try:
                     line = orjson.loads(raw)
                 except orjson.JSONDecodeError:
                     continue
-                i = pos.get(line.get("custom_id"))
-                if i is not None and not ok[i]:
-                    failed_at[i] = (_error_reason(line), lineno)
-    failed: list[tuple[str, str, int]] = []
-    for i in range(n):
-        if ok[i]:
-            continue
-        reason, lineno = failed_at.get(i, (f"missing from output (batch {remote_status or 'unknown'})", 0))
-        failed.append((ids[i], reason, lineno))
-    if dim is None:
-        vectors = np.empty((n, 0), np.float32)
-    return BatchResult(ids, vectors, ok, failed, usage, dim)
+                i = self.pos.get(line.get("custom_id"))
+                if i is not None and not self.ok[i]:
+                    self.failed_at[i] = (_error_reason(line), lineno)
+
+    def rows_at(self, positions: np.ndarray) -> tuple[list[str], list[str], list[str], list[str | None]]:
+        """(ids, texts, metadata JSON, splits) of input rows, read back by byte offset."""
+        import os
+
+        ids, texts, metas, splits = [], [], [], []
+        with open(self.dir / "records.jsonl", "rb") as rf, open(self.dir / "input.jsonl", "rb") as inf:
+            rfd, ifd = rf.fileno(), inf.fileno()
+            for i in positions.tolist():
+                rec = orjson.loads(os.pread(rfd, int(self.rec_off[i + 1] - self.rec_off[i]), int(self.rec_off[i])))
+                req = orjson.loads(os.pread(ifd, int(self.inp_off[i + 1] - self.inp_off[i]), int(self.inp_off[i])))
+                if req["custom_id"] != rec["id"]:
+                    raise AssertionError(f"{self.dir}: records.jsonl and input.jsonl disagree at id {rec['id']}")
+                ids.append(rec["id"])
+                texts.append(req["body"]["input"])
+                metas.append(orjson.dumps(rec["metadata"]).decode())
+                splits.append(rec["split"])
+        return ids, texts, metas, splits
 
 
-def _rows(batch_dir: Path) -> Iterator[tuple[dict[str, Any], str]]:
-    """(record, text) pairs in input order, streamed from records.jsonl and input.jsonl."""
-    with open(batch_dir / "records.jsonl", "rb") as rf, open(batch_dir / "input.jsonl", "rb") as inf:
-        for rline, iline in zip(rf, inf, strict=True):
-            rec = orjson.loads(rline)
-            req = orjson.loads(iline)
-            if req["custom_id"] != rec["id"]:
-                raise AssertionError(f"{batch_dir}: records.jsonl and input.jsonl disagree at id {rec['id']}")
-            yield rec, req["body"]["input"]
+def read_batch_results(batch_dir: Path, *, expected_dim: int | None, remote_status: str | None) -> BatchResult:
+    """The whole batch decoded into input order (``(n, dim)`` float32); for inspection and tests.
+    Ingest itself streams with :class:`BatchReader`."""
+    reader = BatchReader(batch_dir, expected_dim=expected_dim, remote_status=remote_status)
+    parts = list(reader.chunks())
+    dim = reader.dim or 0
+    vectors = np.zeros((len(reader.ids), dim), np.float32)
+    for pos, vecs in parts:
+        vectors[pos] = vecs
+    return BatchResult(reader.ids, vectors, reader.ok, reader.failed, reader.usage_tokens, reader.dim)
 
 
 def _tsv_field(s: str) -> str:
@@ -321,6 +399,8 @@ async def sink_run_to_pg(ws: Workspace, run: RunPaths, rs: RunState) -> dict[str
 
 
 def _ingest_sync(ws: Workspace, run: RunPaths, config: IngestConfig) -> IngestResult:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from embedbatch.errors import StateError
 
     started = time.monotonic()
@@ -345,74 +425,83 @@ def _ingest_sync(ws: Workspace, run: RunPaths, config: IngestConfig) -> IngestRe
     expected = _expected_dim(rs, manifest)
     writer: ShardWriter | None = None
     group: list[BatchState] = []
+    # One writer thread: pyarrow releases the GIL while it encodes and writes, so chunk k is
+    # written while chunk k+1 is parsed. At most two chunks are in flight.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedbatch-shard-writer")
+    in_flight: list[Future[None]] = []
+
+    def submit(fn: Any, *args: Any, **kwargs: Any) -> None:
+        in_flight.append(pool.submit(fn, *args, **kwargs))
+        while len(in_flight) > 2:
+            in_flight.pop(0).result()
+
+    def drain() -> None:
+        while in_flight:
+            in_flight.pop(0).result()
+
     try:
         for bs in todo:
             d = run.batch_dir(bs.name)
-            br = read_batch_results(d, expected_dim=expected, remote_status=bs.remote_status)
-            if br.dim is not None:
-                if manifest.dimensions is not None and br.dim != manifest.dimensions:
-                    raise StateError(
-                        f"batch {bs.name} has {br.dim}-d vectors but the dataset has {manifest.dimensions}-d shards"
-                    )
-                expected = br.dim
-            rows = b"".join(
-                f"{_tsv_field(rid)}\t{_tsv_field(reason)}\t{bs.name}\t{line}\n".encode()
-                for rid, reason, line in br.failed
-            )
-            atomic_write_bytes(d / "failed_ids.tsv", b"id\treason\tbatch\tline\n" + rows)
-            n_ok = int(br.ok.sum())
-            if n_ok and writer is None:
-                assert br.dim is not None
-                writer = ShardWriter(
-                    ws,
-                    manifest,
-                    dim=br.dim,
-                    dtype=config.dtype,
-                    rows_per_shard=config.rows_per_shard,
-                    git_sha=rs.git_sha,
-                )
-            if (
-                writer is not None
-                and writer.rows_in_open_shard
-                and writer.rows_in_open_shard + n_ok > config.rows_per_shard
-            ):
+            reader = BatchReader(d, expected_dim=expected, remote_status=bs.remote_status)
+            if writer is not None and writer.rows_in_open_shard + bs.requests > config.rows_per_shard:
+                drain()
                 writer.close_shard()
-            if n_ok:
-                assert writer is not None
-                rows_iter = _rows(d)
-                index = 0
-                while True:
-                    chunk = list(islice(rows_iter, CHUNK_ROWS))
-                    if not chunk:
-                        break
-                    sel = np.nonzero(br.ok[index : index + len(chunk)])[0]
-                    if len(sel):
-                        ids = [chunk[j][0]["id"] for j in sel]
-                        writer.write(
-                            ids=ids,
-                            texts=[chunk[j][1] for j in sel],
-                            metadata=[orjson.dumps(chunk[j][0]["metadata"]).decode() for j in sel],
-                            splits=[chunk[j][0]["split"] for j in sel],
-                            vectors=br.vectors[index + sel],
-                            source=rs.source,
-                            dataset=rs.dataset,
-                            model=rs.model,
-                            run_id=rs.run_id,
-                        )
-                        writer.note_supersedes([rid for rid in ids if rid in existing])
-                    index += len(chunk)
+            for positions, vecs in reader.chunks():
+                if reader.dim is not None and manifest.dimensions is not None and reader.dim != manifest.dimensions:
+                    raise StateError(
+                        f"batch {bs.name} has {reader.dim}-d vectors but the dataset has {manifest.dimensions}-d shards"
+                    )
+                if writer is None:
+                    assert reader.dim is not None
+                    writer = ShardWriter(
+                        ws,
+                        manifest,
+                        dim=reader.dim,
+                        dtype=config.dtype,
+                        rows_per_shard=config.rows_per_shard,
+                        git_sha=rs.git_sha,
+                    )
+                ids, texts, metas, splits = reader.rows_at(positions)
+                start = 0
+                while start < len(ids):
                     if writer.rows_in_open_shard >= config.rows_per_shard:
+                        drain()
                         writer.close_shard()
+                    room = config.rows_per_shard - writer.rows_in_open_shard
+                    end = start + room
+                    part_ids = ids[start:end]
+                    # Count the rows now, on this thread; the write itself happens on the writer thread.
+                    writer.reserve(len(part_ids))
+                    submit(
+                        writer.write,
+                        ids=part_ids,
+                        texts=texts[start:end],
+                        metadata=metas[start:end],
+                        splits=splits[start:end],
+                        vectors=vecs[start:end],
+                        source=rs.source,
+                        dataset=rs.dataset,
+                        model=rs.model,
+                        run_id=rs.run_id,
+                    )
+                    writer.note_supersedes([rid for rid in part_ids if rid in existing])
+                    start = end
+            if reader.dim is not None:
+                expected = reader.dim
+            failed_rows = b"".join(
+                f"{_tsv_field(rid)}\t{_tsv_field(reason)}\t{bs.name}\t{line}\n".encode()
+                for rid, reason, line in reader.failed
+            )
+            atomic_write_bytes(d / "failed_ids.tsv", b"id\treason\tbatch\tline\n" + failed_rows)
+            if writer is not None:
                 writer.add_source(f"{rs.run_id}/{bs.name}")
-            elif writer is not None:
-                writer.add_source(f"{rs.run_id}/{bs.name}")
-            bs.usage_tokens = br.usage_tokens
-            bs.succeeded, bs.failed = n_ok, len(br.failed)
+            bs.usage_tokens = reader.usage_tokens
+            bs.succeeded, bs.failed = reader.n_ok, len(reader.failed)
             group.append(bs)
-            res.rows += n_ok
-            res.failed += len(br.failed)
-            res.usage_tokens += br.usage_tokens
-            del br
+            res.rows += reader.n_ok
+            res.failed += len(reader.failed)
+            res.usage_tokens += reader.usage_tokens
+        drain()
         crash_point("before_manifest")
         if writer is not None:
             entries = writer.commit()
@@ -424,9 +513,13 @@ def _ingest_sync(ws: Workspace, run: RunPaths, config: IngestConfig) -> IngestRe
         manifest.save()
         crash_point("after_manifest")
     except BaseException:
+        for f in in_flight:
+            f.cancel()
+        pool.shutdown(wait=True)
         if writer is not None:
             writer.abort()
         raise
+    pool.shutdown(wait=True)
     for bs in group:
         bs.set_status("ingested")
         bs.save(run.batch_dir(bs.name))
