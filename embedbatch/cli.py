@@ -1,7 +1,8 @@
 """The ``embedbatch`` command line: parses flags into config objects, calls stages, prints.
 
 This is the only place errors become messages and exit codes (``EMBEDBATCH_RAISE_ERRORS=1``
-re-raises instead).
+re-raises instead). Flags shared by several commands are declared once in
+:mod:`embedbatch.cli_options`.
 """
 
 from __future__ import annotations
@@ -18,16 +19,22 @@ from rich.console import Console
 from rich.table import Table
 
 from embedbatch import __version__
-from embedbatch.config import (
-    BatchLimits,
-    IngestConfig,
-    PgTarget,
-    PrepareConfig,
-    SampleConfig,
-    Settings,
-    SourceConfig,
-    SubmitConfig,
+from embedbatch.cli_options import (
+    batch_limits,
+    batch_options,
+    prepare_config,
+    prepare_options,
+    sample_config,
+    sample_options,
+    sink_options,
+    sink_target,
+    source_config,
+    source_options,
+    submit_config,
+    submit_options,
+    with_options,
 )
+from embedbatch.config import IngestConfig, Settings
 from embedbatch.errors import EmbedbatchError, UsageError
 from embedbatch.logs import configure_logging, scrub
 
@@ -46,6 +53,18 @@ class _Globals:
 
 _G = _Globals()
 
+SourceArg = Annotated[str, typer.Argument(help="File, directory, glob, or 'postgres'.")]
+Model = Annotated[str | None, typer.Option("--model", help="Embedding model (env OPENAI_EMBED_MODEL).")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+Resume = Annotated[Path | None, typer.Option("--resume", help="Resume this run directory.")]
+RowsPerShard = Annotated[int, typer.Option("--rows-per-shard")]
+Dtype = Annotated[str, typer.Option("--dtype", help="float32 or float16 shards.")]
+PgTable = Annotated[str | None, typer.Option("--pg-table", help="Write vectors into this table.")]
+PgIdColumn = Annotated[str, typer.Option("--pg-id-column")]
+PgVectorColumn = Annotated[str, typer.Option("--pg-vector-column")]
+PgDsn = Annotated[str | None, typer.Option("--pg-dsn", help="Sink DSN (env DATABASE_URL).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Write rows that already have a vector.")]
+
 
 @app.callback()
 def _main(
@@ -60,112 +79,6 @@ def _main(
 
 def settings() -> Settings:
     return Settings.from_env(workspace=_G.workspace)
-
-
-# ---- shared option types -------------------------------------------------------------------
-IdField = Annotated[str, typer.Option("--id-field", help="Field holding the record id (custom_id).")]
-SplitField = Annotated[str | None, typer.Option("--split-field", help="Field holding the split.")]
-Dataset = Annotated[str | None, typer.Option("--dataset", help="Dataset name (default: file stem or table).")]
-SkipBad = Annotated[bool, typer.Option("--skip-bad-rows", help="Record bad rows in rejected.jsonl and go on.")]
-Fields = Annotated[str | None, typer.Option("--fields", help="Comma-separated fields to join (default: text).")]
-Template = Annotated[str | None, typer.Option("--template", help="e.g. 'Title: {title}\\nAbstract: {abstract}'.")]
-Prefix = Annotated[str | None, typer.Option("--prefix")]
-Suffix = Annotated[str | None, typer.Option("--suffix")]
-Delimiter = Annotated[str | None, typer.Option("--delimiter", help="Between fields (default: blank line).")]
-Lowercase = Annotated[bool, typer.Option("--lowercase")]
-TruncChars = Annotated[int | None, typer.Option("--truncate-chars")]
-MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="Token cut (default 8191).")]
-ConfigFile = Annotated[Path | None, typer.Option("--config", help="YAML, JSON or TOML preparation config.")]
-N = Annotated[int | None, typer.Option("--n", help="Sample n rows.")]
-P = Annotated[float | None, typer.Option("--p", help="Sample each row with probability p.")]
-Seed = Annotated[int, typer.Option("--seed")]
-Stratify = Annotated[str | None, typer.Option("--stratify-by")]
-Ids = Annotated[str | None, typer.Option("--ids", help='e.g. "1,5,10-20".')]
-Model = Annotated[str | None, typer.Option("--model", help="Embedding model (env OPENAI_EMBED_MODEL).")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-Table_ = Annotated[str | None, typer.Option("--table", help="postgres source: table.")]
-IdColumn = Annotated[str, typer.Option("--id-column", help="postgres source: id column.")]
-TextColumn = Annotated[str, typer.Option("--text-column", help="postgres source: text column.")]
-Where = Annotated[str | None, typer.Option("--where", help="postgres source: WHERE with $1.. params.")]
-Param = Annotated[list[str] | None, typer.Option("--param", help="postgres source: a $n parameter.")]
-Query = Annotated[str | None, typer.Option("--query", help="postgres source: a whole SELECT.")]
-VectorColumn = Annotated[str | None, typer.Option("--vector-column", help="postgres source: skip non-NULL.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="postgres: embed/write rows that have a vector.")]
-Dsn = Annotated[str | None, typer.Option("--dsn", help="postgres source DSN (env DATABASE_URL).")]
-
-
-def source_config(
-    source: str,
-    *,
-    id_field: str,
-    split_field: str | None,
-    dataset: str | None,
-    skip_bad_rows: bool,
-    table: str | None = None,
-    id_column: str = "id",
-    text_column: str = "content",
-    where: str | None = None,
-    param: list[str] | None = None,
-    query: str | None = None,
-    vector_column: str | None = None,
-    overwrite: bool = False,
-    dsn: str | None = None,
-) -> SourceConfig:
-    if source == "postgres":
-        dsn = dsn or settings().database_url
-        if not dsn:
-            raise UsageError("the postgres source needs --dsn or DATABASE_URL")
-        if not table and not query:
-            raise UsageError("the postgres source needs --table or --query")
-        return SourceConfig(
-            path="postgres",
-            id_field=id_column,
-            split_field=split_field,
-            dataset=dataset,
-            skip_bad_rows=skip_bad_rows,
-            pg_dsn=dsn,
-            pg_table=table,
-            pg_id_column=id_column,
-            pg_text_column=text_column,
-            pg_vector_column=vector_column,
-            pg_where=where,
-            pg_params=tuple(param or ()),
-            pg_query=query,
-            pg_overwrite=overwrite,
-        )
-    return SourceConfig(
-        path=source, id_field=id_field, split_field=split_field, dataset=dataset, skip_bad_rows=skip_bad_rows
-    )
-
-
-def prepare_config(
-    *,
-    fields: str | None,
-    template: str | None,
-    prefix: str | None,
-    suffix: str | None,
-    delimiter: str | None,
-    lowercase: bool,
-    truncate_chars: int | None,
-    max_tokens: int | None,
-    config: Path | None,
-    default_fields: tuple[str, ...] = ("text",),
-) -> PrepareConfig:
-    overrides: dict[str, Any] = {
-        "fields": tuple(f.strip() for f in fields.split(",") if f.strip()) if fields else None,
-        "template": template.replace("\\n", "\n") if template else None,
-        "prefix": prefix,
-        "suffix": suffix,
-        "delimiter": delimiter.replace("\\n", "\n") if delimiter is not None else None,
-        "lowercase": lowercase or None,
-        "truncate_chars": truncate_chars,
-        "max_tokens": max_tokens,
-    }
-    if config is not None:
-        return PrepareConfig.from_file(config, **overrides)
-    values = {k: v for k, v in overrides.items() if v is not None}
-    values.setdefault("fields", default_fields)
-    return PrepareConfig(**values)
 
 
 def print_json(obj: Any) -> None:
@@ -223,96 +136,6 @@ class _RowProgress:
         self.progress.update(self.task, completed=rows)
 
 
-@app.command()
-def estimate(
-    source: Annotated[str, typer.Argument(help="File, directory, glob, or 'postgres'.")],
-    id_field: IdField = "id",
-    split_field: SplitField = None,
-    dataset: Dataset = None,
-    skip_bad_rows: SkipBad = False,
-    fields: Fields = None,
-    template: Template = None,
-    prefix: Prefix = None,
-    suffix: Suffix = None,
-    delimiter: Delimiter = None,
-    lowercase: Lowercase = False,
-    truncate_chars: TruncChars = None,
-    max_tokens: MaxTokens = None,
-    config: ConfigFile = None,
-    n: N = None,
-    p: P = None,
-    seed: Seed = 0,
-    stratify_by: Stratify = None,
-    ids: Ids = None,
-    model: Model = None,
-    dimensions: Annotated[int | None, typer.Option()] = None,
-    max_requests_per_batch: Annotated[int, typer.Option()] = 50_000,
-    max_bytes_per_batch: Annotated[int, typer.Option()] = 188_743_680,
-    max_enqueued_tokens: Annotated[int | None, typer.Option()] = None,
-    table: Table_ = None,
-    id_column: IdColumn = "id",
-    text_column: TextColumn = "content",
-    where: Where = None,
-    param: Param = None,
-    query: Query = None,
-    vector_column: VectorColumn = None,
-    overwrite: Overwrite = False,
-    dsn: Dsn = None,
-    json_out: JsonOut = False,
-) -> None:
-    """Count rows, tokens, batch files and cost; sends nothing."""
-    from embedbatch.estimate import estimate as run_estimate
-
-    src = source_config(
-        source,
-        id_field=id_field,
-        split_field=split_field,
-        dataset=dataset,
-        skip_bad_rows=skip_bad_rows,
-        table=table,
-        id_column=id_column,
-        text_column=text_column,
-        where=where,
-        param=param,
-        query=query,
-        vector_column=vector_column,
-        overwrite=overwrite,
-        dsn=dsn,
-    )
-    prep = prepare_config(
-        fields=fields,
-        template=template,
-        prefix=prefix,
-        suffix=suffix,
-        delimiter=delimiter,
-        lowercase=lowercase,
-        truncate_chars=truncate_chars,
-        max_tokens=max_tokens,
-        config=config,
-        default_fields=(text_column,) if source == "postgres" else ("text",),
-    )
-    sample = SampleConfig(n=n, p=p, seed=seed, stratify_by=stratify_by, ids=ids)
-    limits = BatchLimits(
-        max_requests=max_requests_per_batch,
-        max_bytes=max_bytes_per_batch,
-        max_enqueued_tokens=max_enqueued_tokens,
-    )
-    with _RowProgress("reading") as progress:
-        est = run_estimate(
-            source=src,
-            prepare=prep,
-            sample=sample,
-            model=model or settings().openai_embed_model,
-            dimensions=dimensions,
-            limits=limits,
-            on_row=progress,
-        )
-    if json_out:
-        print_json(est.to_json())
-    else:
-        print_estimate(est)
-
-
 def _workspace() -> Any:
     from embedbatch.workspace import Workspace
 
@@ -339,189 +162,6 @@ def _run(coro_fn: Any) -> Any:
     return anyio.run(_with_client, coro_fn)
 
 
-def _parse_metadata(items: list[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--metadata takes k=v, got {item!r}")
-        out[key] = value
-    return out
-
-
-def _pg_target(
-    pg_table: str | None,
-    pg_id_column: str,
-    pg_vector_column: str,
-    overwrite: bool,
-    update_chunk_size: int,
-    pg_mode: str,
-    rebuild_index: bool,
-    concurrently: bool,
-) -> PgTarget | None:
-    if not pg_table:
-        return None
-    if pg_mode not in ("update", "insert"):
-        raise UsageError(f"--pg-mode must be update or insert, got {pg_mode!r}")
-    return PgTarget(
-        table=pg_table,
-        id_column=pg_id_column,
-        vector_column=pg_vector_column,
-        overwrite=overwrite,
-        update_chunk_size=update_chunk_size,
-        mode=pg_mode,  # type: ignore[arg-type]
-        rebuild_index=rebuild_index,
-        concurrently=concurrently,
-    )
-
-
-PgDsn = Annotated[str | None, typer.Option("--pg-dsn", help="Sink DSN (env DATABASE_URL).")]
-
-
-def _sink_target(
-    source: str,
-    table: str | None,
-    id_column: str,
-    vector_column: str | None,
-    dsn: str | None,
-    pg_dsn: str | None,
-    pg_table: str | None,
-    pg_id_column: str,
-    pg_vector_column: str,
-    overwrite: bool,
-    update_chunk_size: int,
-    pg_mode: str,
-    rebuild_index: bool,
-    concurrently: bool,
-) -> PgTarget | None:
-    """The pgvector target of submit/run: ``--pg-table``, or for a postgres source with
-    ``--vector-column`` the source table itself (rows map back by id). The DSN goes to
-    DATABASE_URL for this process only; run.json never stores it."""
-    if pg_table is None and source == "postgres" and table and vector_column:
-        pg_table, pg_id_column, pg_vector_column = table, id_column, vector_column
-    if pg_dsn or (pg_table and dsn):
-        os.environ["DATABASE_URL"] = pg_dsn or dsn or ""
-    return _pg_target(
-        pg_table, pg_id_column, pg_vector_column, overwrite, update_chunk_size, pg_mode, rebuild_index, concurrently
-    )
-
-
-PgTable = Annotated[str | None, typer.Option("--pg-table", help="Write vectors into this table.")]
-PgIdColumn = Annotated[str, typer.Option("--pg-id-column")]
-PgVectorColumn = Annotated[str, typer.Option("--pg-vector-column")]
-UpdateChunk = Annotated[int, typer.Option("--update-chunk-size")]
-PgMode = Annotated[str, typer.Option("--pg-mode", help="update (fill rows by id) or insert (COPY).")]
-RebuildIndex = Annotated[bool, typer.Option("--rebuild-index", help="Drop a vector index, write, recreate.")]
-Concurrently = Annotated[bool, typer.Option("--concurrently", help="Recreate the index CONCURRENTLY.")]
-RowsPerShard = Annotated[int, typer.Option("--rows-per-shard")]
-Dtype = Annotated[str, typer.Option("--dtype", help="float32 or float16 shards.")]
-
-
-def _submit_common(
-    source: str,
-    *,
-    resume: Path | None,
-    id_field: str,
-    split_field: str | None,
-    dataset: str | None,
-    skip_bad_rows: bool,
-    fields: str | None,
-    template: str | None,
-    prefix: str | None,
-    suffix: str | None,
-    delimiter: str | None,
-    lowercase: bool,
-    truncate_chars: int | None,
-    max_tokens: int | None,
-    config: Path | None,
-    n: int | None,
-    p: float | None,
-    seed: int,
-    stratify_by: str | None,
-    ids: str | None,
-    model: str | None,
-    dimensions: int | None,
-    max_requests_per_batch: int,
-    max_bytes_per_batch: int,
-    max_enqueued_tokens: int | None,
-    dry_run: bool,
-    max_cost_usd: float | None,
-    completion_window: str,
-    metadata: list[str] | None,
-    table: str | None,
-    id_column: str,
-    text_column: str,
-    where: str | None,
-    param: list[str] | None,
-    query: str | None,
-    vector_column: str | None,
-    overwrite: bool,
-    dsn: str | None,
-    pg_target: PgTarget | None,
-    args: dict[str, Any],
-) -> Any:
-    from embedbatch.batchapi.submit import plan_run
-
-    ws = _workspace()
-    if resume is not None:
-        return ws.resolve_run(resume), None
-    if completion_window != "24h":
-        raise UsageError("--completion-window must be 24h (the only window the Batch API offers, 2026)")
-    src = source_config(
-        source,
-        id_field=id_field,
-        split_field=split_field,
-        dataset=dataset,
-        skip_bad_rows=skip_bad_rows,
-        table=table,
-        id_column=id_column,
-        text_column=text_column,
-        where=where,
-        param=param,
-        query=query,
-        vector_column=vector_column or (pg_target.vector_column if pg_target and source == "postgres" else None),
-        overwrite=overwrite,
-        dsn=dsn,
-    )
-    prep = prepare_config(
-        fields=fields,
-        template=template,
-        prefix=prefix,
-        suffix=suffix,
-        delimiter=delimiter,
-        lowercase=lowercase,
-        truncate_chars=truncate_chars,
-        max_tokens=max_tokens,
-        config=config,
-        default_fields=(text_column,) if source == "postgres" else ("text",),
-    )
-    sample = SampleConfig(n=n, p=p, seed=seed, stratify_by=stratify_by, ids=ids)
-    limits = BatchLimits(
-        max_requests=max_requests_per_batch,
-        max_bytes=max_bytes_per_batch,
-        max_inputs=min(50_000, max_requests_per_batch) if False else 50_000,
-        max_enqueued_tokens=max_enqueued_tokens,
-    )
-    sub = SubmitConfig(
-        model=model or settings().openai_embed_model,
-        dimensions=dimensions,
-        limits=limits,
-        dry_run=dry_run,
-        max_cost_usd=max_cost_usd,
-        completion_window=completion_window,
-        metadata=_parse_metadata(metadata),
-    )
-    with _RowProgress("planning") as progress:
-        planned = plan_run(ws, source=src, prepare=prep, sample=sample, submit=sub, args=args, on_row=progress)
-    if pg_target is not None and planned.run is not None:
-        from embedbatch.batchapi.state import RunState
-
-        rs = RunState.load(planned.run)
-        rs.pg_target = pg_target.to_json()
-        rs.save(planned.run)
-    return planned.run, planned
-
-
 def _safe_args(values: dict[str, Any]) -> dict[str, Any]:
     """CLI args for run.json, without secrets (DSNs are dropped)."""
     out: dict[str, Any] = {}
@@ -539,137 +179,86 @@ def _safe_args(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _submit_and_print(run: Any, planned: Any, *, dry_run: bool, json_out: bool) -> None:
-    if planned is not None:
-        if json_out:
-            print_json(
-                {
-                    "run_dir": str(run.root),
-                    "skipped_existing": planned.skipped_existing,
-                    **planned.estimate.to_json(),
-                }
-            )
-        else:
-            print_estimate(planned.estimate)
-            if planned.skipped_existing:
-                console.print(f"skipped {planned.skipped_existing:,} rows already embedded or planned")
+@app.command()
+@with_options(source_options, prepare_options, sample_options, batch_options)
+def estimate(source: SourceArg, json_out: JsonOut = False, **opts: Any) -> None:
+    """Count rows, tokens, batch files and cost; sends nothing."""
+    from embedbatch.estimate import estimate as run_estimate
+
+    s = settings()
+    with _RowProgress("reading") as progress:
+        est = run_estimate(
+            source=source_config(source, opts, s),
+            prepare=prepare_config(source, opts),
+            sample=sample_config(opts),
+            model=opts["model"] or s.openai_embed_model,
+            dimensions=opts["dimensions"],
+            limits=batch_limits(opts),
+            on_row=progress,
+        )
+    if json_out:
+        print_json(est.to_json())
+    else:
+        print_estimate(est)
+
+
+def _plan(source: str, resume: Path | None, opts: dict[str, Any], *, dry_run: bool) -> tuple[Any, Any]:
+    """The run to submit: ``--resume RUN_DIR``, or a new one planned from ``source``."""
+    from embedbatch.batchapi.state import RunState
+    from embedbatch.batchapi.submit import plan_run
+
+    ws = _workspace()
+    if resume is not None:
+        return ws.resolve_run(resume), None
+    if not source:
+        raise UsageError("give a SOURCE or --resume RUN_DIR")
+    s = settings()
+    target = sink_target(source, opts)
+    with _RowProgress("planning") as progress:
+        planned = plan_run(
+            ws,
+            source=source_config(source, opts, s),
+            prepare=prepare_config(source, opts),
+            sample=sample_config(opts),
+            submit=submit_config(opts, s, dry_run=dry_run),
+            args=_safe_args({"source": source, **opts}),
+            on_row=progress,
+        )
+    if target is not None and planned.run is not None:
+        rs = RunState.load(planned.run)
+        rs.pg_target = target.to_json()
+        rs.save(planned.run)
+    return planned.run, planned
+
+
+def _print_planned(run: Any, planned: Any, *, json_out: bool) -> None:
+    if planned is None:
+        return
+    if json_out:
+        print_json(
+            {"run_dir": str(run.root), "skipped_existing": planned.skipped_existing, **planned.estimate.to_json()}
+        )
+        return
+    print_estimate(planned.estimate)
+    if planned.skipped_existing:
+        console.print(f"skipped {planned.skipped_existing:,} rows already embedded or planned")
 
 
 @app.command()
+@with_options(source_options, prepare_options, sample_options, batch_options, submit_options, sink_options)
 def submit(
-    source: Annotated[str, typer.Argument(help="File, directory, glob, or 'postgres'.")] = "",
-    resume: Annotated[Path | None, typer.Option("--resume", help="Resume submitting this run dir.")] = None,
-    id_field: IdField = "id",
-    split_field: SplitField = None,
-    dataset: Dataset = None,
-    skip_bad_rows: SkipBad = False,
-    fields: Fields = None,
-    template: Template = None,
-    prefix: Prefix = None,
-    suffix: Suffix = None,
-    delimiter: Delimiter = None,
-    lowercase: Lowercase = False,
-    truncate_chars: TruncChars = None,
-    max_tokens: MaxTokens = None,
-    config: ConfigFile = None,
-    n: N = None,
-    p: P = None,
-    seed: Seed = 0,
-    stratify_by: Stratify = None,
-    ids: Ids = None,
-    model: Model = None,
-    dimensions: Annotated[int | None, typer.Option()] = None,
-    max_requests_per_batch: Annotated[int, typer.Option()] = 50_000,
-    max_bytes_per_batch: Annotated[int, typer.Option()] = 188_743_680,
-    max_enqueued_tokens: Annotated[int | None, typer.Option(help="Org queue limit per model (tokens).")] = None,
+    source: SourceArg = "",
+    resume: Resume = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the JSONL files; no network.")] = False,
-    max_cost_usd: Annotated[float | None, typer.Option(help="Refuse above this Batch-price estimate.")] = None,
-    completion_window: Annotated[str, typer.Option()] = "24h",
-    metadata: Annotated[list[str] | None, typer.Option("--metadata", help="k=v passed on to each batch.")] = None,
     concurrency: Annotated[int, typer.Option(help="Uploads/creates at once.")] = 4,
-    table: Table_ = None,
-    id_column: IdColumn = "id",
-    text_column: TextColumn = "content",
-    where: Where = None,
-    param: Param = None,
-    query: Query = None,
-    vector_column: VectorColumn = None,
-    overwrite: Overwrite = False,
-    dsn: Dsn = None,
-    pg_table: PgTable = None,
-    pg_id_column: PgIdColumn = "id",
-    pg_vector_column: PgVectorColumn = "embedding",
-    update_chunk_size: UpdateChunk = 1000,
-    pg_mode: PgMode = "update",
-    rebuild_index: RebuildIndex = False,
-    concurrently: Concurrently = False,
-    pg_dsn: PgDsn = None,
     json_out: JsonOut = False,
+    **opts: Any,
 ) -> None:
     """Plan batch input files under the API limits, upload them and create batches."""
     from embedbatch.batchapi.submit import submit_run
 
-    if not source and resume is None:
-        raise UsageError("give a SOURCE or --resume RUN_DIR")
-    target = _sink_target(
-        source,
-        table,
-        id_column,
-        vector_column,
-        dsn,
-        pg_dsn,
-        pg_table,
-        pg_id_column,
-        pg_vector_column,
-        overwrite,
-        update_chunk_size,
-        pg_mode,
-        rebuild_index,
-        concurrently,
-    )
-    run, planned = _submit_common(
-        source,
-        resume=resume,
-        id_field=id_field,
-        split_field=split_field,
-        dataset=dataset,
-        skip_bad_rows=skip_bad_rows,
-        fields=fields,
-        template=template,
-        prefix=prefix,
-        suffix=suffix,
-        delimiter=delimiter,
-        lowercase=lowercase,
-        truncate_chars=truncate_chars,
-        max_tokens=max_tokens,
-        config=config,
-        n=n,
-        p=p,
-        seed=seed,
-        stratify_by=stratify_by,
-        ids=ids,
-        model=model,
-        dimensions=dimensions,
-        max_requests_per_batch=max_requests_per_batch,
-        max_bytes_per_batch=max_bytes_per_batch,
-        max_enqueued_tokens=max_enqueued_tokens,
-        dry_run=dry_run,
-        max_cost_usd=max_cost_usd,
-        completion_window=completion_window,
-        metadata=metadata,
-        table=table,
-        id_column=id_column,
-        text_column=text_column,
-        where=where,
-        param=param,
-        query=query,
-        vector_column=vector_column,
-        overwrite=overwrite,
-        dsn=dsn,
-        pg_target=target,
-        args=_safe_args(dict(locals())),
-    )
-    _submit_and_print(run, planned, dry_run=dry_run, json_out=json_out)
+    run, planned = _plan(source, resume, opts, dry_run=dry_run)
+    _print_planned(run, planned, json_out=json_out)
     if dry_run:
         console.print(f"dry run: batch files written to {run.root} (nothing sent)")
         return
@@ -689,6 +278,182 @@ def submit(
     if not json_out:
         console.print(f"submitted {len(done)} batch(es); run directory:")
     print(run.root)
+
+
+@app.command("run")
+@with_options(source_options, prepare_options, sample_options, batch_options, submit_options, sink_options)
+def run_cmd(
+    source: SourceArg = "",
+    resume: Resume = None,
+    poll_seconds: Annotated[float, typer.Option("--poll-seconds")] = 10.0,
+    max_attempts: Annotated[int, typer.Option("--max-attempts")] = 3,
+    rows_per_shard: RowsPerShard = 100_000,
+    dtype: Dtype = "float32",
+    json_out: JsonOut = False,
+    **opts: Any,
+) -> None:
+    """Submit, poll until every batch is terminal, ingest, retry failures; print a summary."""
+    from embedbatch.runner import drive_run
+
+    run, planned = _plan(source, resume, opts, dry_run=False)
+    if not json_out:
+        _print_planned(run, planned, json_out=False)
+        console.print(f"run directory: {run.root}")
+    ws = _workspace()
+    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype)  # type: ignore[arg-type]
+    summary = _run(
+        lambda c: drive_run(
+            ws,
+            c,
+            run,
+            poll_s=poll_seconds,
+            max_attempts=max_attempts,
+            ingest_config=cfg,
+            max_enqueued_tokens=opts["max_enqueued_tokens"],
+        )
+    )
+    if json_out:
+        print_json(summary.__dict__)
+        return
+    t = Table(title="run summary", show_header=False)
+    for k, v in [
+        ("run directory", summary.run_dir),
+        ("rows embedded", f"{summary.embedded:,}"),
+        ("rows failed", f"{summary.failed:,}"),
+        ("tokens (usage)", f"{summary.usage_tokens:,}"),
+        ("cost (batch price)", _fmt_usd(summary.cost_batch_usd)),
+        ("estimated cost", _fmt_usd(summary.estimated_cost_batch_usd)),
+        ("retried ids", f"{summary.retries:,}"),
+        ("wall time", f"{summary.wall_s:.1f} s"),
+        ("dataset rows / shards", f"{summary.extra['dataset_rows']:,} / {summary.extra['shards']}"),
+    ]:
+        t.add_row(k, v)
+    console.print(t)
+
+
+@app.command()
+@with_options(sink_options)
+def ingest(
+    run_dir: Annotated[Path, typer.Option("--run-dir")],
+    redownload: Annotated[bool, typer.Option("--redownload")] = False,
+    rows_per_shard: RowsPerShard = 100_000,
+    dtype: Dtype = "float32",
+    overwrite: Overwrite = False,
+    json_out: JsonOut = False,
+    **opts: Any,
+) -> None:
+    """Map downloaded outputs into Parquet shards and the manifest (and pgvector)."""
+    import anyio
+
+    from embedbatch.batchapi.ingest import ingest_run
+    from embedbatch.batchapi.state import RunState
+
+    ws = _workspace()
+    run = ws.resolve_run(run_dir)
+    target = sink_target("", {**opts, "overwrite": overwrite})
+    if target is not None:
+        rs = RunState.load(run)
+        rs.pg_target = target.to_json()
+        rs.save(run)
+    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, redownload=redownload)  # type: ignore[arg-type]
+    result = anyio.run(lambda: ingest_run(ws, run, cfg))
+    if json_out:
+        print_json(result.to_json())
+        return
+    console.print(
+        f"ingested {result.batches} batch(es): {result.rows:,} rows, {result.failed:,} failed, "
+        f"shards {', '.join(result.shards) or '-'} ({result.seconds:.2f} s)"
+    )
+    if result.pg:
+        console.print(f"postgres: {result.pg}")
+
+
+@app.command()
+@with_options(source_options, prepare_options, sample_options, sink_options)
+def local(
+    source: SourceArg,
+    model: Annotated[str, typer.Option("--model", help="SentenceTransformer path or hub name.")],
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    devices: Annotated[str | None, typer.Option(help="e.g. cuda:0,cuda:1: one encoder process each.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16.")] = "auto",
+    tokens_per_batch: Annotated[int | None, typer.Option(help="Padded tokens/batch (GPU 131072, CPU 8192).")] = None,
+    bucket_min_tokens: Annotated[int, typer.Option()] = 128,
+    bucket_max_tokens: Annotated[int, typer.Option(help="Capped at the model's max length.")] = 32768,
+    pad_to: Annotated[str, typer.Option(help="longest or bucket.")] = "longest",
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile, warmed per bucket shape.")] = False,
+    rows_per_shard: RowsPerShard = 100_000,
+    shard_dtype: Annotated[str, typer.Option("--shard-dtype", help="float32 or float16 shards.")] = "float32",
+    json_out: JsonOut = False,
+    **opts: Any,
+) -> None:
+    """Embed with a local SentenceTransformer (GPU or CPU) into the same shards and sinks."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from embedbatch.config import LocalConfig
+    from embedbatch.local.pipeline import run_local
+
+    if pad_to not in ("longest", "bucket"):
+        raise UsageError(f"--pad-to must be longest or bucket, got {pad_to!r}")
+    target = sink_target(source, opts)
+    cfg = LocalConfig(
+        model=model,
+        device=device,
+        dtype=dtype,  # type: ignore[arg-type]
+        tokens_per_batch=tokens_per_batch,
+        bucket_min_tokens=bucket_min_tokens,
+        bucket_max_tokens=bucket_max_tokens,
+        pad_to=pad_to,  # type: ignore[arg-type]
+        compile=compile_,
+        devices=tuple(d.strip() for d in devices.split(",")) if devices else (),
+    )
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("embedding"),
+        TextColumn("{task.completed:,} rows"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=not err_console.is_terminal,
+        transient=True,
+    ) as prog:
+        task = prog.add_task("local", total=None)
+        result = run_local(
+            _workspace(),
+            source=source_config(source, opts, settings()),
+            prepare=prepare_config(source, opts),
+            sample=sample_config(opts),
+            local=cfg,
+            ingest=IngestConfig(rows_per_shard=rows_per_shard, dtype=shard_dtype),  # type: ignore[arg-type]
+            pg_target=target,
+            args=_safe_args({"source": source, "model": model, **opts}),
+            on_rows=lambda rows: prog.update(task, completed=rows),
+        )
+    data = result.to_json()
+    if json_out:
+        print_json(data)
+        return
+    t = Table(title=f"local run: {result.model} on {result.device} ({result.dtype})", show_header=False)
+    for k in (
+        "run_dir",
+        "rows",
+        "skipped_existing",
+        "rejected",
+        "truncated",
+        "real_tokens",
+        "padded_tokens",
+        "padding_ratio",
+        "batches",
+        "rows_per_s",
+        "tokens_per_s",
+        "wall_s",
+        "shards",
+    ):
+        v = data[k]
+        t.add_row(k, f"{v:,.2f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
+    for stage in ("loader", "encoder", "writer"):
+        t.add_row(f"{stage} busy / idle s", f"{data[stage]['busy_s']:.2f} / {data[stage]['idle_s']:.2f}")
+    if result.pg:
+        t.add_row("postgres", str(result.pg))
+    console.print(t)
 
 
 def _status_table(rs: Any, batches: list[Any], totals: dict[str, Any]) -> Table:
@@ -842,60 +607,6 @@ def cancel(run_dir: Annotated[Path, typer.Option("--run-dir")]) -> None:
 
 
 @app.command()
-def ingest(
-    run_dir: Annotated[Path, typer.Option("--run-dir")],
-    redownload: Annotated[bool, typer.Option("--redownload")] = False,
-    rows_per_shard: RowsPerShard = 100_000,
-    dtype: Dtype = "float32",
-    pg_dsn: PgDsn = None,
-    pg_table: PgTable = None,
-    pg_id_column: PgIdColumn = "id",
-    pg_vector_column: PgVectorColumn = "embedding",
-    overwrite: Overwrite = False,
-    update_chunk_size: UpdateChunk = 1000,
-    pg_mode: PgMode = "update",
-    rebuild_index: RebuildIndex = False,
-    concurrently: Concurrently = False,
-    json_out: JsonOut = False,
-) -> None:
-    """Map downloaded outputs into Parquet shards and the manifest (and pgvector)."""
-    import anyio
-
-    from embedbatch.batchapi.ingest import ingest_run
-    from embedbatch.batchapi.state import RunState
-
-    ws = _workspace()
-    run = ws.resolve_run(run_dir)
-    target = _pg_target(
-        pg_table,
-        pg_id_column,
-        pg_vector_column,
-        overwrite,
-        update_chunk_size,
-        pg_mode,
-        rebuild_index,
-        concurrently,
-    )
-    if target is not None:
-        rs = RunState.load(run)
-        rs.pg_target = target.to_json()
-        rs.save(run)
-    if pg_dsn:
-        os.environ["DATABASE_URL"] = pg_dsn
-    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, redownload=redownload)  # type: ignore[arg-type]
-    result = anyio.run(lambda: ingest_run(ws, run, cfg))
-    if json_out:
-        print_json(result.to_json())
-    else:
-        console.print(
-            f"ingested {result.batches} batch(es): {result.rows:,} rows, {result.failed:,} failed, "
-            f"shards {', '.join(result.shards) or '-'} ({result.seconds:.2f} s)"
-        )
-        if result.pg:
-            console.print(f"postgres: {result.pg}")
-
-
-@app.command()
 def retry(
     run_dir: Annotated[Path, typer.Option("--run-dir")],
     max_attempts: Annotated[int, typer.Option("--max-attempts")] = 3,
@@ -915,157 +626,6 @@ def retry(
     )
     if plan.requeued and not no_submit:
         _run(lambda c: submit_run(ws, c, run))
-
-
-@app.command("run")
-def run_cmd(
-    source: Annotated[str, typer.Argument(help="File, directory, glob, or 'postgres'.")] = "",
-    resume: Annotated[Path | None, typer.Option("--resume")] = None,
-    id_field: IdField = "id",
-    split_field: SplitField = None,
-    dataset: Dataset = None,
-    skip_bad_rows: SkipBad = False,
-    fields: Fields = None,
-    template: Template = None,
-    prefix: Prefix = None,
-    suffix: Suffix = None,
-    delimiter: Delimiter = None,
-    lowercase: Lowercase = False,
-    truncate_chars: TruncChars = None,
-    max_tokens: MaxTokens = None,
-    config: ConfigFile = None,
-    n: N = None,
-    p: P = None,
-    seed: Seed = 0,
-    stratify_by: Stratify = None,
-    ids: Ids = None,
-    model: Model = None,
-    dimensions: Annotated[int | None, typer.Option()] = None,
-    max_requests_per_batch: Annotated[int, typer.Option()] = 50_000,
-    max_bytes_per_batch: Annotated[int, typer.Option()] = 188_743_680,
-    max_enqueued_tokens: Annotated[int | None, typer.Option()] = None,
-    max_cost_usd: Annotated[float | None, typer.Option()] = None,
-    completion_window: Annotated[str, typer.Option()] = "24h",
-    metadata: Annotated[list[str] | None, typer.Option("--metadata")] = None,
-    poll_seconds: Annotated[float, typer.Option("--poll-seconds")] = 10.0,
-    max_attempts: Annotated[int, typer.Option("--max-attempts")] = 3,
-    rows_per_shard: RowsPerShard = 100_000,
-    dtype: Dtype = "float32",
-    table: Table_ = None,
-    id_column: IdColumn = "id",
-    text_column: TextColumn = "content",
-    where: Where = None,
-    param: Param = None,
-    query: Query = None,
-    vector_column: VectorColumn = None,
-    overwrite: Overwrite = False,
-    dsn: Dsn = None,
-    pg_table: PgTable = None,
-    pg_id_column: PgIdColumn = "id",
-    pg_vector_column: PgVectorColumn = "embedding",
-    update_chunk_size: UpdateChunk = 1000,
-    pg_mode: PgMode = "update",
-    rebuild_index: RebuildIndex = False,
-    concurrently: Concurrently = False,
-    pg_dsn: PgDsn = None,
-    json_out: JsonOut = False,
-) -> None:
-    """Submit, poll until every batch is terminal, ingest, retry failures; print a summary."""
-    from embedbatch.runner import drive_run
-
-    if not source and resume is None:
-        raise UsageError("give a SOURCE or --resume RUN_DIR")
-    target = _sink_target(
-        source,
-        table,
-        id_column,
-        vector_column,
-        dsn,
-        pg_dsn,
-        pg_table,
-        pg_id_column,
-        pg_vector_column,
-        overwrite,
-        update_chunk_size,
-        pg_mode,
-        rebuild_index,
-        concurrently,
-    )
-    run, planned = _submit_common(
-        source,
-        resume=resume,
-        id_field=id_field,
-        split_field=split_field,
-        dataset=dataset,
-        skip_bad_rows=skip_bad_rows,
-        fields=fields,
-        template=template,
-        prefix=prefix,
-        suffix=suffix,
-        delimiter=delimiter,
-        lowercase=lowercase,
-        truncate_chars=truncate_chars,
-        max_tokens=max_tokens,
-        config=config,
-        n=n,
-        p=p,
-        seed=seed,
-        stratify_by=stratify_by,
-        ids=ids,
-        model=model,
-        dimensions=dimensions,
-        max_requests_per_batch=max_requests_per_batch,
-        max_bytes_per_batch=max_bytes_per_batch,
-        max_enqueued_tokens=max_enqueued_tokens,
-        dry_run=False,
-        max_cost_usd=max_cost_usd,
-        completion_window=completion_window,
-        metadata=metadata,
-        table=table,
-        id_column=id_column,
-        text_column=text_column,
-        where=where,
-        param=param,
-        query=query,
-        vector_column=vector_column,
-        overwrite=overwrite,
-        dsn=dsn,
-        pg_target=target,
-        args=_safe_args(dict(locals())),
-    )
-    if not json_out:
-        _submit_and_print(run, planned, dry_run=False, json_out=False)
-        console.print(f"run directory: {run.root}")
-    ws = _workspace()
-    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype)  # type: ignore[arg-type]
-    summary = _run(
-        lambda c: drive_run(
-            ws,
-            c,
-            run,
-            poll_s=poll_seconds,
-            max_attempts=max_attempts,
-            ingest_config=cfg,
-            max_enqueued_tokens=max_enqueued_tokens,
-        )
-    )
-    if json_out:
-        print_json(summary.__dict__)
-        return
-    t = Table(title="run summary", show_header=False)
-    for k, v in [
-        ("run directory", summary.run_dir),
-        ("rows embedded", f"{summary.embedded:,}"),
-        ("rows failed", f"{summary.failed:,}"),
-        ("tokens (usage)", f"{summary.usage_tokens:,}"),
-        ("cost (batch price)", _fmt_usd(summary.cost_batch_usd)),
-        ("estimated cost", _fmt_usd(summary.estimated_cost_batch_usd)),
-        ("retried ids", f"{summary.retries:,}"),
-        ("wall time", f"{summary.wall_s:.1f} s"),
-        ("dataset rows / shards", f"{summary.extra['dataset_rows']:,} / {summary.extra['shards']}"),
-    ]:
-        t.add_row(k, v)
-    console.print(t)
 
 
 @app.command()
@@ -1211,172 +771,6 @@ def search(
         t.add_column(c)
     for h in hits:
         t.add_row(f"{h['score']:.4f}", str(h["id"]), (h.get("text") or "")[:160].replace("\n", " "))
-    console.print(t)
-
-
-@app.command()
-def local(
-    source: Annotated[str, typer.Argument(help="File, directory, glob, or 'postgres'.")],
-    model: Annotated[str, typer.Option("--model", help="SentenceTransformer path or hub name.")],
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
-    devices: Annotated[str | None, typer.Option(help="e.g. cuda:0,cuda:1: one encoder process each.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16.")] = "auto",
-    tokens_per_batch: Annotated[
-        int | None, typer.Option(help="Padded tokens per batch (GPU 131072, CPU 8192).")
-    ] = None,
-    bucket_min_tokens: Annotated[int, typer.Option()] = 128,
-    bucket_max_tokens: Annotated[int, typer.Option(help="Capped at the model's max length.")] = 32768,
-    pad_to: Annotated[str, typer.Option(help="longest or bucket.")] = "longest",
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile, warmed per bucket shape.")] = False,
-    id_field: IdField = "id",
-    split_field: SplitField = None,
-    dataset: Dataset = None,
-    skip_bad_rows: SkipBad = False,
-    fields: Fields = None,
-    template: Template = None,
-    prefix: Prefix = None,
-    suffix: Suffix = None,
-    delimiter: Delimiter = None,
-    lowercase: Lowercase = False,
-    truncate_chars: TruncChars = None,
-    max_tokens: MaxTokens = None,
-    config: ConfigFile = None,
-    n: N = None,
-    p: P = None,
-    seed: Seed = 0,
-    stratify_by: Stratify = None,
-    ids: Ids = None,
-    rows_per_shard: RowsPerShard = 100_000,
-    out_dtype: Annotated[str, typer.Option("--shard-dtype")] = "float32",
-    table: Table_ = None,
-    id_column: IdColumn = "id",
-    text_column: TextColumn = "content",
-    where: Where = None,
-    param: Param = None,
-    query: Query = None,
-    vector_column: VectorColumn = None,
-    overwrite: Overwrite = False,
-    dsn: Dsn = None,
-    pg_table: PgTable = None,
-    pg_id_column: PgIdColumn = "id",
-    pg_vector_column: PgVectorColumn = "embedding",
-    update_chunk_size: UpdateChunk = 1000,
-    pg_mode: PgMode = "update",
-    rebuild_index: RebuildIndex = False,
-    concurrently: Concurrently = False,
-    pg_dsn: PgDsn = None,
-    json_out: JsonOut = False,
-) -> None:
-    """Embed with a local SentenceTransformer (GPU or CPU) into the same shards and sinks."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from embedbatch.config import LocalConfig
-    from embedbatch.local.pipeline import run_local
-
-    if pad_to not in ("longest", "bucket"):
-        raise UsageError(f"--pad-to must be longest or bucket, got {pad_to!r}")
-    target = _sink_target(
-        source,
-        table,
-        id_column,
-        vector_column,
-        dsn,
-        pg_dsn,
-        pg_table,
-        pg_id_column,
-        pg_vector_column,
-        overwrite,
-        update_chunk_size,
-        pg_mode,
-        rebuild_index,
-        concurrently,
-    )
-    src = source_config(
-        source,
-        id_field=id_field,
-        split_field=split_field,
-        dataset=dataset,
-        skip_bad_rows=skip_bad_rows,
-        table=table,
-        id_column=id_column,
-        text_column=text_column,
-        where=where,
-        param=param,
-        query=query,
-        vector_column=vector_column,
-        overwrite=overwrite,
-        dsn=dsn,
-    )
-    prep = prepare_config(
-        fields=fields,
-        template=template,
-        prefix=prefix,
-        suffix=suffix,
-        delimiter=delimiter,
-        lowercase=lowercase,
-        truncate_chars=truncate_chars,
-        max_tokens=max_tokens,
-        config=config,
-        default_fields=(text_column,) if source == "postgres" else ("text",),
-    )
-    cfg = LocalConfig(
-        model=model,
-        device=device,
-        dtype=dtype,  # type: ignore[arg-type]
-        tokens_per_batch=tokens_per_batch,
-        bucket_min_tokens=bucket_min_tokens,
-        bucket_max_tokens=bucket_max_tokens,
-        pad_to=pad_to,  # type: ignore[arg-type]
-        compile=compile_,
-        devices=tuple(d.strip() for d in devices.split(",")) if devices else (),
-    )
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("embedding"),
-        TextColumn("{task.completed:,} rows"),
-        TimeElapsedColumn(),
-        console=err_console,
-        disable=not err_console.is_terminal,
-        transient=True,
-    ) as prog:
-        task = prog.add_task("local", total=None)
-        result = run_local(
-            _workspace(),
-            source=src,
-            prepare=prep,
-            sample=SampleConfig(n=n, p=p, seed=seed, stratify_by=stratify_by, ids=ids),
-            local=cfg,
-            ingest=IngestConfig(rows_per_shard=rows_per_shard, dtype=out_dtype),  # type: ignore[arg-type]
-            pg_target=target,
-            args=_safe_args(dict(locals())),
-            on_rows=lambda rows: prog.update(task, completed=rows),
-        )
-    data = result.to_json()
-    if json_out:
-        print_json(data)
-        return
-    t = Table(title=f"local run: {result.model} on {result.device} ({result.dtype})", show_header=False)
-    for k in (
-        "run_dir",
-        "rows",
-        "skipped_existing",
-        "rejected",
-        "truncated",
-        "real_tokens",
-        "padded_tokens",
-        "padding_ratio",
-        "batches",
-        "rows_per_s",
-        "tokens_per_s",
-        "wall_s",
-        "shards",
-    ):
-        v = data[k]
-        t.add_row(k, f"{v:,.2f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
-    for stage in ("loader", "encoder", "writer"):
-        t.add_row(f"{stage} busy / idle s", f"{data[stage]['busy_s']:.2f} / {data[stage]['idle_s']:.2f}")
-    if result.pg:
-        t.add_row("postgres", str(result.pg))
     console.print(t)
 
 
