@@ -156,3 +156,24 @@ def test_two_cpu_encoder_processes(tmp_path: Path, ws: Workspace, model_path: st
 
     ref = SentenceTransformer(model_path, device="cpu").encode(texts, normalize_embeddings=True)
     assert (24, True) == (len(ids), bool(np.allclose(ref, vecs, atol=1e-5)))
+
+
+def test_cli_local_json(tmp_path: Path, ws: Workspace, model_path: str) -> None:
+    """`embedbatch local … --json` as a user runs it: shards that verify, stage timings recorded."""
+    import os
+
+    import orjson
+
+    from tests.conftest import run_cli
+
+    path = write_jsonl(tmp_path / "d.jsonl", rows(12))
+    env = {**os.environ, "EMBEDBATCH_WORKSPACE": str(ws.root), "HF_HUB_OFFLINE": "1"}
+    r = run_cli(["local", str(path), "--model", model_path, "--device", "cpu", "--dtype", "float32", "--n", "10",
+                 "--json"], env, tmp_path, timeout=300)
+    assert 0 == r.returncode, r.stderr
+    out = orjson.loads(r.stdout)
+    assert (10, "cpu", "float32") == (out["rows"], out["device"], out["dtype"])
+    assert out["encoder"]["busy_s"] > 0 and out["padding_ratio"] >= 1.0
+    run_json = orjson.loads((Path(out["run_dir"]) / "run.json").read_bytes())
+    assert ("local", 10, 10) == (run_json["kind"], run_json["local"]["rows"], run_json["sampling"]["rows_selected"])
+    assert 0 == run_cli(["verify"], env, tmp_path).returncode
