@@ -3,7 +3,7 @@
 The same operations as the CLI, as functions over typed config objects (async where they talk
 to the provider)::
 
-    plan_run, submit_run, poll_pass, ingest_run, drive_run, estimate, verify_dataset
+    plan_run, submit_run, poll_pass, ingest_run, drive_run, estimate, verify_dataset, run_local
 """
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ from embedbatch.config import (
 )
 from embedbatch.errors import EmbedbatchError
 from embedbatch.estimate import estimate
+from embedbatch.local.pipeline import run_local
 from embedbatch.runner import drive_run
 from embedbatch.verify import list_workspace, verify_dataset
 from embedbatch.workspace import Workspace
@@ -53,6 +54,7 @@ __all__ = [
     "plan_retry",
     "plan_run",
     "poll_pass",
+    "run_local",
     "submit_run",
     "verify_dataset",
 ]

@@ -208,3 +208,32 @@ def test_sdk_against_server_shapes(server: ServerThread) -> None:
     assert [64, 64] == [len(d.embedding) for d in emb.data]
     with pytest.raises(openai.BadRequestError):
         c.embeddings.create(model="text-embedding-ada-002", input="a", dimensions=64)
+
+
+def test_timeout_is_retried() -> None:
+    """A server that accepts and stalls: the client times out, retries, and gets the answer."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    port = lsock.getsockname()[1]
+    conns: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            conn, _ = lsock.accept()
+            conns.append(conn)
+            if len(conns) == 1:
+                continue  # stall: read nothing, answer nothing
+            conn.recv(65536)
+            body = b'{"object":"list","data":[],"has_more":false}'
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            conn.close()
+            return
+
+    threading.Thread(target=serve, daemon=True).start()
+    c = BatchClient(Settings(openai_api_key=API_KEY, openai_base_url=f"http://127.0.0.1:{port}/v1",
+                             openai_timeout_s=0.3), policy=RetryPolicy(attempts=3, initial_s=0.01, max_s=0.05))
+    assert anyio.run(c.find_file, "x.jsonl") is None
+    assert (2, 1) == (len(conns), c.retries)
+    lsock.close()
