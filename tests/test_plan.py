@@ -59,3 +59,23 @@ def test_single_request_over_a_limit_is_an_error() -> None:
 def test_queue_tokens_conservative() -> None:
     """The queue counts max(tokenizer count, ceil(bytes / 4))."""
     assert (10, 26) == (queue_tokens(10, 40), queue_tokens(3, 101))
+
+
+def test_record_lines_short_and_full_round_trip() -> None:
+    """Rows sharing the batch's metadata are short arrays; others are self-contained; both decode
+    to the same shape, and a short line without the batch's defaults is refused."""
+    from embedbatch.batchapi.plan import decode_record_line, encode_record_line, record_defaults, record_line_id
+    from embedbatch.errors import StateError
+
+    first = {"fields": ["title"], "truncated": False, "path": "/data/a.jsonl", "line": 1}
+    defaults = record_defaults(first)
+    same = encode_record_line("a", "train", {**first, "line": 7}, 12, defaults)
+    cut = {"fields": ["title"], "truncated": True, "truncated_tokens": 3, "path": "/data/a.jsonl", "line": 8}
+    other = encode_record_line("b", None, cut, 8191, defaults)
+    assert b'["a","train",7,12]\n' == same
+    assert {"id": "a", "split": "train", "metadata": {**first, "line": 7}, "n_tokens": 12} == decode_record_line(
+        same, defaults)
+    assert {"id": "b", "split": None, "metadata": cut, "n_tokens": 8191} == decode_record_line(other, None)
+    assert ("a", "b") == (record_line_id(same), record_line_id(other))
+    with pytest.raises(StateError):
+        decode_record_line(same, None)

@@ -27,6 +27,7 @@ import numpy as np
 import orjson
 import structlog
 
+from embedbatch.batchapi.plan import decode_record_line, record_line_id
 from embedbatch.batchapi.state import BatchState, RunState, crash_point, load_batches
 from embedbatch.config import IngestConfig
 from embedbatch.sinks.parquet import Manifest, ShardWriter, remove_orphans, shard_ids, shard_text_hashes
@@ -110,9 +111,16 @@ class BatchReader:
     """
 
     def __init__(
-        self, batch_dir: Path, *, expected_dim: int | None, remote_status: str | None, chunk_rows: int = CHUNK_ROWS
+        self,
+        batch_dir: Path,
+        *,
+        expected_dim: int | None,
+        remote_status: str | None,
+        record_defaults: dict[str, Any] | None = None,
+        chunk_rows: int = CHUNK_ROWS,
     ) -> None:
         self.dir = batch_dir
+        self.defaults = record_defaults
         self.dim = expected_dim
         self.remote_status = remote_status
         self.chunk_rows = chunk_rows
@@ -120,7 +128,7 @@ class BatchReader:
         rec_off = [0]
         with open(batch_dir / "records.jsonl", "rb") as fh:
             for line in fh:
-                self.ids.append(orjson.loads(line)["id"])
+                self.ids.append(record_line_id(line))
                 rec_off.append(rec_off[-1] + len(line))
         inp_off = [0]
         with open(batch_dir / "input.jsonl", "rb") as fh:
@@ -241,7 +249,8 @@ class BatchReader:
         with open(self.dir / "records.jsonl", "rb") as rf, open(self.dir / "input.jsonl", "rb") as inf:
             rfd, ifd = rf.fileno(), inf.fileno()
             for i in positions.tolist():
-                rec = orjson.loads(os.pread(rfd, int(self.rec_off[i + 1] - self.rec_off[i]), int(self.rec_off[i])))
+                raw_rec = os.pread(rfd, int(self.rec_off[i + 1] - self.rec_off[i]), int(self.rec_off[i]))
+                rec = decode_record_line(raw_rec, self.defaults)
                 req = orjson.loads(os.pread(ifd, int(self.inp_off[i + 1] - self.inp_off[i]), int(self.inp_off[i])))
                 if req["custom_id"] != rec["id"]:
                     raise AssertionError(f"{self.dir}: records.jsonl and input.jsonl disagree at id {rec['id']}")
@@ -255,7 +264,9 @@ class BatchReader:
 def read_batch_results(batch_dir: Path, *, expected_dim: int | None, remote_status: str | None) -> BatchResult:
     """The whole batch decoded into input order (``(n, dim)`` float32); for inspection and tests.
     Ingest itself streams with :class:`BatchReader`."""
-    reader = BatchReader(batch_dir, expected_dim=expected_dim, remote_status=remote_status)
+    state = batch_dir / "batch.json"
+    defaults = BatchState.load(state).record_defaults if state.exists() else None
+    reader = BatchReader(batch_dir, expected_dim=expected_dim, remote_status=remote_status, record_defaults=defaults)
     parts = list(reader.chunks())
     dim = reader.dim or 0
     vectors = np.zeros((len(reader.ids), dim), np.float32)
@@ -442,7 +453,9 @@ def _ingest_sync(ws: Workspace, run: RunPaths, config: IngestConfig) -> IngestRe
     try:
         for bs in todo:
             d = run.batch_dir(bs.name)
-            reader = BatchReader(d, expected_dim=expected, remote_status=bs.remote_status)
+            reader = BatchReader(
+                d, expected_dim=expected, remote_status=bs.remote_status, record_defaults=bs.record_defaults
+            )
             if writer is not None and writer.rows_in_open_shard + bs.requests > config.rows_per_shard:
                 drain()
                 writer.close_shard()

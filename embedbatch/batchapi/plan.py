@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -118,3 +119,56 @@ def assign_batches(sizes: Iterable[RequestSize], limits: BatchLimits) -> Iterato
     splitter = BatchSplitter(limits)
     for size in sizes:
         yield splitter.add(size)
+
+
+# ---- records.jsonl lines ----------------------------------------------------------------------
+# ``records.jsonl`` holds, line for line with ``input.jsonl``, what the API does not carry back:
+# split, provenance metadata, token count. Most rows of a batch share their metadata but for the
+# line number (same file, same fields, not truncated), so a batch stores those shared values once
+# (``batch.json`` ``record_defaults``) and such a row is a short array
+# ``[id, split, line, n_tokens]``; any other row is a self-contained object
+# ``{"id", "split", "metadata", "n_tokens"}``. The short form halves the cost of planning.
+
+_SHARED_KEYS = ("fields", "truncated", "path")
+
+
+def record_defaults(metadata: dict[str, object]) -> dict[str, object]:
+    """The shared part of a row's metadata, taken from the first row of a batch."""
+    return {k: metadata[k] for k in _SHARED_KEYS if k in metadata}
+
+
+def encode_record_line(
+    rid: str, split: str | None, metadata: dict[str, Any], n_tokens: int, defaults: dict[str, Any]
+) -> bytes:
+    """One records.jsonl line (with its newline): short when the row's metadata is ``defaults``
+    plus a line number, else self-contained. (Runs once per row: a plain loop, no generator.)"""
+    if len(metadata) == len(defaults) + 1 and "line" in metadata:
+        for key, value in defaults.items():
+            if metadata.get(key) != value:
+                break
+        else:
+            return orjson.dumps([rid, split, metadata["line"], n_tokens]) + b"\n"
+    return orjson.dumps({"id": rid, "split": split, "metadata": metadata, "n_tokens": n_tokens}) + b"\n"
+
+
+def decode_record_line(raw: bytes, defaults: dict[str, Any] | None) -> dict[str, Any]:
+    """A records.jsonl line as ``{"id", "split", "metadata", "n_tokens"}`` whichever its form.
+
+    Raises:
+        StateError: a short line without the batch's defaults.
+    """
+    obj = orjson.loads(raw)
+    if isinstance(obj, dict):
+        return obj
+    if defaults is None:
+        from embedbatch.errors import StateError
+
+        raise StateError("a short records.jsonl line needs the batch's record_defaults (batch.json)")
+    rid, split, line, n_tokens = obj
+    return {"id": rid, "split": split, "metadata": {**defaults, "line": line}, "n_tokens": n_tokens}
+
+
+def record_line_id(raw: bytes) -> str:
+    """Only the id of a records.jsonl line (either form)."""
+    obj = orjson.loads(raw)
+    return str(obj[0] if isinstance(obj, list) else obj["id"])

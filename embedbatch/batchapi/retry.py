@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from embedbatch.batchapi.plan import BatchSplitter
+from embedbatch.batchapi.plan import BatchSplitter, decode_record_line, record_line_id
 from embedbatch.batchapi.state import RunState, load_batches
 from embedbatch.batchapi.submit import BatchFileWriter
 from embedbatch.config import BatchLimits
@@ -54,7 +54,7 @@ def plan_retry(ws: Workspace, run: RunPaths, *, max_attempts: int = 3) -> RetryP
         for bs in batches:
             if bs.status != "ingested" and bs.name.startswith("retry_"):
                 with open(run.batch_dir(bs.name) / "records.jsonl", "rb") as fh2:
-                    in_flight.update(orjson.loads(line)["id"] for line in fh2)
+                    in_flight.update(record_line_id(line) for line in fh2)
         limits = BatchLimits(**{k: v for k, v in rs.limits.items() if v is not None}) if rs.limits else BatchLimits()
         n_retry = sum(1 for b in batches if b.name.startswith("retry_"))
         writer = BatchFileWriter(run.root, BatchSplitter(limits), prefix="retry", first_number=n_retry + 1)
@@ -64,7 +64,7 @@ def plan_retry(ws: Workspace, run: RunPaths, *, max_attempts: int = 3) -> RetryP
                 d = run.batch_dir(bs.name)
                 with open(d / "records.jsonl", "rb") as rf, open(d / "input.jsonl", "rb") as inf:
                     for rline, iline in zip(rf, inf, strict=True):
-                        rec = orjson.loads(rline)
+                        rec = decode_record_line(rline, bs.record_defaults)
                         rid = rec["id"]
                         if rid not in failed or rid in in_flight or rid in chosen:
                             continue
@@ -76,7 +76,9 @@ def plan_retry(ws: Workspace, run: RunPaths, *, max_attempts: int = 3) -> RetryP
                             plan.given_up.append(rid)
                             continue
                         n_tokens = int(rec.get("n_tokens") or 0)
-                        writer.add_line(iline, rline, n_tokens, queue_tokens(n_tokens, len(text.encode("utf-8"))))
+                        # Retry batches mix rows of several batches: their record lines are self-contained.
+                        full = orjson.dumps(rec) + b"\n"
+                        writer.add_line(iline, full, n_tokens, queue_tokens(n_tokens, len(text.encode("utf-8"))))
                         chosen.add(rid)
                         rs.attempts[rid] = rs.attempts.get(rid, 1) + 1
         except BaseException:

@@ -17,11 +17,17 @@ from pathlib import Path
 from typing import IO, Any
 
 import anyio
-import orjson
 import structlog
 
 from embedbatch.batchapi.client import BatchClient
-from embedbatch.batchapi.plan import BatchSplitter, check_model_options, request_line
+from embedbatch.batchapi.plan import (
+    BatchSplitter,
+    check_model_options,
+    encode_record_line,
+    record_defaults,
+    record_line_id,
+    request_line,
+)
 from embedbatch.batchapi.state import (
     REMOTE_ACTIVE,
     BatchState,
@@ -87,8 +93,7 @@ def existing_ids(ws: Workspace, model: str, dataset: str) -> tuple[dict[str, str
             ):
                 continue
             with open(run.batch_dir(bs.name) / "records.jsonl", "rb") as fh:
-                for line in fh:
-                    planned.add(orjson.loads(line)["id"])
+                planned.update(record_line_id(line) for line in fh)
     return embedded, planned
 
 
@@ -123,30 +128,32 @@ class BatchFileWriter:
         self.recs: IO[bytes] | None = None
         self.states: list[BatchState] = []
         self._tokenizer_tokens = 0
+        self._defaults: dict[str, Any] = {}
         self._write_inp = None
         self._write_rec = None
 
     def add_record(self, rec: Record, line: bytes) -> None:
         """Add one prepared record and its request line (see :func:`plan.request_line`)."""
         n_tokens = rec.n_tokens
-        record_line = orjson.dumps(
-            {"id": rec.id, "split": rec.split, "source": rec.source, "metadata": rec.metadata, "n_tokens": n_tokens}
-        )
         # Queue tokens inline (see tokens.queue_tokens): this is the planning hot path.
         text = rec.text
         n_bytes = len(text) if text.isascii() else len(text.encode())  # isascii() is O(1)
         tokens = max(n_tokens, (n_bytes + 3) >> 2)
-        self.add_line(line, record_line + b"\n", n_tokens, tokens)
+        if self.splitter.add_request(len(line), 1, tokens) != self.current:
+            self._open(self.current + 1, record_defaults(rec.metadata))
+        self._write_inp(line)  # type: ignore[misc]
+        self._write_rec(encode_record_line(rec.id, rec.split, rec.metadata, n_tokens, self._defaults))  # type: ignore[misc]
+        self._tokenizer_tokens += n_tokens
 
     def add_line(self, line: bytes, record_line: bytes, n_tokens: int, tokens: int) -> None:
-        """Add a request line and its records.jsonl line; ``tokens`` are queue tokens."""
+        """Add a request line and its self-contained records.jsonl line; ``tokens`` are queue tokens."""
         if self.splitter.add_request(len(line), 1, tokens) != self.current:
-            self._open(self.current + 1)
+            self._open(self.current + 1, {})
         self._write_inp(line)  # type: ignore[misc]
         self._write_rec(record_line)  # type: ignore[misc]
         self._tokenizer_tokens += n_tokens
 
-    def _open(self, index: int) -> None:
+    def _open(self, index: int, defaults: dict[str, Any]) -> None:
         self._close()
         self.current = index
         name = f"{self.prefix}_{self.first_number + index:03d}"
@@ -156,7 +163,8 @@ class BatchFileWriter:
         self.recs = open(d / "records.jsonl", "wb", buffering=1 << 20)  # noqa: SIM115
         self._write_inp = self.inp.write  # type: ignore[assignment]
         self._write_rec = self.recs.write  # type: ignore[assignment]
-        self.states.append(BatchState(name=name))
+        self._defaults = defaults
+        self.states.append(BatchState(name=name, record_defaults=defaults or None))
 
     def _close(self) -> None:
         if self.states:
