@@ -85,6 +85,7 @@ class LocalResult:
     truncated: int = 0
     shards: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    warmup_s: float = 0.0
     loader: StageClock = field(default_factory=StageClock)
     encoder: StageClock = field(default_factory=StageClock)
     writer: StageClock = field(default_factory=StageClock)
@@ -232,8 +233,10 @@ def run_local(
         # dropped after the cut (their shard text is the cut text), so resume compares like with like.
         intake = Intake(source=source, prepare=prepare, sample=sample, tokenizer=None, rejected_path=run.rejected)
         if local.compile:
-            rows = max(1, tokens_per_batch // edges[0])
-            enc.warm_up([(max(1, tokens_per_batch // e), e) for e in edges] + [(rows, edges[0])])
+            # One forward per bucket shape before the run, so compilation is not timed as work.
+            t0 = time.perf_counter()
+            enc.warm_up([(max(1, tokens_per_batch // e), e) for e in edges])
+            result.warmup_s = time.perf_counter() - t0
         chunks: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_CHUNKS)
         writes: queue.Queue[Any] = queue.Queue(maxsize=WRITE_QUEUE)
         errors: list[BaseException] = []
