@@ -79,6 +79,15 @@ async def test_4xx_not_retried(tmp_path: Path, settings: Settings, ws: Workspace
     assert "Incorrect API key" in str(info.value)
 
 
+def _answer_empty_list(conn: socket.socket) -> None:
+    """Read a request and answer an empty OpenAI list object, then close."""
+    conn.recv(65536)
+    body = b'{"object":"list","data":[],"has_more":false}'
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    conn.close()
+
+
 def test_connection_reset_is_retried() -> None:
     """A server that drops the first connections: the SDK error becomes RetryLater and is retried."""
     lsock = socket.socket()
@@ -95,11 +104,7 @@ def test_connection_reset_is_retried() -> None:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 conn.close()  # RST
                 continue
-            conn.recv(65536)
-            body = b'{"object":"list","data":[],"has_more":false}'
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
-            conn.close()
+            _answer_empty_list(conn)
             return
 
     t = threading.Thread(target=serve, daemon=True)
@@ -224,11 +229,7 @@ def test_timeout_is_retried() -> None:
             conns.append(conn)
             if len(conns) == 1:
                 continue  # stall: read nothing, answer nothing
-            conn.recv(65536)
-            body = b'{"object":"list","data":[],"has_more":false}'
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
-            conn.close()
+            _answer_empty_list(conn)
             return
 
     threading.Thread(target=serve, daemon=True).start()
