@@ -46,5 +46,9 @@ embedbatch --log-format json run "$DATA" --dataset stdlib_docs --model "$EMBED_M
   --max-requests-per-batch 1000 --poll-seconds 1 2>"$EMBEDBATCH_WORKSPACE/run.log"
 embedbatch verify --dataset stdlib_docs
 embedbatch list
+if [ -z "$MODEL_PATH" ]; then
+  echo "(provider: serve's deterministic hash model, so these neighbours are arbitrary;"
+  echo " with the local extra installed, serve uses all-MiniLM-L6-v2 and they are real)"
+fi
 embedbatch search "read a file line by line" --dataset stdlib_docs --model "$EMBED_MODEL" -k 3
 echo "Shards: $EMBEDBATCH_WORKSPACE/embeddings/   manifest: $EMBEDBATCH_WORKSPACE/indexes/"
