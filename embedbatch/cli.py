@@ -387,8 +387,6 @@ def local(
     **opts: Any,
 ) -> None:
     """Embed with a local SentenceTransformer (GPU or CPU) into the same shards and sinks."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from embedbatch.config import LocalConfig
     from embedbatch.local.pipeline import run_local
 
@@ -406,16 +404,7 @@ def local(
         compile=compile_,
         devices=tuple(d.strip() for d in devices.split(",")) if devices else (),
     )
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("embedding"),
-        TextColumn("{task.completed:,} rows"),
-        TimeElapsedColumn(),
-        console=err_console,
-        disable=not err_console.is_terminal,
-        transient=True,
-    ) as prog:
-        task = prog.add_task("local", total=None)
+    with _RowProgress("embedding") as progress:
         result = run_local(
             _workspace(),
             source=source_config(source, opts, settings()),
@@ -425,7 +414,7 @@ def local(
             ingest=IngestConfig(rows_per_shard=rows_per_shard, dtype=shard_dtype),  # type: ignore[arg-type]
             pg_target=target,
             args=_safe_args({"source": source, "model": model, **opts}),
-            on_rows=lambda rows: prog.update(task, completed=rows),
+            on_rows=progress,
         )
     data = result.to_json()
     if json_out:
