@@ -15,7 +15,6 @@ already listed in the manifest are only marked.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pybase64
 import structlog
 
 from embedbatch.batchapi.plan import decode_record_line, record_line_id
@@ -57,7 +57,9 @@ def decode_vector(value: Any) -> np.ndarray:
         ValueError: not decodable.
     """
     if isinstance(value, str):
-        raw = base64.b64decode(value, validate=True)
+        # pybase64 decodes with SIMD: 6x the stdlib's rate on 8 KiB vectors (bench/ingest.py),
+        # where the stdlib decoder was the largest cost of an ingest.
+        raw = pybase64.b64decode(value, validate=True)
         if len(raw) % 4:
             raise ValueError(f"base64 payload of {len(raw)} bytes is not float32")
         return np.frombuffer(raw, dtype="<f4")
