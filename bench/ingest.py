@@ -20,6 +20,7 @@ from _util import PEAK_RSS, run_child
 MAKE = """
 import base64, sys, orjson, numpy as np
 from pathlib import Path
+from embedbatch.batchapi.plan import BatchRecords
 from embedbatch.batchapi.state import BatchState, RunState
 from embedbatch.workspace import RunPaths, Workspace
 root, n, fmt, dim = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], 1536
@@ -27,17 +28,19 @@ ws = Workspace(root / "ws")
 run = RunPaths(ws.runs_dir("m", "bench") / "run_x")
 d = run.batch_dir("batch_001"); d.mkdir(parents=True)
 rng = np.random.default_rng(0)
-with open(d / "records.jsonl", "wb") as rf, open(d / "input.jsonl", "wb") as inf, open(d / "output.jsonl", "wb") as of:
+records = BatchRecords({"fields": ["text"], "truncated": False, "path": "bench.jsonl"})
+with open(d / "input.jsonl", "wb") as inf, open(d / "output.jsonl", "wb") as of:
     order = rng.permutation(n)
     vecs = rng.standard_normal((n, dim)).astype("<f4")
     for i in range(n):
-        rf.write(orjson.dumps({"id": f"r{i}", "split": None, "source": "file", "metadata": {}, "sha256": ""}) + b"\\n")
+        records.append(f"r{i}", None, {"fields": ["text"], "truncated": False, "path": "bench.jsonl", "line": i + 1}, 3)
         inf.write(orjson.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/embeddings",
                                 "body": {"model": "m", "input": f"text {i}"}}) + b"\\n")
     for i in order:
         emb = base64.b64encode(vecs[i].tobytes()).decode() if fmt == "base64" else vecs[i].tolist()
         of.write(orjson.dumps({"id": "x", "custom_id": f"r{i}", "response": {"status_code": 200, "body": {
             "data": [{"index": 0, "embedding": emb}], "usage": {"total_tokens": 3}}}, "error": None}) + b"\\n")
+records.write(d / "records.parquet")
 RunState(run_id="run_x", model="m", dataset="bench", source="file", source_path="-", dimensions=dim).save(run)
 bs = BatchState(name="batch_001", status="downloaded", requests=n); bs.save(d)
 print(__import__("json").dumps({"bytes": (d / "output.jsonl").stat().st_size}))

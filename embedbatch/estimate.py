@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
-from embedbatch.batchapi.plan import BatchSplitter, request_line
+from embedbatch.batchapi.plan import BatchSplitter, request_encoder
 from embedbatch.config import BatchLimits, PrepareConfig, SampleConfig, SourceConfig
 from embedbatch.intake import Intake, IntakeStats
 from embedbatch.tokens import PRICES_AS_OF, cost_usd, get_tokenizer, queue_tokens
@@ -78,12 +79,13 @@ def estimate(
     """
     intake = Intake(source=source, prepare=prepare, sample=sample, tokenizer=get_tokenizer(model), on_row=on_row)
     splitter = BatchSplitter(limits or BatchLimits())
+    encode = request_encoder(model=model, dimensions=dimensions)
     queue = 0
-    for rec in intake.records():
-        line = request_line(rec.id, rec.text, model=model, dimensions=dimensions)
-        tokens = queue_tokens(rec.n_tokens, len(rec.text.encode("utf-8")))
-        queue += tokens
-        splitter.add_request(len(line), 1, tokens)
+    records = intake.records()
+    while chunk := list(islice(records, 4096)):
+        tokens = [queue_tokens(r.n_tokens, len(r.text.encode("utf-8"))) for r in chunk]
+        queue += sum(tokens)
+        splitter.assign([len(encode(r.id, r.text)) for r in chunk], tokens)
     return Estimate.build(
         model=model,
         dataset=intake.dataset,

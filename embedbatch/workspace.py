@@ -3,7 +3,7 @@
 Layout (root: ``--workspace`` / EMBEDBATCH_WORKSPACE)::
 
     batches/{model}/{dataset}/run_<UTC stamp>/run.json, rejected.jsonl, run.lock
-        batches/batch_NNN/input.jsonl records.jsonl batch.json output.jsonl errors.jsonl failed_ids.tsv
+        batches/batch_NNN/input.jsonl records.parquet batch.json output.jsonl errors.jsonl failed_ids.tsv
     embeddings/{model}/{dataset}/shard-NNNNN.parquet
     indexes/{model}/{dataset}/manifest.json
     cache/  logs/  workspace.lock

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedbatch.batchapi.ingest import decode_vector, read_batch_results
+from embedbatch.batchapi.plan import BatchRecords
 from embedbatch.server import HashBackend, ServerThread
 from embedbatch.sinks.parquet import Manifest
 from embedbatch.verify import verify_dataset
@@ -38,7 +39,10 @@ def _line(cid: str, vec: object, status: int = 200) -> bytes:
 def test_read_batch_results_every_failure_kind(tmp_path: Path) -> None:
     """Good lines map by custom_id; bad status, wrong dim, NaN, both error shapes and absent ids fail."""
     ids = ["ok1", "ok2", "dim", "nan", "err_body", "expired", "absent"]
-    (tmp_path / "records.jsonl").write_bytes(b"".join(orjson.dumps({"id": i}) + b"\n" for i in ids))
+    records = BatchRecords()
+    for i in ids:
+        records.append(i, None, {}, 1)
+    records.write(tmp_path / "records.parquet")
     (tmp_path / "input.jsonl").write_bytes(b"".join(
         orjson.dumps({"custom_id": i, "method": "POST", "url": "/v1/embeddings", "body": {"input": i}}) + b"\n"
         for i in ids))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import orjson
 import pytest
 
@@ -17,6 +19,23 @@ def test_request_line_shape() -> None:
     assert {"custom_id": "doc-1", "method": "POST", "url": "/v1/embeddings",
             "body": {"model": "text-embedding-3-small", "input": "hello", "encoding_format": "base64",
                      "dimensions": 256}} == orjson.loads(line)
+
+
+@pytest.mark.parametrize("dimensions", [None, 512])
+def test_request_encoder_matches_orjson_byte_for_byte(dimensions: int | None) -> None:
+    """The templated line is exactly orjson's encoding of the request object, for ids and texts
+    that need escaping (quotes, backslashes, control characters, non-ASCII, astral plane)."""
+    from embedbatch.batchapi.plan import request_encoder
+
+    encode = request_encoder(model='m"odel', dimensions=dimensions)
+    cases = [("a", "plain"), ('q"uote', 'say "hi"\\'), ("tab\t", "line\nbreak\r\x00\x1f"),
+             ("é", "naïve café ☕ 𝔘𝔫𝔦"), ("", ""), ('","', '"}},{"')]
+    for cid, text in cases:
+        body: dict[str, object] = {"model": 'm"odel', "input": text, "encoding_format": "base64"}
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+        expected = orjson.dumps({"custom_id": cid, "method": "POST", "url": "/v1/embeddings", "body": body}) + b"\n"
+        assert expected == encode(cid, text)
 
 
 def test_dimensions_only_for_v3() -> None:
@@ -61,21 +80,52 @@ def test_queue_tokens_conservative() -> None:
     assert (10, 26) == (queue_tokens(10, 40), queue_tokens(3, 101))
 
 
-def test_record_lines_short_and_full_round_trip() -> None:
-    """Rows sharing the batch's metadata are short arrays; others are self-contained; both decode
-    to the same shape, and a short line without the batch's defaults is refused."""
-    from embedbatch.batchapi.plan import decode_record_line, encode_record_line, record_defaults, record_line_id
+def test_batch_records_shared_and_own_metadata_round_trip(tmp_path: Path) -> None:
+    """Rows sharing the batch's file/fields/truncated store only their line; other rows keep their
+    whole metadata; both read back to the same rows, and a missing file is a StateError."""
+    from embedbatch.batchapi.plan import BatchRecords, read_record_ids
     from embedbatch.errors import StateError
 
     first = {"fields": ["title"], "truncated": False, "path": "/data/a.jsonl", "line": 1}
-    defaults = record_defaults(first)
-    same = encode_record_line("a", "train", {**first, "line": 7}, 12, defaults)
+    recs = BatchRecords(BatchRecords.shared_from(first))
     cut = {"fields": ["title"], "truncated": True, "truncated_tokens": 3, "path": "/data/a.jsonl", "line": 8}
-    other = encode_record_line("b", None, cut, 8191, defaults)
-    assert b'["a","train",7,12]\n' == same
-    assert {"id": "a", "split": "train", "metadata": {**first, "line": 7}, "n_tokens": 12} == decode_record_line(
-        same, defaults)
-    assert {"id": "b", "split": None, "metadata": cut, "n_tokens": 8191} == decode_record_line(other, None)
-    assert ("a", "b") == (record_line_id(same), record_line_id(other))
-    with pytest.raises(StateError):
-        decode_record_line(same, None)
+    other_file = {"fields": ["title"], "truncated": False, "path": "/data/b.jsonl", "line": 2}
+    recs.append("a", "train", {**first, "line": 7}, 12)
+    recs.append("b", None, cut, 8191)
+    recs.append("c", None, other_file, 5)
+    recs.append("d", "test", {"db": "pg"}, 1)
+    assert [7, None, None, None] == recs.lines
+    recs.write(tmp_path / "records.parquet")
+    back = BatchRecords.read(tmp_path)
+    assert [
+        {"id": "a", "split": "train", "metadata": {**first, "line": 7}, "n_tokens": 12},
+        {"id": "b", "split": None, "metadata": cut, "n_tokens": 8191},
+        {"id": "c", "split": None, "metadata": other_file, "n_tokens": 5},
+        {"id": "d", "split": "test", "metadata": {"db": "pg"}, "n_tokens": 1},
+    ] == [back.row(i) for i in range(len(back))]
+    assert ["a", "b", "c", "d"] == read_record_ids(tmp_path)
+    with pytest.raises(StateError, match="records.parquet"):
+        BatchRecords.read(tmp_path / "nowhere")
+
+
+def test_batch_file_writer_replaces_debris_of_a_crashed_plan(tmp_path: Path) -> None:
+    """A batch folder without batch.json (a plan killed before it finished) is never submitted;
+    the next plan with the same name replaces it instead of failing."""
+    from embedbatch.batchapi.plan import BatchRecords, BatchSplitter, request_line
+    from embedbatch.batchapi.submit import BatchFileWriter
+    from embedbatch.records import Record
+
+    debris = tmp_path / "batches" / "retry_001"
+    debris.mkdir(parents=True)
+    (debris / "input.jsonl").write_bytes(b"stale\n")
+    writer = BatchFileWriter(tmp_path, BatchSplitter(BatchLimits(max_requests=2)), prefix="retry")
+    for i in range(3):
+        rec = Record(id=f"r{i}", source="file", dataset="d", split=None, text=f"t{i}", n_tokens=2,
+                     metadata={"path": "x", "line": i + 1})
+        writer.add_record(rec, request_line(rec.id, rec.text, model="m", dimensions=None))
+    states = writer.finish()
+    assert [("retry_001", 2), ("retry_002", 1)] == [(bs.name, bs.requests) for bs in states]
+    lines = (debris / "input.jsonl").read_bytes().splitlines()
+    assert ["r0", "r1"] == [orjson.loads(line)["custom_id"] for line in lines]
+    assert ["r0", "r1"] == BatchRecords.read(debris).ids
+    assert (debris / "batch.json").exists()

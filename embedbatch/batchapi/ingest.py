@@ -16,6 +16,7 @@ already listed in the manifest are only marked.
 from __future__ import annotations
 
 import binascii
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,9 +28,10 @@ import orjson
 import pybase64
 import structlog
 
-from embedbatch.batchapi.plan import decode_record_line, record_line_id
+from embedbatch.batchapi.plan import RECORDS_FILE, BatchRecords
 from embedbatch.batchapi.state import BatchState, RunState, crash_point, load_batches
 from embedbatch.config import IngestConfig
+from embedbatch.errors import StateError
 from embedbatch.sinks.parquet import Manifest, ShardWriter, remove_orphans, shard_ids, shard_text_hashes
 from embedbatch.tokens import MODEL_DIMENSIONS, cost_usd
 from embedbatch.workspace import RunPaths, Workspace, atomic_write_bytes, file_lock
@@ -103,9 +105,10 @@ def _error_reason(line: dict[str, Any]) -> str:
 class BatchReader:
     """Streams one downloaded batch: ok rows in output order, chunk by chunk.
 
-    The input is indexed first (ids, and the byte offset of every ``records.jsonl`` and
-    ``input.jsonl`` line: 8 bytes each), so a row's text and metadata are read back by offset
-    when its vector arrives; no file is held whole and no ``(n, dim)`` array is built.
+    The batch's records (``records.parquet``: ids, splits, metadata) are read first and
+    ``input.jsonl`` is indexed (the byte offset of every line: 8 bytes each), so a row's text is
+    read back by offset when its vector arrives; the output file is never held whole and no
+    ``(n, dim)`` array is built.
 
     After :meth:`chunks` is exhausted, ``failed`` lists (id, reason, line) for every input id that
     is not ok (error lines of both shapes, invalid vectors, and ids absent from every file),
@@ -118,27 +121,22 @@ class BatchReader:
         *,
         expected_dim: int | None,
         remote_status: str | None,
-        record_defaults: dict[str, Any] | None = None,
         chunk_rows: int = CHUNK_ROWS,
     ) -> None:
         self.dir = batch_dir
-        self.defaults = record_defaults
         self.dim = expected_dim
         self.remote_status = remote_status
         self.chunk_rows = chunk_rows
-        self.ids: list[str] = []
-        rec_off = [0]
-        with open(batch_dir / "records.jsonl", "rb") as fh:
-            for line in fh:
-                self.ids.append(record_line_id(line))
-                rec_off.append(rec_off[-1] + len(line))
+        self.records = BatchRecords.read(batch_dir)
+        self.ids: list[str] = self.records.ids
         inp_off = [0]
         with open(batch_dir / "input.jsonl", "rb") as fh:
             for line in fh:
                 inp_off.append(inp_off[-1] + len(line))
-        if len(inp_off) != len(rec_off):
-            raise AssertionError(f"{batch_dir}: records.jsonl and input.jsonl have different line counts")
-        self.rec_off = np.asarray(rec_off, dtype=np.int64)
+        if len(inp_off) - 1 != len(self.ids):
+            raise StateError(
+                f"{batch_dir}: {RECORDS_FILE} has {len(self.ids)} rows but input.jsonl {len(inp_off) - 1} lines"
+            )
         self.inp_off = np.asarray(inp_off, dtype=np.int64)
         self.pos = {rid: i for i, rid in enumerate(self.ids)}
         self.ok = np.zeros(len(self.ids), dtype=bool)
@@ -245,30 +243,27 @@ class BatchReader:
 
     def rows_at(self, positions: np.ndarray) -> tuple[list[str], list[str], list[str], list[str | None]]:
         """(ids, texts, metadata JSON, splits) of input rows, read back by byte offset."""
-        import os
-
+        recs = self.records
         ids, texts, metas, splits = [], [], [], []
-        with open(self.dir / "records.jsonl", "rb") as rf, open(self.dir / "input.jsonl", "rb") as inf:
-            rfd, ifd = rf.fileno(), inf.fileno()
+        off = self.inp_off
+        with open(self.dir / "input.jsonl", "rb") as inf:
+            ifd = inf.fileno()
             for i in positions.tolist():
-                raw_rec = os.pread(rfd, int(self.rec_off[i + 1] - self.rec_off[i]), int(self.rec_off[i]))
-                rec = decode_record_line(raw_rec, self.defaults)
-                req = orjson.loads(os.pread(ifd, int(self.inp_off[i + 1] - self.inp_off[i]), int(self.inp_off[i])))
-                if req["custom_id"] != rec["id"]:
-                    raise AssertionError(f"{self.dir}: records.jsonl and input.jsonl disagree at id {rec['id']}")
-                ids.append(rec["id"])
+                req = orjson.loads(os.pread(ifd, int(off[i + 1] - off[i]), int(off[i])))
+                rid = recs.ids[i]
+                if req["custom_id"] != rid:
+                    raise StateError(f"{self.dir}: {RECORDS_FILE} and input.jsonl disagree at row {i} (id {rid})")
+                ids.append(rid)
                 texts.append(req["body"]["input"])
-                metas.append(orjson.dumps(rec["metadata"]).decode())
-                splits.append(rec["split"])
+                metas.append(orjson.dumps(recs.metadata_at(i)).decode())
+                splits.append(recs.splits[i])
         return ids, texts, metas, splits
 
 
 def read_batch_results(batch_dir: Path, *, expected_dim: int | None, remote_status: str | None) -> BatchResult:
     """The whole batch decoded into input order (``(n, dim)`` float32); for inspection and tests.
     Ingest itself streams with :class:`BatchReader`."""
-    state = batch_dir / "batch.json"
-    defaults = BatchState.load(state).record_defaults if state.exists() else None
-    reader = BatchReader(batch_dir, expected_dim=expected_dim, remote_status=remote_status, record_defaults=defaults)
+    reader = BatchReader(batch_dir, expected_dim=expected_dim, remote_status=remote_status)
     parts = list(reader.chunks())
     dim = reader.dim or 0
     vectors = np.zeros((len(reader.ids), dim), np.float32)
@@ -414,8 +409,6 @@ async def sink_run_to_pg(ws: Workspace, run: RunPaths, rs: RunState) -> dict[str
 def _ingest_sync(ws: Workspace, run: RunPaths, config: IngestConfig) -> IngestResult:
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    from embedbatch.errors import StateError
-
     started = time.monotonic()
     rs = RunState.load(run)
     manifest = Manifest.load(ws, rs.model, rs.dataset)
@@ -455,9 +448,7 @@ def _ingest_sync(ws: Workspace, run: RunPaths, config: IngestConfig) -> IngestRe
     try:
         for bs in todo:
             d = run.batch_dir(bs.name)
-            reader = BatchReader(
-                d, expected_dim=expected, remote_status=bs.remote_status, record_defaults=bs.record_defaults
-            )
+            reader = BatchReader(d, expected_dim=expected, remote_status=bs.remote_status)
             if writer is not None and writer.rows_in_open_shard + bs.requests > config.rows_per_shard:
                 drain()
                 writer.close_shard()

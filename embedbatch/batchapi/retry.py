@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from embedbatch.batchapi.plan import BatchSplitter, decode_record_line, record_line_id
+from embedbatch.batchapi.plan import BatchRecords, BatchSplitter, read_record_ids
 from embedbatch.batchapi.state import RunState, load_batches
 from embedbatch.batchapi.submit import BatchFileWriter
 from embedbatch.config import BatchLimits
@@ -53,8 +53,7 @@ def plan_retry(ws: Workspace, run: RunPaths, *, max_attempts: int = 3) -> RetryP
         in_flight: set[str] = set()
         for bs in batches:
             if bs.status != "ingested" and bs.name.startswith("retry_"):
-                with open(run.batch_dir(bs.name) / "records.jsonl", "rb") as fh2:
-                    in_flight.update(record_line_id(line) for line in fh2)
+                in_flight.update(read_record_ids(run.batch_dir(bs.name)))
         limits = BatchLimits(**{k: v for k, v in rs.limits.items() if v is not None}) if rs.limits else BatchLimits()
         n_retry = sum(1 for b in batches if b.name.startswith("retry_"))
         writer = BatchFileWriter(run.root, BatchSplitter(limits), prefix="retry", first_number=n_retry + 1)
@@ -62,10 +61,10 @@ def plan_retry(ws: Workspace, run: RunPaths, *, max_attempts: int = 3) -> RetryP
         try:
             for bs in batches:
                 d = run.batch_dir(bs.name)
-                with open(d / "records.jsonl", "rb") as rf, open(d / "input.jsonl", "rb") as inf:
-                    for rline, iline in zip(rf, inf, strict=True):
-                        rec = decode_record_line(rline, bs.record_defaults)
-                        rid = rec["id"]
+                records = BatchRecords.read(d)
+                with open(d / "input.jsonl", "rb") as inf:
+                    for i, iline in enumerate(inf):
+                        rid = records.ids[i]
                         if rid not in failed or rid in in_flight or rid in chosen:
                             continue
                         text = orjson.loads(iline)["body"]["input"]
@@ -75,10 +74,9 @@ def plan_retry(ws: Workspace, run: RunPaths, *, max_attempts: int = 3) -> RetryP
                         if rs.attempts.get(rid, 1) >= max_attempts:
                             plan.given_up.append(rid)
                             continue
-                        n_tokens = int(rec.get("n_tokens") or 0)
-                        # Retry batches mix rows of several batches: their record lines are self-contained.
-                        full = orjson.dumps(rec) + b"\n"
-                        writer.add_line(iline, full, n_tokens, queue_tokens(n_tokens, len(text.encode("utf-8"))))
+                        row = records.row(i)
+                        n_tokens = int(row["n_tokens"] or 0)
+                        writer.add_row(iline, row, queue_tokens(n_tokens, len(text.encode("utf-8"))))
                         chosen.add(rid)
                         rs.attempts[rid] = rs.attempts.get(rid, 1) + 1
         except BaseException:

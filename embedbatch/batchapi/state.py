@@ -83,7 +83,6 @@ class BatchState:
     attempt: int = 0
     retry_of: list[str] = field(default_factory=list)
     remote: dict[str, Any] | None = None
-    record_defaults: dict[str, Any] | None = None
     usage_tokens: int | None = None
     succeeded: int | None = None
     failed: int | None = None

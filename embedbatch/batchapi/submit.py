@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,12 +23,12 @@ import structlog
 
 from embedbatch.batchapi.client import BatchClient
 from embedbatch.batchapi.plan import (
+    RECORDS_FILE,
+    BatchRecords,
     BatchSplitter,
     check_model_options,
-    encode_record_line,
-    record_defaults,
-    record_line_id,
-    request_line,
+    read_record_ids,
+    request_encoder,
 )
 from embedbatch.batchapi.state import (
     REMOTE_ACTIVE,
@@ -92,8 +94,7 @@ def existing_ids(ws: Workspace, model: str, dataset: str) -> tuple[dict[str, str
                 bs.status == "downloaded" and bs.remote_status != "completed"
             ):
                 continue
-            with open(run.batch_dir(bs.name) / "records.jsonl", "rb") as fh:
-                planned.update(record_line_id(line) for line in fh)
+            planned.update(read_record_ids(run.batch_dir(bs.name)))
     return embedded, planned
 
 
@@ -107,11 +108,15 @@ class PlannedRun:
     skipped_existing: int
 
 
+PLAN_CHUNK_ROWS = 4096  # rows per add_records call: large enough that per-call costs vanish
+
+
 class BatchFileWriter:
     """Streams request lines into ``batches/{prefix}_NNN/{input,records}.jsonl`` under the limits.
 
-    ``input.jsonl`` is what is uploaded; ``records.jsonl`` holds, line for line, what the API does
-    not carry back (split, source, metadata) for ingest. Used by planning and by retry.
+    ``input.jsonl`` is what is uploaded; ``records.parquet`` holds, row for row, what the API does
+    not carry back (split, metadata, token count) for ingest (see :class:`plan.BatchRecords`).
+    Used by planning and by retry.
 
     Args:
         root: the run directory (or its ``.partial`` twin while planning).
@@ -125,57 +130,94 @@ class BatchFileWriter:
         self.first_number = first_number
         self.current = -1
         self.inp: IO[bytes] | None = None
-        self.recs: IO[bytes] | None = None
         self.states: list[BatchState] = []
         self._tokenizer_tokens = 0
-        self._defaults: dict[str, Any] = {}
-        self._write_inp = None
-        self._write_rec = None
+        self.records = BatchRecords()
+        self._dir: Path | None = None
+        self._write_inp: Callable[[bytes], object] | None = None
 
     def add_record(self, rec: Record, line: bytes) -> None:
-        """Add one prepared record and its request line (see :func:`plan.request_line`)."""
-        n_tokens = rec.n_tokens
-        # Queue tokens inline (see tokens.queue_tokens): this is the planning hot path.
-        text = rec.text
-        n_bytes = len(text) if text.isascii() else len(text.encode())  # isascii() is O(1)
-        tokens = max(n_tokens, (n_bytes + 3) >> 2)
-        if self.splitter.add_request(len(line), 1, tokens) != self.current:
-            self._open(self.current + 1, record_defaults(rec.metadata))
-        self._write_inp(line)  # type: ignore[misc]
-        self._write_rec(encode_record_line(rec.id, rec.split, rec.metadata, n_tokens, self._defaults))  # type: ignore[misc]
-        self._tokenizer_tokens += n_tokens
+        """Add one prepared record and its request line (see :func:`plan.request_encoder`)."""
+        self.add_records([rec], [line])
 
-    def add_line(self, line: bytes, record_line: bytes, n_tokens: int, tokens: int) -> None:
-        """Add a request line and its self-contained records.jsonl line; ``tokens`` are queue tokens."""
-        if self.splitter.add_request(len(line), 1, tokens) != self.current:
-            self._open(self.current + 1, {})
-        self._write_inp(line)  # type: ignore[misc]
-        self._write_rec(record_line)  # type: ignore[misc]
-        self._tokenizer_tokens += n_tokens
+    def add_records(self, recs: Sequence[Record], lines: Sequence[bytes]) -> None:
+        """Add prepared records and their request lines, in order.
 
-    def _open(self, index: int, defaults: dict[str, Any]) -> None:
+        This is the planning hot path, so it works on a chunk of rows with list comprehensions
+        rather than a call per row. Queue tokens are computed inline as in
+        :func:`tokens.queue_tokens`: max(tokenizer count, ceil(UTF-8 bytes / 4)).
+        """
+        n_tokens = [r.n_tokens for r in recs]
+        n_bytes = [len(t) if t.isascii() else len(t.encode()) for t in [r.text for r in recs]]  # isascii() is O(1)
+        queue = [n if 4 * n >= b else (b + 3) >> 2 for n, b in zip(n_tokens, n_bytes, strict=True)]
+        self._add(
+            lines,
+            queue,
+            [r.id for r in recs],
+            [r.split for r in recs],
+            [r.metadata for r in recs],
+            n_tokens,
+        )
+
+    def add_all(self, records: Iterable[Record], encode: Callable[[str, str], bytes]) -> None:
+        """Add every record, chunk by chunk, with its request line from ``encode`` (see
+        :func:`plan.request_encoder`). This is what planning runs and bench/plan.py times."""
+        it = iter(records)
+        while chunk := list(islice(it, PLAN_CHUNK_ROWS)):
+            self.add_records(chunk, [encode(r.id, r.text) for r in chunk])
+
+    def add_row(self, line: bytes, row: dict[str, Any], tokens: int) -> None:
+        """Add a request line and its records row (``{"id", "split", "metadata", "n_tokens"}``, as
+        :meth:`BatchRecords.row` gives it); ``tokens`` are queue tokens."""
+        n_tokens = int(row.get("n_tokens") or 0)
+        self._add([line], [tokens], [row["id"]], [row.get("split")], [row.get("metadata") or {}], [n_tokens])
+
+    def _add(
+        self,
+        lines: Sequence[bytes],
+        queue: list[int],
+        ids: list[str],
+        splits: list[str | None],
+        metadata: list[dict[str, Any]],
+        n_tokens: list[int],
+    ) -> None:
+        batches = self.splitter.assign([len(line) for line in lines], queue)
+        start = 0
+        while start < len(batches):
+            index = batches[start]
+            end = bisect_right(batches, index, start)  # batch indices never decrease
+            if index != self.current:
+                self._open(index, BatchRecords.shared_from(metadata[start]))
+            self._write_inp(b"".join(lines[start:end]))  # type: ignore[misc]
+            self.records.extend(ids[start:end], splits[start:end], metadata[start:end], n_tokens[start:end])
+            self._tokenizer_tokens += sum(n_tokens[start:end])
+            start = end
+
+    def _open(self, index: int, shared: dict[str, Any]) -> None:
         self._close()
         self.current = index
         name = f"{self.prefix}_{self.first_number + index:03d}"
         d = self.root / "batches" / name
+        if d.is_dir() and not (d / "batch.json").exists():
+            shutil.rmtree(d)  # files of a plan that crashed before its batch.json: never submitted
         d.mkdir(parents=True)
+        self._dir = d
         self.inp = open(d / "input.jsonl", "wb", buffering=1 << 20)  # noqa: SIM115
-        self.recs = open(d / "records.jsonl", "wb", buffering=1 << 20)  # noqa: SIM115
-        self._write_inp = self.inp.write  # type: ignore[assignment]
-        self._write_rec = self.recs.write  # type: ignore[assignment]
-        self._defaults = defaults
-        self.states.append(BatchState(name=name, record_defaults=defaults or None))
+        self._write_inp = self.inp.write
+        self.records = BatchRecords(shared)
+        self.states.append(BatchState(name=name))
 
     def _close(self) -> None:
         if self.states:
             self.states[-1].tokenizer_tokens = self._tokenizer_tokens
             self._tokenizer_tokens = 0
-        for fh in (self.inp, self.recs):
-            if fh is not None:
-                fh.flush()
-                os.fsync(fh.fileno())
-                fh.close()
-        self.inp = self.recs = None
+        if self.inp is not None:
+            self.inp.flush()
+            os.fsync(self.inp.fileno())
+            self.inp.close()
+            self.inp = None
+            assert self._dir is not None
+            self.records.write(self._dir / RECORDS_FILE)
 
     def abort(self) -> None:
         """Close files without saving batch states (the caller removes the directory)."""
@@ -244,10 +286,9 @@ def plan_run(
         exclude=exclude,
     )
     writer = BatchFileWriter(partial, BatchSplitter(submit.limits))
-    model, dims = submit.model, submit.dimensions
+    encode = request_encoder(model=submit.model, dimensions=submit.dimensions)
     try:
-        for rec in intake.records():
-            writer.add_record(rec, request_line(rec.id, rec.text, model=model, dimensions=dims))
+        writer.add_all(intake.records(), encode)
         states = writer.finish()
     except BaseException:
         writer.abort()
