@@ -103,6 +103,8 @@ def test_batch_records_shared_and_own_metadata_round_trip(tmp_path: Path) -> Non
         {"id": "c", "split": None, "metadata": other_file, "n_tokens": 5},
         {"id": "d", "split": "test", "metadata": {"db": "pg"}, "n_tokens": 1},
     ] == [back.row(i) for i in range(len(back))]
+    expected_meta = [first | {"line": 7}, cut, other_file, {"db": "pg"}]
+    assert expected_meta == [orjson.loads(back.metadata_json(i)) for i in range(len(back))]
     assert ["a", "b", "c", "d"] == read_record_ids(tmp_path)
     with pytest.raises(StateError, match="records.parquet"):
         BatchRecords.read(tmp_path / "nowhere")

@@ -255,7 +255,7 @@ class BatchReader:
                     raise StateError(f"{self.dir}: {RECORDS_FILE} and input.jsonl disagree at row {i} (id {rid})")
                 ids.append(rid)
                 texts.append(req["body"]["input"])
-                metas.append(orjson.dumps(recs.metadata_at(i)).decode())
+                metas.append(recs.metadata_json(i))
                 splits.append(recs.splits[i])
         return ids, texts, metas, splits
 

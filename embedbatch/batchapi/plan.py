@@ -273,8 +273,13 @@ class BatchRecords:
             return {**self.shared, "line": self.lines[i]}
         return orjson.loads(m) if isinstance(m, str) else dict(m)
 
+    def metadata_json(self, i: int) -> str:
+        """The whole metadata of row ``i`` as JSON text (the stored text when there is one)."""
+        m = self.metadata[i]
+        return m if isinstance(m, str) else orjson.dumps(self.metadata_at(i)).decode()
+
     def write(self, path: Path) -> None:
-        """Write the file (zstd) and fsync it; the caller makes it visible (rename or batch.json)."""
+        """Write the file and fsync it; the caller makes it visible (rename or batch.json)."""
         meta = [m if m is None or isinstance(m, str) else orjson.dumps(m).decode() for m in self.metadata]
         table = pa.table(
             {
