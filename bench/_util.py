@@ -18,7 +18,5 @@ def run_child(code: str, *args: str) -> dict[str, float]:
     return result
 
 
-PEAK_RSS = (
-    "import resource; _rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024"
-)
+PEAK_RSS = "import resource; _rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024"
 _ = resource

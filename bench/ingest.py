@@ -20,8 +20,8 @@ from _util import PEAK_RSS, run_child
 MAKE = """
 import base64, sys, orjson, numpy as np
 from pathlib import Path
-from embedbatch.batchapi.plan import BatchRecords
-from embedbatch.batchapi.state import BatchState, RunState
+from embedbatch.engines.batchapi.plan import BatchRecords
+from embedbatch.runs import BatchState, RunState
 from embedbatch.workspace import RunPaths, Workspace
 root, n, fmt, dim = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], 1536
 ws = Workspace(root / "ws")
@@ -46,18 +46,23 @@ bs = BatchState(name="batch_001", status="downloaded", requests=n); bs.save(d)
 print(__import__("json").dumps({"bytes": (d / "output.jsonl").stat().st_size}))
 """
 
-OURS = PEAK_RSS + """
+OURS = (
+    PEAK_RSS
+    + """
 import json, sys, time, anyio
 from pathlib import Path
-from embedbatch.batchapi.ingest import ingest_run
+from embedbatch.engines.batchapi.ingest import ingest_run
 from embedbatch.workspace import RunPaths, Workspace
 root = Path(sys.argv[1]); ws = Workspace(root / "ws")
 run = RunPaths(ws.runs_dir("m", "bench") / "run_x")
 t = time.perf_counter(); res = anyio.run(ingest_run, ws, run); s = time.perf_counter() - t
 print(json.dumps({"rows": res.rows, "seconds": s, "rss_mib": _rss()}))
 """
+)
 
-BASELINE = PEAK_RSS + """
+BASELINE = (
+    PEAK_RSS
+    + """
 import base64, json, sys, time, orjson, numpy as np
 from pathlib import Path
 p = Path(sys.argv[1]) / "ws/batches/m/bench/run_x/batches/batch_001/output.jsonl"
@@ -71,6 +76,7 @@ with open(p, "rb") as fh:
 s = time.perf_counter() - t
 print(json.dumps({"rows": n, "seconds": s, "rss_mib": _rss()}))
 """
+)
 
 
 def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -83,7 +89,7 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def reset_batch(root: str) -> None:
     """Put the batch back to downloaded so the next ingest does the whole work again."""
-    from embedbatch.batchapi.state import BatchState
+    from embedbatch.runs import BatchState
 
     d = Path(root) / "ws" / "batches" / "m" / "bench" / "run_x" / "batches" / "batch_001"
     bs = BatchState.load(d / "batch.json")
@@ -112,10 +118,14 @@ def main() -> None:
         base = median_run(base_runs)
         ours = median_run(our_runs)
         for name, r in (("baseline", base), ("ingest", ours)):
-            print(f"{fmt:<8}{name:<12}{r['rows'] / r['seconds']:>10,.0f}{size / r['seconds'] / 1e6:>9.1f}"
-                  f"{r['seconds']:>9.2f}{r['rss_mib']:>14.0f}")
-        print(f"{fmt}: ingest/baseline rate = {base['seconds'] / ours['seconds']:.2f}"
-              f" (target >= 0.7 for base64); output file {size / 1e6:.0f} MB")
+            print(
+                f"{fmt:<8}{name:<12}{r['rows'] / r['seconds']:>10,.0f}{size / r['seconds'] / 1e6:>9.1f}"
+                f"{r['seconds']:>9.2f}{r['rss_mib']:>14.0f}"
+            )
+        print(
+            f"{fmt}: ingest/baseline rate = {base['seconds'] / ours['seconds']:.2f}"
+            f" (target >= 0.7 for base64); output file {size / 1e6:.0f} MB"
+        )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import DATA, PEAK_RSS, run_child
 
-CHILD = PEAK_RSS + """
+CHILD = (
+    PEAK_RSS
+    + """
 import json, sys, time
 from embedbatch.config import PrepareConfig, SampleConfig, SourceConfig
 from embedbatch.estimate import estimate
@@ -26,6 +28,7 @@ e = estimate(source=SourceConfig(path=path, id_field=id_field), prepare=PrepareC
 s = time.perf_counter() - t
 print(json.dumps({"rows": e.stats.rows_read, "seconds": s, "rows_per_s": e.stats.rows_read / s, "rss_mib": _rss()}))
 """
+)
 
 
 def make_copies(src: Path, dest: Path, times: int) -> Path:

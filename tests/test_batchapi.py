@@ -11,20 +11,25 @@ import openai
 import orjson
 import pytest
 
-from embedbatch.batchapi.client import BatchClient, RetryPolicy
-from embedbatch.batchapi.poll import poll_pass
-from embedbatch.batchapi.state import RunState, load_batches
-from embedbatch.batchapi.submit import plan_run, submit_run
 from embedbatch.config import BatchLimits, PrepareConfig, SampleConfig, Settings, SourceConfig, SubmitConfig
+from embedbatch.engines.batchapi.client import BatchClient, RetryPolicy
+from embedbatch.engines.batchapi.poll import poll_pass
+from embedbatch.engines.batchapi.submit import plan_run, submit_run
 from embedbatch.errors import LimitError, LockedError, ProviderError
+from embedbatch.runs import RunState, load_batches
 from embedbatch.server import ServerThread
 from embedbatch.workspace import Workspace, file_lock
 from tests.conftest import API_KEY, cli_env, run_cli, sample_rows, write_jsonl
 
 
 def plan(ws: Workspace, path: Path, **submit: object) -> object:
-    return plan_run(ws, source=SourceConfig(path=str(path)), prepare=PrepareConfig(fields=("title", "body")),
-                    sample=SampleConfig(), submit=SubmitConfig(**submit))  # type: ignore[arg-type]
+    return plan_run(
+        ws,
+        source=SourceConfig(path=str(path)),
+        prepare=PrepareConfig(fields=("title", "body")),
+        sample=SampleConfig(),
+        submit=SubmitConfig(**submit),
+    )  # type: ignore[arg-type]
 
 
 async def drain(ws: Workspace, client: BatchClient, server: ServerThread, **kw: object) -> None:
@@ -37,8 +42,9 @@ async def drain(ws: Workspace, client: BatchClient, server: ServerThread, **kw: 
     raise AssertionError("batches never finished")
 
 
-async def test_submit_and_poll_to_downloaded(tmp_path: Path, ws: Workspace, client: BatchClient,
-                                             server: ServerThread) -> None:
+async def test_submit_and_poll_to_downloaded(
+    tmp_path: Path, ws: Workspace, client: BatchClient, server: ServerThread
+) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", sample_rows(25))
     planned = plan(ws, path, limits=BatchLimits(max_requests=10))
     run = planned.run  # type: ignore[attr-defined]
@@ -48,8 +54,11 @@ async def test_submit_and_poll_to_downloaded(tmp_path: Path, ws: Workspace, clie
     batches = load_batches(run)
     assert {"downloaded"} == {b.status for b in batches}
     assert [10, 10, 5] == [b.succeeded for b in batches]
-    out_ids = sorted(orjson.loads(x)["custom_id"] for b in batches
-                     for x in (run.batch_dir(b.name) / "output.jsonl").read_bytes().splitlines())
+    out_ids = sorted(
+        orjson.loads(x)["custom_id"]
+        for b in batches
+        for x in (run.batch_dir(b.name) / "output.jsonl").read_bytes().splitlines()
+    )
     assert sorted(r["id"] for r in sample_rows(25)) == out_ids
     assert {"files": 3 + 3, "batches": 3} == server.state.counts()
     meta = {b["metadata"]["embedbatch_batch"] for b in server.state.batches.values()}
@@ -69,8 +78,10 @@ async def test_retries_429_and_5xx(tmp_path: Path, ws: Workspace, client: BatchC
 
 
 async def test_4xx_not_retried(tmp_path: Path, settings: Settings, ws: Workspace) -> None:
-    bad = BatchClient(Settings(openai_api_key="sk-wrong-key-000000", openai_base_url=settings.openai_base_url),
-                      policy=RetryPolicy(attempts=5, initial_s=0.01))
+    bad = BatchClient(
+        Settings(openai_api_key="sk-wrong-key-000000", openai_base_url=settings.openai_base_url),
+        policy=RetryPolicy(attempts=5, initial_s=0.01),
+    )
     path = write_jsonl(tmp_path / "d.jsonl", sample_rows(2))
     run = plan(ws, path).run  # type: ignore[attr-defined]
     with pytest.raises(ProviderError) as info:
@@ -83,8 +94,12 @@ def _answer_empty_list(conn: socket.socket) -> None:
     """Read a request and answer an empty OpenAI list object, then close."""
     conn.recv(65536)
     body = b'{"object":"list","data":[],"has_more":false}'
-    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                 + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    conn.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\nConnection: close\r\n\r\n"
+        + body
+    )
     conn.close()
 
 
@@ -109,15 +124,18 @@ def test_connection_reset_is_retried() -> None:
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
-    c = BatchClient(Settings(openai_api_key=API_KEY, openai_base_url=f"http://127.0.0.1:{port}/v1",
-                             openai_timeout_s=5), policy=RetryPolicy(attempts=5, initial_s=0.01, max_s=0.05))
+    c = BatchClient(
+        Settings(openai_api_key=API_KEY, openai_base_url=f"http://127.0.0.1:{port}/v1", openai_timeout_s=5),
+        policy=RetryPolicy(attempts=5, initial_s=0.01, max_s=0.05),
+    )
     assert anyio.run(c.find_file, "x.jsonl") is None
     assert (3, 2) == (len(hits), c.retries)
     lsock.close()
 
 
-async def test_token_limit_exceeded_requeues(tmp_path: Path, ws: Workspace, client: BatchClient,
-                                            server: ServerThread) -> None:
+async def test_token_limit_exceeded_requeues(
+    tmp_path: Path, ws: Workspace, client: BatchClient, server: ServerThread
+) -> None:
     """A batch failing with token_limit_exceeded goes back to the queue, its rows not failed."""
     path = write_jsonl(tmp_path / "d.jsonl", sample_rows(4))
     run = plan(ws, path).run  # type: ignore[attr-defined]
@@ -137,8 +155,9 @@ async def test_token_limit_exceeded_requeues(tmp_path: Path, ws: Workspace, clie
     assert ("downloaded", 4, 2) == (bs.status, bs.succeeded, len(server.state.batches))
 
 
-async def test_enqueued_budget_holds_batches(tmp_path: Path, ws: Workspace, client: BatchClient,
-                                            server: ServerThread) -> None:
+async def test_enqueued_budget_holds_batches(
+    tmp_path: Path, ws: Workspace, client: BatchClient, server: ServerThread
+) -> None:
     """Planned batches wait while the model's enqueued tokens would pass the budget."""
     server.state.faults.step_s = 0.2
     path = write_jsonl(tmp_path / "d.jsonl", sample_rows(30))
@@ -158,10 +177,11 @@ def test_max_cost_refuses_before_upload(tmp_path: Path, ws: Workspace) -> None:
     assert [] == ws.all_runs()
 
 
-async def test_resubmit_skips_existing_and_planned(tmp_path: Path, ws: Workspace, client: BatchClient,
-                                                   server: ServerThread) -> None:
+async def test_resubmit_skips_existing_and_planned(
+    tmp_path: Path, ws: Workspace, client: BatchClient, server: ServerThread
+) -> None:
     """Appending rows embeds only the new ones; ids planned in an unfinished run are skipped."""
-    from embedbatch.batchapi.ingest import ingest_run
+    from embedbatch.engines.batchapi.ingest import ingest_run
 
     path = write_jsonl(tmp_path / "d.jsonl", sample_rows(10))
     run1 = plan(ws, path).run  # type: ignore[attr-defined]
@@ -201,8 +221,9 @@ def test_cli_submit_status_poll_and_no_secrets(tmp_path: Path, ws: Workspace, se
     assert {"downloaded"} == {b["status"] for b in data[0]["batches"]}
     leaked = [p for p in ws.root.rglob("*") if p.is_file() and API_KEY.encode() in p.read_bytes()]
     assert [] == leaked
-    bad = run_cli(["submit", str(path), "--fields", "title,body"], {**env, "OPENAI_API_KEY": "sk-bad-" + "9" * 20},
-                  tmp_path)
+    bad = run_cli(
+        ["submit", str(path), "--fields", "title,body"], {**env, "OPENAI_API_KEY": "sk-bad-" + "9" * 20}, tmp_path
+    )
     assert "sk-bad" not in bad.stdout + bad.stderr
 
 
@@ -233,8 +254,10 @@ def test_timeout_is_retried() -> None:
             return
 
     threading.Thread(target=serve, daemon=True).start()
-    c = BatchClient(Settings(openai_api_key=API_KEY, openai_base_url=f"http://127.0.0.1:{port}/v1",
-                             openai_timeout_s=0.3), policy=RetryPolicy(attempts=3, initial_s=0.01, max_s=0.05))
+    c = BatchClient(
+        Settings(openai_api_key=API_KEY, openai_base_url=f"http://127.0.0.1:{port}/v1", openai_timeout_s=0.3),
+        policy=RetryPolicy(attempts=3, initial_s=0.01, max_s=0.05),
+    )
     assert anyio.run(c.find_file, "x.jsonl") is None
     assert (2, 1) == (len(conns), c.retries)
     lsock.close()

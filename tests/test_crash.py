@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from embedbatch.batchapi.state import load_batches
+from embedbatch.runs import load_batches
 from embedbatch.server import ServerThread
-from embedbatch.sinks.parquet import Manifest
-from embedbatch.verify import verify_dataset
+from embedbatch.store.shards import Manifest
+from embedbatch.store.verify import verify_dataset
 from embedbatch.workspace import Workspace
 from tests.conftest import cli_env, run_cli, sample_rows, write_jsonl
 
@@ -37,8 +37,11 @@ def test_kill_at_each_point_then_resume(tmp_path: Path, ws: Workspace, server: S
     per planned batch on the server, and every row exactly once in the shards."""
     path = write_jsonl(tmp_path / "d.jsonl", sample_rows(9))
     env = cli_env(server, ws)
-    r = run_cli(["submit", str(path), "--fields", "title,body", "--max-requests-per-batch", "3",
-                 "--concurrency", "1"], {**env, "EMBEDBATCH_CRASH_AT": point}, tmp_path)
+    r = run_cli(
+        ["submit", str(path), "--fields", "title,body", "--max-requests-per-batch", "3", "--concurrency", "1"],
+        {**env, "EMBEDBATCH_CRASH_AT": point},
+        tmp_path,
+    )
     assert -signal.SIGKILL == r.returncode, r.stderr
     (run_dir,) = [r.root for r in ws.all_runs()]
     r = run_cli(["submit", "--resume", str(run_dir)], env, tmp_path)
@@ -57,8 +60,13 @@ def test_kill_during_create_then_poll_adopts(tmp_path: Path, ws: Workspace, serv
     server.state.faults.create_delay_s = 3
     path = write_jsonl(tmp_path / "d.jsonl", sample_rows(4))
     env = cli_env(server, ws)
-    proc = subprocess.Popen([sys.executable, "-m", "embedbatch", "submit", str(path), "--fields", "title,body"],
-                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embedbatch", "submit", str(path), "--fields", "title,body"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while not server.state.batches and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -83,8 +91,9 @@ def test_kill_mid_ingest(tmp_path: Path, ws: Workspace, server: ServerThread, po
         run_cli(["poll"], env, tmp_path)
         if all(b.status == "downloaded" for b in load_batches(ws.resolve_run(run_dir))):
             break
-    r = run_cli(["ingest", "--run-dir", str(run_dir), "--rows-per-shard", "4"],
-                {**env, "EMBEDBATCH_CRASH_AT": point}, tmp_path)
+    r = run_cli(
+        ["ingest", "--run-dir", str(run_dir), "--rows-per-shard", "4"], {**env, "EMBEDBATCH_CRASH_AT": point}, tmp_path
+    )
     assert -signal.SIGKILL == r.returncode
     r = run_cli(["ingest", "--run-dir", str(run_dir), "--rows-per-shard", "4"], env, tmp_path)
     assert 0 == r.returncode, r.stderr

@@ -10,11 +10,11 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from embedbatch.batchapi.ingest import decode_vector, read_batch_results
-from embedbatch.batchapi.plan import BatchRecords
+from embedbatch.engines.batchapi.ingest import decode_vector, read_batch_results
+from embedbatch.engines.batchapi.plan import BatchRecords
 from embedbatch.server import HashBackend, ServerThread
-from embedbatch.sinks.parquet import Manifest
-from embedbatch.verify import verify_dataset
+from embedbatch.store.shards import Manifest
+from embedbatch.store.verify import verify_dataset
 from embedbatch.workspace import Workspace
 from tests.conftest import DATA, cli_env, run_cli, sample_rows, write_jsonl
 
@@ -30,10 +30,15 @@ def test_decode_base64_and_float() -> None:
 
 
 def _line(cid: str, vec: object, status: int = 200) -> bytes:
-    body = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": vec}],
-            "usage": {"prompt_tokens": 3, "total_tokens": 3}}
-    return orjson.dumps({"id": "r", "custom_id": cid, "response": {"status_code": status, "body": body},
-                         "error": None}) + b"\n"
+    body = {
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": vec}],
+        "usage": {"prompt_tokens": 3, "total_tokens": 3},
+    }
+    return (
+        orjson.dumps({"id": "r", "custom_id": cid, "response": {"status_code": status, "body": body}, "error": None})
+        + b"\n"
+    )
 
 
 def test_read_batch_results_every_failure_kind(tmp_path: Path) -> None:
@@ -43,18 +48,40 @@ def test_read_batch_results_every_failure_kind(tmp_path: Path) -> None:
     for i in ids:
         records.append(i, None, {}, 1)
     records.write(tmp_path / "records.parquet")
-    (tmp_path / "input.jsonl").write_bytes(b"".join(
-        orjson.dumps({"custom_id": i, "method": "POST", "url": "/v1/embeddings", "body": {"input": i}}) + b"\n"
-        for i in ids))
+    (tmp_path / "input.jsonl").write_bytes(
+        b"".join(
+            orjson.dumps({"custom_id": i, "method": "POST", "url": "/v1/embeddings", "body": {"input": i}}) + b"\n"
+            for i in ids
+        )
+    )
     good = np.ones(4, np.float32)
-    out = [_line("ok2", [2.0] * 4), _line("dim", [1.0] * 3), _line("nan", [float("nan")] * 4),
-           _line("ok1", base64.b64encode(good.tobytes()).decode())]
+    out = [
+        _line("ok2", [2.0] * 4),
+        _line("dim", [1.0] * 3),
+        _line("nan", [float("nan")] * 4),
+        _line("ok1", base64.b64encode(good.tobytes()).decode()),
+    ]
     (tmp_path / "output.jsonl").write_bytes(b"".join(out))
     errs = [
-        orjson.dumps({"id": "r", "custom_id": "err_body", "response": {"status_code": 400, "body": {
-            "error": {"message": "too long", "type": "invalid_request_error", "code": None}}}, "error": None}),
-        orjson.dumps({"id": "r", "custom_id": "expired", "response": None,
-                      "error": {"code": "batch_expired", "message": "not executed"}}),
+        orjson.dumps(
+            {
+                "id": "r",
+                "custom_id": "err_body",
+                "response": {
+                    "status_code": 400,
+                    "body": {"error": {"message": "too long", "type": "invalid_request_error", "code": None}},
+                },
+                "error": None,
+            }
+        ),
+        orjson.dumps(
+            {
+                "id": "r",
+                "custom_id": "expired",
+                "response": None,
+                "error": {"code": "batch_expired", "message": "not executed"},
+            }
+        ),
     ]
     (tmp_path / "errors.jsonl").write_bytes(b"\n".join(errs) + b"\n")
     res = read_batch_results(tmp_path, expected_dim=4, remote_status="expired")
@@ -77,8 +104,25 @@ def test_run_with_faults_every_row_once_or_failed(tmp_path: Path, ws: Workspace,
     rows = sample_rows(60)
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     env = cli_env(server, ws)
-    r = run_cli(["run", str(path), "--fields", "title,body", "--max-requests-per-batch", "20", "--poll-seconds",
-                 "0.05", "--max-attempts", "2", "--rows-per-shard", "25", "--json"], env, tmp_path)
+    r = run_cli(
+        [
+            "run",
+            str(path),
+            "--fields",
+            "title,body",
+            "--max-requests-per-batch",
+            "20",
+            "--poll-seconds",
+            "0.05",
+            "--max-attempts",
+            "2",
+            "--rows-per-shard",
+            "25",
+            "--json",
+        ],
+        env,
+        tmp_path,
+    )
     assert 0 == r.returncode, r.stderr
     summary = orjson.loads(r.stdout)
     run_dir = Path(summary["run_dir"])
@@ -86,8 +130,9 @@ def test_run_with_faults_every_row_once_or_failed(tmp_path: Path, ws: Workspace,
     failed_ids = {x[0] for x in failed}
     import duckdb
 
-    got = duckdb.sql(f"SELECT id, text, embedding FROM read_parquet('{ws.root}/embeddings/{MODEL}/d/*.parquet')"
-                     ).fetchall()
+    got = duckdb.sql(
+        f"SELECT id, text, embedding FROM read_parquet('{ws.root}/embeddings/{MODEL}/d/*.parquet')"
+    ).fetchall()
     shard_ids = [g[0] for g in got]
     assert len(shard_ids) == len(set(shard_ids))
     assert {r["id"] for r in rows} == set(shard_ids) | failed_ids
@@ -105,8 +150,22 @@ def test_run_with_faults_every_row_once_or_failed(tmp_path: Path, ws: Workspace,
 def test_float16_and_footer_stats(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", sample_rows(5))
     env = cli_env(server, ws)
-    r = run_cli(["run", str(path), "--fields", "title,body", "--dimensions", "32", "--dtype", "float16",
-                 "--poll-seconds", "0.05"], env, tmp_path)
+    r = run_cli(
+        [
+            "run",
+            str(path),
+            "--fields",
+            "title,body",
+            "--dimensions",
+            "32",
+            "--dtype",
+            "float16",
+            "--poll-seconds",
+            "0.05",
+        ],
+        env,
+        tmp_path,
+    )
     assert 0 == r.returncode, r.stderr
     m = Manifest.load(ws, MODEL, "d")
     shard = ws.shards_dir(MODEL, "d") / m.shards[0]["file"]
@@ -115,15 +174,26 @@ def test_float16_and_footer_stats(tmp_path: Path, ws: Workspace, server: ServerT
     assert (5, 32, "float16") == (footer["rows"], footer["dim"], footer["dtype"])
     assert abs(footer["max_norm"] - 1.0) < 1e-2
     assert "fixed_size_list<element: halffloat>[32]" == str(pf.schema_arrow.field("embedding").type)
-    assert ["id", "source", "dataset", "split", "text", "metadata", "embedding", "model", "created_at",
-            "run_id"] == pf.schema_arrow.names
+    assert [
+        "id",
+        "source",
+        "dataset",
+        "split",
+        "text",
+        "metadata",
+        "embedding",
+        "model",
+        "created_at",
+        "run_id",
+    ] == pf.schema_arrow.names
 
 
 def test_verify_catches_corruption(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", sample_rows(5))
     env = cli_env(server, ws)
-    assert 0 == run_cli(["run", str(path), "--fields", "title,body", "--poll-seconds", "0.05"], env,
-                        tmp_path).returncode
+    assert (
+        0 == run_cli(["run", str(path), "--fields", "title,body", "--poll-seconds", "0.05"], env, tmp_path).returncode
+    )
     m = Manifest.load(ws, MODEL, "d")
     shard = ws.shards_dir(MODEL, "d") / m.shards[0]["file"]
     data = bytearray(shard.read_bytes())
@@ -139,16 +209,16 @@ def test_changed_text_supersedes(tmp_path: Path, ws: Workspace, server: ServerTh
     rows = sample_rows(4)
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     env = cli_env(server, ws)
-    assert 0 == run_cli(["run", str(path), "--fields", "title,body", "--poll-seconds", "0.05"], env,
-                        tmp_path).returncode
+    assert (
+        0 == run_cli(["run", str(path), "--fields", "title,body", "--poll-seconds", "0.05"], env, tmp_path).returncode
+    )
     rows[1]["title"] = "Changed"
     write_jsonl(path, rows)
     r = run_cli(["run", str(path), "--fields", "title,body", "--poll-seconds", "0.05", "--json"], env, tmp_path)
     assert orjson.loads(r.stdout)["embedded"] == 1
     rep = verify_dataset(ws, MODEL, "d")
     assert (True, 4) == (rep.ok, rep.rows)
-    r = run_cli(["search", "Changed\n\nBody text number 1 about topic 1.", "--dataset", "d", "--json"], env,
-                tmp_path)
+    r = run_cli(["search", "Changed\n\nBody text number 1 about topic 1.", "--dataset", "d", "--json"], env, tmp_path)
     top = orjson.loads(r.stdout)[0]
     assert ("doc-1", True) == (top["id"], top["score"] > 0.999)
 
@@ -156,8 +226,22 @@ def test_changed_text_supersedes(tmp_path: Path, ws: Workspace, server: ServerTh
 @pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not present")
 def test_arxiv_dry_run_writes_files(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
     env = cli_env(server, ws)
-    r = run_cli(["submit", str(DATA / "arxiv_cs_daily_2025.jsonl.gz"), "--fields", "title,summary", "--n", "300",
-                 "--max-requests-per-batch", "100", "--dry-run", "--json"], env, tmp_path)
+    r = run_cli(
+        [
+            "submit",
+            str(DATA / "arxiv_cs_daily_2025.jsonl.gz"),
+            "--fields",
+            "title,summary",
+            "--n",
+            "300",
+            "--max-requests-per-batch",
+            "100",
+            "--dry-run",
+            "--json",
+        ],
+        env,
+        tmp_path,
+    )
     assert 0 == r.returncode, r.stderr
     est = orjson.loads(r.stdout.split("\ndry run")[0])
     run_dir = Path(est["run_dir"])

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedbatch.config import IngestConfig, LocalConfig, PrepareConfig, SampleConfig, SourceConfig
-from embedbatch.local.bucketing import Bucketer, Item, bucket_edges, bucket_index
-from embedbatch.sinks.parquet import Manifest, embedding_schema, read_vectors
-from embedbatch.verify import verify_dataset
+from embedbatch.engines.local.bucketing import Bucketer, Item, bucket_edges, bucket_index
+from embedbatch.store.shards import Manifest, embedding_schema, read_vectors
+from embedbatch.store.verify import verify_dataset
 from embedbatch.workspace import Workspace
 from tests.conftest import write_jsonl
 
@@ -62,28 +62,37 @@ def model_path() -> str:
 
 @pytest.fixture(scope="module")
 def encoder(model_path: str) -> object:
-    from embedbatch.local.model import LocalEncoder
+    from embedbatch.engines.local.model import LocalEncoder
 
     return LocalEncoder(model_path, device="cpu", dtype="float32")
 
 
 def rows(n: int) -> list[dict[str, object]]:
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
-    return [{"id": f"r{i}", "text": " ".join(words[: 1 + (i * 7) % 12]) + f" number {i}" * (1 + i % 5)}
-            for i in range(n)]
+    return [
+        {"id": f"r{i}", "text": " ".join(words[: 1 + (i * 7) % 12]) + f" number {i}" * (1 + i % 5)} for i in range(n)
+    ]
 
 
 def run(ws: Workspace, path: Path, encoder: object, model_path: str, **kw: object) -> object:
-    from embedbatch.local.pipeline import run_local
+    from embedbatch.engines.local.pipeline import run_local
 
     local = LocalConfig(model=model_path, device="cpu", dtype="float32", tokens_per_batch=kw.pop("tpb", 256))  # type: ignore[arg-type]
-    return run_local(ws, source=SourceConfig(path=str(path)), prepare=PrepareConfig(), sample=SampleConfig(),
-                     local=local, ingest=IngestConfig(rows_per_shard=int(kw.pop("rows_per_shard", 100_000))),
-                     encoder=encoder, **kw)  # type: ignore[arg-type]
+    return run_local(
+        ws,
+        source=SourceConfig(path=str(path)),
+        prepare=PrepareConfig(),
+        sample=SampleConfig(),
+        local=local,
+        ingest=IngestConfig(rows_per_shard=int(kw.pop("rows_per_shard", 100_000))),
+        encoder=encoder,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
-def test_equals_sentence_transformers_encode_and_keeps_ids(tmp_path: Path, ws: Workspace, encoder: object,
-                                                          model_path: str) -> None:
+def test_equals_sentence_transformers_encode_and_keeps_ids(
+    tmp_path: Path, ws: Workspace, encoder: object, model_path: str
+) -> None:
     """Shard vectors equal SentenceTransformer.encode per id (cosine ≥ 0.9999), whatever the
     order the buckets encoded them in; padding stays low; the shards verify."""
     from sentence_transformers import SentenceTransformer
@@ -120,8 +129,7 @@ def test_resume_skips_ids_in_shards(tmp_path: Path, ws: Workspace, encoder: obje
     assert (30, 0) == (third.skipped_existing, third.rows)  # type: ignore[attr-defined]
 
 
-def test_truncation_at_model_length_recorded(tmp_path: Path, ws: Workspace, encoder: object,
-                                             model_path: str) -> None:
+def test_truncation_at_model_length_recorded(tmp_path: Path, ws: Workspace, encoder: object, model_path: str) -> None:
     long_text = "Ünïcode and words " * 400
     path = write_jsonl(tmp_path / "d.jsonl", [{"id": "long", "text": long_text}, {"id": "short", "text": "hi"}])
     res = run(ws, path, encoder, model_path)
@@ -144,13 +152,14 @@ def test_shard_layout_matches_batch_api(tmp_path: Path, ws: Workspace, encoder: 
 @pytest.mark.slow
 def test_two_cpu_encoder_processes(tmp_path: Path, ws: Workspace, model_path: str) -> None:
     """--devices cpu,cpu: two encoder processes; rows reassembled by id equal one-process rows."""
-    from embedbatch.local.pipeline import run_local
+    from embedbatch.engines.local.pipeline import run_local
 
     data = rows(24)
     path = write_jsonl(tmp_path / "d.jsonl", data)
     local = LocalConfig(model=model_path, device="cpu", dtype="float32", tokens_per_batch=128, devices=("cpu", "cpu"))
-    res = run_local(ws, source=SourceConfig(path=str(path)), prepare=PrepareConfig(), sample=SampleConfig(),
-                    local=local)
+    res = run_local(
+        ws, source=SourceConfig(path=str(path)), prepare=PrepareConfig(), sample=SampleConfig(), local=local
+    )
     ids, texts, vecs = read_vectors(ws, res.model, "d")
     from sentence_transformers import SentenceTransformer
 
@@ -168,8 +177,12 @@ def test_cli_local_json(tmp_path: Path, ws: Workspace, model_path: str) -> None:
 
     path = write_jsonl(tmp_path / "d.jsonl", rows(12))
     env = {**os.environ, "EMBEDBATCH_WORKSPACE": str(ws.root), "HF_HUB_OFFLINE": "1"}
-    r = run_cli(["local", str(path), "--model", model_path, "--device", "cpu", "--dtype", "float32", "--n", "10",
-                 "--json"], env, tmp_path, timeout=300)
+    r = run_cli(
+        ["local", str(path), "--model", model_path, "--device", "cpu", "--dtype", "float32", "--n", "10", "--json"],
+        env,
+        tmp_path,
+        timeout=300,
+    )
     assert 0 == r.returncode, r.stderr
     out = orjson.loads(r.stdout)
     assert (10, "cpu", "float32") == (out["rows"], out["device"], out["dtype"])

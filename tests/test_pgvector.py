@@ -29,7 +29,7 @@ def parse_text_vector(text: str) -> list[float]:
 
 
 async def write(dsn: str, target: PgTarget, ids: list[str], v: np.ndarray, chunk: int = 2) -> object:
-    chunks = ((ids[i:i + chunk], v[i:i + chunk], None) for i in range(0, len(ids), chunk))
+    chunks = ((ids[i : i + chunk], v[i : i + chunk], None) for i in range(0, len(ids), chunk))
     return await write_vectors(dsn, target, chunks, dim=DIM, total_rows=len(ids))
 
 
@@ -39,8 +39,11 @@ async def test_update_by_id_binary_roundtrip(pg_dsn: str, id_type: str) -> None:
     carried exact float32 values."""
     raw_ids = [str(i + 1) if id_type != "uuid" else str(uuid.UUID(int=i + 1)) for i in range(5)]
     values = ", ".join(f"('{i}', NULL)" for i in raw_ids)
-    await pg_exec(pg_dsn, f"CREATE TABLE items (id {id_type} PRIMARY KEY, embedding vector({DIM}))",
-                  f"INSERT INTO items VALUES {values}")
+    await pg_exec(
+        pg_dsn,
+        f"CREATE TABLE items (id {id_type} PRIMARY KEY, embedding vector({DIM}))",
+        f"INSERT INTO items VALUES {values}",
+    )
     v = vecs(5)
     report = await write(pg_dsn, PgTarget(table="items"), raw_ids, v)
     (rows,) = await pg_exec(pg_dsn, "SELECT id::text, embedding::text FROM items ORDER BY id")
@@ -51,8 +54,11 @@ async def test_update_by_id_binary_roundtrip(pg_dsn: str, id_type: str) -> None:
 
 
 async def test_null_only_then_overwrite_and_missing(pg_dsn: str) -> None:
-    await pg_exec(pg_dsn, f"CREATE TABLE items (id bigint PRIMARY KEY, embedding vector({DIM}))",
-                  f"INSERT INTO items VALUES (1, NULL), (2, '[{','.join(['9'] * DIM)}]'), (3, NULL)")
+    await pg_exec(
+        pg_dsn,
+        f"CREATE TABLE items (id bigint PRIMARY KEY, embedding vector({DIM}))",
+        f"INSERT INTO items VALUES (1, NULL), (2, '[{','.join(['9'] * DIM)}]'), (3, NULL)",
+    )
     v = vecs(4)
     rep = await write(pg_dsn, PgTarget(table="items"), ["1", "2", "3", "404"], v)
     assert (2, 1, 1) == (rep.written, rep.skipped_has_vector, rep.missing_ids)  # type: ignore[attr-defined]
@@ -67,8 +73,9 @@ async def test_null_only_then_overwrite_and_missing(pg_dsn: str) -> None:
 
 
 async def test_dimension_mismatch_writes_nothing(pg_dsn: str) -> None:
-    await pg_exec(pg_dsn, "CREATE TABLE items (id bigint PRIMARY KEY, embedding vector(4))",
-                  "INSERT INTO items VALUES (1, NULL)")
+    await pg_exec(
+        pg_dsn, "CREATE TABLE items (id bigint PRIMARY KEY, embedding vector(4))", "INSERT INTO items VALUES (1, NULL)"
+    )
     with pytest.raises(DatabaseError, match=r"vector\(4\) but the embeddings have 8"):
         await write(pg_dsn, PgTarget(table="items"), ["1"], vecs(1))
     (rows,) = await pg_exec(pg_dsn, "SELECT count(embedding) FROM items")
@@ -96,21 +103,28 @@ async def test_bad_identifiers_are_names_not_sql(pg_dsn: str) -> None:
 
 
 async def test_halfvec(pg_dsn: str) -> None:
-    await pg_exec(pg_dsn, f"CREATE TABLE items (id text PRIMARY KEY, embedding halfvec({DIM}))",
-                  "INSERT INTO items VALUES ('a', NULL), ('b', NULL)")
+    await pg_exec(
+        pg_dsn,
+        f"CREATE TABLE items (id text PRIMARY KEY, embedding halfvec({DIM}))",
+        "INSERT INTO items VALUES ('a', NULL), ('b', NULL)",
+    )
     v = vecs(2)
     rep = await write(pg_dsn, PgTarget(table="items"), ["a", "b"], v)
     (rows,) = await pg_exec(pg_dsn, "SELECT embedding::text FROM items ORDER BY id")
     assert 2 == rep.written  # type: ignore[attr-defined]
     assert v[0].astype(np.float16).astype(np.float32).tolist() == pytest.approx(
-        parse_text_vector(str(rows[0][0])), rel=1e-3)
+        parse_text_vector(str(rows[0][0])), rel=1e-3
+    )
 
 
 async def test_rebuild_index_same_definition(pg_dsn: str) -> None:
     """With --rebuild-index the HNSW index is dropped, rows written, and recreated identically."""
-    await pg_exec(pg_dsn, f"CREATE TABLE items (id bigint PRIMARY KEY, embedding vector({DIM}))",
-                  "INSERT INTO items SELECT g, NULL FROM generate_series(1, 20) g",
-                  "CREATE INDEX items_hnsw ON items USING hnsw (embedding vector_cosine_ops) WITH (m = 8)")
+    await pg_exec(
+        pg_dsn,
+        f"CREATE TABLE items (id bigint PRIMARY KEY, embedding vector({DIM}))",
+        "INSERT INTO items SELECT g, NULL FROM generate_series(1, 20) g",
+        "CREATE INDEX items_hnsw ON items USING hnsw (embedding vector_cosine_ops) WITH (m = 8)",
+    )
     (before,) = await pg_exec(pg_dsn, "SELECT indexdef FROM pg_indexes WHERE indexname = 'items_hnsw'")
     rep = await write(pg_dsn, PgTarget(table="items", rebuild_index=True), [str(i) for i in range(1, 21)], vecs(20))
     (after,) = await pg_exec(pg_dsn, "SELECT indexdef FROM pg_indexes WHERE indexname = 'items_hnsw'")
@@ -131,21 +145,40 @@ def _chunks_table(dsn: str, n: int) -> None:
     import asyncio
 
     values = ", ".join(f"({i}, 'fam{i % 2}', 'chunk number {i} of family {i % 2}', NULL)" for i in range(1, n + 1))
-    asyncio.run(pg_exec(
-        dsn,
-        "CREATE TABLE knowledge_chunks (id bigint PRIMARY KEY, family_id text NOT NULL, content text NOT NULL, "
-        "embedding vector(1536))",
-        f"INSERT INTO knowledge_chunks VALUES {values}",
-    ))
+    asyncio.run(
+        pg_exec(
+            dsn,
+            "CREATE TABLE knowledge_chunks (id bigint PRIMARY KEY, family_id text NOT NULL, content text NOT NULL, "
+            "embedding vector(1536))",
+            f"INSERT INTO knowledge_chunks VALUES {values}",
+        )
+    )
 
 
-PG_RUN = ["run", "postgres", "--table", "knowledge_chunks", "--id-column", "id", "--text-column", "content",
-          "--where", "family_id = $1", "--param", "fam1", "--vector-column", "embedding", "--poll-seconds", "0.05",
-          "--json"]
+PG_RUN = [
+    "run",
+    "postgres",
+    "--table",
+    "knowledge_chunks",
+    "--id-column",
+    "id",
+    "--text-column",
+    "content",
+    "--where",
+    "family_id = $1",
+    "--param",
+    "fam1",
+    "--vector-column",
+    "embedding",
+    "--poll-seconds",
+    "0.05",
+    "--json",
+]
 
 
-def test_run_postgres_family_only_and_rerun_changes_nothing(tmp_path: Path, ws: Workspace, server: ServerThread,
-                                                           pg_dsn: str) -> None:
+def test_run_postgres_family_only_and_rerun_changes_nothing(
+    tmp_path: Path, ws: Workspace, server: ServerThread, pg_dsn: str
+) -> None:
     """`run` over one family: exactly its rows get the server's vector for their text; again: nothing."""
     import asyncio
 
@@ -162,12 +195,14 @@ def test_run_postgres_family_only_and_rerun_changes_nothing(tmp_path: Path, ws: 
             assert expect.tolist() == pytest.approx(parse_text_vector(str(emb)), rel=1e-6)
         else:
             assert emb is None
-    (digest,) = asyncio.run(pg_exec(pg_dsn, "SELECT md5(string_agg(embedding::text, ',' ORDER BY id)) "
-                                    "FROM knowledge_chunks"))
+    (digest,) = asyncio.run(
+        pg_exec(pg_dsn, "SELECT md5(string_agg(embedding::text, ',' ORDER BY id)) FROM knowledge_chunks")
+    )
     r = run_cli([*PG_RUN, "--dsn", pg_dsn], env, tmp_path)
     assert 0 == orjson.loads(r.stdout)["embedded"]
-    assert [digest] == asyncio.run(pg_exec(pg_dsn, "SELECT md5(string_agg(embedding::text, ',' ORDER BY id)) "
-                                                 "FROM knowledge_chunks"))
+    assert [digest] == asyncio.run(
+        pg_exec(pg_dsn, "SELECT md5(string_agg(embedding::text, ',' ORDER BY id)) FROM knowledge_chunks")
+    )
     leaked = [p for p in ws.root.rglob("*") if p.is_file() and pg_dsn.encode() in p.read_bytes()]
     assert [] == leaked
 
@@ -178,8 +213,11 @@ def test_crash_mid_pg_write_resumes(tmp_path: Path, ws: Workspace, server: Serve
 
     _chunks_table(pg_dsn, 12)
     env = cli_env(server, ws)
-    r = run_cli([*PG_RUN, "--dsn", pg_dsn, "--update-chunk-size", "2"],
-                {**env, "EMBEDBATCH_CRASH_AT": "pg_after_chunk"}, tmp_path)
+    r = run_cli(
+        [*PG_RUN, "--dsn", pg_dsn, "--update-chunk-size", "2"],
+        {**env, "EMBEDBATCH_CRASH_AT": "pg_after_chunk"},
+        tmp_path,
+    )
     assert -signal.SIGKILL == r.returncode
     (count,) = asyncio.run(pg_exec(pg_dsn, "SELECT count(embedding) FROM knowledge_chunks"))
     assert [[2]] == count
@@ -200,13 +238,15 @@ def test_db_init_applies_migrations(tmp_path: Path, pg_dsn: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "EMBEDBATCH_"))}
     r = run_cli(["db", "init", "--dsn", pg_dsn], env, tmp_path)
     assert 0 == r.returncode, r.stderr
-    (cols, idx) = asyncio.run(pg_exec(
-        pg_dsn,
-        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'knowledge_chunks'::regclass "
-        "AND attname = 'embedding'",
-        "SELECT indexdef LIKE '%hnsw (embedding vector_cosine_ops)%' FROM pg_indexes "
-        "WHERE indexname = 'knowledge_chunks_embedding_hnsw'",
-    ))
+    (cols, idx) = asyncio.run(
+        pg_exec(
+            pg_dsn,
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'knowledge_chunks'::regclass "
+            "AND attname = 'embedding'",
+            "SELECT indexdef LIKE '%hnsw (embedding vector_cosine_ops)%' FROM pg_indexes "
+            "WHERE indexname = 'knowledge_chunks_embedding_hnsw'",
+        )
+    )
     assert ([["vector(1536)"]], [[True]]) == (cols, idx)
 
 
@@ -218,15 +258,32 @@ def test_postgres_source_uuid_ids_and_overwrite(tmp_path: Path, ws: Workspace, p
     from embedbatch.intake import Intake
     from embedbatch.tokens import get_tokenizer
 
-    asyncio.run(pg_exec(pg_dsn, f"CREATE TABLE docs (id uuid PRIMARY KEY, body text, emb vector({DIM}))",
-                        f"INSERT INTO docs VALUES ('{uuid.UUID(int=1)}', 'one', NULL), "
-                        f"('{uuid.UUID(int=2)}', 'two', '[{','.join(['1'] * DIM)}]')"))
+    asyncio.run(
+        pg_exec(
+            pg_dsn,
+            f"CREATE TABLE docs (id uuid PRIMARY KEY, body text, emb vector({DIM}))",
+            f"INSERT INTO docs VALUES ('{uuid.UUID(int=1)}', 'one', NULL), "
+            f"('{uuid.UUID(int=2)}', 'two', '[{','.join(['1'] * DIM)}]')",
+        )
+    )
 
     def ids(overwrite: bool) -> list[str]:
-        src = SourceConfig(path="postgres", pg_dsn=pg_dsn, pg_table="docs", pg_id_column="id",
-                           id_field="id", pg_text_column="body", pg_vector_column="emb", pg_overwrite=overwrite)
-        it = Intake(source=src, prepare=PrepareConfig(fields=("body",)), sample=SampleConfig(),
-                    tokenizer=get_tokenizer("text-embedding-3-small"))
+        src = SourceConfig(
+            path="postgres",
+            pg_dsn=pg_dsn,
+            pg_table="docs",
+            pg_id_column="id",
+            id_field="id",
+            pg_text_column="body",
+            pg_vector_column="emb",
+            pg_overwrite=overwrite,
+        )
+        it = Intake(
+            source=src,
+            prepare=PrepareConfig(fields=("body",)),
+            sample=SampleConfig(),
+            tokenizer=get_tokenizer("text-embedding-3-small"),
+        )
         return [r.id for r in it.records()]
 
     assert [str(uuid.UUID(int=1))] == ids(False)

@@ -7,8 +7,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from embedbatch.batchapi.plan import RequestSize, assign_batches, check_model_options, request_line
 from embedbatch.config import BatchLimits
+from embedbatch.engines.batchapi.plan import RequestSize, assign_batches, check_model_options, request_line
 from embedbatch.errors import LimitError, UsageError
 from embedbatch.tokens import queue_tokens
 
@@ -16,20 +16,29 @@ from embedbatch.tokens import queue_tokens
 def test_request_line_shape() -> None:
     line = request_line("doc-1", "hello", model="text-embedding-3-small", dimensions=256)
     assert line.endswith(b"\n")
-    assert {"custom_id": "doc-1", "method": "POST", "url": "/v1/embeddings",
-            "body": {"model": "text-embedding-3-small", "input": "hello", "encoding_format": "base64",
-                     "dimensions": 256}} == orjson.loads(line)
+    assert {
+        "custom_id": "doc-1",
+        "method": "POST",
+        "url": "/v1/embeddings",
+        "body": {"model": "text-embedding-3-small", "input": "hello", "encoding_format": "base64", "dimensions": 256},
+    } == orjson.loads(line)
 
 
 @pytest.mark.parametrize("dimensions", [None, 512])
 def test_request_encoder_matches_orjson_byte_for_byte(dimensions: int | None) -> None:
     """The templated line is exactly orjson's encoding of the request object, for ids and texts
     that need escaping (quotes, backslashes, control characters, non-ASCII, astral plane)."""
-    from embedbatch.batchapi.plan import request_encoder
+    from embedbatch.engines.batchapi.plan import request_encoder
 
     encode = request_encoder(model='m"odel', dimensions=dimensions)
-    cases = [("a", "plain"), ('q"uote', 'say "hi"\\'), ("tab\t", "line\nbreak\r\x00\x1f"),
-             ("é", "naïve café ☕ 𝔘𝔫𝔦"), ("", ""), ('","', '"}},{"')]
+    cases = [
+        ("a", "plain"),
+        ('q"uote', 'say "hi"\\'),
+        ("tab\t", "line\nbreak\r\x00\x1f"),
+        ("é", "naïve café ☕ 𝔘𝔫𝔦"),
+        ("", ""),
+        ('","', '"}},{"'),
+    ]
     for cid, text in cases:
         body: dict[str, object] = {"model": 'm"odel', "input": text, "encoding_format": "base64"}
         if dimensions is not None:
@@ -83,7 +92,7 @@ def test_queue_tokens_conservative() -> None:
 def test_batch_records_shared_and_own_metadata_round_trip(tmp_path: Path) -> None:
     """Rows sharing the batch's file/fields/truncated store only their line; other rows keep their
     whole metadata; both read back to the same rows, and a missing file is a StateError."""
-    from embedbatch.batchapi.plan import BatchRecords, read_record_ids
+    from embedbatch.engines.batchapi.plan import BatchRecords, read_record_ids
     from embedbatch.errors import StateError
 
     first = {"fields": ["title"], "truncated": False, "path": "/data/a.jsonl", "line": 1}
@@ -106,15 +115,15 @@ def test_batch_records_shared_and_own_metadata_round_trip(tmp_path: Path) -> Non
     expected_meta = [first | {"line": 7}, cut, other_file, {"db": "pg"}]
     assert expected_meta == [orjson.loads(back.metadata_json(i)) for i in range(len(back))]
     assert ["a", "b", "c", "d"] == read_record_ids(tmp_path)
-    with pytest.raises(StateError, match="records.parquet"):
+    with pytest.raises(StateError, match=r"records\.parquet"):
         BatchRecords.read(tmp_path / "nowhere")
 
 
 def test_batch_file_writer_replaces_debris_of_a_crashed_plan(tmp_path: Path) -> None:
     """A batch folder without batch.json (a plan killed before it finished) is never submitted;
     the next plan with the same name replaces it instead of failing."""
-    from embedbatch.batchapi.plan import BatchRecords, BatchSplitter, request_line
-    from embedbatch.batchapi.submit import BatchFileWriter
+    from embedbatch.engines.batchapi.plan import BatchRecords, BatchSplitter, request_line
+    from embedbatch.engines.batchapi.submit import BatchFileWriter
     from embedbatch.records import Record
 
     debris = tmp_path / "batches" / "retry_001"
@@ -122,8 +131,15 @@ def test_batch_file_writer_replaces_debris_of_a_crashed_plan(tmp_path: Path) -> 
     (debris / "input.jsonl").write_bytes(b"stale\n")
     writer = BatchFileWriter(tmp_path, BatchSplitter(BatchLimits(max_requests=2)), prefix="retry")
     for i in range(3):
-        rec = Record(id=f"r{i}", source="file", dataset="d", split=None, text=f"t{i}", n_tokens=2,
-                     metadata={"path": "x", "line": i + 1})
+        rec = Record(
+            id=f"r{i}",
+            source="file",
+            dataset="d",
+            split=None,
+            text=f"t{i}",
+            n_tokens=2,
+            metadata={"path": "x", "line": i + 1},
+        )
         writer.add_record(rec, request_line(rec.id, rec.text, model="m", dimensions=None))
     states = writer.finish()
     assert [("retry_001", 2), ("retry_002", 1)] == [(bs.name, bs.requests) for bs in states]

@@ -21,20 +21,21 @@ def prep(**kw: object) -> Preparer:
 
 def test_fields_lists_and_missing() -> None:
     """Fields join with the delimiter, lists with ', ', null fields are skipped."""
-    out = prep(fields=("title", "authors", "comment")).prepare(
-        {"title": "T", "authors": ["A", "B"], "comment": None})
+    out = prep(fields=("title", "authors", "comment")).prepare({"title": "T", "authors": ["A", "B"], "comment": None})
     assert ("T\n\nA, B", ["title", "authors"]) == (out.text, out.fields_used)
 
 
 def test_chat_messages_layout() -> None:
-    out = prep(fields=("messages",)).prepare({"messages": [{"role": "user", "content": "hi"},
-                                                           {"role": "assistant", "content": "hello"}]})
+    out = prep(fields=("messages",)).prepare(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    )
     assert "user: hi\nassistant: hello" == out.text
 
 
 def test_template_prefix_suffix_lowercase_chars() -> None:
-    p = prep(template="Title: {title}\nAbstract: {abstract}", prefix="P ", suffix=" S", lowercase=True,
-             truncate_chars=20)
+    p = prep(
+        template="Title: {title}\nAbstract: {abstract}", prefix="P ", suffix=" S", lowercase=True, truncate_chars=20
+    )
     out = p.prepare({"title": "Hello", "abstract": "World of Things"})
     full = "p title: hello\nabstract: world of things s"
     assert (full[:20], len(full) - 20) == (out.text, out.truncated_chars)
@@ -66,9 +67,11 @@ def test_empty_text_is_empty() -> None:
 
 
 def test_config_file(tmp_path: Path) -> None:
-    for name, body in [("c.yaml", "fields: [a, b]\ndelimiter: ' | '\nlowercase: true\ntruncate: 50\n"),
-                       ("c.json", '{"fields": "a,b", "delimiter": " | ", "lowercase": true, "truncate": 50}'),
-                       ("c.toml", 'fields = ["a", "b"]\ndelimiter = " | "\nlowercase = true\ntruncate = 50\n')]:
+    for name, body in [
+        ("c.yaml", "fields: [a, b]\ndelimiter: ' | '\nlowercase: true\ntruncate: 50\n"),
+        ("c.json", '{"fields": "a,b", "delimiter": " | ", "lowercase": true, "truncate": 50}'),
+        ("c.toml", 'fields = ["a", "b"]\ndelimiter = " | "\nlowercase = true\ntruncate = 50\n'),
+    ]:
         path = tmp_path / name
         path.write_text(body)
         cfg = PrepareConfig.from_file(path)

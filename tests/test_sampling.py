@@ -13,8 +13,10 @@ from embedbatch.sampling import Sampler
 
 
 def recs(ids: list[str], strata: list[str] | None = None) -> list[Record]:
-    return [Record(id=i, source="file", dataset="d", split=None, text=i, n_tokens=1,
-                   stratum=strata[k] if strata else None) for k, i in enumerate(ids)]
+    return [
+        Record(id=i, source="file", dataset="d", split=None, text=i, n_tokens=1, stratum=strata[k] if strata else None)
+        for k, i in enumerate(ids)
+    ]
 
 
 def chosen(cfg: SampleConfig, records: list[Record]) -> list[str]:

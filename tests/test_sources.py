@@ -20,9 +20,13 @@ from tests.conftest import sample_rows, write_jsonl
 
 
 def intake(path: Path, *, skip: bool = False, rejected: Path | None = None, **src: object) -> Intake:
-    return Intake(source=SourceConfig(path=str(path), skip_bad_rows=skip, **src),  # type: ignore[arg-type]
-                  prepare=PrepareConfig(fields=("title", "body")), sample=SampleConfig(),
-                  tokenizer=get_tokenizer("text-embedding-3-small"), rejected_path=rejected)
+    return Intake(
+        source=SourceConfig(path=str(path), skip_bad_rows=skip, **src),  # type: ignore[arg-type]
+        prepare=PrepareConfig(fields=("title", "body")),
+        sample=SampleConfig(),
+        tokenizer=get_tokenizer("text-embedding-3-small"),
+        rejected_path=rejected,
+    )
 
 
 def ids_of(path: Path, **src: object) -> list[str]:
@@ -56,7 +60,7 @@ def test_parquet_and_csv(tmp_path: Path) -> None:
     with open(tmp_path / "x.csv", "w", encoding="utf-8") as fh:
         fh.write("id,title,body,split\n")
         for r in rows:
-            fh.write(f"{r['id']},{r['title']},\"{r['body']}\",{r['split']}\n")
+            fh.write(f'{r["id"]},{r["title"]},"{r["body"]}",{r["split"]}\n')
     assert ids_of(tmp_path / "x.parquet") == [r["id"] for r in rows]
     assert ids_of(tmp_path / "x.csv") == [r["id"] for r in rows]
 
@@ -80,8 +84,9 @@ def test_directory_and_glob(tmp_path: Path) -> None:
         (b'{"id": "a", "title": "x"}\n{"id": "b", "title": "caf\xe9"}\n', 2, None, "invalid UTF-8"),
     ],
 )
-def test_bad_rows_stop_with_file_line_field(tmp_path: Path, content: bytes, line: int, field: str | None,
-                                            fragment: str) -> None:
+def test_bad_rows_stop_with_file_line_field(
+    tmp_path: Path, content: bytes, line: int, field: str | None, fragment: str
+) -> None:
     """Each bad-input case stops the intake naming file, line and field."""
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content)
@@ -95,14 +100,19 @@ def test_bad_rows_stop_with_file_line_field(tmp_path: Path, content: bytes, line
 def test_skip_bad_rows_records_reasons(tmp_path: Path) -> None:
     """--skip-bad-rows writes each bad row with its reason to rejected.jsonl and goes on."""
     path = tmp_path / "bad.jsonl"
-    path.write_bytes(b'{"id": "a", "title": "x"}\nnot json\n{"title": "no id"}\n{"id": "c", "title": ""}\n'
-                     b'{"id": "d", "body": "ok"}\n')
+    path.write_bytes(
+        b'{"id": "a", "title": "x"}\nnot json\n{"title": "no id"}\n{"id": "c", "title": ""}\n'
+        b'{"id": "d", "body": "ok"}\n'
+    )
     rejected = tmp_path / "rejected.jsonl"
     it = intake(path, skip=True, rejected=rejected)
     assert [r.id for r in it.records()] == ["a", "d"]
     reasons = [orjson.loads(x) for x in rejected.read_bytes().splitlines()]
     assert [(r["line"], r["reason"].split(":")[0]) for r in reasons] == [
-        (2, "malformed JSON"), (3, "missing id"), (4, "empty text")]
+        (2, "malformed JSON"),
+        (3, "missing id"),
+        (4, "empty text"),
+    ]
     assert it.stats.rejected == 3
 
 

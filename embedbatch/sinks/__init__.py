@@ -1,1 +1,1 @@
-"""Sinks: Parquet shards with a manifest, and pgvector columns."""
+"""Sinks: write committed shards into databases (pgvector), resumable by chunk."""

@@ -390,7 +390,7 @@ def iter_shard_chunks(
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from embedbatch.sinks.parquet import Manifest, _superseded
+    from embedbatch.store.shards import Manifest, _superseded
 
     manifest = Manifest.load(ws, model, dataset)
     gone = _superseded(manifest)
@@ -436,7 +436,7 @@ async def sync_run_to_pg(
     """
     pending: list[tuple[str, int]] = []
     total = 0
-    from embedbatch.sinks.parquet import Manifest
+    from embedbatch.store.shards import Manifest
 
     for s in Manifest.load(ws, model, dataset).shards:
         if any(src.startswith(f"{run_id}/") for src in s.get("sources", [])):

@@ -28,11 +28,11 @@ import orjson
 import pybase64
 import structlog
 
-from embedbatch.batchapi.plan import RECORDS_FILE, BatchRecords
-from embedbatch.batchapi.state import BatchState, RunState, crash_point, load_batches
 from embedbatch.config import IngestConfig
+from embedbatch.engines.batchapi.plan import RECORDS_FILE, BatchRecords
 from embedbatch.errors import StateError
-from embedbatch.sinks.parquet import Manifest, ShardWriter, remove_orphans, shard_ids, shard_text_hashes
+from embedbatch.runs import BatchState, RunState, crash_point, load_batches
+from embedbatch.store.shards import Manifest, ShardWriter, remove_orphans, shard_ids, shard_text_hashes
 from embedbatch.tokens import MODEL_DIMENSIONS, cost_usd
 from embedbatch.workspace import RunPaths, Workspace, atomic_write_bytes, file_lock
 
@@ -326,9 +326,9 @@ async def ingest_run(ws: Workspace, run: RunPaths, config: IngestConfig | None =
     """
     with file_lock(run.lock, what=f"run {run.run_id}"):
         if config is not None and config.redownload:
-            from embedbatch.batchapi.client import BatchClient
-            from embedbatch.batchapi.poll import download_batch
             from embedbatch.config import Settings
+            from embedbatch.engines.batchapi.client import BatchClient
+            from embedbatch.engines.batchapi.poll import download_batch
 
             client = BatchClient(Settings.from_env(workspace=ws.root))
             try:

@@ -8,7 +8,7 @@ import numpy as np
 
 from embedbatch.config import Settings
 from embedbatch.errors import UsageError
-from embedbatch.sinks.parquet import Manifest, read_vectors
+from embedbatch.store.shards import Manifest, read_vectors
 from embedbatch.workspace import Workspace
 
 __all__ = ["embed_query", "search_pg", "search_shards"]
@@ -24,13 +24,13 @@ def embed_query(
 ) -> np.ndarray:
     """The query vector, ``(dim,)`` float32: from a local model path, or the API (/v1/embeddings)."""
     if local_model:
-        from embedbatch.local.model import LocalBackend
+        from embedbatch.engines.local.model import LocalBackend
 
         vec: np.ndarray = LocalBackend(local_model).embed([text], model, None)[0]
         return vec
     import anyio
 
-    from embedbatch.batchapi.client import BatchClient
+    from embedbatch.engines.batchapi.client import BatchClient
 
     async def go() -> list[list[float]]:
         client = BatchClient(settings)

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from embedbatch.batchapi.state import RunState, load_batches
-from embedbatch.sinks.parquet import Manifest, _sha256, _superseded
+from embedbatch.runs import RunState, load_batches
+from embedbatch.store.shards import Manifest, _sha256, _superseded
 from embedbatch.workspace import Workspace
 
 __all__ = ["VerifyReport", "list_workspace", "verify_dataset"]

@@ -21,8 +21,9 @@ from typing import IO, Any
 import anyio
 import structlog
 
-from embedbatch.batchapi.client import BatchClient
-from embedbatch.batchapi.plan import (
+from embedbatch.config import PrepareConfig, SampleConfig, SourceConfig, SubmitConfig
+from embedbatch.engines.batchapi.client import BatchClient
+from embedbatch.engines.batchapi.plan import (
     RECORDS_FILE,
     BatchRecords,
     BatchSplitter,
@@ -30,7 +31,11 @@ from embedbatch.batchapi.plan import (
     read_record_ids,
     request_encoder,
 )
-from embedbatch.batchapi.state import (
+from embedbatch.errors import LimitError
+from embedbatch.estimate import Estimate
+from embedbatch.intake import Intake, dataset_name
+from embedbatch.records import Record
+from embedbatch.runs import (
     REMOTE_ACTIVE,
     BatchState,
     RunState,
@@ -39,11 +44,6 @@ from embedbatch.batchapi.state import (
     load_batches,
     lockfile_sha256,
 )
-from embedbatch.config import PrepareConfig, SampleConfig, SourceConfig, SubmitConfig
-from embedbatch.errors import LimitError
-from embedbatch.estimate import Estimate
-from embedbatch.intake import Intake, dataset_name
-from embedbatch.records import Record
 from embedbatch.tokens import get_tokenizer
 from embedbatch.workspace import RunPaths, Workspace, file_lock, read_json
 
@@ -76,7 +76,7 @@ def existing_ids(ws: Workspace, model: str, dataset: str) -> tuple[dict[str, str
         ``(embedded, planned)``: id → text sha256 for rows in the dataset's shards, and ids in
         batches of unfinished runs that are not yet ingested or failed.
     """
-    from embedbatch.sinks.parquet import shard_text_hashes
+    from embedbatch.store.shards import shard_text_hashes
 
     embedded = shard_text_hashes(ws, model, dataset)
     planned: set[str] = set()

@@ -10,13 +10,13 @@ from typing import Any
 import anyio
 import structlog
 
-from embedbatch.batchapi.client import BatchClient
-from embedbatch.batchapi.ingest import ingest_run
-from embedbatch.batchapi.poll import poll_pass
-from embedbatch.batchapi.retry import plan_retry
-from embedbatch.batchapi.state import RunState, load_batches
-from embedbatch.batchapi.submit import submit_run
 from embedbatch.config import IngestConfig
+from embedbatch.engines.batchapi.client import BatchClient
+from embedbatch.engines.batchapi.ingest import ingest_run
+from embedbatch.engines.batchapi.poll import poll_pass
+from embedbatch.engines.batchapi.retry import plan_retry
+from embedbatch.engines.batchapi.submit import submit_run
+from embedbatch.runs import RunState, load_batches
 from embedbatch.workspace import RunPaths, Workspace
 
 __all__ = ["RunSummary", "drive_run"]
@@ -84,7 +84,7 @@ async def drive_run(
     await ingest_run(ws, run, ingest_config)
     rs = RunState.load(run)
     batches = load_batches(run)
-    from embedbatch.sinks.parquet import Manifest
+    from embedbatch.store.shards import Manifest
 
     manifest = Manifest.load(ws, rs.model, rs.dataset)
     keys = {f"{rs.run_id}/{bs.name}" for bs in batches}

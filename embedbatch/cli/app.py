@@ -2,7 +2,7 @@
 
 This is the only place errors become messages and exit codes (``EMBEDBATCH_RAISE_ERRORS=1``
 re-raises instead). Flags shared by several commands are declared once in
-:mod:`embedbatch.cli_options`.
+:mod:`embedbatch.cli.options`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from embedbatch import __version__
-from embedbatch.cli_options import (
+from embedbatch.cli.options import (
     batch_limits,
     batch_options,
     prepare_config,
@@ -143,7 +143,7 @@ def _workspace() -> Any:
 
 
 def _client() -> Any:
-    from embedbatch.batchapi.client import BatchClient
+    from embedbatch.engines.batchapi.client import BatchClient
 
     return BatchClient(settings())
 
@@ -204,8 +204,8 @@ def estimate(source: SourceArg, json_out: JsonOut = False, **opts: Any) -> None:
 
 def _plan(source: str, resume: Path | None, opts: dict[str, Any], *, dry_run: bool) -> tuple[Any, Any]:
     """The run to submit: ``--resume RUN_DIR``, or a new one planned from ``source``."""
-    from embedbatch.batchapi.state import RunState
-    from embedbatch.batchapi.submit import plan_run
+    from embedbatch.engines.batchapi.submit import plan_run
+    from embedbatch.runs import RunState
 
     ws = _workspace()
     if resume is not None:
@@ -255,7 +255,7 @@ def submit(
     **opts: Any,
 ) -> None:
     """Plan batch input files under the API limits, upload them and create batches."""
-    from embedbatch.batchapi.submit import submit_run
+    from embedbatch.engines.batchapi.submit import submit_run
 
     run, planned = _plan(source, resume, opts, dry_run=dry_run)
     _print_planned(run, planned, json_out=json_out)
@@ -267,7 +267,7 @@ def submit(
     async def go(client: Any) -> Any:
         from rich.progress import Progress
 
-        from embedbatch.batchapi.state import load_batches
+        from embedbatch.runs import load_batches
 
         total = sum(1 for b in load_batches(run) if b.status in ("planned", "uploaded"))
         with Progress(console=err_console, disable=not err_console.is_terminal, transient=True) as prog:
@@ -293,7 +293,7 @@ def run_cmd(
     **opts: Any,
 ) -> None:
     """Submit, poll until every batch is terminal, ingest, retry failures; print a summary."""
-    from embedbatch.runner import drive_run
+    from embedbatch.engines.batchapi.drive import drive_run
 
     run, planned = _plan(source, resume, opts, dry_run=False)
     if not json_out:
@@ -345,8 +345,8 @@ def ingest(
     """Map downloaded outputs into Parquet shards and the manifest (and pgvector)."""
     import anyio
 
-    from embedbatch.batchapi.ingest import ingest_run
-    from embedbatch.batchapi.state import RunState
+    from embedbatch.engines.batchapi.ingest import ingest_run
+    from embedbatch.runs import RunState
 
     ws = _workspace()
     run = ws.resolve_run(run_dir)
@@ -388,7 +388,7 @@ def local(
 ) -> None:
     """Embed with a local SentenceTransformer (GPU or CPU) into the same shards and sinks."""
     from embedbatch.config import LocalConfig
-    from embedbatch.local.pipeline import run_local
+    from embedbatch.engines.local.pipeline import run_local
 
     if pad_to not in ("longest", "bucket"):
         raise UsageError(f"--pad-to must be longest or bucket, got {pad_to!r}")
@@ -499,8 +499,8 @@ def status(
     json_out: JsonOut = False,
 ) -> None:
     """Show every run (or one run / one batch) with fresh status from the API."""
-    from embedbatch.batchapi.poll import refresh_run, run_totals
-    from embedbatch.batchapi.state import BatchState, RunState, load_batches
+    from embedbatch.engines.batchapi.poll import refresh_run, run_totals
+    from embedbatch.runs import BatchState, RunState, load_batches
 
     ws = _workspace()
     if batch_file is not None:
@@ -567,7 +567,7 @@ def poll(
     import anyio
     import structlog
 
-    from embedbatch.batchapi.poll import poll_pass
+    from embedbatch.engines.batchapi.poll import poll_pass
 
     log = structlog.get_logger("embedbatch.poll")
     ws = _workspace()
@@ -587,7 +587,7 @@ def poll(
 @app.command()
 def cancel(run_dir: Annotated[Path, typer.Option("--run-dir")]) -> None:
     """Cancel a run's active batches and record the result."""
-    from embedbatch.batchapi.poll import cancel_run
+    from embedbatch.engines.batchapi.poll import cancel_run
 
     run = _workspace().resolve_run(run_dir)
     batches = _run(lambda c: cancel_run(c, run))
@@ -602,8 +602,8 @@ def retry(
     no_submit: Annotated[bool, typer.Option("--no-submit", help="Only plan the retry batch.")] = False,
 ) -> None:
     """Plan the failed and missing ids of a run again (a new batch in the same run)."""
-    from embedbatch.batchapi.retry import plan_retry
-    from embedbatch.batchapi.submit import submit_run
+    from embedbatch.engines.batchapi.retry import plan_retry
+    from embedbatch.engines.batchapi.submit import submit_run
 
     ws = _workspace()
     run = ws.resolve_run(run_dir)
@@ -624,7 +624,7 @@ def verify(
     json_out: JsonOut = False,
 ) -> None:
     """Re-read every shard and check it against the manifest; exit 1 on any problem."""
-    from embedbatch.verify import verify_dataset
+    from embedbatch.store.verify import verify_dataset
 
     ws = _workspace()
     pairs = [(m, d) for m, d in ws.datasets() if (dataset is None or d == dataset) and (model is None or m == model)]
@@ -646,7 +646,7 @@ def verify(
 @app.command("list")
 def list_cmd(json_out: JsonOut = False) -> None:
     """Datasets, models, row counts, runs and their states in the workspace."""
-    from embedbatch.verify import list_workspace
+    from embedbatch.store.verify import list_workspace
 
     data = list_workspace(_workspace())
     if json_out:
@@ -703,7 +703,7 @@ def serve(
     fault_cfg.step_s = step_s
     backend = None
     if model:
-        from embedbatch.local.model import LocalBackend
+        from embedbatch.engines.local.model import LocalBackend
 
         backend = LocalBackend(model)
     state = FakeOpenAI(
@@ -731,7 +731,7 @@ def search(
     json_out: JsonOut = False,
 ) -> None:
     """Embed a query with the dataset's model and print the nearest rows."""
-    from embedbatch.search import search_pg, search_shards
+    from embedbatch.search.exact import search_pg, search_shards
 
     ws = _workspace()
     s = settings()
@@ -776,7 +776,7 @@ def db_init(
     dsn = dsn or settings().database_url
     if not dsn:
         raise UsageError("db init needs --dsn or DATABASE_URL")
-    folder = migrations or Path(__file__).resolve().parents[1] / "migrations"
+    folder = migrations or Path(__file__).resolve().parents[2] / "migrations"
     applied = anyio.run(apply_migrations, dsn, folder)
     console.print(f"applied {', '.join(applied)}")
 

@@ -26,13 +26,13 @@ import numpy as np
 import orjson
 import structlog
 
-from embedbatch.batchapi.state import RunState, git_sha, lockfile_sha256
 from embedbatch.config import IngestConfig, LocalConfig, PgTarget, PrepareConfig, SampleConfig, SourceConfig
+from embedbatch.engines.local.bucketing import Bucketer, Item, bucket_edges
+from embedbatch.engines.local.model import LocalEncoder, model_label
 from embedbatch.intake import Intake, dataset_name
-from embedbatch.local.bucketing import Bucketer, Item, bucket_edges
-from embedbatch.local.model import LocalEncoder, model_label
 from embedbatch.records import Record
-from embedbatch.sinks.parquet import Manifest, ShardWriter, remove_orphans, shard_text_hashes
+from embedbatch.runs import RunState, git_sha, lockfile_sha256
+from embedbatch.store.shards import Manifest, ShardWriter, remove_orphans, shard_text_hashes
 from embedbatch.workspace import RunPaths, Workspace, file_lock
 
 __all__ = ["LocalResult", "StageClock", "run_local"]
@@ -474,6 +474,6 @@ def _write(
 def _sink_pg(ws: Workspace, run: RunPaths, rs: RunState) -> dict[str, Any]:
     import anyio
 
-    from embedbatch.batchapi.ingest import sink_run_to_pg
+    from embedbatch.engines.batchapi.ingest import sink_run_to_pg
 
     return anyio.run(sink_run_to_pg, ws, run, rs)

@@ -38,7 +38,7 @@ DONE = ("downloaded", "ingested")
 
 def git_sha() -> str | None:
     """The git commit of the embedbatch checkout, if it is one."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]
     if not (root / ".git").exists():
         return None
     try:
@@ -170,7 +170,7 @@ def lockfile_sha256() -> str | None:
     """sha256 of the project's pyproject.toml (our lock of dependency ranges), if found."""
     import hashlib
 
-    path = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    path = Path(__file__).resolve().parents[1] / "pyproject.toml"
     if not path.is_file():
         return None
     return hashlib.sha256(path.read_bytes()).hexdigest()

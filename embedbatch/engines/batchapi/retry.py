@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from embedbatch.batchapi.plan import BatchRecords, BatchSplitter, read_record_ids
-from embedbatch.batchapi.state import RunState, load_batches
-from embedbatch.batchapi.submit import BatchFileWriter
 from embedbatch.config import BatchLimits
-from embedbatch.sinks.parquet import shard_text_hashes
+from embedbatch.engines.batchapi.plan import BatchRecords, BatchSplitter, read_record_ids
+from embedbatch.engines.batchapi.submit import BatchFileWriter
+from embedbatch.runs import RunState, load_batches
+from embedbatch.store.shards import shard_text_hashes
 from embedbatch.tokens import queue_tokens
 from embedbatch.workspace import RunPaths, Workspace, atomic_write_json, file_lock
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import structlog
 
-from embedbatch.batchapi.client import BatchClient
-from embedbatch.batchapi.state import REMOTE_ACTIVE, REMOTE_TERMINAL, BatchState, RunState, load_batches
-from embedbatch.batchapi.submit import _submit_locked, adopt_pending
 from embedbatch.config import IngestConfig
+from embedbatch.engines.batchapi.client import BatchClient
+from embedbatch.engines.batchapi.submit import _submit_locked, adopt_pending
 from embedbatch.errors import LockedError
+from embedbatch.runs import REMOTE_ACTIVE, REMOTE_TERMINAL, BatchState, RunState, load_batches
 from embedbatch.workspace import RunPaths, Workspace, file_lock
 
 __all__ = [
@@ -171,7 +171,7 @@ async def poll_run(
         )
         report.submitted += len(submitted)
         if ingest:
-            from embedbatch.batchapi.ingest import ingest_run_locked
+            from embedbatch.engines.batchapi.ingest import ingest_run_locked
 
             result = await ingest_run_locked(ws, run, ingest_config or IngestConfig())
             report.ingested += result.batches

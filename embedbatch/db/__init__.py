@@ -1,0 +1,1 @@
+"""The one boundary to external databases (asyncpg for PostgreSQL)."""

@@ -1,0 +1,1 @@
+"""Search over stored vectors: exact streaming search over shards, and pgvector queries."""

@@ -1,0 +1,1 @@
+"""The dataset store: shards, manifest and id index of a (model, dataset), and their one writer."""
