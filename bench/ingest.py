@@ -20,7 +20,7 @@ from _util import PEAK_RSS, run_child
 MAKE = """
 import base64, sys, orjson, numpy as np
 from pathlib import Path
-from embedbatch.engines.batchapi.plan import BatchRecords
+from embedbatch.engines.batchapi.batchfiles import BatchRecords
 from embedbatch.runs import BatchState, RunState
 from embedbatch.workspace import RunPaths, Workspace
 root, n, fmt, dim = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], 1536

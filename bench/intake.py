@@ -20,7 +20,7 @@ CHILD = (
     + """
 import json, sys, time
 from embedbatch.config import PrepareConfig, SampleConfig, SourceConfig
-from embedbatch.estimate import estimate
+from embedbatch.engines.batchapi.estimate import estimate
 path, id_field, fields = sys.argv[1], sys.argv[2], tuple(sys.argv[3].split(","))
 t = time.perf_counter()
 e = estimate(source=SourceConfig(path=path, id_field=id_field), prepare=PrepareConfig(fields=fields),

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import DATA
 
 from embedbatch.config import BatchLimits
-from embedbatch.engines.batchapi.plan import BatchSplitter, request_encoder
-from embedbatch.engines.batchapi.submit import BatchFileWriter
+from embedbatch.engines.batchapi.batchfiles import BatchFileWriter
+from embedbatch.engines.batchapi.split import BatchSplitter, request_encoder
 from embedbatch.records import Record
 
 MODEL = "text-embedding-3-small"

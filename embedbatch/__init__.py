@@ -21,25 +21,30 @@ from embedbatch.config import (
 )
 from embedbatch.engines.batchapi.client import BatchClient, RetryPolicy
 from embedbatch.engines.batchapi.drive import drive_run
+from embedbatch.engines.batchapi.estimate import estimate
 from embedbatch.engines.batchapi.ingest import ingest_run
+from embedbatch.engines.batchapi.plan import plan_run
 from embedbatch.engines.batchapi.poll import cancel_run, poll_pass
 from embedbatch.engines.batchapi.retry import plan_retry
-from embedbatch.engines.batchapi.submit import plan_run, submit_run
+from embedbatch.engines.batchapi.submit import submit_run
 from embedbatch.engines.local.pipeline import run_local
 from embedbatch.errors import EmbedbatchError
-from embedbatch.estimate import estimate
+from embedbatch.runs import Run
+from embedbatch.store.dataset import DatasetStore
 from embedbatch.store.verify import list_workspace, verify_dataset
 from embedbatch.workspace import Workspace
 
 __all__ = [
     "BatchClient",
     "BatchLimits",
+    "DatasetStore",
     "EmbedbatchError",
     "IngestConfig",
     "LocalConfig",
     "PgTarget",
     "PrepareConfig",
     "RetryPolicy",
+    "Run",
     "SampleConfig",
     "Settings",
     "SourceConfig",

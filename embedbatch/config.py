@@ -14,6 +14,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from embedbatch.errors import UsageError
+from embedbatch.workspace import Workspace
 
 __all__ = [
     "BatchLimits",
@@ -62,6 +63,10 @@ class Settings:
         openai_timeout_s: OPENAI_TIMEOUT in seconds (default 600).
         database_url: DATABASE_URL for the pgvector sink and postgres source.
         workspace: EMBEDBATCH_WORKSPACE, default ``./workspace``.
+        lock_timeout_s: EMBEDBATCH_LOCK_TIMEOUT_S, how long to wait for a busy dataset lock
+            (seconds, default 900).
+        retry_attempts / retry_initial_s: EMBEDBATCH_RETRY_ATTEMPTS (default 8) and
+            EMBEDBATCH_RETRY_INITIAL_S (default 1.0): the provider retry policy.
     """
 
     openai_api_key: str | None = field(default=None, repr=False)
@@ -70,6 +75,13 @@ class Settings:
     openai_timeout_s: float = 600.0
     database_url: str | None = field(default=None, repr=False)
     workspace: Path = Path("workspace")
+    lock_timeout_s: float = 900.0
+    retry_attempts: int = 8
+    retry_initial_s: float = 1.0
+
+    def open_workspace(self) -> Workspace:
+        """The :class:`Workspace` these settings name."""
+        return Workspace(self.workspace, lock_timeout_s=self.lock_timeout_s)
 
     @classmethod
     def from_env(cls, *, env_file: Path | None = Path(".env"), **overrides: Any) -> Settings:
@@ -87,10 +99,14 @@ class Settings:
 
             load_dotenv(env_file, override=False)
         env = os.environ
-        try:
-            timeout = float(env.get("OPENAI_TIMEOUT", "600"))
-        except ValueError as exc:
-            raise UsageError(f"OPENAI_TIMEOUT must be a number of seconds, got {env['OPENAI_TIMEOUT']!r}") from exc
+
+        def number(name: str, default: str, kind: type[float] | type[int] = float) -> Any:
+            try:
+                return kind(env.get(name) or default)
+            except ValueError as exc:
+                raise UsageError(f"{name} must be a number, got {env[name]!r}") from exc
+
+        timeout = number("OPENAI_TIMEOUT", "600")
         values: dict[str, Any] = {
             "openai_api_key": env.get("OPENAI_API_KEY") or None,
             "openai_base_url": env.get("OPENAI_BASE_URL") or None,
@@ -98,6 +114,9 @@ class Settings:
             "openai_timeout_s": timeout,
             "database_url": env.get("DATABASE_URL") or None,
             "workspace": Path(env.get("EMBEDBATCH_WORKSPACE") or "workspace"),
+            "lock_timeout_s": number("EMBEDBATCH_LOCK_TIMEOUT_S", "900"),
+            "retry_attempts": number("EMBEDBATCH_RETRY_ATTEMPTS", "8", int),
+            "retry_initial_s": number("EMBEDBATCH_RETRY_INITIAL_S", "1.0"),
         }
         names = {f.name for f in fields(cls)}
         for key, value in overrides.items():
@@ -324,13 +343,15 @@ class IngestConfig:
     """How results become shards.
 
     Attributes:
-        rows_per_shard: shard size target in rows (a batch never straddles two shards).
+        rows_per_shard: shard size target in rows (a batch starts a new shard when it would
+            not fit in the open one).
         dtype: ``float32`` or ``float16`` for the ``embedding`` column.
+        dsn: PostgreSQL for runs with a pgvector target (never written to run state or logs).
     """
 
     rows_per_shard: int = 100_000
     dtype: Literal["float32", "float16"] = "float32"
-    redownload: bool = False
+    dsn: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,4 +1,9 @@
-"""Run and batch state on disk (``run.json``, ``batch.json``), always written atomically.
+"""Run state: ``run.json`` and every ``batch.json`` of a run, owned by :class:`Run`.
+
+Every engine keeps its runs here. A command loads a run once (:meth:`Run.open`, under the run
+lock, or :meth:`Run.read`, a read-only snapshot), changes it through the objects it holds, and
+saves through :meth:`Run.save` / :meth:`Run.save_batch`, which refuse without the lock. Files
+are written atomically; nothing else writes them.
 
 States of a batch (``status``)::
 
@@ -12,20 +17,26 @@ looking the file up by name or the batch up by metadata instead of calling again
 
 from __future__ import annotations
 
-import os
+import contextlib
 import subprocess
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from embedbatch import __version__
-from embedbatch.workspace import RunPaths, atomic_write_json, read_json, utc_now
+from embedbatch.errors import StateError
+from embedbatch.workspace import RunPaths, atomic_write_json, crash_point, file_lock, read_json, utc_now
 
 __all__ = [
     "ACTIVE",
+    "FINAL",
+    "REMOTE_ACTIVE",
     "REMOTE_TERMINAL",
     "BatchState",
+    "Run",
     "RunState",
+    "crash_point",
     "git_sha",
     "load_batches",
 ]
@@ -34,6 +45,7 @@ REMOTE_ACTIVE = ("submitted", "validating", "in_progress", "finalizing", "cancel
 REMOTE_TERMINAL = ("completed", "failed", "expired", "cancelled")
 ACTIVE = ("planned", "uploaded", *REMOTE_ACTIVE)
 DONE = ("downloaded", "ingested")
+FINAL = ("ingested", "cancelled")  # nothing more will happen to the batch
 
 
 def git_sha() -> str | None:
@@ -176,11 +188,109 @@ def lockfile_sha256() -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def crash_point(name: str) -> None:
-    """Test hook: ``EMBEDBATCH_CRASH_AT=name`` kills this process with SIGKILL here, so the
-    crash-safety tests can stop a real subprocess at exact points between state writes and
-    remote calls. Does nothing unless the variable names this point."""
-    if os.environ.get("EMBEDBATCH_CRASH_AT") == name:
-        import signal
+class Run:
+    """One run loaded once: its :class:`RunState` and its batches, in name order.
 
-        os.kill(os.getpid(), signal.SIGKILL)
+    Get one with :meth:`open` (holds the run lock: the only way to change a run) or
+    :meth:`read` (a snapshot; saving raises).
+    """
+
+    def __init__(self, paths: RunPaths, state: RunState, batches: list[BatchState], *, writable: bool) -> None:
+        self.paths = paths
+        self.state = state
+        self.batches = batches
+        self.writable = writable
+
+    @classmethod
+    def read(cls, paths: RunPaths) -> Run:
+        """A read-only snapshot (atomic files: consistent per file without the lock).
+
+        Raises:
+            StateError: run.json or a batch.json is missing or unreadable.
+        """
+        return cls(paths, RunState.load(paths), load_batches(paths), writable=False)
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, paths: RunPaths, *, wait_s: float | None = None, purpose: str = "") -> Iterator[Run]:
+        """Hold the run lock and load the run; the state is settled first (see :meth:`settle`).
+
+        Args:
+            wait_s: wait this long for another process to release the run (None: fail at once).
+
+        Raises:
+            LockedError: another process holds the run.
+            StateError: run.json or a batch.json is unreadable.
+        """
+        with file_lock(paths.lock, what=f"run {paths.run_id}", timeout_s=wait_s, purpose=purpose):
+            run = cls(paths, RunState.load(paths), load_batches(paths), writable=True)
+            if run.settle():
+                run.save()
+            yield run
+            run.writable = False
+
+    @property
+    def run_id(self) -> str:
+        return self.state.run_id
+
+    def batch_dir(self, bs: BatchState) -> Path:
+        return self.paths.batch_dir(bs.name)
+
+    def _check(self) -> None:
+        if not self.writable:
+            raise StateError(f"run {self.run_id}: state changed without holding the run lock")
+
+    def save(self) -> None:
+        """Write run.json (atomically).
+
+        Raises:
+            StateError: the run lock is not held.
+        """
+        self._check()
+        self.state.save(self.paths)
+
+    def save_batch(self, bs: BatchState) -> None:
+        """Write one batch.json (atomically).
+
+        Raises:
+            StateError: the run lock is not held.
+        """
+        self._check()
+        bs.save(self.batch_dir(bs))
+
+    def add_batches(self, new: list[BatchState]) -> None:
+        """Take batches whose files and batch.json were just written (retry) into the run."""
+        self._check()
+        self.batches.extend(new)
+        self.batches.sort(key=lambda b: b.name)
+
+    @property
+    def finished(self) -> bool:
+        """Every batch is final (ingested or cancelled)."""
+        return all(bs.status in FINAL for bs in self.batches)
+
+    def settle(self) -> bool:
+        """Derive ``active``/``finished`` from the batches (a run whose process died between
+        writing batches and run.json is put right). Returns True if the status changed."""
+        if self.state.kind != "batchapi" or self.state.status not in ("active", "finished"):
+            return False
+        status = "finished" if self.finished else "active"
+        changed = status != self.state.status
+        self.state.status = status
+        return changed
+
+    def totals(self, batches: list[BatchState] | None = None) -> dict[str, Any]:
+        """Per-run totals from its batches (what ``status`` prints and stores)."""
+        batches = self.batches if batches is None else batches
+        by_status: dict[str, int] = {}
+        for bs in batches:
+            by_status[bs.status] = by_status.get(bs.status, 0) + 1
+        return {
+            "batches": len(batches),
+            "by_status": by_status,
+            "requests": sum(bs.requests for bs in batches),
+            "succeeded": sum(bs.succeeded or 0 for bs in batches),
+            "failed": sum(bs.failed or 0 for bs in batches),
+            "queue_tokens": sum(bs.tokens for bs in batches),
+            "enqueued_tokens": sum(bs.tokens for bs in batches if bs.status in REMOTE_ACTIVE),
+        }

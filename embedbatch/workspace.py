@@ -5,7 +5,7 @@ Layout (root: ``--workspace`` / EMBEDBATCH_WORKSPACE)::
     batches/{model}/{dataset}/run_<UTC stamp>/run.json, rejected.jsonl, run.lock
         batches/batch_NNN/input.jsonl records.parquet batch.json output.jsonl errors.jsonl failed_ids.tsv
     embeddings/{model}/{dataset}/shard-NNNNN.parquet
-    indexes/{model}/{dataset}/manifest.json
+    indexes/{model}/{dataset}/manifest.json, dataset.lock, ids/shard-NNNNN.parquet (id index)
     cache/  logs/  workspace.lock
 """
 
@@ -15,7 +15,9 @@ import contextlib
 import fcntl
 import os
 import re
+import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,7 +34,9 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "check_component",
+    "crash_point",
     "file_lock",
+    "fsync_dir",
     "read_json",
     "utc_now",
     "utc_stamp",
@@ -63,7 +67,8 @@ def utc_stamp() -> str:
     return now.strftime("%Y%m%dT%H%M%SZ_") + f"{now.microsecond:06d}"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that renames into it survive a power loss."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -85,7 +90,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -108,7 +113,7 @@ def atomic_open(path: Path) -> Iterator[IO[bytes]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def read_json(path: Path) -> Any:
@@ -126,26 +131,63 @@ def read_json(path: Path) -> Any:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, *, what: str, blocking: bool = False) -> Iterator[None]:
+def file_lock(
+    path: Path, *, what: str, blocking: bool = False, timeout_s: float | None = None, purpose: str = ""
+) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block.
 
-    The lock dies with the process, so a ``kill -9`` never leaves a stale lock.
+    The lock dies with the process, so a ``kill -9`` never leaves a stale lock. The holder writes
+    ``pid purpose`` into the file, so a waiter's error can say who holds it.
+
+    Args:
+        blocking: wait as long as it takes.
+        timeout_s: wait up to this many seconds (polling every 50-500 ms); None and not
+            ``blocking``: fail at once.
 
     Raises:
-        LockedError: another process holds it and ``blocking`` is False.
+        LockedError: another process holds it (past ``timeout_s``, or at once).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError as exc:
-            raise LockedError(f"{what} is locked by another process ({path})") from exc
+        started = time.monotonic()
+        delay = 0.05
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                break
+            except BlockingIOError as exc:
+                waited = time.monotonic() - started
+                if timeout_s is None or waited >= timeout_s:
+                    holder = _lock_holder(path)
+                    after = f" after waiting {waited:.0f} s" if timeout_s else ""
+                    raise LockedError(f"{what} is locked by another process{holder}{after} ({path})") from exc
+                time.sleep(min(delay, max(0.0, timeout_s - waited)))
+                delay = min(delay * 2, 0.5)
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.pwrite(fd, f"{os.getpid()} {purpose}".strip().encode() + b"\n", 0)
         yield
     finally:
         os.close(fd)
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return ""
+    if not text:
+        return ""
+    pid, _, purpose = text.partition(" ")
+    return f" (pid {pid}{': ' + purpose if purpose else ''})"
+
+
+def crash_point(name: str) -> None:
+    """Test hook: ``EMBEDBATCH_CRASH_AT=name`` kills this process with SIGKILL here, so the
+    crash-safety tests can stop a real subprocess at exact points between state writes and
+    remote calls. Does nothing unless the variable names this point."""
+    if os.environ.get("EMBEDBATCH_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -186,9 +228,15 @@ class RunPaths:
 
 @dataclass(frozen=True)
 class Workspace:
-    """The workspace root and the paths below it; model and dataset names are checked."""
+    """The workspace root and the paths below it; model and dataset names are checked.
+
+    Attributes:
+        lock_timeout_s: how long a command waits for a dataset lock that another process holds
+            (seconds; env ``EMBEDBATCH_LOCK_TIMEOUT_S`` through :class:`Settings`).
+    """
 
     root: Path
+    lock_timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root).absolute())
@@ -219,6 +267,10 @@ class Workspace:
             / check_component(dataset, "dataset")
             / "manifest.json"
         )
+
+    def index_dir(self, model: str, dataset: str) -> Path:
+        """The id index files of (model, dataset): ``indexes/{model}/{dataset}/ids/``."""
+        return self.manifest_path(model, dataset).with_name("ids")
 
     def datasets(self) -> list[tuple[str, str]]:
         """(model, dataset) pairs that have a manifest."""

@@ -26,6 +26,7 @@ from embedbatch.cli.options import (
     prepare_options,
     sample_config,
     sample_options,
+    sink_dsn,
     sink_options,
     sink_target,
     source_config,
@@ -137,9 +138,7 @@ class _RowProgress:
 
 
 def _workspace() -> Any:
-    from embedbatch.workspace import Workspace
-
-    return Workspace(settings().workspace)
+    return settings().open_workspace()
 
 
 def _client() -> Any:
@@ -183,7 +182,7 @@ def _safe_args(values: dict[str, Any]) -> dict[str, Any]:
 @with_options(source_options, prepare_options, sample_options, batch_options)
 def estimate(source: SourceArg, json_out: JsonOut = False, **opts: Any) -> None:
     """Count rows, tokens, batch files and cost; sends nothing."""
-    from embedbatch.estimate import estimate as run_estimate
+    from embedbatch.engines.batchapi.estimate import estimate as run_estimate
 
     s = settings()
     with _RowProgress("reading") as progress:
@@ -204,8 +203,7 @@ def estimate(source: SourceArg, json_out: JsonOut = False, **opts: Any) -> None:
 
 def _plan(source: str, resume: Path | None, opts: dict[str, Any], *, dry_run: bool) -> tuple[Any, Any]:
     """The run to submit: ``--resume RUN_DIR``, or a new one planned from ``source``."""
-    from embedbatch.engines.batchapi.submit import plan_run
-    from embedbatch.runs import RunState
+    from embedbatch.engines.batchapi.plan import plan_run
 
     ws = _workspace()
     if resume is not None:
@@ -223,11 +221,8 @@ def _plan(source: str, resume: Path | None, opts: dict[str, Any], *, dry_run: bo
             submit=submit_config(opts, s, dry_run=dry_run),
             args=_safe_args({"source": source, **opts}),
             on_row=progress,
+            pg_target=target,
         )
-    if target is not None and planned.run is not None:
-        rs = RunState.load(planned.run)
-        rs.pg_target = target.to_json()
-        rs.save(planned.run)
     return planned.run, planned
 
 
@@ -300,7 +295,7 @@ def run_cmd(
         _print_planned(run, planned, json_out=False)
         console.print(f"run directory: {run.root}")
     ws = _workspace()
-    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype)  # type: ignore[arg-type]
+    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, dsn=sink_dsn(opts, settings()))  # type: ignore[arg-type]
     summary = _run(
         lambda c: drive_run(
             ws,
@@ -346,17 +341,15 @@ def ingest(
     import anyio
 
     from embedbatch.engines.batchapi.ingest import ingest_run
-    from embedbatch.runs import RunState
+    from embedbatch.engines.batchapi.poll import redownload_run
 
     ws = _workspace()
     run = ws.resolve_run(run_dir)
     target = sink_target("", {**opts, "overwrite": overwrite})
-    if target is not None:
-        rs = RunState.load(run)
-        rs.pg_target = target.to_json()
-        rs.save(run)
-    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, redownload=redownload)  # type: ignore[arg-type]
-    result = anyio.run(lambda: ingest_run(ws, run, cfg))
+    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, dsn=sink_dsn(opts, settings()))  # type: ignore[arg-type]
+    if redownload:
+        _run(lambda c: redownload_run(c, run))
+    result = anyio.run(lambda: ingest_run(ws, run, cfg, pg_target=target))
     if json_out:
         print_json(result.to_json())
         return
@@ -413,6 +406,7 @@ def local(
             local=cfg,
             ingest=IngestConfig(rows_per_shard=rows_per_shard, dtype=shard_dtype),  # type: ignore[arg-type]
             pg_target=target,
+            dsn=sink_dsn(opts, settings()),
             args=_safe_args({"source": source, "model": model, **opts}),
             on_rows=progress,
         )
@@ -499,8 +493,10 @@ def status(
     json_out: JsonOut = False,
 ) -> None:
     """Show every run (or one run / one batch) with fresh status from the API."""
-    from embedbatch.engines.batchapi.poll import refresh_run, run_totals
-    from embedbatch.runs import BatchState, RunState, load_batches
+    from dataclasses import asdict
+
+    from embedbatch.engines.batchapi.poll import refresh_for_status
+    from embedbatch.runs import Run
 
     ws = _workspace()
     if batch_file is not None:
@@ -510,14 +506,13 @@ def status(
         runs = [ws.resolve_run(run_dir)] if run_dir else ws.all_runs()
         only = None
 
-    async def go(client: Any) -> list[Any]:
+    async def go(client: Any) -> list[tuple[Any, bool]]:
         out = []
-        for run in runs:
+        for paths in runs:
             if offline:
-                rs, batches = RunState.load(run), load_batches(run)
+                out.append((Run.read(paths), False))
             else:
-                rs, batches = await refresh_run(client, run, save=update_json)
-            out.append((run, rs, batches))
+                out.append(await refresh_for_status(client, paths, update=update_json))
         return out
 
     if offline:
@@ -527,30 +522,30 @@ def status(
     else:
         results = _run(go)
     payload = []
-    for run, rs, batches in results:
-        if only:
-            batches = [b for b in batches if b.name == only]
-        totals = run_totals(rs, batches)
+    for run, written in results:
+        batches = [b for b in run.batches if b.name == only] if only else run.batches
+        totals = run.totals(batches)
+        rs = run.state
         if json_out:
-            from dataclasses import asdict
-
             payload.append(
                 {
-                    "run_dir": str(run.root),
+                    "run_dir": str(run.paths.root),
                     "run_id": rs.run_id,
                     "status": rs.status,
                     "totals": totals,
                     "estimate": rs.estimate,
+                    "written": written,
                     "batches": [asdict(b) for b in batches],
                 }
             )
         else:
             console.print(_status_table(rs, batches, totals))
+            if update_json and not written:
+                console.print(f"{rs.run_id}: held by another process (a poll); state not written")
     if json_out:
         print_json(payload)
     elif not results:
         console.print("no runs in the workspace")
-    _ = BatchState
 
 
 @app.command()
@@ -571,7 +566,7 @@ def poll(
 
     log = structlog.get_logger("embedbatch.poll")
     ws = _workspace()
-    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype)  # type: ignore[arg-type]
+    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, dsn=settings().database_url)  # type: ignore[arg-type]
     while True:
         started = _t.monotonic()
         report = _run(
@@ -771,7 +766,7 @@ def db_init(
     """Apply the SQL migrations (pgvector extension, example knowledge_chunks table)."""
     import anyio
 
-    from embedbatch.sinks.pgvector import apply_migrations
+    from embedbatch.db.pg import apply_migrations
 
     dsn = dsn or settings().database_url
     if not dsn:

@@ -8,7 +8,6 @@ the group's values in ``**opts`` and turns them into config dataclasses with the
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -22,6 +21,7 @@ __all__ = [
     "batch_limits",
     "prepare_config",
     "sample_config",
+    "sink_dsn",
     "sink_target",
     "source_config",
     "submit_config",
@@ -236,10 +236,15 @@ def submit_config(opts: dict[str, Any], settings: Settings, *, dry_run: bool = F
     )
 
 
+def sink_dsn(opts: dict[str, Any], settings: Settings) -> str | None:
+    """The pgvector sink's DSN: ``--pg-dsn``, else the source's ``--dsn``, else DATABASE_URL.
+    It is passed to the stages and never stored."""
+    return opts.get("pg_dsn") or opts.get("dsn") or settings.database_url
+
+
 def sink_target(source: str, opts: dict[str, Any]) -> PgTarget | None:
     """The pgvector target: ``--pg-table``, or for a postgres source with ``--vector-column`` the
-    source table itself (rows map back by id). The DSN goes to DATABASE_URL for this process
-    only; run.json never stores it.
+    source table itself (rows map back by id). The DSN is not part of it (see :func:`sink_dsn`).
 
     Raises:
         UsageError: a bad ``--pg-mode``.
@@ -247,9 +252,6 @@ def sink_target(source: str, opts: dict[str, Any]) -> PgTarget | None:
     table, id_column, vector_column = opts["pg_table"], opts["pg_id_column"], opts["pg_vector_column"]
     if table is None and source == "postgres" and opts.get("table") and opts.get("vector_column"):
         table, id_column, vector_column = opts["table"], opts["id_column"], opts["vector_column"]
-    dsn = opts["pg_dsn"] or (opts.get("dsn") if table else None)
-    if dsn:
-        os.environ["DATABASE_URL"] = dsn
     if not table:
         return None
     if opts["pg_mode"] not in ("update", "insert"):

@@ -8,7 +8,8 @@ import numpy as np
 
 from embedbatch.config import Settings
 from embedbatch.errors import UsageError
-from embedbatch.store.shards import Manifest, read_vectors
+from embedbatch.store.manifest import Manifest
+from embedbatch.store.shards import read_vectors
 from embedbatch.workspace import Workspace
 
 __all__ = ["embed_query", "search_pg", "search_shards"]
@@ -116,7 +117,7 @@ def search_pg(
         raise UsageError("--pg-table needs --pg-dsn or DATABASE_URL")
     import anyio
 
-    from embedbatch.sinks.pgvector import nearest
+    from embedbatch.search.pg import nearest
 
     q = embed_query(
         settings, text, model=model or settings.openai_embed_model, dimensions=dimensions, local_model=local_model

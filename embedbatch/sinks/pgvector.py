@@ -10,8 +10,7 @@ An HNSW or IVFFlat index on the target column makes every write a graph insert (
 measured here instead of ~26k); it is detected before writing and, with ``rebuild_index``,
 dropped and recreated with the same definition after the write.
 
-This is the only module that talks to PostgreSQL for writing; asyncpg errors become
-:class:`~embedbatch.errors.DatabaseError` here.
+Connections, quoting and error translation come from :mod:`embedbatch.db.pg`.
 """
 
 from __future__ import annotations
@@ -19,28 +18,18 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import structlog
 
-from embedbatch.config import PgTarget, redact_dsn
+from embedbatch.config import PgTarget
+from embedbatch.db.pg import connect, quote_ident, quote_table, translate_error
 from embedbatch.errors import DatabaseError, UsageError
 
-__all__ = [
-    "TargetInfo",
-    "VectorIndex",
-    "WriteReport",
-    "connect",
-    "inspect_target",
-    "nearest",
-    "quote_ident",
-    "quote_table",
-    "write_vectors",
-]
+__all__ = ["TargetInfo", "VectorIndex", "WriteReport", "inspect_target", "sink_run", "sync_run_to_pg", "write_vectors"]
 
 log = structlog.get_logger(__name__)
 
@@ -50,63 +39,6 @@ INDEXED_ROWS_PER_S = 90
 # Rebuilding is worth it once more than this share of the table's rows is written (pgvector
 # build vs. insert cost measured here).
 REBUILD_WORTH_FRACTION = 0.15
-
-
-def quote_ident(name: str) -> str:
-    """``name`` as one quoted SQL identifier (a name like ``x; DROP TABLE y`` stays a literal name).
-
-    Raises:
-        UsageError: empty or containing a NUL byte.
-    """
-    if not name or "\x00" in name:
-        raise UsageError(f"invalid SQL identifier {name!r}")
-    return '"' + name.replace('"', '""') + '"'
-
-
-def quote_table(name: str) -> str:
-    """A table name, optionally ``schema.table`` (exactly one dot), quoted part by part."""
-    parts = name.split(".")
-    if len(parts) == 2 and all(parts):
-        return f"{quote_ident(parts[0])}.{quote_ident(parts[1])}"
-    return quote_ident(name)
-
-
-def _translate(exc: Exception, what: str) -> DatabaseError:
-    import asyncpg
-
-    if isinstance(exc, asyncpg.UndefinedTableError):
-        return DatabaseError(f"{what}: table does not exist ({exc})")
-    if isinstance(exc, asyncpg.UndefinedColumnError):
-        return DatabaseError(f"{what}: column does not exist ({exc})")
-    if isinstance(exc, asyncpg.PostgresError):
-        return DatabaseError(f"{what}: {exc.__class__.__name__}: {exc}")
-    if isinstance(exc, OSError):
-        return DatabaseError(f"{what}: cannot connect ({exc})")
-    return DatabaseError(f"{what}: {exc}")
-
-
-@asynccontextmanager
-async def connect(dsn: str) -> AsyncIterator[Any]:
-    """An asyncpg connection with the pgvector binary codecs registered.
-
-    Raises:
-        DatabaseError: cannot connect, or the ``vector`` extension is missing.
-    """
-    import asyncpg
-    from pgvector.asyncpg import register_vector
-
-    try:
-        conn = await asyncpg.connect(dsn)
-    except Exception as exc:
-        raise DatabaseError(f"cannot connect to {redact_dsn(dsn)}: {exc}") from exc
-    try:
-        try:
-            await register_vector(conn)
-        except Exception as exc:
-            raise DatabaseError(f"the vector extension is not installed in {redact_dsn(dsn)}: {exc}") from exc
-        yield conn
-    finally:
-        await conn.close()
 
 
 @dataclass(frozen=True)
@@ -141,7 +73,7 @@ async def inspect_target(conn: Any, target: PgTarget) -> TargetInfo:
     try:
         oid = await conn.fetchval("SELECT to_regclass($1)::oid", table_sql)
     except Exception as exc:
-        raise _translate(exc, f"table {target.table!r}") from exc
+        raise translate_error(exc, f"table {target.table!r}") from exc
     if oid is None:
         raise DatabaseError(f"table {target.table!r} does not exist")
     cols = {
@@ -298,7 +230,7 @@ async def write_vectors(
         except DatabaseError:
             raise
         except Exception as exc:
-            raise _translate(exc, f"writing into {target.table!r}") from exc
+            raise translate_error(exc, f"writing into {target.table!r}") from exc
         finally:
             if rebuild:
                 report.index_rebuilt = await _rebuild(conn, target, info, max(info.rows_estimate, report.written))
@@ -360,27 +292,6 @@ async def _insert(
             on_chunk(report.written)
 
 
-async def nearest(
-    dsn: str, *, table: str, id_column: str, vector_column: str, text_column: str | None, query: np.ndarray, k: int
-) -> list[dict[str, Any]]:
-    """The k rows nearest to ``query`` by cosine distance (``<=>``); score = 1 − distance."""
-    target = PgTarget(table=table, id_column=id_column, vector_column=vector_column)
-    async with connect(dsn) as conn:
-        info = await inspect_target(conn, target)
-        if info.dim != len(query):
-            raise DatabaseError(f"column is {info.kind}({info.dim}) but the query has {len(query)} dims")
-        cast = "::halfvec" if info.kind == "halfvec" else ""
-        text_sql = f", {quote_ident(text_column)}::text AS text" if text_column else ", NULL AS text"
-        sql = (
-            f"SELECT {quote_ident(id_column)}::text AS id{text_sql}, "
-            f"1 - ({quote_ident(vector_column)} <=> $1{cast}) AS score FROM {quote_table(table)} "
-            f"WHERE {quote_ident(vector_column)} IS NOT NULL "
-            f"ORDER BY {quote_ident(vector_column)} <=> $1{cast} LIMIT $2"
-        )
-        rows = await conn.fetch(sql, query.astype(np.float32), k)
-    return [{"id": r["id"], "text": r["text"], "score": float(r["score"])} for r in rows]
-
-
 def iter_shard_chunks(
     ws: Any, model: str, dataset: str, run_id: str, *, chunk_rows: int, progress: dict[str, int]
 ) -> Iterator[tuple[str, int, list[str], np.ndarray, list[str]]]:
@@ -390,10 +301,10 @@ def iter_shard_chunks(
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from embedbatch.store.shards import Manifest, _superseded
+    from embedbatch.store.manifest import Manifest, superseded_ids
 
     manifest = Manifest.load(ws, model, dataset)
-    gone = _superseded(manifest)
+    gone = superseded_ids(manifest)
     base = ws.shards_dir(model, dataset)
     for s in manifest.shards:
         if not any(src.startswith(f"{run_id}/") for src in s.get("sources", [])) and s.get("run_id") != run_id:
@@ -436,7 +347,7 @@ async def sync_run_to_pg(
     """
     pending: list[tuple[str, int]] = []
     total = 0
-    from embedbatch.store.shards import Manifest
+    from embedbatch.store.manifest import Manifest
 
     for s in Manifest.load(ws, model, dataset).shards:
         if any(src.startswith(f"{run_id}/") for src in s.get("sources", [])):
@@ -457,33 +368,57 @@ async def sync_run_to_pg(
     return await write_vectors(dsn, target, chunks(), dim=dim, total_rows=total, on_chunk=committed)
 
 
-async def apply_migrations(dsn: str, directory: Any) -> list[str]:
-    """Run every ``*.sql`` file of ``directory`` in name order, each in one transaction.
+async def sink_run(ws: Any, run: Any, *, dsn: str | None) -> dict[str, Any]:
+    """Write a run's shard rows into its pgvector target (``run.state.pg_target``).
+
+    The caller holds the run (:meth:`embedbatch.runs.Run.open`). Progress per shard is saved in
+    run.json after every committed chunk, so a crash resumes at the first uncommitted chunk and
+    a repeated call writes nothing new. The DSN is passed in and never stored.
 
     Returns:
-        The file names applied.
+        The :class:`WriteReport` as JSON (empty when the dataset has no rows yet).
 
     Raises:
-        DatabaseError: a statement fails (naming the file).
+        UsageError: no DSN.
+        DatabaseError: the target does not fit or PostgreSQL fails.
     """
-    from pathlib import Path
+    from embedbatch.store.manifest import Manifest
+    from embedbatch.workspace import crash_point
 
-    import asyncpg
+    rs = run.state
+    assert rs.pg_target is not None
+    if not dsn:
+        raise UsageError("the run writes to PostgreSQL: set DATABASE_URL or pass --pg-dsn")
+    manifest = Manifest.load(ws, rs.model, rs.dataset)
+    if manifest.dimensions is None:
+        return {}
+    target = PgTarget(**rs.pg_target)
+    progress: dict[str, int] = dict(rs.pg.get("progress", {}))
 
-    files = sorted(Path(directory).glob("*.sql"))
-    if not files:
-        raise UsageError(f"no *.sql files in {directory}")
-    try:
-        conn = await asyncpg.connect(dsn)
-    except Exception as exc:
-        raise DatabaseError(f"cannot connect to {redact_dsn(dsn)}: {exc}") from exc
-    try:
-        for f in files:
-            try:
-                async with conn.transaction():
-                    await conn.execute(f.read_text(encoding="utf-8"))
-            except asyncpg.PostgresError as exc:
-                raise DatabaseError(f"{f.name}: {exc}") from exc
-    finally:
-        await conn.close()
-    return [f.name for f in files]
+    def save(p: dict[str, int]) -> None:
+        rs.pg["progress"] = dict(p)
+        run.save()
+        crash_point("pg_after_chunk")
+
+    report = await sync_run_to_pg(
+        ws,
+        model=rs.model,
+        dataset=rs.dataset,
+        run_id=rs.run_id,
+        target=target,
+        dsn=dsn,
+        dim=manifest.dimensions,
+        progress=progress,
+        save_progress=save,
+    )
+    totals = rs.pg.setdefault("totals", {"written": 0, "missing_ids": 0, "skipped_has_vector": 0})
+    for key in totals:
+        totals[key] += getattr(report, key)
+    run.save()
+    log.info(
+        "pgvector",
+        run=rs.run_id,
+        table=target.table,
+        **{k: v for k, v in report.to_json().items() if k != "index_rebuilt"},
+    )
+    return report.to_json()

@@ -31,7 +31,7 @@ async def build_query(conn: Any, src: SourceConfig) -> str:
     Raises:
         DatabaseError: the table or a named column does not exist.
     """
-    from embedbatch.sinks.pgvector import quote_ident, quote_table
+    from embedbatch.db.pg import quote_ident, quote_table
 
     if src.pg_query:
         return src.pg_query

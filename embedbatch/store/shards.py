@@ -1,19 +1,20 @@
-"""Parquet shards and the dataset manifest.
+"""Parquet shards: the schema, the writer that stages them, and readers of committed rows.
 
-A shard ``embeddings/{model}/{dataset}/shard-NNNNN.parquet`` is written to a temp file, fsynced
-and renamed; it is immutable from then on. ``indexes/{model}/{dataset}/manifest.json`` is the
-source of truth: a shard file that the manifest does not list is an orphan of a crash and is
-removed before the next write. A later shard may re-embed an id whose text changed; it lists
-such ids under ``supersedes`` and readers take the newest row.
+A shard ``embeddings/{model}/{dataset}/shard-NNNNN.parquet`` is written to a temp file and
+fsynced; :class:`embedbatch.store.dataset.DatasetStore` renames it into place and lists it in
+the manifest; it is immutable from then on. A later shard may re-embed an id whose text changed;
+it lists such ids under ``supersedes`` and readers take the newest row.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,17 +26,11 @@ import pyarrow.parquet as pq
 
 from embedbatch import __version__
 from embedbatch.errors import StateError
-from embedbatch.workspace import Workspace, _fsync_dir, atomic_write_json, read_json, utc_now
+from embedbatch.store.index import text_keys
+from embedbatch.store.manifest import Manifest, superseded_ids
+from embedbatch.workspace import Workspace, utc_now
 
-__all__ = [
-    "Manifest",
-    "ShardWriter",
-    "embedding_schema",
-    "iter_live_rows",
-    "read_vectors",
-    "shard_ids",
-    "shard_text_hashes",
-]
+__all__ = ["ShardWriter", "StagedShard", "embedding_schema", "iter_live_rows", "read_vectors"]
 
 
 # Embedding values barely compress (measured: zstd saves a few % on float32 vectors and costs
@@ -67,84 +62,6 @@ def embedding_schema(dim: int, dtype: str = "float32") -> pa.Schema:
             ("run_id", pa.string()),
         ]
     )
-
-
-@dataclass
-class Manifest:
-    """``manifest.json``: shards (file, sha256, bytes, rows, sources), model, dimensions, sampling, runs."""
-
-    path: Path
-    model: str
-    dataset: str
-    dimensions: int | None = None
-    dtype: str = "float32"
-    shards: list[dict[str, Any]] = field(default_factory=list)
-    runs: dict[str, Any] = field(default_factory=dict)
-    sampling: list[dict[str, Any]] = field(default_factory=list)
-
-    @classmethod
-    def load(cls, ws: Workspace, model: str, dataset: str) -> Manifest:
-        path = ws.manifest_path(model, dataset)
-        if not path.exists():
-            return cls(path, model, dataset)
-        d = read_json(path)
-        return cls(
-            path,
-            d["model"],
-            d["dataset"],
-            d.get("dimensions"),
-            d.get("dtype", "float32"),
-            d.get("shards", []),
-            d.get("runs", {}),
-            d.get("sampling", []),
-        )
-
-    def save(self) -> None:
-        atomic_write_json(
-            self.path,
-            {
-                "model": self.model,
-                "dataset": self.dataset,
-                "dimensions": self.dimensions,
-                "dtype": self.dtype,
-                "rows": sum(s["rows"] for s in self.shards),
-                "shards": self.shards,
-                "runs": self.runs,
-                "sampling": self.sampling,
-                "updated_at": utc_now().isoformat(),
-                "tool_version": __version__,
-            },
-        )
-
-    def sources(self) -> set[str]:
-        """Keys ``run_id/batch`` of every batch whose rows are in a shard."""
-        return {src for s in self.shards for src in s.get("sources", [])}
-
-    def shard_paths(self, ws: Workspace) -> list[Path]:
-        base = ws.shards_dir(self.model, self.dataset)
-        return [base / s["file"] for s in self.shards]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def remove_orphans(ws: Workspace, manifest: Manifest) -> list[str]:
-    """Delete shard and temp files the manifest does not list (left by a crash); returns names."""
-    base = ws.shards_dir(manifest.model, manifest.dataset)
-    if not base.is_dir():
-        return []
-    listed = {s["file"] for s in manifest.shards}
-    removed = []
-    for p in base.iterdir():
-        if p.name not in listed and (p.name.startswith("shard-") or p.name.endswith(".tmp")):
-            p.unlink()
-            removed.append(p.name)
-    return removed
 
 
 class _HashingFile:
@@ -188,69 +105,99 @@ class _HashingFile:
             self._fh.close()
 
 
+@dataclass
+class StagedShard:
+    """A finished shard waiting for :meth:`DatasetStore.commit`: a temp file in the shards folder,
+    held under an ``flock`` (``fd``) so that orphan cleanup leaves it alone while we live.
+
+    Attributes:
+        entry: the manifest entry without ``file`` (sha256, bytes, rows, dim, norms, sources...).
+        ids: the shard's ids in row order; text_keys: ``(rows,)`` uint64 content keys.
+    """
+
+    tmp: Path
+    fd: int
+    entry: dict[str, Any]
+    ids: list[str]
+    text_keys: np.ndarray
+
+    def release(self) -> None:
+        """Drop the ``flock``; remove the temp file if it was not renamed into place."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+
+
 class ShardWriter:
-    """Writes rows into shards of about ``rows_per_shard`` rows; nothing is visible until
-    :meth:`commit` updates the manifest.
+    """Writes rows into shards of about ``rows_per_shard`` rows and stages them; nothing is
+    visible until :meth:`DatasetStore.commit` lists them. Get one from
+    :meth:`DatasetStore.writer`.
 
     Args:
-        dim: embedding dimension.
+        directory: the dataset's shards folder.
+        dim: embedding dimension (None: taken from the first write).
         dtype: ``float32`` or ``float16`` storage.
         git_sha: recorded in each shard's footer.
     """
 
     def __init__(
         self,
-        ws: Workspace,
-        manifest: Manifest,
+        directory: Path,
         *,
-        dim: int,
+        dim: int | None,
         dtype: str = "float32",
         rows_per_shard: int = 100_000,
         git_sha: str | None = None,
     ) -> None:
-        self.ws = ws
-        self.manifest = manifest
+        self.dir = directory
         self.dim = dim
         self.dtype = dtype
         self.rows_per_shard = rows_per_shard
         self.git_sha = git_sha
-        self.schema = embedding_schema(dim, dtype)
-        self.dir = ws.shards_dir(manifest.model, manifest.dataset)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self._writer: pq.ParquetWriter | None = None
         self._tmp: Path | None = None
+        self._lock_fd = -1
         self._rows = 0
         self._reserved = 0
         self._min_norm = np.inf
         self._max_norm = 0.0
         self._sources: list[str] = []
-        self._supersedes: list[str] = []
-        self.pending: list[dict[str, Any]] = []
-        self._next = self._first_free_number()
-
-    def _first_free_number(self) -> int:
-        used = [int(s["file"][6:11]) for s in self.manifest.shards]
-        return (max(used) + 1) if used else 1
+        self._ids: list[str] = []
+        self._text_keys: list[np.ndarray] = []
+        self.staged: list[StagedShard] = []
 
     @property
     def rows_in_open_shard(self) -> int:
         """Rows written, or reserved for writes still in flight, in the open shard."""
         return max(self._rows, self._reserved)
 
+    @property
+    def staged_rows(self) -> int:
+        """Rows in staged (closed, uncommitted) shards."""
+        return sum(int(s.entry["rows"]) for s in self.staged)
+
     def reserve(self, n: int) -> None:
         """Count ``n`` rows into the open shard before a write that runs on another thread."""
         self._reserved = max(self._reserved, self._rows) + n
 
     def _open(self) -> None:
+        assert self.dim is not None
+        self.dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".shard-", suffix=".tmp", dir=self.dir)
         self._tmp = Path(tmp)
+        # A second descriptor holds an flock for as long as the shard is staged: orphan
+        # cleanup (under the dataset lock) removes only temp files whose flock is free.
+        self._lock_fd = os.open(tmp, os.O_RDONLY)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         # The checksum is taken from the bytes as they are written (on the writing thread), so
         # closing a shard need not read it back.
         self._file = _HashingFile(os.fdopen(fd, "wb"))
         # zstd level 1 for the small columns; dictionaries only for the low-cardinality ones.
         self._writer = pq.ParquetWriter(
             self._file,
-            self.schema,
+            embedding_schema(self.dim, self.dtype),
             compression=_COMPRESSION,
             compression_level={name: 1 for name, codec in _COMPRESSION.items() if codec == "zstd"},
             use_dictionary=["source", "dataset", "split", "model", "run_id"],
@@ -277,9 +224,16 @@ class ShardWriter:
 
         Args:
             vectors: ``(n, dim)`` float32, rows aligned with ``ids``.
+
+        Raises:
+            StateError: the vectors' dimension differs from the writer's.
         """
         if len(ids) == 0:
             return
+        if self.dim is None:
+            self.dim = int(vectors.shape[1])
+        if vectors.shape[1] != self.dim:
+            raise StateError(f"{vectors.shape[1]}-d vectors written to a {self.dim}-d shard")
         if self._writer is None:
             self._open()
         assert self._writer is not None
@@ -304,32 +258,29 @@ class ShardWriter:
                 ts,
                 pa.array([run_id] * n, pa.string()),
             ],
-            schema=self.schema,
+            schema=embedding_schema(self.dim, self.dtype),
         )
         self._writer.write_table(table, row_group_size=16_384)
+        self._ids.extend(ids)
+        self._text_keys.append(text_keys(texts))
         self._rows += n
 
     def add_source(self, key: str) -> None:
         """Record that batch ``key`` (``run_id/batch``) is in the open shard."""
         self._sources.append(key)
 
-    def note_supersedes(self, ids: list[str]) -> None:
-        """Record ids in the open shard that replace rows of earlier shards (text changed)."""
-        self._supersedes.extend(ids)
-
     def close_shard(self) -> None:
-        """Finish the open shard: footer stats, fsync, rename into place (still unlisted)."""
+        """Finish the open shard: footer stats, fsync; it stays a staged temp file."""
         if self._writer is None:
             return
         assert self._tmp is not None
-        created = utc_now().isoformat()
         stats = {
             "rows": self._rows,
             "dim": self.dim,
             "dtype": self.dtype,
             "min_norm": self._min_norm if self._rows else None,
             "max_norm": self._max_norm if self._rows else None,
-            "created_at": created,
+            "created_at": utc_now().isoformat(),
             "tool_version": __version__,
             "git_sha": self.git_sha,
         }
@@ -337,58 +288,38 @@ class ShardWriter:
         self._writer.close()
         self._writer = None
         digest = self._file.finish()
-        name = f"shard-{self._next:05d}.parquet"
-        self._next += 1
-        final = self.dir / name
-        os.replace(self._tmp, final)
-        _fsync_dir(self.dir)
-        entry = {
-            "file": name,
-            "sha256": digest,
-            "bytes": final.stat().st_size,
-            **stats,
-            "sources": self._sources,
-        }
-        if self._supersedes:
-            entry["supersedes"] = self._supersedes
-        self.pending.append(entry)
-        self._sources, self._supersedes = [], []
+        entry = {"sha256": digest, "bytes": self._tmp.stat().st_size, **stats, "sources": self._sources}
+        keys = np.concatenate(self._text_keys) if self._text_keys else np.empty(0, np.uint64)
+        self.staged.append(StagedShard(self._tmp, self._lock_fd, entry, self._ids, keys))
+        self._tmp, self._lock_fd = None, -1
+        self._sources, self._ids, self._text_keys = [], [], []
         self._rows = self._reserved = 0
 
+    def take_staged(self) -> list[StagedShard]:
+        """Hand the staged shards over (to the store's commit)."""
+        out, self.staged = self.staged, []
+        return out
+
     def abort(self) -> None:
+        """Drop the open and staged shards (their temp files are removed)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
             self._file.abort()
-        if self._tmp is not None and self._tmp.exists():
-            self._tmp.unlink()
-
-    def commit(self) -> list[dict[str, Any]]:
-        """List every closed shard in the manifest (one atomic write); returns their entries."""
-        self.close_shard()
-        if not self.pending:
-            return []
-        self.manifest.shards.extend(self.pending)
-        self.manifest.dimensions = self.dim
-        self.manifest.dtype = self.dtype
-        self.manifest.save()
-        done, self.pending = self.pending, []
-        return done
-
-
-def _superseded(manifest: Manifest) -> dict[str, set[str]]:
-    """shard file → ids that later shards replaced."""
-    out: dict[str, set[str]] = {}
-    later: set[str] = set()
-    for s in reversed(manifest.shards):
-        out[s["file"]] = set(later)
-        later.update(s.get("supersedes", []))
-    return out
+        if self._tmp is not None:
+            StagedShard(self._tmp, self._lock_fd, {}, [], np.empty(0, np.uint64)).release()
+            self._tmp, self._lock_fd = None, -1
+        for st in self.take_staged():
+            st.release()
 
 
 def iter_live_rows(ws: Workspace, manifest: Manifest, columns: list[str]) -> Iterator[dict[str, list[Any]]]:
-    """Column chunks of the current rows (superseded rows dropped), shard by shard."""
-    gone = _superseded(manifest)
+    """Column chunks of the current rows (superseded rows dropped), shard by shard.
+
+    Raises:
+        StateError: a listed shard is missing.
+    """
+    gone = superseded_ids(manifest)
     base = ws.shards_dir(manifest.model, manifest.dataset)
     cols = list(dict.fromkeys(["id", *columns]))
     for s in manifest.shards:
@@ -405,32 +336,13 @@ def iter_live_rows(ws: Workspace, manifest: Manifest, columns: list[str]) -> Ite
             yield data
 
 
-def shard_text_hashes(ws: Workspace, model: str, dataset: str) -> dict[str, str]:
-    """id → sha256 of the embedded text, for every current row of the dataset."""
-    manifest = Manifest.load(ws, model, dataset)
-    out: dict[str, str] = {}
-    for chunk in iter_live_rows(ws, manifest, ["text"]):
-        for rid, text in zip(chunk["id"], chunk["text"], strict=True):
-            out[rid] = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return out
-
-
-def shard_ids(ws: Workspace, model: str, dataset: str) -> set[str]:
-    """Ids of every current row of the dataset (reads the ``id`` column only)."""
-    manifest = Manifest.load(ws, model, dataset)
-    out: set[str] = set()
-    for chunk in iter_live_rows(ws, manifest, []):
-        out.update(chunk["id"])
-    return out
-
-
 def read_vectors(ws: Workspace, model: str, dataset: str) -> tuple[list[str], list[str], np.ndarray]:
-    """All current rows: (ids, texts, ``(n, dim)`` float32 vectors)."""
+    """All current rows: (ids, texts, ``(n, dim)`` float32 vectors). Holds the whole dataset."""
     manifest = Manifest.load(ws, model, dataset)
     ids: list[str] = []
     texts: list[str] = []
     vecs: list[np.ndarray] = []
-    gone = _superseded(manifest)
+    gone = superseded_ids(manifest)
     base = ws.shards_dir(model, dataset)
     for s in manifest.shards:
         table = pq.read_table(base / s["file"], columns=["id", "text", "embedding"])

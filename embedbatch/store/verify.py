@@ -9,7 +9,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from embedbatch.runs import RunState, load_batches
-from embedbatch.store.shards import Manifest, _sha256, _superseded
+from embedbatch.store.dataset import DatasetStore
+from embedbatch.store.index import id_key, text_keys
+from embedbatch.store.manifest import Manifest, file_sha256, superseded_ids
 from embedbatch.workspace import Workspace
 
 __all__ = ["VerifyReport", "list_workspace", "verify_dataset"]
@@ -30,24 +32,32 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_dataset(ws: Workspace, model: str, dataset: str) -> VerifyReport:
+def verify_dataset(ws: Workspace, model: str, dataset: str, *, repair: bool = False) -> VerifyReport:
     """Re-read every shard: sha256 and size match the manifest, row counts match, one constant
     dimension, no NaN/inf, ids unique across shards (a row replaced by a later shard's
-    ``supersedes`` is not a duplicate), no unlisted shard files."""
+    ``supersedes`` is not a duplicate), no unlisted shard files, and each shard's id index file
+    agrees with it (ids, id keys and text keys, row for row).
+
+    Args:
+        repair: first rebuild every id index file from the shards (under the dataset lock).
+    """
+    if repair:
+        DatasetStore(ws, model, dataset).repair_index()
     manifest = Manifest.load(ws, model, dataset)
     rep = VerifyReport(model, dataset)
     base = ws.shards_dir(model, dataset)
     if not manifest.path.exists():
         rep.problems.append(f"no manifest at {manifest.path}")
         return rep
-    gone = _superseded(manifest)
+    gone = superseded_ids(manifest)
     seen: dict[str, str] = {}
     dims: set[int] = set()
     listed = {s["file"] for s in manifest.shards}
     if base.is_dir():
         for p in base.iterdir():
-            if p.name not in listed:
+            if p.name not in listed and not p.name.startswith("."):  # .tmp: a live writer's staged shard
                 rep.problems.append(f"{p.name}: file not listed in the manifest")
+    index_dir = ws.index_dir(model, dataset)
     for s in manifest.shards:
         path = base / s["file"]
         rep.shards += 1
@@ -56,10 +66,10 @@ def verify_dataset(ws: Workspace, model: str, dataset: str) -> VerifyReport:
             continue
         if path.stat().st_size != s["bytes"]:
             rep.problems.append(f"{s['file']}: size {path.stat().st_size} != manifest {s['bytes']}")
-        if _sha256(path) != s["sha256"]:
+        if file_sha256(path) != s["sha256"]:
             rep.problems.append(f"{s['file']}: sha256 differs from the manifest")
         try:
-            table = pq.read_table(path, columns=["id", "embedding"])
+            table = pq.read_table(path, columns=["id", "text", "embedding"])
         except Exception as exc:
             rep.problems.append(f"{s['file']}: unreadable ({exc})")
             continue
@@ -71,6 +81,7 @@ def verify_dataset(ws: Workspace, model: str, dataset: str) -> VerifyReport:
         values = emb.values.to_numpy(zero_copy_only=False)
         if not np.isfinite(values).all():
             rep.problems.append(f"{s['file']}: NaN or inf in embeddings")
+        rep.problems.extend(_check_index(index_dir / s["file"], table))
         drop = gone.get(s["file"], set())
         for rid in table.column("id").to_pylist():
             if rid in drop:
@@ -85,6 +96,26 @@ def verify_dataset(ws: Workspace, model: str, dataset: str) -> VerifyReport:
     if manifest.dimensions is not None and dims and dims != {manifest.dimensions}:
         rep.problems.append(f"shard dimension {sorted(dims)} != manifest {manifest.dimensions}")
     return rep
+
+
+def _check_index(path: Any, table: Any) -> list[str]:
+    """Problems of one shard's id index file against the shard's ids and texts."""
+    name = path.name
+    if not path.exists():
+        return [f"{name}: id index file missing (run verify --repair)"]
+    try:
+        idx = pq.read_table(path)
+    except Exception as exc:
+        return [f"{name}: id index unreadable ({exc}; run verify --repair)"]
+    ids = table.column("id").to_pylist()
+    if idx.column("id").to_pylist() != ids:
+        return [f"{name}: id index does not match the shard's ids (run verify --repair)"]
+    keys = np.fromiter((id_key(r) for r in ids), np.uint64, count=len(ids))
+    if not np.array_equal(idx.column("id_key").to_numpy(), keys) or not np.array_equal(
+        idx.column("text_key").to_numpy(), text_keys(table.column("text").to_pylist())
+    ):
+        return [f"{name}: id index keys do not match the shard (run verify --repair)"]
+    return []
 
 
 def list_workspace(ws: Workspace) -> dict[str, Any]:

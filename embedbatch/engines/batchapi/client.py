@@ -8,7 +8,6 @@ the API's message. The API key lives only in the SDK client; it is never logged 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,10 +111,7 @@ class BatchClient:
                 max_retries=0,
             )
         self.client = client
-        self.policy = policy or RetryPolicy(
-            attempts=int(os.environ.get("EMBEDBATCH_RETRY_ATTEMPTS", "8")),
-            initial_s=float(os.environ.get("EMBEDBATCH_RETRY_INITIAL_S", "1.0")),
-        )
+        self.policy = policy or RetryPolicy(attempts=settings.retry_attempts, initial_s=settings.retry_initial_s)
         self.retries = 0
 
     async def close(self) -> None:

@@ -12,11 +12,12 @@ import structlog
 
 from embedbatch.config import IngestConfig
 from embedbatch.engines.batchapi.client import BatchClient
-from embedbatch.engines.batchapi.ingest import ingest_run
+from embedbatch.engines.batchapi.ingest import ingest_locked
 from embedbatch.engines.batchapi.poll import poll_pass
-from embedbatch.engines.batchapi.retry import plan_retry
+from embedbatch.engines.batchapi.retry import plan_retry_locked
 from embedbatch.engines.batchapi.submit import submit_run
-from embedbatch.runs import RunState, load_batches
+from embedbatch.runs import Run
+from embedbatch.store.manifest import Manifest
 from embedbatch.workspace import RunPaths, Workspace
 
 __all__ = ["RunSummary", "drive_run"]
@@ -43,7 +44,7 @@ class RunSummary:
 async def drive_run(
     ws: Workspace,
     client: BatchClient,
-    run: RunPaths,
+    paths: RunPaths,
     *,
     poll_s: float = 10.0,
     max_attempts: int = 3,
@@ -53,49 +54,57 @@ async def drive_run(
 ) -> RunSummary:
     """Take a planned run to the end. Interrupting leaves a resumable run (state is on disk).
 
+    Waits (up to the workspace's ``lock_timeout_s``) when a cron poll holds the workspace or
+    the run, instead of failing: both make the same progress.
+
     Raises:
         ProviderError: a terminal API error.
+        LockedError: a lock stayed busy past the timeout.
     """
     started = time.monotonic()
-    summary = RunSummary(str(run.root))
-    await submit_run(ws, client, run, max_enqueued_tokens=max_enqueued_tokens)
+    wait_s = ws.lock_timeout_s
+    cfg = ingest_config or IngestConfig()
+    summary = RunSummary(str(paths.root))
+    await submit_run(ws, client, paths, max_enqueued_tokens=max_enqueued_tokens, wait_s=wait_s)
     while True:
         await poll_pass(
             ws,
             client,
             max_enqueued_tokens=max_enqueued_tokens,
             ingest=True,
-            ingest_config=ingest_config,
-            runs=[run],
+            ingest_config=cfg,
+            runs=[paths],
+            wait_s=wait_s,
         )
         summary.passes += 1
         if on_pass is not None:
             on_pass(summary.passes)
-        rs = RunState.load(run)
-        if rs.status != "active":
-            plan = plan_retry(ws, run, max_attempts=max_attempts)
-            if not plan.requeued:
-                break
-            summary.retries += plan.requeued
-            log.info("retrying failed ids", run=rs.run_id, ids=plan.requeued, batches=plan.batches)
-            await submit_run(ws, client, run, max_enqueued_tokens=max_enqueued_tokens)
+        with Run.open(paths, wait_s=wait_s, purpose="run") as run:
+            if run.state.status == "active":
+                requeued = 0
+            else:
+                plan = plan_retry_locked(ws, run, max_attempts=max_attempts)
+                if not plan.requeued:
+                    break
+                requeued = plan.requeued
+                summary.retries += plan.requeued
+                log.info("retrying failed ids", run=run.run_id, ids=plan.requeued, batches=plan.batches)
+        if requeued:
+            await submit_run(ws, client, paths, max_enqueued_tokens=max_enqueued_tokens, wait_s=wait_s)
             continue
         await anyio.sleep(poll_s)
-    await ingest_run(ws, run, ingest_config)
-    rs = RunState.load(run)
-    batches = load_batches(run)
-    from embedbatch.store.shards import Manifest
-
-    manifest = Manifest.load(ws, rs.model, rs.dataset)
-    keys = {f"{rs.run_id}/{bs.name}" for bs in batches}
-    summary.embedded = sum(bs.succeeded or 0 for bs in batches if f"{rs.run_id}/{bs.name}" in keys)
-    if run.failed_ids.exists():
-        summary.failed = max(0, len(run.failed_ids.read_bytes().splitlines()) - 1)
-    summary.usage_tokens = rs.actual.get("usage_tokens", 0)
-    summary.cost_batch_usd = rs.actual.get("cost_batch_usd")
-    summary.estimated_cost_batch_usd = rs.estimate.get("cost_batch_usd")
-    summary.wall_s = round(time.monotonic() - started, 2)
-    summary.extra = {"shards": len(manifest.shards), "dataset_rows": sum(s["rows"] for s in manifest.shards)}
-    rs.timings["run_wall_s"] = summary.wall_s
-    rs.save(run)
+    with Run.open(paths, wait_s=wait_s, purpose="run") as run:
+        await ingest_locked(ws, run, cfg)
+        rs = run.state
+        manifest = Manifest.load(ws, rs.model, rs.dataset)
+        summary.embedded = sum(bs.succeeded or 0 for bs in run.batches if bs.status == "ingested")
+        if paths.failed_ids.exists():
+            summary.failed = max(0, len(paths.failed_ids.read_bytes().splitlines()) - 1)
+        summary.usage_tokens = rs.actual.get("usage_tokens", 0)
+        summary.cost_batch_usd = rs.actual.get("cost_batch_usd")
+        summary.estimated_cost_batch_usd = rs.estimate.get("cost_batch_usd")
+        summary.wall_s = round(time.monotonic() - started, 2)
+        summary.extra = {"shards": len(manifest.shards), "dataset_rows": manifest.rows}
+        rs.timings["run_wall_s"] = summary.wall_s
+        run.save()
     return summary

@@ -1,332 +1,197 @@
-"""Planning: records → request lines → batch input files under the API limits (pure).
+"""Planning: read → prepare → sample → batch input files in a new run directory.
 
-One request per input: ``custom_id`` is the record id, ``url`` is ``/v1/embeddings``, and the
-body asks for ``encoding_format: "base64"`` (about 4× smaller output than float JSON and no
-float parsing on ingest).
+Planning holds the dataset lock (see :mod:`embedbatch.store.dataset`) from the moment it reads
+what is already embedded or planned until its run directory is in place, so a concurrent
+``submit`` of the same rows waits and then skips them: every row is planned (and paid for) once.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-import orjson
-import pyarrow as pa
-import pyarrow.parquet as pq
+from embedbatch.config import PgTarget, PrepareConfig, SampleConfig, SourceConfig, SubmitConfig
+from embedbatch.engines.batchapi.batchfiles import BatchFileWriter, read_record_ids
+from embedbatch.engines.batchapi.estimate import Estimate
+from embedbatch.engines.batchapi.split import BatchSplitter, check_model_options, request_encoder
+from embedbatch.errors import LimitError, StateError
+from embedbatch.intake import Intake, dataset_name
+from embedbatch.runs import FINAL, Run, RunState, git_sha, lockfile_sha256
+from embedbatch.store.dataset import DatasetStore
+from embedbatch.store.index import IdIndex
+from embedbatch.tokens import get_tokenizer
+from embedbatch.workspace import RunPaths, Workspace
 
-from embedbatch.config import BatchLimits
-from embedbatch.errors import LimitError, StateError, UsageError
-from embedbatch.tokens import supports_dimensions
-
-__all__ = [
-    "RECORDS_FILE",
-    "BatchRecords",
-    "BatchSplitter",
-    "RequestSize",
-    "assign_batches",
-    "check_model_options",
-    "read_record_ids",
-    "request_encoder",
-    "request_line",
-]
-
-EMBEDDINGS_URL = "/v1/embeddings"
+__all__ = ["PlannedRun", "existing_ids", "plan_run"]
 
 
-def check_model_options(model: str, dimensions: int | None) -> None:
-    """Raise UsageError when ``dimensions`` is given for a model that does not take it
-    (only text-embedding-3-* do, per the embeddings API reference, 2026)."""
-    if dimensions is None:
-        return
-    if dimensions < 1:
-        raise UsageError(f"--dimensions must be positive, got {dimensions}")
-    if not supports_dimensions(model) and model.startswith("text-embedding-"):
-        raise UsageError(f"--dimensions is only supported by text-embedding-3 models, not {model}")
+def existing_ids(ws: Workspace, model: str, dataset: str) -> tuple[IdIndex, set[str]]:
+    """What is already done or under way for (model, dataset); call under the dataset lock.
 
-
-def request_encoder(*, model: str, dimensions: int | None) -> Callable[[str, str], bytes]:
-    """A function ``(custom_id, text) -> bytes`` giving one JSONL request line (with its newline).
-
-    The line is byte for byte what ``orjson.dumps`` gives for ``{"custom_id", "method": "POST",
-    "url": "/v1/embeddings", "body": {"model", "input", "encoding_format": "base64",
-    "dimensions"?}}``: the parts that are the same on every line are encoded once, and only the
-    id and the text are encoded per row (0.5 µs instead of 0.8 µs a line, bench/plan.py).
+    Returns:
+        ``(index, planned)``: the store's id index of embedded rows, and the ids in batches of
+        this dataset's runs that are neither final nor failed remotely (they will be embedded).
+        Cost: 24 bytes per embedded row, plus the ids of the batches in flight.
     """
-    head = b'{"custom_id":'
-    middle = b',"method":"POST","url":' + orjson.dumps(EMBEDDINGS_URL) + b',"body":{"model":'
-    middle += orjson.dumps(model) + b',"input":'
-    tail = b',"encoding_format":"base64"'
-    if dimensions is not None:
-        tail += b',"dimensions":' + orjson.dumps(int(dimensions))
-    tail += b"}}\n"
-    dumps, join = orjson.dumps, b"".join
-
-    def encode(custom_id: str, text: str) -> bytes:
-        return join((head, dumps(custom_id), middle, dumps(text), tail))
-
-    return encode
-
-
-def request_line(custom_id: str, text: str, *, model: str, dimensions: int | None) -> bytes:
-    """One JSONL request line (with its trailing newline) for one input (see :func:`request_encoder`)."""
-    return request_encoder(model=model, dimensions=dimensions)(custom_id, text)
-
-
-@dataclass(frozen=True, slots=True)
-class RequestSize:
-    """What one request weighs against the limits: bytes of its line, inputs, queue tokens."""
-
-    n_bytes: int
-    n_inputs: int = 1
-    tokens: int = 0
-
-
-class BatchSplitter:
-    """Decides where one batch ends and the next begins, request by request.
-
-    Each batch stays within ``max_requests`` lines, ``max_inputs`` inputs, ``max_bytes`` bytes and
-    ``max_enqueued_tokens`` tokens (when set). Planning calls :meth:`assign` once per chunk of
-    rows, so the per-row work is one loop iteration over plain ints.
-    """
-
-    def __init__(self, limits: BatchLimits) -> None:
-        self.limits = limits
-        self._max_requests = limits.max_requests
-        self._max_inputs = limits.max_inputs
-        self._max_bytes = limits.max_bytes
-        self._max_tokens = limits.max_enqueued_tokens if limits.max_enqueued_tokens is not None else 1 << 62
-        self.batch = -1
-        self.requests = self._max_requests  # forces a first batch
-        self.inputs = 0
-        self.bytes = 0
-        self.tokens = 0
-        self.closed: list[tuple[int, int, int, int]] = []
-
-    def totals(self) -> list[tuple[int, int, int, int]]:
-        """(requests, inputs, bytes, tokens) of every batch so far, the open one last."""
-        if self.batch < 0:
-            return []
-        return [*self.closed, (self.requests, self.inputs, self.bytes, self.tokens)]
-
-    def add(self, size: RequestSize) -> int:
-        """Account for one request; return the 0-based batch index it goes to.
-
-        Raises:
-            LimitError: the request alone exceeds a limit.
-        """
-        return self.add_request(size.n_bytes, size.n_inputs, size.tokens)
-
-    def add_request(self, n_bytes: int, n_inputs: int, tokens: int) -> int:
-        """:meth:`add` without the :class:`RequestSize` object (bytes, inputs, queue tokens)."""
-        return self.assign((n_bytes,), (tokens,), (n_inputs,))[0]
-
-    def assign(self, n_bytes: Sequence[int], tokens: Sequence[int], n_inputs: Sequence[int] | None = None) -> list[int]:
-        """Account for a chunk of requests, in order; return the 0-based batch index of each.
-
-        Args:
-            n_bytes: bytes of each request line (newline included).
-            tokens: queue tokens of each request.
-            n_inputs: embedding inputs of each request (default: 1 each).
-
-        Raises:
-            LimitError: a request alone exceeds a limit (the requests before it are counted).
-        """
-        max_requests, max_inputs, max_bytes, max_tokens = (
-            self._max_requests,
-            self._max_inputs,
-            self._max_bytes,
-            self._max_tokens,
-        )
-        batch, requests, inputs, size, queued = self.batch, self.requests, self.inputs, self.bytes, self.tokens
-        closed = self.closed
-        out: list[int] = []
-        append = out.append
+    index = DatasetStore(ws, model, dataset).id_index()
+    planned: set[str] = set()
+    base = ws.runs_dir(model, dataset)
+    for paths in ws.all_runs():
+        if paths.root.parent != base:
+            continue
         try:
-            for nb, tk, ni in zip(n_bytes, tokens, n_inputs if n_inputs is not None else repeat(1), strict=False):
-                if (
-                    requests >= max_requests
-                    or inputs + ni > max_inputs
-                    or size + nb > max_bytes
-                    or queued + tk > max_tokens
-                ):
-                    self._check_alone(nb, ni, tk)
-                    if batch >= 0:
-                        closed.append((requests, inputs, size, queued))
-                    batch += 1
-                    requests = inputs = size = queued = 0
-                requests += 1
-                inputs += ni
-                size += nb
-                queued += tk
-                append(batch)
-        finally:
-            self.batch, self.requests, self.inputs, self.bytes, self.tokens = batch, requests, inputs, size, queued
-        return out
-
-    def _check_alone(self, n_bytes: int, n_inputs: int, tokens: int) -> None:
-        lim = self.limits
-        if n_bytes > lim.max_bytes:
-            raise LimitError(f"a request line of {n_bytes} bytes exceeds --max-bytes-per-batch {lim.max_bytes}")
-        if n_inputs > lim.max_inputs:
-            raise LimitError(f"a request of {n_inputs} inputs exceeds the {lim.max_inputs}-input batch limit")
-        if tokens > self._max_tokens:
-            raise LimitError(f"a request of {tokens} tokens exceeds --max-enqueued-tokens {lim.max_enqueued_tokens}")
+            run = Run.read(paths)
+        except StateError:
+            continue
+        if run.state.kind != "batchapi" or run.state.status == "dry-run":
+            continue
+        for bs in run.batches:
+            if bs.status in FINAL or (bs.status == "downloaded" and bs.remote_status != "completed"):
+                continue
+            planned.update(read_record_ids(run.batch_dir(bs)))
+    return index, planned
 
 
-def assign_batches(sizes: Iterable[RequestSize], limits: BatchLimits) -> Iterator[int]:
-    """The batch index of each request, in order (pure; see :class:`BatchSplitter`)."""
-    splitter = BatchSplitter(limits)
-    for size in sizes:
-        yield splitter.add(size)
+@dataclass
+class PlannedRun:
+    """The outcome of planning: the run directory and the numbers ``--dry-run`` prints."""
+
+    run: RunPaths | None
+    state: RunState | None
+    estimate: Estimate
+    skipped_existing: int
 
 
-# ---- the records sidecar --------------------------------------------------------------------
+def plan_run(
+    ws: Workspace,
+    *,
+    source: SourceConfig,
+    prepare: PrepareConfig,
+    sample: SampleConfig,
+    submit: SubmitConfig,
+    args: dict[str, Any] | None = None,
+    on_row: Callable[[int], None] | None = None,
+    skip_existing: bool = True,
+    pg_target: PgTarget | None = None,
+) -> PlannedRun:
+    """Read, prepare, sample and split into batch input files in a new run directory.
 
-RECORDS_FILE = "records.parquet"
-_SHARED_KEYS = ("fields", "truncated", "path")
-_MISSING = object()
-_SHARED_META_KEY = b"embedbatch_shared_metadata"
+    The run is built in ``run_<stamp>.partial`` and renamed into place only when intake
+    finished cleanly, so a bad row or duplicate id leaves nothing that poll would submit.
+    With ``submit.dry_run`` the files are written and kept for inspection, but the run is
+    marked ``dry-run`` and is never submitted.
 
-
-class BatchRecords:
-    """A batch's ``records.parquet``: row for row with ``input.jsonl``, what the API does not
-    carry back (split, provenance metadata, tokenizer count).
-
-    Columns: ``id`` string, ``split`` string, ``n_tokens`` int64 (tokenizer tokens), ``line``
-    int64 and ``metadata`` string. Most rows of a batch share their metadata but for the source
-    line (same file, same fields, not truncated): such a row stores only ``line``, and the shared
-    values are stored once in the file's key-value metadata. Any other row stores its whole
-    metadata as JSON in ``metadata`` (and a null ``line``).
-
-    Rows are appended on the planning hot path (list appends, no JSON per row) and the file is
-    written once, when the batch closes: this halved the cost of planning against one JSON line
-    per row (bench/plan.py).
+    The dataset lock is held from reading what is embedded or in flight until the run is in
+    place, so a concurrent plan of the same dataset waits and then skips these rows.
 
     Args:
-        shared: the metadata shared by the batch's rows (see :meth:`shared_from`).
-    """
-
-    __slots__ = ("_n_meta", "_shared3", "ids", "lines", "metadata", "n_tokens", "shared", "splits")
-
-    def __init__(self, shared: dict[str, Any] | None = None) -> None:
-        self.shared: dict[str, Any] = dict(shared or {})
-        self.ids: list[str] = []
-        self.splits: list[str | None] = []
-        self.n_tokens: list[int] = []
-        self.lines: list[int | None] = []
-        self.metadata: list[Any] = []  # None (shared + line), a dict (appended) or JSON text (read)
-        self._shared3 = tuple(self.shared.get(k, _MISSING) for k in _SHARED_KEYS)
-        self._n_meta = len(self.shared) + 1
-
-    @staticmethod
-    def shared_from(metadata: dict[str, Any]) -> dict[str, Any]:
-        """The part of a row's metadata that the rows of its batch share (file, fields, truncated)."""
-        return {k: metadata[k] for k in _SHARED_KEYS if k in metadata}
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def append(self, rid: str, split: str | None, metadata: dict[str, Any], n_tokens: int) -> None:
-        """Add one row."""
-        self.extend([rid], [split], [metadata], [n_tokens])
-
-    def extend(
-        self,
-        ids: Sequence[str],
-        splits: Sequence[str | None],
-        metadata: Sequence[dict[str, Any]],
-        n_tokens: Sequence[int],
-    ) -> None:
-        """Add rows (the planning hot path: list comprehensions, no call per row)."""
-        self.ids += ids
-        self.splits += splits
-        self.n_tokens += n_tokens
-        n_meta, (fields, truncated, path) = self._n_meta, self._shared3
-        shared = [
-            type(m.get("line")) is int
-            and len(m) == n_meta
-            and m.get("path", _MISSING) == path
-            and m.get("fields", _MISSING) == fields
-            and m.get("truncated", _MISSING) == truncated
-            for m in metadata
-        ]
-        self.lines += [m["line"] if same else None for m, same in zip(metadata, shared, strict=True)]
-        self.metadata += [None if same else m for m, same in zip(metadata, shared, strict=True)]
-
-    def row(self, i: int) -> dict[str, Any]:
-        """Row ``i`` as ``{"id", "split", "metadata", "n_tokens"}``."""
-        return {
-            "id": self.ids[i],
-            "split": self.splits[i],
-            "metadata": self.metadata_at(i),
-            "n_tokens": self.n_tokens[i],
-        }
-
-    def metadata_at(self, i: int) -> dict[str, Any]:
-        """The whole metadata of row ``i``."""
-        m = self.metadata[i]
-        if m is None:
-            return {**self.shared, "line": self.lines[i]}
-        return orjson.loads(m) if isinstance(m, str) else dict(m)
-
-    def metadata_json(self, i: int) -> str:
-        """The whole metadata of row ``i`` as JSON text (the stored text when there is one)."""
-        m = self.metadata[i]
-        return m if isinstance(m, str) else orjson.dumps(self.metadata_at(i)).decode()
-
-    def write(self, path: Path) -> None:
-        """Write the file and fsync it; the caller makes it visible (rename or batch.json)."""
-        meta = [m if m is None or isinstance(m, str) else orjson.dumps(m).decode() for m in self.metadata]
-        table = pa.table(
-            {
-                "id": pa.array(self.ids, pa.string()),
-                "split": pa.array(self.splits, pa.string()),
-                "n_tokens": pa.array(self.n_tokens, pa.int64()),
-                "line": pa.array(self.lines, pa.int64()),
-                "metadata": pa.array(meta, pa.string()),
-            }
-        ).replace_schema_metadata({_SHARED_META_KEY: orjson.dumps(self.shared)})
-        with open(path, "wb") as fh:
-            # Ids are unique and nothing filters on these columns: no dictionaries, no statistics.
-            # Uncompressed: the file is ~30 bytes a row against ~200 for input.jsonl, and zstd
-            # tripled the cost of writing it.
-            pq.write_table(table, fh, compression="none", use_dictionary=["split"], write_statistics=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    @classmethod
-    def read(cls, batch_dir: Path) -> BatchRecords:
-        """The batch's records.
-
-        Raises:
-            StateError: the file is missing or unreadable.
-        """
-        table = _read_records_table(batch_dir, None)
-        meta = table.schema.metadata or {}
-        out = cls(orjson.loads(meta[_SHARED_META_KEY]) if _SHARED_META_KEY in meta else None)
-        cols = table.to_pydict()
-        out.ids, out.splits, out.n_tokens = cols["id"], cols["split"], cols["n_tokens"]
-        out.lines, out.metadata = cols["line"], cols["metadata"]
-        return out
-
-
-def read_record_ids(batch_dir: Path) -> list[str]:
-    """Only the ``id`` column of a batch's records, in input order.
+        pg_target: write the vectors into this pgvector column too (recorded in run.json).
 
     Raises:
-        StateError: the file is missing or unreadable.
+        LockedError: the dataset lock stayed busy past the workspace's ``lock_timeout_s``.
+        InputError, DuplicateIdError: bad input (nothing is submitted).
+        LimitError: the Batch-price estimate exceeds ``max_cost_usd``.
+        UsageError: bad model options.
     """
-    ids: list[str] = _read_records_table(batch_dir, ["id"]).column("id").to_pylist()
-    return ids
+    check_model_options(submit.model, submit.dimensions)
+    dataset = dataset_name(source)
+    with DatasetStore(ws, submit.model, dataset).locked("plan"):
+        run = ws.new_run(submit.model, dataset)
+        partial = run.root.with_name(run.root.name + ".partial")
+        partial.mkdir(parents=True)
+        started = time.monotonic()
+        exclude = None
+        if skip_existing:
+            index, planned = existing_ids(ws, submit.model, dataset)
+            if len(index) or planned:
 
+                def exclude(rid: str, sha: str) -> bool:
+                    return rid in planned or index.contains(rid, sha)
 
-def _read_records_table(batch_dir: Path, columns: list[str] | None) -> Any:
-    path = batch_dir / RECORDS_FILE
-    try:
-        return pq.read_table(path, columns=columns)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise StateError(f"{path}: cannot read the batch's records ({exc})") from exc
+        intake = Intake(
+            source=source,
+            prepare=prepare,
+            sample=sample,
+            tokenizer=get_tokenizer(submit.model),
+            rejected_path=partial / "rejected.jsonl",
+            on_row=on_row,
+            exclude=exclude,
+        )
+        writer = BatchFileWriter(partial, BatchSplitter(submit.limits))
+        encode = request_encoder(model=submit.model, dimensions=submit.dimensions)
+        try:
+            writer.add_all(intake.records(), encode)
+            states = writer.finish()
+        except BaseException:
+            writer.abort()
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        queue = sum(bs.tokens for bs in states)
+        est = Estimate.build(
+            model=submit.model,
+            dataset=dataset,
+            stats=intake.stats,
+            batches=len(states),
+            queue_tokens=queue,
+            sampling=intake.sampler.describe(),
+        )
+        if (
+            submit.max_cost_usd is not None
+            and est.cost_batch_usd is not None
+            and est.cost_batch_usd > submit.max_cost_usd
+        ):
+            shutil.rmtree(partial, ignore_errors=True)
+            raise LimitError(
+                f"estimated Batch API cost ${est.cost_batch_usd:.4f} exceeds --max-cost-usd "
+                f"${submit.max_cost_usd:.4f}; nothing was uploaded"
+            )
+        rs = RunState(
+            run_id=run.run_id,
+            model=submit.model,
+            dataset=dataset,
+            source="postgres" if source.is_postgres else "file",
+            source_path=(source.pg_table or "query") if source.is_postgres else str(Path(source.path).absolute()),
+            dimensions=submit.dimensions,
+            completion_window=submit.completion_window,
+            metadata=dict(submit.metadata),
+            max_enqueued_tokens=submit.limits.max_enqueued_tokens,
+            status="dry-run" if submit.dry_run else "active",
+            args=args or {},
+            git_sha=git_sha(),
+            lockfile_sha256=lockfile_sha256(),
+            sampling=intake.sampler.describe(),
+            intake=intake.stats.to_json(),
+            limits={
+                "max_requests": submit.limits.max_requests,
+                "max_bytes": submit.limits.max_bytes,
+                "max_inputs": submit.limits.max_inputs,
+                "max_enqueued_tokens": submit.limits.max_enqueued_tokens,
+            },
+            counts={
+                "planned": sum(bs.requests for bs in states),
+                "batches": len(states),
+                "rejected": intake.stats.rejected,
+                "skipped_existing": intake.skipped_existing,
+            },
+            estimate={
+                "tokens": intake.stats.tokens_total,
+                "queue_tokens": queue,
+                "cost_standard_usd": est.cost_standard_usd,
+                "cost_batch_usd": est.cost_batch_usd,
+            },
+            timings={"plan_s": round(time.monotonic() - started, 3)},
+            pg_target=pg_target.to_json() if pg_target else None,
+        )
+        if source.is_postgres and source.pg_table:
+            rs.args.setdefault("pg_source", {"table": source.pg_table, "id_column": source.pg_id_column})
+        rs.save(RunPaths(partial))
+        if not states:
+            # Nothing to embed: keep the record of the run, but as finished.
+            rs.status = "finished" if not submit.dry_run else rs.status
+            rs.save(RunPaths(partial))
+        partial.rename(run.root)
+        return PlannedRun(run, rs, est, intake.skipped_existing)

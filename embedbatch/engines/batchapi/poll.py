@@ -1,7 +1,9 @@
 """Poll: refresh batches, download results, schedule planned batches under the queue budget.
 
 One :func:`poll_pass` is what cron runs: it holds the workspace lock, skips runs another
-process holds, and treats a failed batch as state, not as a crash. A batch that failed with
+process holds, and treats a failed batch as state, not as a crash. Poll is the only stage that
+downloads output and error files (``ingest --redownload`` asks it to, through
+:func:`download_run`). A batch that failed with
 ``token_limit_exceeded`` goes back to ``uploaded`` (its rows are not failed) and is created
 again when the model's enqueued tokens leave room.
 """
@@ -15,19 +17,21 @@ import structlog
 
 from embedbatch.config import IngestConfig
 from embedbatch.engines.batchapi.client import BatchClient
-from embedbatch.engines.batchapi.submit import _submit_locked, adopt_pending
+from embedbatch.engines.batchapi.ingest import ingest_locked
+from embedbatch.engines.batchapi.submit import adopt_pending, submit_locked
 from embedbatch.errors import LockedError
-from embedbatch.runs import REMOTE_ACTIVE, REMOTE_TERMINAL, BatchState, RunState, load_batches
+from embedbatch.runs import REMOTE_TERMINAL, BatchState, Run
 from embedbatch.workspace import RunPaths, Workspace, file_lock
 
 __all__ = [
     "PassReport",
     "cancel_run",
     "download_batch",
+    "download_run",
     "poll_pass",
+    "redownload_run",
     "refresh_batch",
-    "refresh_run",
-    "run_totals",
+    "refresh_for_status",
 ]
 
 log = structlog.get_logger(__name__)
@@ -55,14 +59,17 @@ def _is_token_limit(batch: dict[str, Any]) -> bool:
     return any((e or {}).get("code") == "token_limit_exceeded" for e in errors)
 
 
-async def refresh_batch(client: BatchClient, run: RunPaths, rs: RunState, bs: BatchState, *, save: bool = True) -> bool:
+async def refresh_batch(client: BatchClient, run: Run, bs: BatchState, *, save: bool = True) -> bool:
     """Fetch the batch object and record its status; re-queue token_limit_exceeded failures.
+
+    Args:
+        save: write batch.json (needs the run lock); False only updates the object (status).
 
     Returns:
         True when the batch was re-queued.
     """
-    if bs.pending is not None:
-        await adopt_pending(client, run, rs, bs)
+    if bs.pending is not None and save:
+        await adopt_pending(client, run, bs)
     if not bs.is_remote_active or bs.batch_id is None:
         return False
     batch = await client.retrieve_batch(bs.batch_id)
@@ -75,7 +82,7 @@ async def refresh_batch(client: BatchClient, run: RunPaths, rs: RunState, bs: Ba
     bs.error_file_id = batch.get("error_file_id")
     requeued = False
     if batch["status"] == "failed" and _is_token_limit(batch):
-        log.info("token_limit_exceeded; batch re-queued", run=rs.run_id, batch=bs.name, batch_id=bs.batch_id)
+        log.info("token_limit_exceeded; batch re-queued", run=run.run_id, batch=bs.name, batch_id=bs.batch_id)
         bs.retry_of.append(bs.batch_id)
         bs.batch_id = None
         bs.attempt += 1
@@ -91,100 +98,105 @@ async def refresh_batch(client: BatchClient, run: RunPaths, rs: RunState, bs: Ba
                 f"{e.get('code')}: {e.get('message')}" for e in (batch.get("errors") or {}).get("data") or []
             )
     if save:
-        bs.save(run.batch_dir(bs.name))
+        run.save_batch(bs)
     return requeued
 
 
-async def download_batch(client: BatchClient, run: RunPaths, bs: BatchState, *, redownload: bool = False) -> bool:
-    """Stream the output and error files of a finished batch into its folder; mark downloaded."""
+async def download_batch(client: BatchClient, run: Run, bs: BatchState, *, redownload: bool = False) -> bool:
+    """Stream the output and error files of a finished batch into its folder; mark downloaded.
+
+    Args:
+        redownload: fetch the files again for a batch already downloaded or ingested.
+    """
     if bs.status not in REMOTE_TERMINAL and not (redownload and bs.status in ("downloaded", "ingested")):
         return False
-    d = run.batch_dir(bs.name)
+    d = run.batch_dir(bs)
     for file_id, name in ((bs.output_file_id, "output.jsonl"), (bs.error_file_id, "errors.jsonl")):
         if file_id and (redownload or not (d / name).exists()):
             await client.download(file_id, d / name)
     if bs.status in REMOTE_TERMINAL:
         bs.set_status("downloaded")
-    bs.save(d)
+    run.save_batch(bs)
     return True
 
 
-def run_totals(rs: RunState, batches: list[BatchState]) -> dict[str, Any]:
-    """Per-run totals from its batches (what status prints and --update-json stores)."""
-    by_status: dict[str, int] = {}
-    for bs in batches:
-        by_status[bs.status] = by_status.get(bs.status, 0) + 1
-    return {
-        "batches": len(batches),
-        "by_status": by_status,
-        "requests": sum(bs.requests for bs in batches),
-        "succeeded": sum(bs.succeeded or 0 for bs in batches),
-        "failed": sum(bs.failed or 0 for bs in batches),
-        "queue_tokens": sum(bs.tokens for bs in batches),
-        "enqueued_tokens": sum(bs.tokens for bs in batches if bs.status in REMOTE_ACTIVE),
-    }
+async def download_run(client: BatchClient, run: Run, *, redownload: bool = False) -> int:
+    """Download every finished batch of a run (again, with ``redownload``). Returns the count."""
+    n = 0
+    for bs in run.batches:
+        n += await download_batch(client, run, bs, redownload=redownload)
+    return n
 
 
-async def refresh_run(client: BatchClient, run: RunPaths, *, save: bool) -> tuple[RunState, list[BatchState]]:
-    """Refresh every non-terminal batch of a run (``status``); writes only when ``save``."""
-    rs = RunState.load(run)
-    batches = load_batches(run)
-    for bs in batches:
-        if bs.pending is not None and save:
-            await adopt_pending(client, run, rs, bs)
+async def redownload_run(client: BatchClient, paths: RunPaths) -> int:
+    """``ingest --redownload``: fetch every finished batch's files again, under the run lock."""
+    with Run.open(paths, purpose="redownload") as run:
+        return await download_run(client, run, redownload=True)
+
+
+async def refresh_for_status(client: BatchClient, paths: RunPaths, *, update: bool) -> tuple[Run, bool]:
+    """Refresh every non-terminal batch of a run for ``status``.
+
+    With ``update`` the run lock is taken and the refreshed state written; when another process
+    (a poll) holds the run, nothing is written (its state is newer than ours could be).
+
+    Returns:
+        ``(run, written)``.
+    """
+    if update:
+        try:
+            with Run.open(paths, purpose="status --update-json") as run:
+                for bs in run.batches:
+                    if bs.pending is not None or bs.is_remote_active:
+                        await refresh_batch(client, run, bs)
+                run.state.actual["status_totals"] = run.totals()
+                run.state.counts.update({"succeeded": run.state.actual["status_totals"]["succeeded"]})
+                run.save()
+                return run, True
+        except LockedError:
+            log.info("run is held by another process; status not written", run=paths.run_id)
+    run = Run.read(paths)
+    for bs in run.batches:
         if bs.is_remote_active:
-            await refresh_batch(client, run, rs, bs, save=save)
-    if save:
-        totals = run_totals(rs, batches)
-        rs.counts.update({"succeeded": totals["succeeded"], "failed_remote": totals["failed"]})
-        rs.actual.setdefault("status_totals", {})
-        rs.actual["status_totals"] = totals
-        rs.save(run)
-    return rs, batches
+            await refresh_batch(client, run, bs, save=False)
+    return run, False
 
 
 async def poll_run(
     ws: Workspace,
     client: BatchClient,
-    run: RunPaths,
+    paths: RunPaths,
     report: PassReport,
     *,
     max_enqueued_tokens: int | None,
     ingest: bool,
     ingest_config: IngestConfig | None,
     concurrency: int = 4,
+    wait_s: float | None = None,
 ) -> None:
-    """One pass over one run under its lock (see :func:`poll_pass`)."""
-    with file_lock(run.lock, what=f"run {run.run_id}"):
-        rs = RunState.load(run)
-        if rs.status != "active":
+    """One pass over one run under its lock (see :func:`poll_pass`): the run is loaded once."""
+    with Run.open(paths, wait_s=wait_s, purpose="poll") as run:
+        if run.state.kind != "batchapi" or run.state.status != "active":
             return
         report.runs += 1
-        for bs in load_batches(run):
+        for bs in run.batches:
             if bs.pending is not None or bs.is_remote_active:
-                report.requeued += await refresh_batch(client, run, rs, bs)
+                report.requeued += await refresh_batch(client, run, bs)
                 report.refreshed += 1
             if bs.status in REMOTE_TERMINAL:
                 report.downloaded += await download_batch(client, run, bs)
-        submitted = await _submit_locked(
-            ws, client, run, concurrency=concurrency, max_enqueued_tokens=max_enqueued_tokens, on_batch=None
+        submitted = await submit_locked(
+            ws, client, run, concurrency=concurrency, max_enqueued_tokens=max_enqueued_tokens
         )
         report.submitted += len(submitted)
         if ingest:
-            from embedbatch.engines.batchapi.ingest import ingest_run_locked
-
-            result = await ingest_run_locked(ws, run, ingest_config or IngestConfig())
+            result = await ingest_locked(ws, run, ingest_config or IngestConfig())
             report.ingested += result.batches
-        batches = load_batches(run)
-        rs = RunState.load(run)
-        totals = run_totals(rs, batches)
-        rs.actual["status_totals"] = totals
-        finished = all(bs.status in ("ingested", "cancelled") for bs in batches)
-        if finished:
-            rs.status = "finished"
-        else:
+        run.state.actual["status_totals"] = run.totals()
+        run.settle()
+        if run.state.status == "active":
             report.active_runs += 1
-        rs.save(run)
+        run.save()
 
 
 async def poll_pass(
@@ -195,39 +207,43 @@ async def poll_pass(
     ingest: bool = False,
     ingest_config: IngestConfig | None = None,
     runs: list[RunPaths] | None = None,
+    wait_s: float | None = None,
 ) -> PassReport:
     """One cron pass over every active run of the workspace.
+
+    Args:
+        runs: only these runs (``embedbatch run``); default every run.
+        wait_s: how long to wait for the workspace lock and each run lock (None: skip at once).
 
     Raises:
         LockedError: another poll holds the workspace lock.
     """
     report = PassReport()
-    with file_lock(ws.lock, what="workspace"):
-        for run in runs if runs is not None else ws.all_runs():
+    with file_lock(ws.lock, what="workspace", timeout_s=wait_s, purpose="poll"):
+        for paths in runs if runs is not None else ws.all_runs():
             try:
                 await poll_run(
                     ws,
                     client,
-                    run,
+                    paths,
                     report,
                     max_enqueued_tokens=max_enqueued_tokens,
                     ingest=ingest,
                     ingest_config=ingest_config,
+                    wait_s=wait_s,
                 )
             except LockedError:
-                report.skipped_locked.append(run.run_id)
-                log.info("run locked by another process; skipped", run=run.run_id)
+                report.skipped_locked.append(paths.run_id)
+                log.info("run locked by another process; skipped", run=paths.run_id)
     return report
 
 
-async def cancel_run(client: BatchClient, run: RunPaths) -> list[BatchState]:
+async def cancel_run(client: BatchClient, paths: RunPaths) -> list[BatchState]:
     """Cancel the run's active batches at the provider; planned ones are cancelled locally."""
-    with file_lock(run.lock, what=f"run {run.run_id}"):
-        rs = RunState.load(run)
-        batches = load_batches(run)
-        for bs in batches:
+    with Run.open(paths, purpose="cancel") as run:
+        for bs in run.batches:
             if bs.pending is not None:
-                await adopt_pending(client, run, rs, bs)
+                await adopt_pending(client, run, bs)
             if bs.is_remote_active and bs.batch_id:
                 batch = await client.cancel_batch(bs.batch_id)
                 bs.remote = batch
@@ -236,5 +252,7 @@ async def cancel_run(client: BatchClient, run: RunPaths) -> list[BatchState]:
             elif bs.status in ("planned", "uploaded"):
                 bs.set_status("cancelled")
                 bs.pending = None
-            bs.save(run.batch_dir(bs.name))
-        return batches
+            run.save_batch(bs)
+        run.settle()
+        run.save()
+        return run.batches

@@ -31,9 +31,10 @@ from embedbatch.engines.local.bucketing import Bucketer, Item, bucket_edges
 from embedbatch.engines.local.model import LocalEncoder, model_label
 from embedbatch.intake import Intake, dataset_name
 from embedbatch.records import Record
-from embedbatch.runs import RunState, git_sha, lockfile_sha256
-from embedbatch.store.shards import Manifest, ShardWriter, remove_orphans, shard_text_hashes
-from embedbatch.workspace import RunPaths, Workspace, file_lock
+from embedbatch.runs import Run, RunState, git_sha, lockfile_sha256
+from embedbatch.store.dataset import DatasetStore
+from embedbatch.store.index import IdIndex
+from embedbatch.workspace import Workspace, file_lock
 
 __all__ = ["LocalResult", "StageClock", "run_local"]
 
@@ -179,6 +180,7 @@ def run_local(
     local: LocalConfig,
     ingest: IngestConfig | None = None,
     pg_target: PgTarget | None = None,
+    dsn: str | None = None,
     args: dict[str, Any] | None = None,
     encoder: LocalEncoder | None = None,
     on_rows: Callable[[int], None] | None = None,
@@ -187,6 +189,7 @@ def run_local(
 
     Args:
         encoder: an already loaded encoder (tests, serve); else built from ``local``.
+        dsn: PostgreSQL for ``pg_target`` (never stored).
         on_rows: progress callback with the rows written so far.
 
     Returns:
@@ -224,14 +227,61 @@ def run_local(
         pg_target=pg_target.to_json() if pg_target else None,
     )
     rs.save(run)
+    store = DatasetStore(ws, label, dataset)
+    # The run lock is held for the whole run: poll and status leave a running local run alone.
+    with Run.open(run, purpose="local") as state:
+        _run_locked(
+            ws,
+            store,
+            state,
+            enc,
+            source,
+            prepare,
+            sample,
+            local,
+            ingest,
+            result,
+            on_rows,
+            tokens_per_batch,
+            edges,
+            bucketer,
+            max_content,
+        )
+        if pg_target is not None:
+            import anyio
+
+            from embedbatch.sinks.pgvector import sink_run
+
+            result.pg = anyio.run(lambda: sink_run(ws, state, dsn=dsn))
+            state.state.local = result.to_json()
+            state.save()
+    return result
+
+
+def _run_locked(
+    ws: Workspace,
+    store: DatasetStore,
+    run: Run,
+    enc: LocalEncoder,
+    source: SourceConfig,
+    prepare: PrepareConfig,
+    sample: SampleConfig,
+    local: LocalConfig,
+    ingest: IngestConfig,
+    result: LocalResult,
+    on_rows: Callable[[int], None] | None,
+    tokens_per_batch: int,
+    edges: list[int],
+    bucketer: Bucketer,
+    max_content: int,
+) -> None:
+    rs = run.state
     started = time.perf_counter()
-    with file_lock(ws.shards_dir(label, dataset).parent / f".{dataset}.local.lock", what=f"local run of {dataset}"):
-        manifest = Manifest.load(ws, label, dataset)
-        remove_orphans(ws, manifest)
-        embedded = shard_text_hashes(ws, label, dataset) if manifest.shards else {}
+    with file_lock(store.shards_dir.parent / f".{store.dataset}.local.lock", what=f"local run of {store.dataset}"):
+        embedded = store.id_index()
         # No tokenizer here: the loader counts and cuts in batches. Already-embedded rows are
         # dropped after the cut (their shard text is the cut text), so resume compares like with like.
-        intake = Intake(source=source, prepare=prepare, sample=sample, tokenizer=None, rejected_path=run.rejected)
+        intake = Intake(source=source, prepare=prepare, sample=sample, tokenizer=None, rejected_path=run.paths.rejected)
         if local.compile:
             # One forward per bucket shape before the run, so compilation is not timed as work.
             t0 = time.perf_counter()
@@ -244,7 +294,7 @@ def run_local(
             target=_load, args=(intake, enc, max_content, embedded, chunks, result, errors), daemon=True
         )
         writer = threading.Thread(
-            target=_write, args=(ws, manifest, rs, enc.dim, ingest, writes, result, errors, on_rows), daemon=True
+            target=_write, args=(store, rs, enc.dim, ingest, writes, result, errors, on_rows), daemon=True
         )
         loader.start()
         writer.start()
@@ -263,9 +313,10 @@ def run_local(
             raise errors[0]
     result.wall_s = time.perf_counter() - started
     result.rejected = intake.stats.rejected
-    rs = RunState.load(run)
     rs.status = "finished"
-    rs.sampling = intake.sampler.describe()
+    rs.sampling = intake.sampler.describe()  # counts are final only now
+    if result.shards:
+        store.record_run(rs.run_id, {"created_at": rs.created_at, "kind": "local"}, sampling=rs.sampling)
     rs.intake = intake.stats.to_json()
     rs.counts = {
         "planned": intake.stats.sampled,
@@ -276,26 +327,14 @@ def run_local(
     }
     rs.local = result.to_json()
     rs.timings = {"wall_s": round(result.wall_s, 3)}
-    rs.save(run)
-    manifest = Manifest.load(ws, label, dataset)
-    manifest.runs.setdefault(run.run_id, {"created_at": rs.created_at, "kind": "local"})
-    if rs.sampling not in manifest.sampling:
-        manifest.sampling.append(rs.sampling)
-    if manifest.shards:
-        manifest.save()
-    if pg_target is not None:
-        result.pg = _sink_pg(ws, run, rs)
-        rs = RunState.load(run)
-        rs.local = result.to_json()
-        rs.save(run)
-    return result
+    run.save()
 
 
 def _load(
     intake: Intake,
     enc: LocalEncoder,
     max_content: int,
-    embedded: dict[str, str],
+    embedded: IdIndex,
     out: queue.Queue[Any],
     result: LocalResult,
     errors: list[BaseException],
@@ -322,7 +361,7 @@ def _load(
                     rec.metadata["truncated_tokens"] = tk.tokens_before - max_content
                     result.truncated += 1
                 rec.n_tokens = min(tk.tokens_before, max_content)
-                if embedded and embedded.get(rec.id) == rec.sha256:
+                if embedded.contains(rec.id, rec.sha256):
                     result.skipped_existing += 1
                     continue
                 items.append((rec, tk.ids))
@@ -412,8 +451,7 @@ def _encode(
 
 
 def _write(
-    ws: Workspace,
-    manifest: Manifest,
+    store: DatasetStore,
     rs: RunState,
     dim: int,
     cfg: IngestConfig,
@@ -422,10 +460,18 @@ def _write(
     errors: list[BaseException],
     on_rows: Callable[[int], None] | None,
 ) -> None:
-    """Writer thread: rows into shards; the manifest is committed every full shard."""
+    """Writer thread: rows into shards; each full shard is committed through the store."""
     clock = result.writer
-    writer = ShardWriter(ws, manifest, dim=dim, dtype=cfg.dtype, rows_per_shard=cfg.rows_per_shard, git_sha=rs.git_sha)
-    writer_key = f"{rs.run_id}/local"
+    writer = store.writer(dim=dim, dtype=cfg.dtype, rows_per_shard=cfg.rows_per_shard, git_sha=rs.git_sha)
+    commits = 0
+
+    def commit() -> None:
+        nonlocal commits
+        commits += 1
+        writer.add_source(f"{rs.run_id}/local-{commits:05d}")
+        entries = store.commit(writer, run_id=rs.run_id, run_info={"created_at": rs.created_at, "kind": "local"})
+        result.shards += [e["file"] for e in entries]
+
     t = time.perf_counter()
     try:
         while True:
@@ -455,13 +501,11 @@ def _write(
                 start += len(part)
                 result.rows += len(part)
                 if writer.rows_in_open_shard >= cfg.rows_per_shard:
-                    writer.add_source(writer_key)
-                    result.shards += [e["file"] for e in writer.commit()]
+                    commit()
             if on_rows is not None:
                 on_rows(result.rows)
         if not errors and writer.rows_in_open_shard:
-            writer.add_source(writer_key)
-            result.shards += [e["file"] for e in writer.commit()]
+            commit()
         else:
             writer.abort()
     except BaseException as exc:
@@ -469,11 +513,3 @@ def _write(
         errors.append(exc)
     finally:
         clock.busy(t)
-
-
-def _sink_pg(ws: Workspace, run: RunPaths, rs: RunState) -> dict[str, Any]:
-    import anyio
-
-    from embedbatch.engines.batchapi.ingest import sink_run_to_pg
-
-    return anyio.run(sink_run_to_pg, ws, run, rs)

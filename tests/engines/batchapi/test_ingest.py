@@ -10,10 +10,10 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from embedbatch.engines.batchapi.ingest import decode_vector, read_batch_results
-from embedbatch.engines.batchapi.plan import BatchRecords
+from embedbatch.engines.batchapi.batchfiles import BatchRecords
+from embedbatch.engines.batchapi.output import decode_vector, read_batch_results
 from embedbatch.server import HashBackend, ServerThread
-from embedbatch.store.shards import Manifest
+from embedbatch.store.manifest import Manifest
 from embedbatch.store.verify import verify_dataset
 from embedbatch.workspace import Workspace
 from tests.conftest import DATA, cli_env, run_cli, sample_rows, write_jsonl

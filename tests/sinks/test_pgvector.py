@@ -11,9 +11,10 @@ import orjson
 import pytest
 
 from embedbatch.config import PgTarget
+from embedbatch.db.pg import quote_ident
 from embedbatch.errors import DatabaseError
 from embedbatch.server import HashBackend, ServerThread
-from embedbatch.sinks.pgvector import quote_ident, write_vectors
+from embedbatch.sinks.pgvector import write_vectors
 from embedbatch.workspace import Workspace
 from tests.conftest import cli_env, pg_exec, run_cli
 

@@ -10,7 +10,8 @@ import pytest
 
 from embedbatch.config import IngestConfig, LocalConfig, PrepareConfig, SampleConfig, SourceConfig
 from embedbatch.engines.local.bucketing import Bucketer, Item, bucket_edges, bucket_index
-from embedbatch.store.shards import Manifest, embedding_schema, read_vectors
+from embedbatch.store.manifest import Manifest
+from embedbatch.store.shards import embedding_schema, read_vectors
 from embedbatch.store.verify import verify_dataset
 from embedbatch.workspace import Workspace
 from tests.conftest import write_jsonl

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from embedbatch.config import BatchLimits
-from embedbatch.engines.batchapi.plan import RequestSize, assign_batches, check_model_options, request_line
+from embedbatch.engines.batchapi.split import RequestSize, assign_batches, check_model_options, request_line
 from embedbatch.errors import LimitError, UsageError
 from embedbatch.tokens import queue_tokens
 
@@ -28,7 +28,7 @@ def test_request_line_shape() -> None:
 def test_request_encoder_matches_orjson_byte_for_byte(dimensions: int | None) -> None:
     """The templated line is exactly orjson's encoding of the request object, for ids and texts
     that need escaping (quotes, backslashes, control characters, non-ASCII, astral plane)."""
-    from embedbatch.engines.batchapi.plan import request_encoder
+    from embedbatch.engines.batchapi.split import request_encoder
 
     encode = request_encoder(model='m"odel', dimensions=dimensions)
     cases = [
@@ -92,7 +92,7 @@ def test_queue_tokens_conservative() -> None:
 def test_batch_records_shared_and_own_metadata_round_trip(tmp_path: Path) -> None:
     """Rows sharing the batch's file/fields/truncated store only their line; other rows keep their
     whole metadata; both read back to the same rows, and a missing file is a StateError."""
-    from embedbatch.engines.batchapi.plan import BatchRecords, read_record_ids
+    from embedbatch.engines.batchapi.batchfiles import BatchRecords, read_record_ids
     from embedbatch.errors import StateError
 
     first = {"fields": ["title"], "truncated": False, "path": "/data/a.jsonl", "line": 1}
@@ -122,8 +122,8 @@ def test_batch_records_shared_and_own_metadata_round_trip(tmp_path: Path) -> Non
 def test_batch_file_writer_replaces_debris_of_a_crashed_plan(tmp_path: Path) -> None:
     """A batch folder without batch.json (a plan killed before it finished) is never submitted;
     the next plan with the same name replaces it instead of failing."""
-    from embedbatch.engines.batchapi.plan import BatchRecords, BatchSplitter, request_line
-    from embedbatch.engines.batchapi.submit import BatchFileWriter
+    from embedbatch.engines.batchapi.batchfiles import BatchFileWriter, BatchRecords
+    from embedbatch.engines.batchapi.split import BatchSplitter, request_line
     from embedbatch.records import Record
 
     debris = tmp_path / "batches" / "retry_001"

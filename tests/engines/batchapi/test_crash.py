@@ -13,7 +13,7 @@ import pytest
 
 from embedbatch.runs import load_batches
 from embedbatch.server import ServerThread
-from embedbatch.store.shards import Manifest
+from embedbatch.store.manifest import Manifest
 from embedbatch.store.verify import verify_dataset
 from embedbatch.workspace import Workspace
 from tests.conftest import cli_env, run_cli, sample_rows, write_jsonl

@@ -8,7 +8,7 @@ from itertools import islice
 from typing import Any
 
 from embedbatch.config import BatchLimits, PrepareConfig, SampleConfig, SourceConfig
-from embedbatch.engines.batchapi.plan import BatchSplitter, request_encoder
+from embedbatch.engines.batchapi.split import BatchSplitter, request_encoder
 from embedbatch.intake import Intake, IntakeStats
 from embedbatch.tokens import PRICES_AS_OF, cost_usd, get_tokenizer, queue_tokens
 

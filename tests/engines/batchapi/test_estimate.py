@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedbatch.config import BatchLimits, PrepareConfig, SampleConfig, SourceConfig
-from embedbatch.estimate import estimate
+from embedbatch.engines.batchapi.estimate import estimate
 from tests.conftest import DATA
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not present")

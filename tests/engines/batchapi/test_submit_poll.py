@@ -13,8 +13,9 @@ import pytest
 
 from embedbatch.config import BatchLimits, PrepareConfig, SampleConfig, Settings, SourceConfig, SubmitConfig
 from embedbatch.engines.batchapi.client import BatchClient, RetryPolicy
+from embedbatch.engines.batchapi.plan import plan_run
 from embedbatch.engines.batchapi.poll import poll_pass
-from embedbatch.engines.batchapi.submit import plan_run, submit_run
+from embedbatch.engines.batchapi.submit import submit_run
 from embedbatch.errors import LimitError, LockedError, ProviderError
 from embedbatch.runs import RunState, load_batches
 from embedbatch.server import ServerThread

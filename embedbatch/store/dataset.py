@@ -1,0 +1,240 @@
+"""The dataset store: the one writer of a (model, dataset)'s shards, manifest and id index.
+
+Every engine writes rows through a :class:`ShardWriter` that :meth:`DatasetStore.writer` gives
+it. The writer only *stages* shards: temp files in the shards folder, each held open under an
+``flock`` while its process lives. :meth:`DatasetStore.commit` then takes the dataset lock and,
+in this order:
+
+1. reloads the manifest (another process may have committed since) and removes orphans:
+   ``shard-*.parquet`` files the manifest does not list (renamed by a process that died before
+   its manifest write) and staged temp files whose ``flock`` is free (their writer died);
+2. numbers the staged shards after the last listed one and renames them into place;
+3. writes each shard's id index file and lists ids that replace older rows (``supersedes``);
+4. writes the manifest (one atomic rename: the commit point);
+
+so a crash anywhere leaves either the old dataset or the new one, never a half. Shard numbers,
+orphan cleanup, the manifest and the id index are touched only under the lock; planning also
+holds it while it reads what is embedded or in flight and writes its run, so two submits never
+plan the same row.
+
+Lock order: run lock, then dataset lock; nothing takes a run lock while holding a dataset lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from embedbatch.errors import StateError
+from embedbatch.store.index import IdIndex, write_shard_index
+from embedbatch.store.manifest import Manifest
+from embedbatch.store.shards import ShardWriter, StagedShard
+from embedbatch.workspace import Workspace, crash_point, file_lock, fsync_dir
+
+__all__ = ["DatasetStore"]
+
+log = structlog.get_logger(__name__)
+
+
+class DatasetStore:
+    """Shards, manifest and id index of one (model, dataset), and the lock that guards them.
+
+    Args:
+        ws: the workspace (its ``lock_timeout_s`` bounds how long :meth:`locked` waits).
+        model / dataset: path components (checked).
+    """
+
+    def __init__(self, ws: Workspace, model: str, dataset: str) -> None:
+        self.ws = ws
+        self.model = model
+        self.dataset = dataset
+        self.shards_dir = ws.shards_dir(model, dataset)
+        self.index_dir = ws.index_dir(model, dataset)
+        self.lock_path = ws.manifest_path(model, dataset).with_name("dataset.lock")
+        self._held = 0
+
+    @contextlib.contextmanager
+    def locked(self, purpose: str) -> Iterator[None]:
+        """Hold the dataset lock (re-entrant within this object), waiting up to the workspace's
+        ``lock_timeout_s`` for another process to release it.
+
+        Raises:
+            LockedError: still held by another process after the timeout (names its pid and purpose).
+        """
+        if self._held:
+            self._held += 1
+            try:
+                yield
+            finally:
+                self._held -= 1
+            return
+        with file_lock(
+            self.lock_path,
+            what=f"dataset {self.model}/{self.dataset}",
+            timeout_s=self.ws.lock_timeout_s,
+            purpose=purpose,
+        ):
+            self._held = 1
+            try:
+                yield
+            finally:
+                self._held = 0
+
+    def manifest(self) -> Manifest:
+        """A snapshot of the manifest (atomic file: no lock needed to read)."""
+        return Manifest.load(self.ws, self.model, self.dataset)
+
+    def id_index(self, manifest: Manifest | None = None) -> IdIndex:
+        """The id index of the committed rows (see :mod:`embedbatch.store.index`)."""
+        return IdIndex.load(self.ws, manifest or self.manifest())
+
+    def writer(
+        self, *, dim: int | None, dtype: str = "float32", rows_per_shard: int = 100_000, git_sha: str | None = None
+    ) -> ShardWriter:
+        """A writer that stages shards for :meth:`commit` (nothing is visible before it).
+
+        Args:
+            dim: embedding dimension, or None to take it from the first write.
+            dtype: ``float32`` or ``float16`` storage.
+        """
+        return ShardWriter(self.shards_dir, dim=dim, dtype=dtype, rows_per_shard=rows_per_shard, git_sha=git_sha)
+
+    def remove_orphans(self, manifest: Manifest) -> list[str]:
+        """Delete unlisted shard files, dead writers' temp files and unlisted index files.
+
+        Call under the lock. Returns the names removed.
+        """
+        removed: list[str] = []
+        listed = {s["file"] for s in manifest.shards}
+        if self.shards_dir.is_dir():
+            for p in self.shards_dir.iterdir():
+                if (p.name.startswith("shard-") and p.name not in listed) or (p.name.endswith(".tmp") and _unlocked(p)):
+                    p.unlink()
+                    removed.append(p.name)
+        if self.index_dir.is_dir():
+            for p in self.index_dir.iterdir():
+                if p.name not in listed:
+                    p.unlink()
+        if removed:
+            log.info("removed orphans", dataset=self.dataset, files=removed)
+        return removed
+
+    def commit(
+        self,
+        writer: ShardWriter,
+        *,
+        run_id: str,
+        run_info: dict[str, Any],
+        sampling: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """List the writer's staged shards in the manifest, under the dataset lock (module doc).
+
+        Args:
+            run_info: recorded under ``runs[run_id]`` (``created_at``, ``kind``).
+            sampling: the run's sampling description, recorded once per distinct value.
+
+        Returns:
+            The new manifest entries (may be empty: the run is still recorded).
+
+        Raises:
+            StateError: the staged vectors' dimension differs from the dataset's.
+            LockedError: the lock stayed busy past the timeout (the staged shards are discarded).
+        """
+        writer.close_shard()
+        staged = writer.take_staged()
+        try:
+            with self.locked(f"commit {run_id}"):
+                return self._commit_locked(staged, writer, run_id=run_id, run_info=run_info, sampling=sampling)
+        finally:
+            for st in staged:
+                st.release()
+
+    def _commit_locked(
+        self,
+        staged: list[StagedShard],
+        writer: ShardWriter,
+        *,
+        run_id: str,
+        run_info: dict[str, Any],
+        sampling: dict[str, Any] | None,
+    ) -> list[dict[str, Any]]:
+        manifest = self.manifest()
+        self.remove_orphans(manifest)
+        if staged and manifest.dimensions is not None and writer.dim != manifest.dimensions:
+            raise StateError(
+                f"{writer.dim}-d vectors cannot join dataset {self.model}/{self.dataset}, "
+                f"whose shards are {manifest.dimensions}-d"
+            )
+        index = self.id_index(manifest) if staged and manifest.shards else IdIndex.empty()
+        used = [int(s["file"][6:11]) for s in manifest.shards]
+        number = (max(used) + 1) if used else 1
+        entries: list[dict[str, Any]] = []
+        new_ids: set[str] = set()
+        for st in staged:
+            name = f"shard-{number:05d}.parquet"
+            number += 1
+            final = self.shards_dir / name
+            os.replace(st.tmp, final)
+            write_shard_index(self.index_dir / name, st.ids, st.text_keys)
+            again = index.has_ids(st.ids) if len(index) else np.zeros(len(st.ids), bool)
+            supersedes = [rid for rid, old in zip(st.ids, again.tolist(), strict=True) if old or rid in new_ids]
+            new_ids.update(st.ids)
+            entry = {"file": name, **st.entry}
+            if supersedes:
+                entry["supersedes"] = supersedes
+            entries.append(entry)
+        if staged:
+            fsync_dir(self.shards_dir)
+        crash_point("store_before_manifest")
+        manifest.shards.extend(entries)
+        if entries:
+            manifest.dimensions = writer.dim
+            manifest.dtype = writer.dtype
+        manifest.runs.setdefault(run_id, run_info)
+        if sampling and sampling not in manifest.sampling:
+            manifest.sampling.append(sampling)
+        manifest.save()
+        return entries
+
+    def record_run(self, run_id: str, run_info: dict[str, Any], *, sampling: dict[str, Any] | None) -> None:
+        """Record a run and its sampling in the manifest without adding shards."""
+        with self.locked(f"record {run_id}"):
+            manifest = self.manifest()
+            manifest.runs.setdefault(run_id, run_info)
+            if sampling and sampling not in manifest.sampling:
+                manifest.sampling.append(sampling)
+            manifest.save()
+
+    def repair_index(self) -> int:
+        """Rebuild every shard's id index file from the shards (``verify --repair``), under the
+        lock. Returns the number of files written."""
+        from embedbatch.store.index import build_shard_index
+
+        with self.locked("repair index"):
+            manifest = self.manifest()
+            self.remove_orphans(manifest)
+            for s in manifest.shards:
+                build_shard_index(self.shards_dir / s["file"], self.index_dir / s["file"])
+            return len(manifest.shards)
+
+
+def _unlocked(path: Path) -> bool:
+    """True when no live process holds an ``flock`` on ``path`` (its writer is gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
