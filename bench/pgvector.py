@@ -92,7 +92,9 @@ async def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--naive-rows", type=int, default=10_000)
     args = ap.parse_args()
-    srv = ep.get_server(Path(tempfile.mkdtemp()) / "pg", cleanup_mode="delete")
+    srv = ep.get_server(  # type: ignore[attr-defined]
+        Path(tempfile.mkdtemp()) / "pg", cleanup_mode="delete"
+    )
     dsn = srv.get_uri()
     vecs = np.random.default_rng(0).standard_normal((args.rows, DIM)).astype(np.float32)
     await prepare(dsn, args.rows)

@@ -183,11 +183,21 @@ def _lock_holder(path: Path) -> str:
 
 
 def crash_point(name: str) -> None:
-    """Test hook: ``EMBEDBATCH_CRASH_AT=name`` kills this process with SIGKILL here, so the
-    crash-safety tests can stop a real subprocess at exact points between state writes and
-    remote calls. Does nothing unless the variable names this point."""
+    """Test hook at a step boundary, so tests can drive real processes to exact points.
+
+    ``EMBEDBATCH_CRASH_AT=name`` kills this process with SIGKILL here (crash safety).
+    ``EMBEDBATCH_PAUSE_AT=name:DIR`` touches ``DIR/name.ready`` and waits until ``DIR/name.go``
+    exists (overlap: a second process runs while this one stands here, holding its locks).
+    Does nothing unless a variable names this point. These two test variables are the only
+    environment reads outside :class:`embedbatch.config.Settings`.
+    """
     if os.environ.get("EMBEDBATCH_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    point, _, folder = os.environ.get("EMBEDBATCH_PAUSE_AT", "").partition(":")
+    if point == name and folder:
+        Path(folder, f"{name}.ready").touch()
+        while not Path(folder, f"{name}.go").exists():
+            time.sleep(0.01)
 
 
 @dataclass(frozen=True)

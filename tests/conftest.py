@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -56,13 +57,13 @@ def client(settings: Settings) -> BatchClient:
     return BatchClient(settings, policy=RetryPolicy(attempts=6, initial_s=0.01, max_s=0.2))
 
 
-def write_jsonl(path: Path, rows: list[dict[str, object]], *, gz: bool = False) -> Path:
+def write_jsonl(path: Path, rows: list[dict[str, Any]], *, gz: bool = False) -> Path:
     data = b"".join(orjson.dumps(r) + b"\n" for r in rows)
     path.write_bytes(gzip.compress(data) if gz else data)
     return path
 
 
-def sample_rows(n: int, start: int = 0) -> list[dict[str, object]]:
+def sample_rows(n: int, start: int = 0) -> list[dict[str, Any]]:
     return [
         {
             "id": f"doc-{i}",
@@ -137,7 +138,7 @@ def pg_dsn(pg_server: str) -> Iterator[str]:
     asyncio.run(teardown())
 
 
-async def pg_exec(dsn: str, *sql: str) -> list[list[object]]:
+async def pg_exec(dsn: str, *sql: str) -> list[list[Any]]:
     """Run statements; return each one's rows (as lists)."""
     import asyncpg
 

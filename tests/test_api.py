@@ -28,5 +28,5 @@ def test_local_backend_matches_sentence_transformers() -> None:
     texts = ["a cat sat on the mat", "graph neural networks"]
     got = LocalBackend(path, device="cpu").embed(texts, "ignored", None)
     ref = st.SentenceTransformer(path, device="cpu").encode(texts, normalize_embeddings=True)
-    assert ((2, 384), np.float32) == (got.shape, got.dtype)
+    assert ((2, 384), np.dtype(np.float32)) == (got.shape, got.dtype)
     assert np.allclose(ref, got, atol=1e-5)

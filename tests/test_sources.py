@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pyarrow as pa
@@ -19,7 +20,7 @@ from embedbatch.tokens import get_tokenizer
 from tests.conftest import sample_rows, write_jsonl
 
 
-def intake(path: Path, *, skip: bool = False, rejected: Path | None = None, **src: object) -> Intake:
+def intake(path: Path, *, skip: bool = False, rejected: Path | None = None, **src: Any) -> Intake:
     return Intake(
         source=SourceConfig(path=str(path), skip_bad_rows=skip, **src),  # type: ignore[arg-type]
         prepare=PrepareConfig(fields=("title", "body")),
@@ -29,7 +30,7 @@ def intake(path: Path, *, skip: bool = False, rejected: Path | None = None, **sr
     )
 
 
-def ids_of(path: Path, **src: object) -> list[str]:
+def ids_of(path: Path, **src: Any) -> list[str]:
     return [r.id for r in intake(path, **src).records()]
 
 

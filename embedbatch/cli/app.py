@@ -17,6 +17,7 @@ import orjson
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from embedbatch import __version__
 from embedbatch.cli.options import (
@@ -616,16 +617,17 @@ def retry(
 def verify(
     dataset: Annotated[str | None, typer.Option("--dataset")] = None,
     model: Annotated[str | None, typer.Option("--model")] = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Rebuild the id index from the shards first.")] = False,
     json_out: JsonOut = False,
 ) -> None:
-    """Re-read every shard and check it against the manifest; exit 1 on any problem."""
+    """Re-read every shard and check it against the manifest and id index; exit 1 on any problem."""
     from embedbatch.store.verify import verify_dataset
 
     ws = _workspace()
     pairs = [(m, d) for m, d in ws.datasets() if (dataset is None or d == dataset) and (model is None or m == model)]
     if not pairs:
         raise UsageError(f"no dataset matches (have: {', '.join(f'{m}/{d}' for m, d in ws.datasets()) or 'none'})")
-    reports = [verify_dataset(ws, m, d) for m, d in pairs]
+    reports = [verify_dataset(ws, m, d, repair=repair) for m, d in pairs]
     if json_out:
         print_json([r.__dict__ | {"ok": r.ok} for r in reports])
     else:
@@ -791,7 +793,7 @@ def main() -> None:
     except EmbedbatchError as exc:
         if os.environ.get("EMBEDBATCH_RAISE_ERRORS") == "1":
             raise
-        err_console.print(f"[bold red]error:[/] {scrub(str(exc))}", highlight=False, markup=True)
+        err_console.print(Text("error: ", style="bold red") + Text(scrub(str(exc))), soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted; the run can be resumed")

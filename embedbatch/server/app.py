@@ -82,6 +82,8 @@ class FaultConfig:
         expire_batches: how many of the next created batches expire after ``expire_fraction``.
         enqueued_token_limit: fail a new batch with token_limit_exceeded when the model's enqueued
             tokens would exceed it.
+        token_limit_batches: how many of the next created batches fail with token_limit_exceeded
+            whatever the queue holds (deterministic re-queue tests).
         step_s: seconds each status step takes (slow batches).
         create_delay_s: the batch is created, then the answer waits this long.
         retry_after_s: the Retry-After a 429 carries.
@@ -97,6 +99,7 @@ class FaultConfig:
     expire_batches: int = 0
     expire_fraction: float = 0.5
     enqueued_token_limit: int | None = None
+    token_limit_batches: int = 0
     step_s: float = 0.05
     create_delay_s: float = 0.0
     retry_after_s: float = 0.05
@@ -469,7 +472,9 @@ class FakeOpenAI:
         b["model"] = model
         tokens = sum(self._tokens(r["body"].get("input")) for r in requests)
         limit = self.faults.enqueued_token_limit
-        if limit is not None and model is not None and self._enqueued(model, bid) + tokens > limit:
+        forced = self.faults.token_limit_batches > 0
+        if forced or (limit is not None and model is not None and self._enqueued(model, bid) + tokens > limit):
+            self.faults.token_limit_batches -= forced
             self._fail(
                 b,
                 "token_limit_exceeded",

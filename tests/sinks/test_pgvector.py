@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -29,7 +30,7 @@ def parse_text_vector(text: str) -> list[float]:
     return [float(x) for x in text.strip("[]").split(",")]
 
 
-async def write(dsn: str, target: PgTarget, ids: list[str], v: np.ndarray, chunk: int = 2) -> object:
+async def write(dsn: str, target: PgTarget, ids: list[str], v: np.ndarray, chunk: int = 2) -> Any:
     chunks = ((ids[i : i + chunk], v[i : i + chunk], None) for i in range(0, len(ids), chunk))
     return await write_vectors(dsn, target, chunks, dim=DIM, total_rows=len(ids))
 

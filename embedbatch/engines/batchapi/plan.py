@@ -24,7 +24,7 @@ from embedbatch.runs import FINAL, Run, RunState, git_sha, lockfile_sha256
 from embedbatch.store.dataset import DatasetStore
 from embedbatch.store.index import IdIndex
 from embedbatch.tokens import get_tokenizer
-from embedbatch.workspace import RunPaths, Workspace
+from embedbatch.workspace import RunPaths, Workspace, crash_point
 
 __all__ = ["PlannedRun", "existing_ids", "plan_run"]
 
@@ -194,4 +194,5 @@ def plan_run(
             rs.status = "finished" if not submit.dry_run else rs.status
             rs.save(RunPaths(partial))
         partial.rename(run.root)
+        crash_point("plan_before_unlock")
         return PlannedRun(run, rs, est, intake.skipped_existing)

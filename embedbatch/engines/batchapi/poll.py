@@ -21,7 +21,7 @@ from embedbatch.engines.batchapi.ingest import ingest_locked
 from embedbatch.engines.batchapi.submit import adopt_pending, submit_locked
 from embedbatch.errors import LockedError
 from embedbatch.runs import REMOTE_TERMINAL, BatchState, Run
-from embedbatch.workspace import RunPaths, Workspace, file_lock
+from embedbatch.workspace import RunPaths, Workspace, crash_point, file_lock
 
 __all__ = [
     "PassReport",
@@ -192,6 +192,7 @@ async def poll_run(
         if ingest:
             result = await ingest_locked(ws, run, ingest_config or IngestConfig())
             report.ingested += result.batches
+        crash_point("poll_before_save")
         run.state.actual["status_totals"] = run.totals()
         run.settle()
         if run.state.status == "active":

@@ -29,6 +29,7 @@ def test_arxiv_counts_and_cost() -> None:
     )
     assert (n_rows, 0, 5000, 3) == (est.stats.rows_read, est.stats.rejected, est.stats.sampled, est.batches)
     assert est.cost_batch_usd == pytest.approx(est.stats.tokens_total * 0.01 / 1e6)
+    assert est.cost_batch_usd is not None
     assert est.cost_standard_usd == pytest.approx(2 * est.cost_batch_usd)
 
 

@@ -130,9 +130,9 @@ def test_run_with_faults_every_row_once_or_failed(tmp_path: Path, ws: Workspace,
     failed_ids = {x[0] for x in failed}
     import duckdb
 
-    got = duckdb.sql(
-        f"SELECT id, text, embedding FROM read_parquet('{ws.root}/embeddings/{MODEL}/d/*.parquet')"
-    ).fetchall()
+    rel = duckdb.sql(f"SELECT id, text, embedding FROM read_parquet('{ws.root}/embeddings/{MODEL}/d/*.parquet')")
+    assert rel is not None
+    got = rel.fetchall()
     shard_ids = [g[0] for g in got]
     assert len(shard_ids) == len(set(shard_ids))
     assert {r["id"] for r in rows} == set(shard_ids) | failed_ids

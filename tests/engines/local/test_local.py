@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -62,7 +63,7 @@ def model_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def encoder(model_path: str) -> object:
+def encoder(model_path: str) -> Any:
     from embedbatch.engines.local.model import LocalEncoder
 
     return LocalEncoder(model_path, device="cpu", dtype="float32")
@@ -75,7 +76,7 @@ def rows(n: int) -> list[dict[str, object]]:
     ]
 
 
-def run(ws: Workspace, path: Path, encoder: object, model_path: str, **kw: object) -> object:
+def run(ws: Workspace, path: Path, encoder: Any, model_path: str, **kw: Any) -> Any:
     from embedbatch.engines.local.pipeline import run_local
 
     local = LocalConfig(model=model_path, device="cpu", dtype="float32", tokens_per_batch=kw.pop("tpb", 256))  # type: ignore[arg-type]
@@ -92,7 +93,7 @@ def run(ws: Workspace, path: Path, encoder: object, model_path: str, **kw: objec
 
 
 def test_equals_sentence_transformers_encode_and_keeps_ids(
-    tmp_path: Path, ws: Workspace, encoder: object, model_path: str
+    tmp_path: Path, ws: Workspace, encoder: Any, model_path: str
 ) -> None:
     """Shard vectors equal SentenceTransformer.encode per id (cosine ≥ 0.9999), whatever the
     order the buckets encoded them in; padding stays low; the shards verify."""
@@ -104,7 +105,7 @@ def test_equals_sentence_transformers_encode_and_keeps_ids(
     ids, texts, vecs = read_vectors(ws, res.model, "d")  # type: ignore[attr-defined]
     ref = SentenceTransformer(model_path, device="cpu").encode(texts, normalize_embeddings=True)
     cos = np.sum(vecs * ref, axis=1) / (np.linalg.norm(vecs, axis=1) * np.linalg.norm(ref, axis=1))
-    by_id = {r["id"]: r["text"] for r in data}
+    by_id: dict[str, str] = {str(r["id"]): str(r["text"]) for r in data}
     assert (sorted(by_id), [by_id[i] for i in ids]) == (sorted(ids), texts)
     assert cos.min() >= 0.9999
     assert ids != [r["id"] for r in data]  # encoded out of input order, still mapped by id
@@ -112,7 +113,7 @@ def test_equals_sentence_transformers_encode_and_keeps_ids(
     assert verify_dataset(ws, res.model, "d").ok  # type: ignore[attr-defined]
 
 
-def test_resume_skips_ids_in_shards(tmp_path: Path, ws: Workspace, encoder: object, model_path: str) -> None:
+def test_resume_skips_ids_in_shards(tmp_path: Path, ws: Workspace, encoder: Any, model_path: str) -> None:
     """A run whose first shard was committed before a crash: the restart embeds only the rest."""
     path = write_jsonl(tmp_path / "d.jsonl", rows(30))
     first = run(ws, path, encoder, model_path, rows_per_shard=10)
@@ -130,7 +131,7 @@ def test_resume_skips_ids_in_shards(tmp_path: Path, ws: Workspace, encoder: obje
     assert (30, 0) == (third.skipped_existing, third.rows)  # type: ignore[attr-defined]
 
 
-def test_truncation_at_model_length_recorded(tmp_path: Path, ws: Workspace, encoder: object, model_path: str) -> None:
+def test_truncation_at_model_length_recorded(tmp_path: Path, ws: Workspace, encoder: Any, model_path: str) -> None:
     long_text = "Ünïcode and words " * 400
     path = write_jsonl(tmp_path / "d.jsonl", [{"id": "long", "text": long_text}, {"id": "short", "text": "hi"}])
     res = run(ws, path, encoder, model_path)
@@ -144,7 +145,7 @@ def test_truncation_at_model_length_recorded(tmp_path: Path, ws: Workspace, enco
     assert long_text.startswith(long_row["text"]) and len(long_row["text"]) < len(long_text)
 
 
-def test_shard_layout_matches_batch_api(tmp_path: Path, ws: Workspace, encoder: object, model_path: str) -> None:
+def test_shard_layout_matches_batch_api(tmp_path: Path, ws: Workspace, encoder: Any, model_path: str) -> None:
     res = run(ws, write_jsonl(tmp_path / "d.jsonl", rows(3)), encoder, model_path)
     shard = ws.shards_dir(res.model, "d") / Manifest.load(ws, res.model, "d").shards[0]["file"]  # type: ignore[attr-defined]
     assert embedding_schema(384).remove_metadata() == pq.read_schema(shard).remove_metadata()
