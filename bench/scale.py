@@ -74,7 +74,7 @@ def build_dataset(ws: Workspace, names: list[str], texts: list[str]) -> float:
 
 
 def plan_once(ws_root: Path, source: Path) -> dict[str, float]:
-    result = run_child(PLAN, str(ws_root), str(source))
+    result: dict[str, float] = run_child(PLAN, str(ws_root), str(source))
     runs = ws_root / "batches"
     if runs.exists():
         shutil.rmtree(runs)  # each plan starts from the same state

@@ -8,6 +8,7 @@ to the provider)::
 
 __version__ = "0.1.0"
 
+from embedbatch.api.openai import BatchClient, RetryPolicy
 from embedbatch.config import (
     BatchLimits,
     IngestConfig,
@@ -19,7 +20,6 @@ from embedbatch.config import (
     SourceConfig,
     SubmitConfig,
 )
-from embedbatch.engines.batchapi.client import BatchClient, RetryPolicy
 from embedbatch.engines.batchapi.drive import drive_run
 from embedbatch.engines.batchapi.estimate import estimate
 from embedbatch.engines.batchapi.ingest import ingest_run

@@ -14,8 +14,8 @@ import orjson
 import pytest
 import structlog
 
+from embedbatch.api.openai import BatchClient, RetryPolicy
 from embedbatch.config import Settings
-from embedbatch.engines.batchapi.client import BatchClient, RetryPolicy
 from embedbatch.server import FakeOpenAI, FaultConfig, ServerThread
 from embedbatch.workspace import Workspace
 

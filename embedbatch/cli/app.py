@@ -13,28 +13,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import orjson
 import typer
-from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from embedbatch import __version__
 from embedbatch.cli.options import (
-    batch_limits,
-    batch_options,
-    prepare_config,
-    prepare_options,
-    sample_config,
-    sample_options,
-    sink_dsn,
-    sink_options,
-    sink_target,
-    source_config,
-    source_options,
-    submit_config,
-    submit_options,
+    BatchOptions,
+    PrepareOptions,
+    SampleOptions,
+    SinkOptions,
+    SourceOptions,
+    SubmitOptions,
     with_options,
+)
+from embedbatch.cli.render import (
+    RowProgress,
+    console,
+    err_console,
+    print_estimate,
+    print_hits,
+    print_json,
+    print_local_result,
+    print_run_summary,
+    print_verify,
+    print_workspace,
+    status_table,
 )
 from embedbatch.config import IngestConfig, Settings
 from embedbatch.errors import EmbedbatchError, UsageError
@@ -43,8 +46,6 @@ from embedbatch.logs import configure_logging, scrub
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn datasets into embeddings, cheaply.")
 db_app = typer.Typer(no_args_is_help=True, help="PostgreSQL helpers.")
 app.add_typer(db_app, name="db")
-console = Console()
-err_console = Console(stderr=True)
 
 
 @dataclass
@@ -83,67 +84,12 @@ def settings() -> Settings:
     return Settings.from_env(workspace=_G.workspace)
 
 
-def print_json(obj: Any) -> None:
-    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
-
-
-def _fmt_usd(v: float | None) -> str:
-    return "n/a" if v is None else f"${v:,.4f}"
-
-
-def print_estimate(est: Any) -> None:
-    s = est.stats
-    t = Table(title=f"Estimate: {est.dataset} with {est.model}", show_header=False)
-    for k, v in [
-        ("rows read", f"{s.rows_read:,}"),
-        ("rejected", f"{s.rejected:,} ({s.rejected_empty:,} empty text)"),
-        ("sampled", f"{s.sampled:,}"),
-        ("tokens total", f"{s.tokens_total:,}"),
-        ("tokens mean / max", f"{s.tokens_mean:,.1f} / {s.tokens_max:,}"),
-        ("truncated rows", f"{s.truncated:,}"),
-        ("batch files", f"{est.batches:,}"),
-        ("queue tokens (conservative)", f"{est.queue_tokens:,}"),
-        ("cost at standard price", _fmt_usd(est.cost_standard_usd)),
-        ("cost at Batch API price", _fmt_usd(est.cost_batch_usd)),
-    ]:
-        t.add_row(k, v)
-    console.print(t)
-
-
-class _RowProgress:
-    """A rich progress line counting rows read (only on a TTY)."""
-
-    def __init__(self, what: str) -> None:
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            TextColumn("{task.completed:,} rows"),
-            TimeElapsedColumn(),
-            console=err_console,
-            disable=not err_console.is_terminal,
-            transient=True,
-        )
-        self.task = self.progress.add_task(what, total=None)
-
-    def __enter__(self) -> _RowProgress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(None, None, None)
-
-    def __call__(self, rows: int) -> None:
-        self.progress.update(self.task, completed=rows)
-
-
 def _workspace() -> Any:
     return settings().open_workspace()
 
 
 def _client() -> Any:
-    from embedbatch.engines.batchapi.client import BatchClient
+    from embedbatch.api.openai import BatchClient
 
     return BatchClient(settings())
 
@@ -162,10 +108,17 @@ def _run(coro_fn: Any) -> Any:
     return anyio.run(_with_client, coro_fn)
 
 
-def _safe_args(values: dict[str, Any]) -> dict[str, Any]:
-    """CLI args for run.json, without secrets (DSNs are dropped)."""
+def _safe_args(source: str, *groups: Any, **values: Any) -> dict[str, Any]:
+    """CLI args for run.json, from the option groups and extra values, without secrets (DSNs
+    are dropped)."""
+    from dataclasses import asdict
+
+    merged: dict[str, Any] = {"source": source}
+    for g in groups:
+        merged.update(asdict(g))
+    merged.update(values)
     out: dict[str, Any] = {}
-    for k, v in values.items():
+    for k, v in merged.items():
         if "dsn" in k or k.startswith("_"):
             continue
         if isinstance(v, Path):
@@ -180,20 +133,27 @@ def _safe_args(values: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.command()
-@with_options(source_options, prepare_options, sample_options, batch_options)
-def estimate(source: SourceArg, json_out: JsonOut = False, **opts: Any) -> None:
+@with_options
+def estimate(
+    source: SourceArg,
+    src: SourceOptions,
+    prep: PrepareOptions,
+    sample: SampleOptions,
+    batch: BatchOptions,
+    json_out: JsonOut = False,
+) -> None:
     """Count rows, tokens, batch files and cost; sends nothing."""
     from embedbatch.engines.batchapi.estimate import estimate as run_estimate
 
     s = settings()
-    with _RowProgress("reading") as progress:
+    with RowProgress("reading") as progress:
         est = run_estimate(
-            source=source_config(source, opts, s),
-            prepare=prepare_config(source, opts),
-            sample=sample_config(opts),
-            model=opts["model"] or s.openai_embed_model,
-            dimensions=opts["dimensions"],
-            limits=batch_limits(opts),
+            source=src.build(source, s),
+            prepare=prep.build(source, src),
+            sample=sample.build(),
+            model=batch.model_name(s),
+            dimensions=batch.dimensions,
+            limits=batch.limits(),
             on_row=progress,
         )
     if json_out:
@@ -202,7 +162,17 @@ def estimate(source: SourceArg, json_out: JsonOut = False, **opts: Any) -> None:
         print_estimate(est)
 
 
-def _plan(source: str, resume: Path | None, opts: dict[str, Any], *, dry_run: bool) -> tuple[Any, Any]:
+@dataclass(frozen=True)
+class _PlanOptions:
+    src: SourceOptions
+    prep: PrepareOptions
+    sample: SampleOptions
+    batch: BatchOptions
+    submit: SubmitOptions
+    sink: SinkOptions
+
+
+def _plan(source: str, resume: Path | None, o: _PlanOptions, *, dry_run: bool) -> tuple[Any, Any]:
     """The run to submit: ``--resume RUN_DIR``, or a new one planned from ``source``."""
     from embedbatch.engines.batchapi.plan import plan_run
 
@@ -212,17 +182,16 @@ def _plan(source: str, resume: Path | None, opts: dict[str, Any], *, dry_run: bo
     if not source:
         raise UsageError("give a SOURCE or --resume RUN_DIR")
     s = settings()
-    target = sink_target(source, opts)
-    with _RowProgress("planning") as progress:
+    with RowProgress("planning") as progress:
         planned = plan_run(
             ws,
-            source=source_config(source, opts, s),
-            prepare=prepare_config(source, opts),
-            sample=sample_config(opts),
-            submit=submit_config(opts, s, dry_run=dry_run),
-            args=_safe_args({"source": source, **opts}),
+            source=o.src.build(source, s),
+            prepare=o.prep.build(source, o.src),
+            sample=o.sample.build(),
+            submit=o.submit.build(o.batch, s, dry_run=dry_run),
+            args=_safe_args(source, o.src, o.prep, o.sample, o.batch, o.submit, o.sink),
             on_row=progress,
-            pg_target=target,
+            pg_target=o.sink.target(source, o.src),
         )
     return planned.run, planned
 
@@ -241,19 +210,24 @@ def _print_planned(run: Any, planned: Any, *, json_out: bool) -> None:
 
 
 @app.command()
-@with_options(source_options, prepare_options, sample_options, batch_options, submit_options, sink_options)
+@with_options
 def submit(
+    src: SourceOptions,
+    prep: PrepareOptions,
+    sample: SampleOptions,
+    batch: BatchOptions,
+    submit: SubmitOptions,
+    sink: SinkOptions,
     source: SourceArg = "",
     resume: Resume = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the JSONL files; no network.")] = False,
     concurrency: Annotated[int, typer.Option(help="Uploads/creates at once.")] = 4,
     json_out: JsonOut = False,
-    **opts: Any,
 ) -> None:
     """Plan batch input files under the API limits, upload them and create batches."""
     from embedbatch.engines.batchapi.submit import submit_run
 
-    run, planned = _plan(source, resume, opts, dry_run=dry_run)
+    run, planned = _plan(source, resume, _PlanOptions(src, prep, sample, batch, submit, sink), dry_run=dry_run)
     _print_planned(run, planned, json_out=json_out)
     if dry_run:
         console.print(f"dry run: batch files written to {run.root} (nothing sent)")
@@ -277,8 +251,14 @@ def submit(
 
 
 @app.command("run")
-@with_options(source_options, prepare_options, sample_options, batch_options, submit_options, sink_options)
+@with_options
 def run_cmd(
+    src: SourceOptions,
+    prep: PrepareOptions,
+    sample: SampleOptions,
+    batch: BatchOptions,
+    submit: SubmitOptions,
+    sink: SinkOptions,
     source: SourceArg = "",
     resume: Resume = None,
     poll_seconds: Annotated[float, typer.Option("--poll-seconds")] = 10.0,
@@ -286,17 +266,16 @@ def run_cmd(
     rows_per_shard: RowsPerShard = 100_000,
     dtype: Dtype = "float32",
     json_out: JsonOut = False,
-    **opts: Any,
 ) -> None:
     """Submit, poll until every batch is terminal, ingest, retry failures; print a summary."""
     from embedbatch.engines.batchapi.drive import drive_run
 
-    run, planned = _plan(source, resume, opts, dry_run=False)
+    run, planned = _plan(source, resume, _PlanOptions(src, prep, sample, batch, submit, sink), dry_run=False)
     if not json_out:
         _print_planned(run, planned, json_out=False)
         console.print(f"run directory: {run.root}")
     ws = _workspace()
-    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, dsn=sink_dsn(opts, settings()))  # type: ignore[arg-type]
+    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, dsn=sink.dsn(settings(), src))  # type: ignore[arg-type]
     summary = _run(
         lambda c: drive_run(
             ws,
@@ -305,38 +284,25 @@ def run_cmd(
             poll_s=poll_seconds,
             max_attempts=max_attempts,
             ingest_config=cfg,
-            max_enqueued_tokens=opts["max_enqueued_tokens"],
+            max_enqueued_tokens=batch.max_enqueued_tokens,
         )
     )
     if json_out:
         print_json(summary.__dict__)
-        return
-    t = Table(title="run summary", show_header=False)
-    for k, v in [
-        ("run directory", summary.run_dir),
-        ("rows embedded", f"{summary.embedded:,}"),
-        ("rows failed", f"{summary.failed:,}"),
-        ("tokens (usage)", f"{summary.usage_tokens:,}"),
-        ("cost (batch price)", _fmt_usd(summary.cost_batch_usd)),
-        ("estimated cost", _fmt_usd(summary.estimated_cost_batch_usd)),
-        ("retried ids", f"{summary.retries:,}"),
-        ("wall time", f"{summary.wall_s:.1f} s"),
-        ("dataset rows / shards", f"{summary.extra['dataset_rows']:,} / {summary.extra['shards']}"),
-    ]:
-        t.add_row(k, v)
-    console.print(t)
+    else:
+        print_run_summary(summary)
 
 
 @app.command()
-@with_options(sink_options)
+@with_options
 def ingest(
+    sink: SinkOptions,
     run_dir: Annotated[Path, typer.Option("--run-dir")],
     redownload: Annotated[bool, typer.Option("--redownload")] = False,
     rows_per_shard: RowsPerShard = 100_000,
     dtype: Dtype = "float32",
     overwrite: Overwrite = False,
     json_out: JsonOut = False,
-    **opts: Any,
 ) -> None:
     """Map downloaded outputs into Parquet shards and the manifest (and pgvector)."""
     import anyio
@@ -346,8 +312,8 @@ def ingest(
 
     ws = _workspace()
     run = ws.resolve_run(run_dir)
-    target = sink_target("", {**opts, "overwrite": overwrite})
-    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, dsn=sink_dsn(opts, settings()))  # type: ignore[arg-type]
+    target = sink.target(overwrite=overwrite)
+    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, dsn=sink.dsn(settings()))  # type: ignore[arg-type]
     if redownload:
         _run(lambda c: redownload_run(c, run))
     result = anyio.run(lambda: ingest_run(ws, run, cfg, pg_target=target))
@@ -363,9 +329,13 @@ def ingest(
 
 
 @app.command()
-@with_options(source_options, prepare_options, sample_options, sink_options)
+@with_options
 def local(
     source: SourceArg,
+    src: SourceOptions,
+    prep: PrepareOptions,
+    sample: SampleOptions,
+    sink: SinkOptions,
     model: Annotated[str, typer.Option("--model", help="SentenceTransformer path or hub name.")],
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
     devices: Annotated[str | None, typer.Option(help="e.g. cuda:0,cuda:1: one encoder process each.")] = None,
@@ -378,7 +348,6 @@ def local(
     rows_per_shard: RowsPerShard = 100_000,
     shard_dtype: Annotated[str, typer.Option("--shard-dtype", help="float32 or float16 shards.")] = "float32",
     json_out: JsonOut = False,
-    **opts: Any,
 ) -> None:
     """Embed with a local SentenceTransformer (GPU or CPU) into the same shards and sinks."""
     from embedbatch.config import LocalConfig
@@ -386,7 +355,7 @@ def local(
 
     if pad_to not in ("longest", "bucket"):
         raise UsageError(f"--pad-to must be longest or bucket, got {pad_to!r}")
-    target = sink_target(source, opts)
+    target = sink.target(source, src)
     cfg = LocalConfig(
         model=model,
         device=device,
@@ -398,91 +367,23 @@ def local(
         compile=compile_,
         devices=tuple(d.strip() for d in devices.split(",")) if devices else (),
     )
-    with _RowProgress("embedding") as progress:
+    with RowProgress("embedding") as progress:
         result = run_local(
             _workspace(),
-            source=source_config(source, opts, settings()),
-            prepare=prepare_config(source, opts),
-            sample=sample_config(opts),
+            source=src.build(source, settings()),
+            prepare=prep.build(source, src),
+            sample=sample.build(),
             local=cfg,
             ingest=IngestConfig(rows_per_shard=rows_per_shard, dtype=shard_dtype),  # type: ignore[arg-type]
             pg_target=target,
-            dsn=sink_dsn(opts, settings()),
-            args=_safe_args({"source": source, "model": model, **opts}),
+            dsn=sink.dsn(settings(), src),
+            args=_safe_args(source, src, prep, sample, sink, model=model),
             on_rows=progress,
         )
-    data = result.to_json()
     if json_out:
-        print_json(data)
-        return
-    t = Table(title=f"local run: {result.model} on {result.device} ({result.dtype})", show_header=False)
-    for k in (
-        "run_dir",
-        "rows",
-        "skipped_existing",
-        "rejected",
-        "truncated",
-        "real_tokens",
-        "padded_tokens",
-        "padding_ratio",
-        "batches",
-        "rows_per_s",
-        "tokens_per_s",
-        "wall_s",
-        "shards",
-    ):
-        v = data[k]
-        t.add_row(k, f"{v:,.2f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
-    for stage in ("loader", "encoder", "writer"):
-        t.add_row(f"{stage} busy / idle s", f"{data[stage]['busy_s']:.2f} / {data[stage]['idle_s']:.2f}")
-    if result.pg:
-        t.add_row("postgres", str(result.pg))
-    console.print(t)
-
-
-def _status_table(rs: Any, batches: list[Any], totals: dict[str, Any]) -> Table:
-    import time as _t
-
-    t = Table(title=f"{rs.model} / {rs.dataset} / {rs.run_id}  [{rs.status}]")
-    for col in (
-        "batch",
-        "status",
-        "requests",
-        "done",
-        "failed",
-        "tokens",
-        "batch id",
-        "input file",
-        "output file",
-        "error file",
-        "age",
-    ):
-        t.add_column(col)
-    now = _t.time()
-    for bs in batches:
-        remote = bs.remote or {}
-        counts = remote.get("request_counts") or {}
-        created = remote.get("created_at")
-        age = f"{(now - created) / 60:.1f} min" if created else ""
-        t.add_row(
-            bs.name,
-            bs.status + (f" ({bs.remote_status})" if bs.remote_status and bs.remote_status != bs.status else ""),
-            f"{bs.requests:,}",
-            f"{counts.get('completed', bs.succeeded or 0):,}",
-            f"{counts.get('failed', bs.failed or 0):,}",
-            f"{bs.tokens:,}",
-            bs.batch_id or "",
-            bs.file_id or "",
-            bs.output_file_id or "",
-            bs.error_file_id or "",
-            age,
-        )
-    est = rs.estimate.get("cost_batch_usd")
-    t.caption = (
-        f"requests {totals['requests']:,} · succeeded {totals['succeeded']:,} · failed {totals['failed']:,}"
-        f" · enqueued tokens {totals['enqueued_tokens']:,} · estimated cost {_fmt_usd(est)}"
-    )
-    return t
+        print_json(result.to_json())
+    else:
+        print_local_result(result)
 
 
 @app.command()
@@ -540,7 +441,7 @@ def status(
                 }
             )
         else:
-            console.print(_status_table(rs, batches, totals))
+            console.print(status_table(rs, batches, totals))
             if update_json and not written:
                 console.print(f"{rs.run_id}: held by another process (a poll); state not written")
     if json_out:
@@ -631,11 +532,7 @@ def verify(
     if json_out:
         print_json([r.__dict__ | {"ok": r.ok} for r in reports])
     else:
-        for r in reports:
-            mark = "[green]OK[/]" if r.ok else "[red]FAILED[/]"
-            console.print(f"{mark} {r.model}/{r.dataset}: {r.shards} shards, {r.rows:,} rows")
-            for prob in r.problems:
-                console.print(f"  - {prob}", highlight=False)
+        print_verify(reports)
     if not all(r.ok for r in reports):
         raise typer.Exit(1)
 
@@ -648,33 +545,8 @@ def list_cmd(json_out: JsonOut = False) -> None:
     data = list_workspace(_workspace())
     if json_out:
         print_json(data)
-        return
-    t = Table(title="datasets")
-    for c in ("model", "dataset", "rows", "shards", "dim", "runs"):
-        t.add_column(c)
-    for d in data["datasets"]:
-        t.add_row(
-            d["model"],
-            d["dataset"],
-            f"{d['rows']:,}",
-            str(d["shards"]),
-            str(d["dimensions"]),
-            str(len(d["runs"])),
-        )
-    console.print(t)
-    t = Table(title="runs")
-    for c in ("run", "model", "dataset", "kind", "status", "batches"):
-        t.add_column(c)
-    for r in data["runs"]:
-        t.add_row(
-            r.get("run_id", "?"),
-            r.get("model", ""),
-            r.get("dataset", ""),
-            r.get("kind", ""),
-            r.get("status", r.get("error", "")),
-            ", ".join(f"{k}: {v}" for k, v in r.get("batches", {}).items()),
-        )
-    console.print(t)
+    else:
+        print_workspace(data)
 
 
 @app.command()
@@ -751,13 +623,8 @@ def search(
         raise UsageError("give --dataset (Parquet shards) or --pg-table (PostgreSQL)")
     if json_out:
         print_json(hits)
-        return
-    t = Table(title=f"nearest to {query_text!r}")
-    for c in ("score", "id", "text"):
-        t.add_column(c)
-    for h in hits:
-        t.add_row(f"{h['score']:.4f}", str(h["id"]), (h.get("text") or "")[:160].replace("\n", " "))
-    console.print(t)
+    else:
+        print_hits(query_text, hits)
 
 
 @db_app.command("init")

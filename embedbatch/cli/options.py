@@ -1,14 +1,20 @@
-"""Option groups shared by CLI commands, and the config objects built from them.
+"""Option groups shared by CLI commands, parsed into typed objects that build the config dataclasses.
 
-Each group is declared once as a template function (its parameters are the flags) and added to a
-command with :func:`with_options`, which extends the command's signature; the command receives
-the group's values in ``**opts`` and turns them into config dataclasses with the builders below.
+Each group is a frozen dataclass whose fields are the flags (typer reads their ``Annotated``
+types). A command declares a parameter of a group's type; :func:`with_options` shows typer the
+group's flags in its place and hands the command one typed group object, whose methods build
+the stage configs (:class:`SourceConfig`, :class:`PrepareConfig`, ...). No flag values travel
+in dicts.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
+import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -18,251 +24,272 @@ from embedbatch.config import BatchLimits, PgTarget, PrepareConfig, SampleConfig
 from embedbatch.errors import UsageError
 
 __all__ = [
-    "batch_limits",
-    "prepare_config",
-    "sample_config",
-    "sink_dsn",
-    "sink_target",
-    "source_config",
-    "submit_config",
+    "BatchOptions",
+    "OptionGroup",
+    "PrepareOptions",
+    "SampleOptions",
+    "SinkOptions",
+    "SourceOptions",
+    "SubmitOptions",
     "with_options",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# ---- option groups (the parameter lists are the flags) -------------------------------------
+
+class OptionGroup:
+    """Base of the option groups (marks the parameters :func:`with_options` expands)."""
 
 
-def source_options(
-    id_field: Annotated[str, typer.Option("--id-field", help="Field holding the record id (custom_id).")] = "id",
-    split_field: Annotated[str | None, typer.Option("--split-field", help="Field holding the split.")] = None,
-    dataset: Annotated[
-        str | None, typer.Option("--dataset", help="Dataset name (default: file stem or table).")
-    ] = None,
-    skip_bad_rows: Annotated[
-        bool, typer.Option("--skip-bad-rows", help="Record bad rows in rejected.jsonl and go on.")
-    ] = False,
-    table: Annotated[str | None, typer.Option("--table", help="postgres source: table.")] = None,
-    id_column: Annotated[str, typer.Option("--id-column", help="postgres source: id column.")] = "id",
-    text_column: Annotated[str, typer.Option("--text-column", help="postgres source: text column.")] = "content",
-    where: Annotated[str | None, typer.Option("--where", help="postgres source: WHERE with $1.. params.")] = None,
-    param: Annotated[list[str] | None, typer.Option("--param", help="postgres source: a $n parameter.")] = None,
-    query: Annotated[str | None, typer.Option("--query", help="postgres source: a whole SELECT.")] = None,
-    vector_column: Annotated[
-        str | None, typer.Option("--vector-column", help="postgres source: only rows where it IS NULL.")
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="postgres: embed/write rows that have a vector.")
-    ] = False,
-    dsn: Annotated[str | None, typer.Option("--dsn", help="postgres source DSN (env DATABASE_URL).")] = None,
-) -> None:
+@dataclass(frozen=True)
+class SourceOptions(OptionGroup):
     """Where rows come from."""
 
+    id_field: Annotated[str, typer.Option("--id-field", help="Field holding the record id (custom_id).")] = "id"
+    split_field: Annotated[str | None, typer.Option("--split-field", help="Field holding the split.")] = None
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset name (default: file stem or table).")] = None
+    skip_bad_rows: Annotated[
+        bool, typer.Option("--skip-bad-rows", help="Record bad rows in rejected.jsonl and go on.")
+    ] = False
+    table: Annotated[str | None, typer.Option("--table", help="postgres source: table.")] = None
+    id_column: Annotated[str, typer.Option("--id-column", help="postgres source: id column.")] = "id"
+    text_column: Annotated[str, typer.Option("--text-column", help="postgres source: text column.")] = "content"
+    where: Annotated[str | None, typer.Option("--where", help="postgres source: WHERE with $1.. params.")] = None
+    param: Annotated[list[str] | None, typer.Option("--param", help="postgres source: a $n parameter.")] = None
+    query: Annotated[str | None, typer.Option("--query", help="postgres source: a whole SELECT.")] = None
+    vector_column: Annotated[
+        str | None, typer.Option("--vector-column", help="postgres source: only rows where it IS NULL.")
+    ] = None
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="postgres: embed/write rows that have a vector.")] = (
+        False
+    )
+    dsn: Annotated[str | None, typer.Option("--dsn", help="postgres source DSN (env DATABASE_URL).")] = None
 
-def prepare_options(
-    fields: Annotated[
-        str | None, typer.Option("--fields", help="Comma-separated fields to join (default: text).")
-    ] = None,
-    template: Annotated[
-        str | None, typer.Option("--template", help="e.g. 'Title: {title}\\nAbstract: {abstract}'.")
-    ] = None,
-    prefix: Annotated[str | None, typer.Option("--prefix")] = None,
-    suffix: Annotated[str | None, typer.Option("--suffix")] = None,
-    delimiter: Annotated[str | None, typer.Option("--delimiter", help="Between fields (default: blank line).")] = None,
-    lowercase: Annotated[bool, typer.Option("--lowercase")] = False,
-    truncate_chars: Annotated[int | None, typer.Option("--truncate-chars")] = None,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Token cut (default 8191).")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="YAML, JSON or TOML preparation config.")] = None,
-) -> None:
+    def build(self, source: str, settings: Settings) -> SourceConfig:
+        """The source of ``source`` (a path, or ``postgres`` with ``--table``/``--query``).
+
+        Raises:
+            UsageError: a postgres source without a DSN or without a table or query.
+        """
+        common: dict[str, Any] = {
+            "split_field": self.split_field,
+            "dataset": self.dataset,
+            "skip_bad_rows": self.skip_bad_rows,
+        }
+        if source == "postgres":
+            dsn = self.dsn or settings.database_url
+            if not dsn:
+                raise UsageError("the postgres source needs --dsn or DATABASE_URL")
+            if not self.table and not self.query:
+                raise UsageError("the postgres source needs --table or --query")
+            return SourceConfig(
+                path="postgres",
+                id_field=self.id_column,
+                pg_dsn=dsn,
+                pg_table=self.table,
+                pg_id_column=self.id_column,
+                pg_text_column=self.text_column,
+                pg_vector_column=self.vector_column,
+                pg_where=self.where,
+                pg_params=tuple(self.param or ()),
+                pg_query=self.query,
+                pg_overwrite=self.overwrite,
+                **common,
+            )
+        return SourceConfig(path=source, id_field=self.id_field, **common)
+
+
+@dataclass(frozen=True)
+class PrepareOptions(OptionGroup):
     """How a row becomes text."""
 
+    fields: Annotated[str | None, typer.Option("--fields", help="Comma-separated fields to join (default: text).")] = (
+        None
+    )
+    template: Annotated[
+        str | None, typer.Option("--template", help="e.g. 'Title: {title}\\nAbstract: {abstract}'.")
+    ] = None
+    prefix: Annotated[str | None, typer.Option("--prefix")] = None
+    suffix: Annotated[str | None, typer.Option("--suffix")] = None
+    delimiter: Annotated[str | None, typer.Option("--delimiter", help="Between fields (default: blank line).")] = None
+    lowercase: Annotated[bool, typer.Option("--lowercase")] = False
+    truncate_chars: Annotated[int | None, typer.Option("--truncate-chars")] = None
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Token cut (default 8191).")] = None
+    config: Annotated[Path | None, typer.Option("--config", help="YAML, JSON or TOML preparation config.")] = None
 
-def sample_options(
-    n: Annotated[int | None, typer.Option("--n", help="Sample n rows.")] = None,
-    p: Annotated[float | None, typer.Option("--p", help="Sample each row with probability p.")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    stratify_by: Annotated[str | None, typer.Option("--stratify-by")] = None,
-    ids: Annotated[str | None, typer.Option("--ids", help='e.g. "1,5,10-20".')] = None,
-) -> None:
+    def build(self, source: str, src: SourceOptions) -> PrepareConfig:
+        """Preparation from flags, or from ``--config`` with flags winning.
+
+        Raises:
+            UsageError: a bad config file or template.
+        """
+        overrides: dict[str, Any] = {
+            "fields": tuple(f.strip() for f in self.fields.split(",") if f.strip()) if self.fields else None,
+            "template": self.template.replace("\\n", "\n") if self.template else None,
+            "prefix": self.prefix,
+            "suffix": self.suffix,
+            "delimiter": self.delimiter.replace("\\n", "\n") if self.delimiter is not None else None,
+            "lowercase": self.lowercase or None,
+            "truncate_chars": self.truncate_chars,
+            "max_tokens": self.max_tokens,
+        }
+        if self.config is not None:
+            return PrepareConfig.from_file(self.config, **overrides)
+        values = {k: v for k, v in overrides.items() if v is not None}
+        values.setdefault("fields", (src.text_column,) if source == "postgres" else ("text",))
+        return PrepareConfig(**values)
+
+
+@dataclass(frozen=True)
+class SampleOptions(OptionGroup):
     """Which rows."""
 
+    n: Annotated[int | None, typer.Option("--n", help="Sample n rows.")] = None
+    p: Annotated[float | None, typer.Option("--p", help="Sample each row with probability p.")] = None
+    seed: Annotated[int, typer.Option("--seed")] = 0
+    stratify_by: Annotated[str | None, typer.Option("--stratify-by")] = None
+    ids: Annotated[str | None, typer.Option("--ids", help='e.g. "1,5,10-20".')] = None
 
-def batch_options(
-    model: Annotated[str | None, typer.Option("--model", help="Embedding model (env OPENAI_EMBED_MODEL).")] = None,
-    dimensions: Annotated[int | None, typer.Option("--dimensions", help="text-embedding-3 models only.")] = None,
-    max_requests_per_batch: Annotated[int, typer.Option("--max-requests-per-batch")] = 50_000,
-    max_bytes_per_batch: Annotated[int, typer.Option("--max-bytes-per-batch")] = 188_743_680,
-    max_enqueued_tokens: Annotated[
-        int | None, typer.Option("--max-enqueued-tokens", help="Org queue limit per model (tokens).")
-    ] = None,
-) -> None:
+    def build(self) -> SampleConfig:
+        return SampleConfig(n=self.n, p=self.p, seed=self.seed, stratify_by=self.stratify_by, ids=self.ids)
+
+
+@dataclass(frozen=True)
+class BatchOptions(OptionGroup):
     """The model and the Batch API limits."""
 
+    model: Annotated[str | None, typer.Option("--model", help="Embedding model (env OPENAI_EMBED_MODEL).")] = None
+    dimensions: Annotated[int | None, typer.Option("--dimensions", help="text-embedding-3 models only.")] = None
+    max_requests_per_batch: Annotated[int, typer.Option("--max-requests-per-batch")] = 50_000
+    max_bytes_per_batch: Annotated[int, typer.Option("--max-bytes-per-batch")] = 188_743_680
+    max_enqueued_tokens: Annotated[
+        int | None, typer.Option("--max-enqueued-tokens", help="Org queue limit per model (tokens).")
+    ] = None
 
-def submit_options(
-    max_cost_usd: Annotated[
-        float | None, typer.Option("--max-cost-usd", help="Refuse above this Batch-price estimate.")
-    ] = None,
-    completion_window: Annotated[str, typer.Option("--completion-window")] = "24h",
-    metadata: Annotated[list[str] | None, typer.Option("--metadata", help="k=v passed on to each batch.")] = None,
-) -> None:
+    def limits(self) -> BatchLimits:
+        return BatchLimits(
+            max_requests=self.max_requests_per_batch,
+            max_bytes=self.max_bytes_per_batch,
+            max_enqueued_tokens=self.max_enqueued_tokens,
+        )
+
+    def model_name(self, settings: Settings) -> str:
+        return self.model or settings.openai_embed_model
+
+
+@dataclass(frozen=True)
+class SubmitOptions(OptionGroup):
     """What is sent with each batch."""
 
+    max_cost_usd: Annotated[
+        float | None, typer.Option("--max-cost-usd", help="Refuse above this Batch-price estimate.")
+    ] = None
+    completion_window: Annotated[str, typer.Option("--completion-window")] = "24h"
+    metadata: Annotated[list[str] | None, typer.Option("--metadata", help="k=v passed on to each batch.")] = None
 
-def sink_options(
-    pg_table: Annotated[str | None, typer.Option("--pg-table", help="Write vectors into this table.")] = None,
-    pg_id_column: Annotated[str, typer.Option("--pg-id-column")] = "id",
-    pg_vector_column: Annotated[str, typer.Option("--pg-vector-column")] = "embedding",
-    update_chunk_size: Annotated[int, typer.Option("--update-chunk-size")] = 1000,
-    pg_mode: Annotated[str, typer.Option("--pg-mode", help="update (fill rows by id) or insert (COPY).")] = "update",
-    rebuild_index: Annotated[
-        bool, typer.Option("--rebuild-index", help="Drop a vector index, write, recreate.")
-    ] = False,
-    concurrently: Annotated[bool, typer.Option("--concurrently", help="Recreate the index CONCURRENTLY.")] = False,
-    pg_dsn: Annotated[str | None, typer.Option("--pg-dsn", help="Sink DSN (env DATABASE_URL).")] = None,
-) -> None:
+    def build(self, batch: BatchOptions, settings: Settings, *, dry_run: bool = False) -> SubmitConfig:
+        """Raises: UsageError: a window other than 24h, or a bad ``--metadata``."""
+        if self.completion_window != "24h":
+            raise UsageError("--completion-window must be 24h (the only window the Batch API offers, 2026)")
+        metadata: dict[str, str] = {}
+        for item in self.metadata or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UsageError(f"--metadata takes k=v, got {item!r}")
+            metadata[key] = value
+        return SubmitConfig(
+            model=batch.model_name(settings),
+            dimensions=batch.dimensions,
+            limits=batch.limits(),
+            dry_run=dry_run,
+            max_cost_usd=self.max_cost_usd,
+            completion_window=self.completion_window,
+            metadata=metadata,
+        )
+
+
+@dataclass(frozen=True)
+class SinkOptions(OptionGroup):
     """The pgvector sink."""
 
+    pg_table: Annotated[str | None, typer.Option("--pg-table", help="Write vectors into this table.")] = None
+    pg_id_column: Annotated[str, typer.Option("--pg-id-column")] = "id"
+    pg_vector_column: Annotated[str, typer.Option("--pg-vector-column")] = "embedding"
+    update_chunk_size: Annotated[int, typer.Option("--update-chunk-size")] = 1000
+    pg_mode: Annotated[str, typer.Option("--pg-mode", help="update (fill rows by id) or insert (COPY).")] = "update"
+    rebuild_index: Annotated[bool, typer.Option("--rebuild-index", help="Drop a vector index, write, recreate.")] = (
+        False
+    )
+    concurrently: Annotated[bool, typer.Option("--concurrently", help="Recreate the index CONCURRENTLY.")] = False
+    pg_dsn: Annotated[str | None, typer.Option("--pg-dsn", help="Sink DSN (env DATABASE_URL).")] = None
 
-def with_options(*groups: Callable[..., None]) -> Callable[[F], F]:
-    """Add the groups' parameters to a command that takes ``**opts`` (typer reads the extended
-    signature and annotations; the command receives the values in ``opts``)."""
+    def dsn(self, settings: Settings, src: SourceOptions | None = None) -> str | None:
+        """The sink's DSN: ``--pg-dsn``, else the source's ``--dsn``, else DATABASE_URL. It is
+        passed to the stages and never stored."""
+        return self.pg_dsn or (src.dsn if src else None) or settings.database_url
 
-    def deco(fn: F) -> F:
-        sig = inspect.signature(fn, eval_str=True)
-        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        hints = dict(getattr(fn, "__annotations__", {}))
-        added: list[inspect.Parameter] = []
-        for group in groups:
-            for p in inspect.signature(group, eval_str=True).parameters.values():
-                added.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
-                hints[p.name] = p.annotation
-        params = [p for p in own if p.kind is not inspect.Parameter.KEYWORD_ONLY]
-        params += [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY] + added
-        fn.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-        fn.__annotations__ = {**{k: v.annotation for k, v in sig.parameters.items()}, **hints}
-        return fn
+    def target(self, source: str = "", src: SourceOptions | None = None, *, overwrite: bool = False) -> PgTarget | None:
+        """The pgvector target: ``--pg-table``, or for a postgres source with ``--vector-column``
+        the source table itself (rows map back by id). The DSN is not part of it.
 
-    return deco
-
-
-# ---- builders ---------------------------------------------------------------------------------
-
-
-def source_config(source: str, opts: dict[str, Any], settings: Settings) -> SourceConfig:
-    """The source of ``source`` (a path, or ``postgres`` with ``--table``/``--query``).
-
-    Raises:
-        UsageError: a postgres source without a DSN or without a table or query.
-    """
-    common = {"split_field": opts["split_field"], "dataset": opts["dataset"], "skip_bad_rows": opts["skip_bad_rows"]}
-    if source == "postgres":
-        dsn = opts["dsn"] or settings.database_url
-        if not dsn:
-            raise UsageError("the postgres source needs --dsn or DATABASE_URL")
-        if not opts["table"] and not opts["query"]:
-            raise UsageError("the postgres source needs --table or --query")
-        return SourceConfig(
-            path="postgres",
-            id_field=opts["id_column"],
-            pg_dsn=dsn,
-            pg_table=opts["table"],
-            pg_id_column=opts["id_column"],
-            pg_text_column=opts["text_column"],
-            pg_vector_column=opts["vector_column"],
-            pg_where=opts["where"],
-            pg_params=tuple(opts["param"] or ()),
-            pg_query=opts["query"],
-            pg_overwrite=opts["overwrite"],
-            **common,
+        Raises:
+            UsageError: a bad ``--pg-mode``.
+        """
+        table, id_column, vector_column = self.pg_table, self.pg_id_column, self.pg_vector_column
+        if table is None and source == "postgres" and src and src.table and src.vector_column:
+            table, id_column, vector_column = src.table, src.id_column, src.vector_column
+        if not table:
+            return None
+        if self.pg_mode not in ("update", "insert"):
+            raise UsageError(f"--pg-mode must be update or insert, got {self.pg_mode!r}")
+        return PgTarget(
+            table=table,
+            id_column=id_column,
+            vector_column=vector_column,
+            overwrite=overwrite or (src.overwrite if src else False),
+            update_chunk_size=self.update_chunk_size,
+            mode=self.pg_mode,  # type: ignore[arg-type]
+            rebuild_index=self.rebuild_index,
+            concurrently=self.concurrently,
         )
-    return SourceConfig(path=source, id_field=opts["id_field"], **common)
 
 
-def prepare_config(source: str, opts: dict[str, Any]) -> PrepareConfig:
-    """Preparation from flags, or from ``--config`` with flags winning.
-
-    Raises:
-        UsageError: a bad config file or template.
-    """
-    fields = opts["fields"]
-    overrides: dict[str, Any] = {
-        "fields": tuple(f.strip() for f in fields.split(",") if f.strip()) if fields else None,
-        "template": opts["template"].replace("\\n", "\n") if opts["template"] else None,
-        "prefix": opts["prefix"],
-        "suffix": opts["suffix"],
-        "delimiter": opts["delimiter"].replace("\\n", "\n") if opts["delimiter"] is not None else None,
-        "lowercase": opts["lowercase"] or None,
-        "truncate_chars": opts["truncate_chars"],
-        "max_tokens": opts["max_tokens"],
+def with_options(fn: F) -> F:
+    """Expand the command's :class:`OptionGroup` parameters into their flags for typer, and
+    rebuild one group object per parameter from the parsed values when the command runs."""
+    sig = inspect.signature(fn, eval_str=True)
+    groups = {
+        name: p.annotation
+        for name, p in sig.parameters.items()
+        if isinstance(p.annotation, type) and issubclass(p.annotation, OptionGroup)
     }
-    if opts["config"] is not None:
-        return PrepareConfig.from_file(opts["config"], **overrides)
-    values = {k: v for k, v in overrides.items() if v is not None}
-    values.setdefault("fields", (opts["text_column"],) if source == "postgres" else ("text",))
-    return PrepareConfig(**values)
+    params: list[inspect.Parameter] = []
+    flat: dict[str, list[str]] = {}
+    for name, p in sig.parameters.items():
+        if name not in groups:
+            params.append(p)
+            continue
+        hints = typing.get_type_hints(groups[name], include_extras=True)
+        flat[name] = []
+        for f in dataclasses.fields(groups[name]):  # type: ignore[arg-type]
+            flat[name].append(f.name)
+            params.append(
+                inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+            )
+    names = [p.name for p in params]
+    if len(names) != len(set(names)):
+        raise TypeError(f"{fn.__name__}: two option groups declare the same flag")
+    positional = [p for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    keyword = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
 
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for name, cls in groups.items():
+            kwargs[name] = cls(**{field: kwargs.pop(field) for field in flat[name]})
+        return fn(*args, **kwargs)
 
-def sample_config(opts: dict[str, Any]) -> SampleConfig:
-    return SampleConfig(n=opts["n"], p=opts["p"], seed=opts["seed"], stratify_by=opts["stratify_by"], ids=opts["ids"])
-
-
-def batch_limits(opts: dict[str, Any]) -> BatchLimits:
-    return BatchLimits(
-        max_requests=opts["max_requests_per_batch"],
-        max_bytes=opts["max_bytes_per_batch"],
-        max_enqueued_tokens=opts["max_enqueued_tokens"],
-    )
-
-
-def submit_config(opts: dict[str, Any], settings: Settings, *, dry_run: bool = False) -> SubmitConfig:
-    """Raises: UsageError: a window other than 24h, or a bad ``--metadata``."""
-    if opts["completion_window"] != "24h":
-        raise UsageError("--completion-window must be 24h (the only window the Batch API offers, 2026)")
-    metadata: dict[str, str] = {}
-    for item in opts["metadata"] or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--metadata takes k=v, got {item!r}")
-        metadata[key] = value
-    return SubmitConfig(
-        model=opts["model"] or settings.openai_embed_model,
-        dimensions=opts["dimensions"],
-        limits=batch_limits(opts),
-        dry_run=dry_run,
-        max_cost_usd=opts["max_cost_usd"],
-        completion_window=opts["completion_window"],
-        metadata=metadata,
-    )
-
-
-def sink_dsn(opts: dict[str, Any], settings: Settings) -> str | None:
-    """The pgvector sink's DSN: ``--pg-dsn``, else the source's ``--dsn``, else DATABASE_URL.
-    It is passed to the stages and never stored."""
-    return opts.get("pg_dsn") or opts.get("dsn") or settings.database_url
-
-
-def sink_target(source: str, opts: dict[str, Any]) -> PgTarget | None:
-    """The pgvector target: ``--pg-table``, or for a postgres source with ``--vector-column`` the
-    source table itself (rows map back by id). The DSN is not part of it (see :func:`sink_dsn`).
-
-    Raises:
-        UsageError: a bad ``--pg-mode``.
-    """
-    table, id_column, vector_column = opts["pg_table"], opts["pg_id_column"], opts["pg_vector_column"]
-    if table is None and source == "postgres" and opts.get("table") and opts.get("vector_column"):
-        table, id_column, vector_column = opts["table"], opts["id_column"], opts["vector_column"]
-    if not table:
-        return None
-    if opts["pg_mode"] not in ("update", "insert"):
-        raise UsageError(f"--pg-mode must be update or insert, got {opts['pg_mode']!r}")
-    return PgTarget(
-        table=table,
-        id_column=id_column,
-        vector_column=vector_column,
-        overwrite=opts["overwrite"],
-        update_chunk_size=opts["update_chunk_size"],
-        mode=opts["pg_mode"],
-        rebuild_index=opts["rebuild_index"],
-        concurrently=opts["concurrently"],
-    )
+    wrapper.__signature__ = sig.replace(parameters=positional + keyword)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in positional + keyword}
+    return wrapper  # type: ignore[return-value]

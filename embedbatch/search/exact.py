@@ -31,7 +31,7 @@ def embed_query(
         return vec
     import anyio
 
-    from embedbatch.engines.batchapi.client import BatchClient
+    from embedbatch.api.openai import BatchClient
 
     async def go() -> list[list[float]]:
         client = BatchClient(settings)

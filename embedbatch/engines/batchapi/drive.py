@@ -10,8 +10,8 @@ from typing import Any
 import anyio
 import structlog
 
+from embedbatch.api.openai import BatchClient
 from embedbatch.config import IngestConfig
-from embedbatch.engines.batchapi.client import BatchClient
 from embedbatch.engines.batchapi.ingest import ingest_locked
 from embedbatch.engines.batchapi.poll import poll_pass
 from embedbatch.engines.batchapi.retry import plan_retry_locked

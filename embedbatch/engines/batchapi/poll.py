@@ -15,8 +15,8 @@ from typing import Any
 
 import structlog
 
+from embedbatch.api.openai import BatchClient
 from embedbatch.config import IngestConfig
-from embedbatch.engines.batchapi.client import BatchClient
 from embedbatch.engines.batchapi.ingest import ingest_locked
 from embedbatch.engines.batchapi.submit import adopt_pending, submit_locked
 from embedbatch.errors import LockedError

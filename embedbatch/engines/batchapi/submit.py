@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import structlog
 
-from embedbatch.engines.batchapi.client import BatchClient
+from embedbatch.api.openai import BatchClient
 from embedbatch.runs import REMOTE_ACTIVE, BatchState, Run, RunState, crash_point, load_batches
 from embedbatch.workspace import RunPaths, Workspace, read_json
 

@@ -12,8 +12,8 @@ import openai
 import orjson
 import pytest
 
+from embedbatch.api.openai import BatchClient, RetryPolicy
 from embedbatch.config import BatchLimits, PrepareConfig, SampleConfig, Settings, SourceConfig, SubmitConfig
-from embedbatch.engines.batchapi.client import BatchClient, RetryPolicy
 from embedbatch.engines.batchapi.plan import plan_run
 from embedbatch.engines.batchapi.poll import poll_pass
 from embedbatch.engines.batchapi.submit import submit_run

@@ -1,0 +1,221 @@
+"""Rendering for the CLI: rich tables on a terminal, JSON for scripts, progress on stderr.
+
+Commands compute; these functions only print. Output below a terminal is never wrapped or cut
+(``soft_wrap``), so cron logs and pipes keep whole run directories and ids.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+__all__ = [
+    "RowProgress",
+    "console",
+    "err_console",
+    "fmt_usd",
+    "print_estimate",
+    "print_hits",
+    "print_json",
+    "print_kv",
+    "print_local_result",
+    "print_run_summary",
+    "print_verify",
+    "print_workspace",
+    "status_table",
+]
+
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
+
+
+def fmt_usd(v: float | None) -> str:
+    return "n/a" if v is None else f"${v:,.4f}"
+
+
+def print_estimate(est: Any) -> None:
+    s = est.stats
+    t = Table(title=f"Estimate: {est.dataset} with {est.model}", show_header=False)
+    for k, v in [
+        ("rows read", f"{s.rows_read:,}"),
+        ("rejected", f"{s.rejected:,} ({s.rejected_empty:,} empty text)"),
+        ("sampled", f"{s.sampled:,}"),
+        ("tokens total", f"{s.tokens_total:,}"),
+        ("tokens mean / max", f"{s.tokens_mean:,.1f} / {s.tokens_max:,}"),
+        ("truncated rows", f"{s.truncated:,}"),
+        ("batch files", f"{est.batches:,}"),
+        ("queue tokens (conservative)", f"{est.queue_tokens:,}"),
+        ("cost at standard price", fmt_usd(est.cost_standard_usd)),
+        ("cost at Batch API price", fmt_usd(est.cost_batch_usd)),
+    ]:
+        t.add_row(k, v)
+    console.print(t)
+
+
+class RowProgress:
+    """A rich progress line counting rows read (only on a TTY)."""
+
+    def __init__(self, what: str) -> None:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TextColumn("{task.completed:,} rows"),
+            TimeElapsedColumn(),
+            console=err_console,
+            disable=not err_console.is_terminal,
+            transient=True,
+        )
+        self.task = self.progress.add_task(what, total=None)
+
+    def __enter__(self) -> RowProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def __call__(self, rows: int) -> None:
+        self.progress.update(self.task, completed=rows)
+
+
+def print_kv(title: str, rows: list[tuple[str, str]]) -> None:
+    """A two-column table (a summary)."""
+    t = Table(title=title, show_header=False)
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+
+
+def status_table(rs: Any, batches: list[Any], totals: dict[str, Any]) -> Table:
+    t = Table(title=f"{rs.model} / {rs.dataset} / {rs.run_id}  [{rs.status}]")
+    for col in (
+        "batch",
+        "status",
+        "requests",
+        "done",
+        "failed",
+        "tokens",
+        "batch id",
+        "input file",
+        "output file",
+        "error file",
+        "age",
+    ):
+        t.add_column(col)
+    now = time.time()
+    for bs in batches:
+        remote = bs.remote or {}
+        counts = remote.get("request_counts") or {}
+        created = remote.get("created_at")
+        age = f"{(now - created) / 60:.1f} min" if created else ""
+        t.add_row(
+            bs.name,
+            bs.status + (f" ({bs.remote_status})" if bs.remote_status and bs.remote_status != bs.status else ""),
+            f"{bs.requests:,}",
+            f"{counts.get('completed', bs.succeeded or 0):,}",
+            f"{counts.get('failed', bs.failed or 0):,}",
+            f"{bs.tokens:,}",
+            bs.batch_id or "",
+            bs.file_id or "",
+            bs.output_file_id or "",
+            bs.error_file_id or "",
+            age,
+        )
+    est = rs.estimate.get("cost_batch_usd")
+    t.caption = (
+        f"requests {totals['requests']:,} · succeeded {totals['succeeded']:,} · failed {totals['failed']:,}"
+        f" · enqueued tokens {totals['enqueued_tokens']:,} · estimated cost {fmt_usd(est)}"
+    )
+    return t
+
+
+def print_run_summary(summary: Any) -> None:
+    """The end of ``embedbatch run`` (a :class:`RunSummary`)."""
+    print_kv(
+        "run summary",
+        [
+            ("run directory", summary.run_dir),
+            ("rows embedded", f"{summary.embedded:,}"),
+            ("rows failed", f"{summary.failed:,}"),
+            ("tokens (usage)", f"{summary.usage_tokens:,}"),
+            ("cost (batch price)", fmt_usd(summary.cost_batch_usd)),
+            ("estimated cost", fmt_usd(summary.estimated_cost_batch_usd)),
+            ("retried ids", f"{summary.retries:,}"),
+            ("wall time", f"{summary.wall_s:.1f} s"),
+            ("dataset rows / shards", f"{summary.extra['dataset_rows']:,} / {summary.extra['shards']}"),
+        ],
+    )
+
+
+def _num(v: Any) -> str:
+    return f"{v:,.2f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def print_local_result(result: Any) -> None:
+    """The end of ``embedbatch local`` (a :class:`LocalResult`)."""
+    data = result.to_json()
+    keys = "run_dir rows skipped_existing rejected truncated real_tokens padded_tokens padding_ratio"
+    keys += " batches rows_per_s tokens_per_s wall_s shards"
+    rows = [(k, _num(data[k])) for k in keys.split()]
+    rows += [
+        (f"{stage} busy / idle s", f"{data[stage]['busy_s']:.2f} / {data[stage]['idle_s']:.2f}")
+        for stage in ("loader", "encoder", "writer")
+    ]
+    if result.pg:
+        rows.append(("postgres", str(result.pg)))
+    print_kv(f"local run: {result.model} on {result.device} ({result.dtype})", rows)
+
+
+def print_verify(reports: list[Any]) -> None:
+    """One line per dataset, then its problems."""
+    for r in reports:
+        mark = "[green]OK[/]" if r.ok else "[red]FAILED[/]"
+        console.print(f"{mark} {r.model}/{r.dataset}: {r.shards} shards, {r.rows:,} rows")
+        for prob in r.problems:
+            console.print(f"  - {prob}", highlight=False, markup=False)
+
+
+def print_workspace(data: dict[str, Any]) -> None:
+    """``embedbatch list``: datasets, then runs."""
+    t = Table(title="datasets")
+    for c in ("model", "dataset", "rows", "shards", "dim", "runs"):
+        t.add_column(c)
+    for d in data["datasets"]:
+        t.add_row(
+            d["model"], d["dataset"], f"{d['rows']:,}", str(d["shards"]), str(d["dimensions"]), str(len(d["runs"]))
+        )
+    console.print(t)
+    t = Table(title="runs")
+    for c in ("run", "model", "dataset", "kind", "status", "batches"):
+        t.add_column(c)
+    for r in data["runs"]:
+        t.add_row(
+            r.get("run_id", "?"),
+            r.get("model", ""),
+            r.get("dataset", ""),
+            r.get("kind", ""),
+            r.get("status", r.get("error", "")),
+            ", ".join(f"{k}: {v}" for k, v in r.get("batches", {}).items()),
+        )
+    console.print(t)
+
+
+def print_hits(query: str, hits: list[dict[str, Any]]) -> None:
+    """Search results: score, id, the text's first 160 characters."""
+    t = Table(title=f"nearest to {query!r}")
+    for c in ("score", "id", "text"):
+        t.add_column(c)
+    for h in hits:
+        t.add_row(f"{h['score']:.4f}", str(h["id"]), (h.get("text") or "")[:160].replace("\n", " "))
+    console.print(t)
