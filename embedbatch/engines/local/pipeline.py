@@ -1,16 +1,9 @@
-"""The local worker: loader thread → encoder → writer thread, with bounded queues.
+"""The local worker: embed a source with a SentenceTransformer on this machine's CPU or GPUs.
 
-- Loader: reads, prepares and samples (the shared intake), then tokenizes chunks with the fast
-  tokenizer's batch call on its own tokenizer instance (fast tokenizers are not thread-safe).
-- Encoder: puts sequences into length buckets, takes the fullest bucket, sizes the batch as
-  ``tokens_per_batch // padded_len``, runs the model under ``torch.inference_mode()`` and moves
-  each batch to CPU. With ``devices`` (``cuda:0,cuda:1``), one encoder process per device
-  takes batches tagged with an id, and results are reassembled by that id.
-- Writer: writes rows (ids travel with their vectors, whatever order they were encoded in) into
-  the same shards and manifest as the Batch API path, committing the manifest per shard.
-
-Memory is bounded by the queue sizes and the bucket cap, not by the dataset. A crashed run
-restarted with the same arguments skips ids whose text is already in the dataset's shards.
+:func:`run_local` creates a run (kind ``local``), holds its lock for the whole run, and drives
+the stages of :mod:`embedbatch.engines.local.stages` into the dataset store; memory is bounded
+by the queue sizes and the bucket cap, not by the dataset. A crashed run restarted with the
+same arguments skips ids whose text is already in the dataset (the store's id index).
 """
 
 from __future__ import annotations
@@ -18,157 +11,20 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import orjson
-import structlog
-
 from embedbatch.config import IngestConfig, LocalConfig, PgTarget, PrepareConfig, SampleConfig, SourceConfig
-from embedbatch.engines.local.bucketing import Bucketer, Item, bucket_edges
+from embedbatch.engines.local.bucketing import Bucketer, bucket_edges
+from embedbatch.engines.local.devices import DevicePool
 from embedbatch.engines.local.model import LocalEncoder, model_label
+from embedbatch.engines.local.stages import END, QUEUE_CHUNKS, WRITE_QUEUE, LocalResult, encode, load, write
 from embedbatch.intake import Intake, dataset_name
-from embedbatch.records import Record
 from embedbatch.runs import Run, RunState, git_sha, lockfile_sha256
 from embedbatch.store.dataset import DatasetStore
-from embedbatch.store.index import IdIndex
 from embedbatch.workspace import Workspace, file_lock
 
-__all__ = ["LocalResult", "StageClock", "run_local"]
-
-log = structlog.get_logger(__name__)
-
-LOAD_CHUNK = 256  # records tokenized per batch call
-QUEUE_CHUNKS = 8  # loader → encoder queue depth (chunks)
-WRITE_QUEUE = 16  # encoder → writer queue depth (batches)
-_END = object()
-
-
-@dataclass
-class StageClock:
-    """Busy and idle (waiting on a queue) seconds of one pipeline stage."""
-
-    busy_s: float = 0.0
-    idle_s: float = 0.0
-
-    def busy(self, since: float) -> float:
-        now = time.perf_counter()
-        self.busy_s += now - since
-        return now
-
-    def idle(self, since: float) -> float:
-        now = time.perf_counter()
-        self.idle_s += now - since
-        return now
-
-
-@dataclass
-class LocalResult:
-    """What a local run did; also stored in run.json under ``local``.
-
-    Attributes:
-        padding_ratio: padded tokens / real tokens (1.0 means no padding).
-        rows_per_s / tokens_per_s: over the whole run (wall clock), real tokens.
-    """
-
-    run_dir: str
-    model: str
-    device: str
-    dtype: str
-    rows: int = 0
-    real_tokens: int = 0
-    padded_tokens: int = 0
-    batches: int = 0
-    skipped_existing: int = 0
-    rejected: int = 0
-    truncated: int = 0
-    shards: list[str] = field(default_factory=list)
-    wall_s: float = 0.0
-    warmup_s: float = 0.0
-    loader: StageClock = field(default_factory=StageClock)
-    encoder: StageClock = field(default_factory=StageClock)
-    writer: StageClock = field(default_factory=StageClock)
-    pg: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def padding_ratio(self) -> float:
-        return self.padded_tokens / self.real_tokens if self.real_tokens else 1.0
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["padding_ratio"] = round(self.padding_ratio, 4)
-        out["rows_per_s"] = round(self.rows / self.wall_s, 2) if self.wall_s else None
-        out["tokens_per_s"] = round(self.real_tokens / self.wall_s, 1) if self.wall_s else None
-        return out
-
-
-class _DevicePool:
-    """One encoder process per device; batches go out tagged with an id and come back by it."""
-
-    def __init__(self, model: str, devices: tuple[str, ...], dtype: str) -> None:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        self.results: Any = ctx.Queue()
-        self.inboxes: list[Any] = []
-        self.procs = []
-        for device in devices:
-            inbox = ctx.Queue(maxsize=2)
-            p = ctx.Process(target=_device_worker, args=(model, device, dtype, inbox, self.results), daemon=True)
-            p.start()
-            self.inboxes.append(inbox)
-            self.procs.append(p)
-        self.in_flight = [0] * len(devices)
-        ready = [self.results.get(timeout=600) for _ in devices]
-        for r in ready:
-            if isinstance(r, BaseException):
-                self.close()
-                raise r
-
-    def submit(self, tag: int, batch: list[list[int]], pad_to: int | None) -> None:
-        slot = min(range(len(self.inboxes)), key=lambda i: self.in_flight[i])
-        self.in_flight[slot] += 1
-        self.inboxes[slot].put((tag, slot, batch, pad_to))
-
-    def get(self) -> tuple[int, Any]:
-        tag, slot, result = self.results.get()
-        self.in_flight[slot] -= 1
-        if isinstance(result, BaseException):
-            raise result
-        return tag, result
-
-    @property
-    def busy(self) -> int:
-        return sum(self.in_flight)
-
-    @property
-    def capacity(self) -> int:
-        return 2 * len(self.inboxes)
-
-    def close(self) -> None:
-        for inbox in self.inboxes:
-            inbox.put(None)
-        for p in self.procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-
-
-def _device_worker(model: str, device: str, dtype: str, inbox: Any, results: Any) -> None:
-    try:
-        enc = LocalEncoder(model, device=device, dtype=dtype)
-    except BaseException as exc:
-        results.put(exc)
-        return
-    results.put(device)
-    while (job := inbox.get()) is not None:
-        tag, slot, batch, pad_to = job
-        try:
-            results.put((tag, slot, enc.encode_ids(batch, pad_to=pad_to)))
-        except BaseException as exc:
-            results.put((tag, slot, exc))
+__all__ = ["LocalResult", "run_local"]
 
 
 def run_local(
@@ -291,20 +147,20 @@ def _run_locked(
         writes: queue.Queue[Any] = queue.Queue(maxsize=WRITE_QUEUE)
         errors: list[BaseException] = []
         loader = threading.Thread(
-            target=_load, args=(intake, enc, max_content, embedded, chunks, result, errors), daemon=True
+            target=load, args=(intake, enc, max_content, embedded, chunks, result, errors), daemon=True
         )
         writer = threading.Thread(
-            target=_write, args=(store, rs, enc.dim, ingest, writes, result, errors, on_rows), daemon=True
+            target=write, args=(store, rs, enc.dim, ingest, writes, result, errors, on_rows), daemon=True
         )
         loader.start()
         writer.start()
-        pool = _DevicePool(local.model, local.devices, local.dtype) if local.devices else None
+        pool = DevicePool(local.model, local.devices, local.dtype) if local.devices else None
         try:
-            _encode(enc, pool, bucketer, chunks, writes, result, cap_items=8 * max(1, tokens_per_batch // edges[0]))
+            encode(enc, pool, bucketer, chunks, writes, result, cap_items=8 * max(1, tokens_per_batch // edges[0]))
         except BaseException as exc:
             errors.append(exc)
         finally:
-            writes.put(_END)
+            writes.put(END)
             writer.join()
             if pool is not None:
                 pool.close()
@@ -328,188 +184,3 @@ def _run_locked(
     rs.local = result.to_json()
     rs.timings = {"wall_s": round(result.wall_s, 3)}
     run.save()
-
-
-def _load(
-    intake: Intake,
-    enc: LocalEncoder,
-    max_content: int,
-    embedded: IdIndex,
-    out: queue.Queue[Any],
-    result: LocalResult,
-    errors: list[BaseException],
-) -> None:
-    """Loader thread: intake → tokenized chunks of (record, ids), texts cut at a token boundary."""
-    clock = result.loader
-    tok = enc.new_tokenizer()
-    t = time.perf_counter()
-    try:
-        records = intake.records()
-        while True:
-            chunk: list[Record] = []
-            for rec in records:
-                chunk.append(rec)
-                if len(chunk) == LOAD_CHUNK:
-                    break
-            if not chunk:
-                break
-            items = []
-            for rec, tk in zip(chunk, enc.tokenize(tok, [r.text for r in chunk], max_tokens=max_content), strict=True):
-                if tk.chars < len(rec.text):
-                    rec.text = rec.text[: tk.chars]
-                    rec.metadata["truncated"] = True
-                    rec.metadata["truncated_tokens"] = tk.tokens_before - max_content
-                    result.truncated += 1
-                rec.n_tokens = min(tk.tokens_before, max_content)
-                if embedded.contains(rec.id, rec.sha256):
-                    result.skipped_existing += 1
-                    continue
-                items.append((rec, tk.ids))
-            t = clock.busy(t)
-            out.put(items)
-            t = clock.idle(t)
-    except BaseException as exc:
-        errors.append(exc)
-    finally:
-        clock.busy(t)
-        out.put(_END)
-
-
-def _batches(
-    bucketer: Bucketer, chunks: queue.Queue[Any], clock: StageClock, cap_items: int, can_take: Callable[[], bool]
-) -> Iterator[list[Item] | None]:
-    """Batches to encode as the loader fills the buckets; yields None when nothing is ready."""
-    done = False
-    while not done:
-        t = time.perf_counter()
-        try:
-            item = chunks.get(timeout=0.05) if can_take() else None
-        except queue.Empty:
-            item = None
-        clock.idle(t)
-        if item is _END:
-            done = True
-        elif item is not None:
-            for rec, ids in item:
-                bucketer.add(Item(ids, rec))
-        while (batch := bucketer.take(force=bucketer.pending > cap_items)) is not None:
-            yield batch
-        if item is None:
-            yield None
-    yield from bucketer.drain()
-
-
-def _encode(
-    enc: LocalEncoder,
-    pool: _DevicePool | None,
-    bucketer: Bucketer,
-    chunks: queue.Queue[Any],
-    writes: queue.Queue[Any],
-    result: LocalResult,
-    cap_items: int,
-) -> None:
-    """Encoder: buckets → forward passes (here, or on the device pool) → writer queue."""
-    clock = result.encoder
-    waiting: dict[int, list[Item]] = {}
-    tag = 0
-
-    def emit(batch: list[Item], enc_out: Any) -> None:
-        result.real_tokens += enc_out.real_tokens
-        result.padded_tokens += enc_out.padded_tokens
-        result.batches += 1
-        t = time.perf_counter()
-        writes.put(([i.payload for i in batch], enc_out.vectors))
-        clock.idle(t)
-
-    def collect(block: bool) -> None:
-        while pool is not None and pool.busy and (block or not pool.results.empty()):
-            t = time.perf_counter()
-            got_tag, out = pool.get()
-            clock.idle(t)
-            emit(waiting.pop(got_tag), out)
-            block = False
-
-    for batch in _batches(bucketer, chunks, clock, cap_items, lambda: pool is None or pool.busy < pool.capacity):
-        if batch is None:
-            collect(block=False)
-            continue
-        width = bucketer.pad_width(batch)
-        if pool is None:
-            t = time.perf_counter()
-            out = enc.encode_ids([i.ids for i in batch], pad_to=width)
-            clock.busy(t)
-            emit(batch, out)
-        else:
-            while pool.busy >= pool.capacity:
-                collect(block=True)
-            waiting[tag] = batch
-            pool.submit(tag, [i.ids for i in batch], width)
-            tag += 1
-            collect(block=False)
-    while pool is not None and pool.busy:
-        collect(block=True)
-
-
-def _write(
-    store: DatasetStore,
-    rs: RunState,
-    dim: int,
-    cfg: IngestConfig,
-    inbox: queue.Queue[Any],
-    result: LocalResult,
-    errors: list[BaseException],
-    on_rows: Callable[[int], None] | None,
-) -> None:
-    """Writer thread: rows into shards; each full shard is committed through the store."""
-    clock = result.writer
-    writer = store.writer(dim=dim, dtype=cfg.dtype, rows_per_shard=cfg.rows_per_shard, git_sha=rs.git_sha)
-    commits = 0
-
-    def commit() -> None:
-        nonlocal commits
-        commits += 1
-        writer.add_source(f"{rs.run_id}/local-{commits:05d}")
-        entries = store.commit(writer, run_id=rs.run_id, run_info={"created_at": rs.created_at, "kind": "local"})
-        result.shards += [e["file"] for e in entries]
-
-    t = time.perf_counter()
-    try:
-        while True:
-            t = clock.busy(t)
-            item = inbox.get()
-            t = clock.idle(t)
-            if item is _END:
-                break
-            if errors:
-                continue
-            records, vectors = item
-            start = 0
-            while start < len(records):
-                room = cfg.rows_per_shard - writer.rows_in_open_shard
-                part = records[start : start + room]
-                writer.write(
-                    ids=[r.id for r in part],
-                    texts=[r.text for r in part],
-                    metadata=[orjson.dumps(r.metadata).decode() for r in part],
-                    splits=[r.split for r in part],
-                    vectors=np.asarray(vectors[start : start + len(part)], dtype=np.float32),
-                    source=rs.source,
-                    dataset=rs.dataset,
-                    model=rs.model,
-                    run_id=rs.run_id,
-                )
-                start += len(part)
-                result.rows += len(part)
-                if writer.rows_in_open_shard >= cfg.rows_per_shard:
-                    commit()
-            if on_rows is not None:
-                on_rows(result.rows)
-        if not errors and writer.rows_in_open_shard:
-            commit()
-        else:
-            writer.abort()
-    except BaseException as exc:
-        writer.abort()
-        errors.append(exc)
-    finally:
-        clock.busy(t)

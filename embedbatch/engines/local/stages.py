@@ -1,0 +1,281 @@
+"""The local worker's stages: loader thread → encoder → writer thread, with bounded queues.
+
+- Loader: reads, prepares and samples (the shared intake), then tokenizes chunks with the fast
+  tokenizer's batch call on its own tokenizer instance (fast tokenizers are not thread-safe).
+- Encoder: puts sequences into length buckets, takes the fullest bucket, sizes the batch as
+  ``tokens_per_batch // padded_len``, runs the model under ``torch.inference_mode()`` and moves
+  each batch to CPU (or hands it to a :class:`DevicePool`).
+- Writer: writes rows (ids travel with their vectors, whatever order they were encoded in)
+  through the dataset store, committing every full shard.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from embedbatch.config import IngestConfig
+from embedbatch.engines.local.bucketing import Bucketer, Item
+from embedbatch.engines.local.devices import DevicePool
+from embedbatch.engines.local.model import LocalEncoder
+from embedbatch.intake import Intake
+from embedbatch.records import Record
+from embedbatch.runs import RunState
+from embedbatch.store.dataset import DatasetStore
+from embedbatch.store.index import IdIndex
+
+__all__ = ["END", "LocalResult", "StageClock", "encode", "load", "write"]
+
+LOAD_CHUNK = 256  # records tokenized per batch call
+QUEUE_CHUNKS = 8  # loader → encoder queue depth (chunks)
+WRITE_QUEUE = 16  # encoder → writer queue depth (batches)
+END = object()  # closes a queue
+
+
+@dataclass
+class StageClock:
+    """Busy and idle (waiting on a queue) seconds of one pipeline stage."""
+
+    busy_s: float = 0.0
+    idle_s: float = 0.0
+
+    def busy(self, since: float) -> float:
+        now = time.perf_counter()
+        self.busy_s += now - since
+        return now
+
+    def idle(self, since: float) -> float:
+        now = time.perf_counter()
+        self.idle_s += now - since
+        return now
+
+
+@dataclass
+class LocalResult:
+    """What a local run did; also stored in run.json under ``local``.
+
+    Attributes:
+        padding_ratio: padded tokens / real tokens (1.0 means no padding).
+        rows_per_s / tokens_per_s: over the whole run (wall clock), real tokens.
+    """
+
+    run_dir: str
+    model: str
+    device: str
+    dtype: str
+    rows: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    batches: int = 0
+    skipped_existing: int = 0
+    rejected: int = 0
+    truncated: int = 0
+    shards: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    warmup_s: float = 0.0
+    loader: StageClock = field(default_factory=StageClock)
+    encoder: StageClock = field(default_factory=StageClock)
+    writer: StageClock = field(default_factory=StageClock)
+    pg: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def padding_ratio(self) -> float:
+        return self.padded_tokens / self.real_tokens if self.real_tokens else 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["padding_ratio"] = round(self.padding_ratio, 4)
+        out["rows_per_s"] = round(self.rows / self.wall_s, 2) if self.wall_s else None
+        out["tokens_per_s"] = round(self.real_tokens / self.wall_s, 1) if self.wall_s else None
+        return out
+
+
+def load(
+    intake: Intake,
+    enc: LocalEncoder,
+    max_content: int,
+    embedded: IdIndex,
+    out: queue.Queue[Any],
+    result: LocalResult,
+    errors: list[BaseException],
+) -> None:
+    """Loader thread: intake → tokenized chunks of (record, ids), texts cut at a token boundary."""
+    clock = result.loader
+    tok = enc.new_tokenizer()
+    t = time.perf_counter()
+    try:
+        records = intake.records()
+        while True:
+            chunk: list[Record] = []
+            for rec in records:
+                chunk.append(rec)
+                if len(chunk) == LOAD_CHUNK:
+                    break
+            if not chunk:
+                break
+            items = []
+            for rec, tk in zip(chunk, enc.tokenize(tok, [r.text for r in chunk], max_tokens=max_content), strict=True):
+                if tk.chars < len(rec.text):
+                    rec.text = rec.text[: tk.chars]
+                    rec.metadata["truncated"] = True
+                    rec.metadata["truncated_tokens"] = tk.tokens_before - max_content
+                    result.truncated += 1
+                rec.n_tokens = min(tk.tokens_before, max_content)
+                if embedded.contains(rec.id, rec.sha256):
+                    result.skipped_existing += 1
+                    continue
+                items.append((rec, tk.ids))
+            t = clock.busy(t)
+            out.put(items)
+            t = clock.idle(t)
+    except BaseException as exc:
+        errors.append(exc)
+    finally:
+        clock.busy(t)
+        out.put(END)
+
+
+def batches(
+    bucketer: Bucketer, chunks: queue.Queue[Any], clock: StageClock, cap_items: int, can_take: Callable[[], bool]
+) -> Iterator[list[Item] | None]:
+    """Batches to encode as the loader fills the buckets; yields None when nothing is ready."""
+    done = False
+    while not done:
+        t = time.perf_counter()
+        try:
+            item = chunks.get(timeout=0.05) if can_take() else None
+        except queue.Empty:
+            item = None
+        clock.idle(t)
+        if item is END:
+            done = True
+        elif item is not None:
+            for rec, ids in item:
+                bucketer.add(Item(ids, rec))
+        while (batch := bucketer.take(force=bucketer.pending > cap_items)) is not None:
+            yield batch
+        if item is None:
+            yield None
+    yield from bucketer.drain()
+
+
+def encode(
+    enc: LocalEncoder,
+    pool: DevicePool | None,
+    bucketer: Bucketer,
+    chunks: queue.Queue[Any],
+    writes: queue.Queue[Any],
+    result: LocalResult,
+    cap_items: int,
+) -> None:
+    """Encoder: buckets → forward passes (here, or on the device pool) → writer queue."""
+    clock = result.encoder
+    waiting: dict[int, list[Item]] = {}
+    tag = 0
+
+    def emit(batch: list[Item], enc_out: Any) -> None:
+        result.real_tokens += enc_out.real_tokens
+        result.padded_tokens += enc_out.padded_tokens
+        result.batches += 1
+        t = time.perf_counter()
+        writes.put(([i.payload for i in batch], enc_out.vectors))
+        clock.idle(t)
+
+    def collect(block: bool) -> None:
+        while pool is not None and pool.busy and (block or not pool.results.empty()):
+            t = time.perf_counter()
+            got_tag, out = pool.get()
+            clock.idle(t)
+            emit(waiting.pop(got_tag), out)
+            block = False
+
+    for batch in batches(bucketer, chunks, clock, cap_items, lambda: pool is None or pool.busy < pool.capacity):
+        if batch is None:
+            collect(block=False)
+            continue
+        width = bucketer.pad_width(batch)
+        if pool is None:
+            t = time.perf_counter()
+            out = enc.encode_ids([i.ids for i in batch], pad_to=width)
+            clock.busy(t)
+            emit(batch, out)
+        else:
+            while pool.busy >= pool.capacity:
+                collect(block=True)
+            waiting[tag] = batch
+            pool.submit(tag, [i.ids for i in batch], width)
+            tag += 1
+            collect(block=False)
+    while pool is not None and pool.busy:
+        collect(block=True)
+
+
+def write(
+    store: DatasetStore,
+    rs: RunState,
+    dim: int,
+    cfg: IngestConfig,
+    inbox: queue.Queue[Any],
+    result: LocalResult,
+    errors: list[BaseException],
+    on_rows: Callable[[int], None] | None,
+) -> None:
+    """Writer thread: rows into shards; each full shard is committed through the store."""
+    clock = result.writer
+    writer = store.writer(dim=dim, dtype=cfg.dtype, rows_per_shard=cfg.rows_per_shard, git_sha=rs.git_sha)
+    commits = 0
+
+    def commit() -> None:
+        nonlocal commits
+        commits += 1
+        writer.add_source(f"{rs.run_id}/local-{commits:05d}")
+        entries = store.commit(writer, run_id=rs.run_id, run_info={"created_at": rs.created_at, "kind": "local"})
+        result.shards += [e["file"] for e in entries]
+
+    t = time.perf_counter()
+    try:
+        while True:
+            t = clock.busy(t)
+            item = inbox.get()
+            t = clock.idle(t)
+            if item is END:
+                break
+            if errors:
+                continue
+            records, vectors = item
+            start = 0
+            while start < len(records):
+                room = cfg.rows_per_shard - writer.rows_in_open_shard
+                part = records[start : start + room]
+                writer.write(
+                    ids=[r.id for r in part],
+                    texts=[r.text for r in part],
+                    metadata=[orjson.dumps(r.metadata).decode() for r in part],
+                    splits=[r.split for r in part],
+                    vectors=np.asarray(vectors[start : start + len(part)], dtype=np.float32),
+                    source=rs.source,
+                    dataset=rs.dataset,
+                    model=rs.model,
+                    run_id=rs.run_id,
+                )
+                start += len(part)
+                result.rows += len(part)
+                if writer.rows_in_open_shard >= cfg.rows_per_shard:
+                    commit()
+            if on_rows is not None:
+                on_rows(result.rows)
+        if not errors and writer.rows_in_open_shard:
+            commit()
+        else:
+            writer.abort()
+    except BaseException as exc:
+        writer.abort()
+        errors.append(exc)
+    finally:
+        clock.busy(t)
