@@ -1,0 +1,367 @@
+"""Commands of the Batch API path: estimate, submit, run, ingest, status, poll, cancel, retry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from embedbatch.cli.app import (
+    Dtype,
+    JsonOut,
+    Overwrite,
+    Resume,
+    RowsPerShard,
+    SourceArg,
+    app,
+    open_workspace,
+    safe_args,
+    settings,
+    with_client,
+)
+from embedbatch.cli.options import (
+    BatchOptions,
+    PrepareOptions,
+    SampleOptions,
+    SinkOptions,
+    SourceOptions,
+    SubmitOptions,
+    with_options,
+)
+from embedbatch.cli.render import (
+    RowProgress,
+    console,
+    err_console,
+    print_estimate,
+    print_json,
+    print_run_summary,
+    status_table,
+)
+from embedbatch.config import IngestConfig
+from embedbatch.errors import UsageError
+
+
+@app.command()
+@with_options
+def estimate(
+    source: SourceArg,
+    src: SourceOptions,
+    prep: PrepareOptions,
+    sample: SampleOptions,
+    batch: BatchOptions,
+    json_out: JsonOut = False,
+) -> None:
+    """Count rows, tokens, batch files and cost; sends nothing."""
+    from embedbatch.engines.batchapi.estimate import estimate as run_estimate
+
+    s = settings()
+    with RowProgress("reading") as progress:
+        est = run_estimate(
+            source=src.build(source, s),
+            prepare=prep.build(source, src),
+            sample=sample.build(),
+            model=batch.model_name(s),
+            dimensions=batch.dimensions,
+            limits=batch.limits(),
+            on_row=progress,
+        )
+    if json_out:
+        print_json(est.to_json())
+    else:
+        print_estimate(est)
+
+
+@dataclass(frozen=True)
+class _PlanOptions:
+    src: SourceOptions
+    prep: PrepareOptions
+    sample: SampleOptions
+    batch: BatchOptions
+    submit: SubmitOptions
+    sink: SinkOptions
+
+
+def _plan(source: str, resume: Path | None, o: _PlanOptions, *, dry_run: bool) -> tuple[Any, Any]:
+    """The run to submit: ``--resume RUN_DIR``, or a new one planned from ``source``."""
+    from embedbatch.engines.batchapi.plan import plan_run
+
+    ws = open_workspace()
+    if resume is not None:
+        return ws.resolve_run(resume), None
+    if not source:
+        raise UsageError("give a SOURCE or --resume RUN_DIR")
+    s = settings()
+    with RowProgress("planning") as progress:
+        planned = plan_run(
+            ws,
+            source=o.src.build(source, s),
+            prepare=o.prep.build(source, o.src),
+            sample=o.sample.build(),
+            submit=o.submit.build(o.batch, s, dry_run=dry_run),
+            args=safe_args(source, o.src, o.prep, o.sample, o.batch, o.submit, o.sink),
+            on_row=progress,
+            pg_target=o.sink.target(source, o.src),
+        )
+    return planned.run, planned
+
+
+def _print_planned(run: Any, planned: Any, *, json_out: bool) -> None:
+    if planned is None:
+        return
+    if json_out:
+        print_json(
+            {"run_dir": str(run.root), "skipped_existing": planned.skipped_existing, **planned.estimate.to_json()}
+        )
+        return
+    print_estimate(planned.estimate)
+    if planned.skipped_existing:
+        console.print(f"skipped {planned.skipped_existing:,} rows already embedded or planned")
+
+
+@app.command()
+@with_options
+def submit(
+    src: SourceOptions,
+    prep: PrepareOptions,
+    sample: SampleOptions,
+    batch: BatchOptions,
+    submit: SubmitOptions,
+    sink: SinkOptions,
+    source: SourceArg = "",
+    resume: Resume = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the JSONL files; no network.")] = False,
+    concurrency: Annotated[int, typer.Option(help="Uploads/creates at once.")] = 4,
+    json_out: JsonOut = False,
+) -> None:
+    """Plan batch input files under the API limits, upload them and create batches."""
+    from embedbatch.engines.batchapi.submit import submit_run
+
+    run, planned = _plan(source, resume, _PlanOptions(src, prep, sample, batch, submit, sink), dry_run=dry_run)
+    _print_planned(run, planned, json_out=json_out)
+    if dry_run:
+        console.print(f"dry run: batch files written to {run.root} (nothing sent)")
+        return
+    ws = open_workspace()
+
+    async def go(client: Any) -> Any:
+        from rich.progress import Progress
+
+        from embedbatch.runs import load_batches
+
+        total = sum(1 for b in load_batches(run) if b.status in ("planned", "uploaded"))
+        with Progress(console=err_console, disable=not err_console.is_terminal, transient=True) as prog:
+            task = prog.add_task("submitting batches", total=total)
+            return await submit_run(ws, client, run, concurrency=concurrency, on_batch=lambda bs: prog.advance(task))
+
+    done = with_client(go)
+    if not json_out:
+        console.print(f"submitted {len(done)} batch(es); run directory:")
+    print(run.root)
+
+
+@app.command("run")
+@with_options
+def run_cmd(
+    src: SourceOptions,
+    prep: PrepareOptions,
+    sample: SampleOptions,
+    batch: BatchOptions,
+    submit: SubmitOptions,
+    sink: SinkOptions,
+    source: SourceArg = "",
+    resume: Resume = None,
+    poll_seconds: Annotated[float, typer.Option("--poll-seconds")] = 10.0,
+    max_attempts: Annotated[int, typer.Option("--max-attempts")] = 3,
+    rows_per_shard: RowsPerShard = 100_000,
+    dtype: Dtype = "float32",
+    json_out: JsonOut = False,
+) -> None:
+    """Submit, poll until every batch is terminal, ingest, retry failures; print a summary."""
+    from embedbatch.engines.batchapi.drive import drive_run
+
+    run, planned = _plan(source, resume, _PlanOptions(src, prep, sample, batch, submit, sink), dry_run=False)
+    if not json_out:
+        _print_planned(run, planned, json_out=False)
+        console.print(f"run directory: {run.root}")
+    ws = open_workspace()
+    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, dsn=sink.dsn(settings(), src))  # type: ignore[arg-type]
+    summary = with_client(
+        lambda c: drive_run(
+            ws,
+            c,
+            run,
+            poll_s=poll_seconds,
+            max_attempts=max_attempts,
+            ingest_config=cfg,
+            max_enqueued_tokens=batch.max_enqueued_tokens,
+        )
+    )
+    if json_out:
+        print_json(summary.__dict__)
+    else:
+        print_run_summary(summary)
+
+
+@app.command()
+@with_options
+def ingest(
+    sink: SinkOptions,
+    run_dir: Annotated[Path, typer.Option("--run-dir")],
+    redownload: Annotated[bool, typer.Option("--redownload")] = False,
+    rows_per_shard: RowsPerShard = 100_000,
+    dtype: Dtype = "float32",
+    overwrite: Overwrite = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Map downloaded outputs into Parquet shards and the manifest (and pgvector)."""
+    import anyio
+
+    from embedbatch.engines.batchapi.ingest import ingest_run
+    from embedbatch.engines.batchapi.poll import redownload_run
+
+    ws = open_workspace()
+    run = ws.resolve_run(run_dir)
+    target = sink.target(overwrite=overwrite)
+    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, dsn=sink.dsn(settings()))  # type: ignore[arg-type]
+    if redownload:
+        with_client(lambda c: redownload_run(c, run))
+    result = anyio.run(lambda: ingest_run(ws, run, cfg, pg_target=target))
+    if json_out:
+        print_json(result.to_json())
+        return
+    console.print(
+        f"ingested {result.batches} batch(es): {result.rows:,} rows, {result.failed:,} failed, "
+        f"shards {', '.join(result.shards) or '-'} ({result.seconds:.2f} s)"
+    )
+    if result.pg:
+        console.print(f"postgres: {result.pg}")
+
+
+@app.command()
+def status(
+    run_dir: Annotated[Path | None, typer.Option("--run-dir")] = None,
+    batch_file: Annotated[Path | None, typer.Option("--batch-file", help="One batch.json.")] = None,
+    update_json: Annotated[bool, typer.Option("--update-json", help="Write refreshed state to disk.")] = False,
+    offline: Annotated[bool, typer.Option("--offline", help="Show what is on disk; no API calls.")] = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Show every run (or one run / one batch) with fresh status from the API."""
+    from dataclasses import asdict
+
+    from embedbatch.engines.batchapi.poll import refresh_for_status
+    from embedbatch.runs import Run
+
+    ws = open_workspace()
+    if batch_file is not None:
+        runs = [ws.resolve_run(batch_file.parent.parent.parent)]
+        only = batch_file.parent.name
+    else:
+        runs = [ws.resolve_run(run_dir)] if run_dir else ws.all_runs()
+        only = None
+
+    async def go(client: Any) -> list[tuple[Any, bool]]:
+        out = []
+        for paths in runs:
+            if offline:
+                out.append((Run.read(paths), False))
+            else:
+                out.append(await refresh_for_status(client, paths, update=update_json))
+        return out
+
+    if offline:
+        import anyio
+
+        results = anyio.run(go, None)
+    else:
+        results = with_client(go)
+    payload = []
+    for run, written in results:
+        batches = [b for b in run.batches if b.name == only] if only else run.batches
+        totals = run.totals(batches)
+        rs = run.state
+        if json_out:
+            payload.append(
+                {
+                    "run_dir": str(run.paths.root),
+                    "run_id": rs.run_id,
+                    "status": rs.status,
+                    "totals": totals,
+                    "estimate": rs.estimate,
+                    "written": written,
+                    "batches": [asdict(b) for b in batches],
+                }
+            )
+        else:
+            console.print(status_table(rs, batches, totals))
+            if update_json and not written:
+                console.print(f"{rs.run_id}: held by another process (a poll); state not written")
+    if json_out:
+        print_json(payload)
+    elif not results:
+        console.print("no runs in the workspace")
+
+
+@app.command()
+def poll(
+    watch: Annotated[float | None, typer.Option("--watch", help="Repeat every N seconds.")] = None,
+    ingest: Annotated[bool, typer.Option("--ingest", help="Ingest finished batches too.")] = False,
+    max_enqueued_tokens: Annotated[int | None, typer.Option(help="Override the runs' queue budget.")] = None,
+    rows_per_shard: RowsPerShard = 100_000,
+    dtype: Dtype = "float32",
+) -> None:
+    """One pass over every active run (the cron entry point)."""
+    import time as _t
+
+    import anyio
+    import structlog
+
+    from embedbatch.engines.batchapi.poll import poll_pass
+
+    log = structlog.get_logger("embedbatch.poll")
+    ws = open_workspace()
+    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, dsn=settings().database_url)  # type: ignore[arg-type]
+    while True:
+        started = _t.monotonic()
+        report = with_client(
+            lambda c: poll_pass(ws, c, max_enqueued_tokens=max_enqueued_tokens, ingest=ingest, ingest_config=cfg)
+        )
+        log.info("poll pass", **report.to_json())
+        if watch is None:
+            return
+        # Sleep the interval minus the time the pass took.
+        anyio.run(anyio.sleep, max(0.0, watch - (_t.monotonic() - started)))
+
+
+@app.command()
+def cancel(run_dir: Annotated[Path, typer.Option("--run-dir")]) -> None:
+    """Cancel a run's active batches and record the result."""
+    from embedbatch.engines.batchapi.poll import cancel_run
+
+    run = open_workspace().resolve_run(run_dir)
+    batches = with_client(lambda c: cancel_run(c, run))
+    for bs in batches:
+        console.print(f"{bs.name}: {bs.status}")
+
+
+@app.command()
+def retry(
+    run_dir: Annotated[Path, typer.Option("--run-dir")],
+    max_attempts: Annotated[int, typer.Option("--max-attempts")] = 3,
+    no_submit: Annotated[bool, typer.Option("--no-submit", help="Only plan the retry batch.")] = False,
+) -> None:
+    """Plan the failed and missing ids of a run again (a new batch in the same run)."""
+    from embedbatch.engines.batchapi.retry import plan_retry
+    from embedbatch.engines.batchapi.submit import submit_run
+
+    ws = open_workspace()
+    run = ws.resolve_run(run_dir)
+    plan = plan_retry(ws, run, max_attempts=max_attempts)
+    console.print(
+        f"re-planned {plan.requeued:,} ids in {plan.batches or 'no batch'}; "
+        f"{len(plan.given_up):,} over {max_attempts} attempts stay failed; "
+        f"{plan.already_embedded:,} were embedded since"
+    )
+    if plan.requeued and not no_submit:
+        with_client(lambda c: submit_run(ws, c, run))

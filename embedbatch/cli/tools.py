@@ -1,0 +1,239 @@
+"""Commands around the data: local worker, verify, list, search, serve, db init, version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from embedbatch import __version__
+from embedbatch.cli.app import (
+    JsonOut,
+    Model,
+    PgDsn,
+    PgIdColumn,
+    PgTable,
+    PgVectorColumn,
+    RowsPerShard,
+    SourceArg,
+    app,
+    db_app,
+    open_workspace,
+    safe_args,
+    settings,
+)
+from embedbatch.cli.options import (
+    PrepareOptions,
+    SampleOptions,
+    SinkOptions,
+    SourceOptions,
+    with_options,
+)
+from embedbatch.cli.render import (
+    RowProgress,
+    console,
+    err_console,
+    print_hits,
+    print_json,
+    print_local_result,
+    print_verify,
+    print_workspace,
+)
+from embedbatch.config import IngestConfig
+from embedbatch.errors import UsageError
+
+
+@app.command()
+@with_options
+def local(
+    source: SourceArg,
+    src: SourceOptions,
+    prep: PrepareOptions,
+    sample: SampleOptions,
+    sink: SinkOptions,
+    model: Annotated[str, typer.Option("--model", help="SentenceTransformer path or hub name.")],
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    devices: Annotated[str | None, typer.Option(help="e.g. cuda:0,cuda:1: one encoder process each.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16.")] = "auto",
+    tokens_per_batch: Annotated[int | None, typer.Option(help="Padded tokens/batch (GPU 131072, CPU 8192).")] = None,
+    bucket_min_tokens: Annotated[int, typer.Option()] = 128,
+    bucket_max_tokens: Annotated[int, typer.Option(help="Capped at the model's max length.")] = 32768,
+    pad_to: Annotated[str, typer.Option(help="longest or bucket.")] = "longest",
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile, warmed per bucket shape.")] = False,
+    rows_per_shard: RowsPerShard = 100_000,
+    shard_dtype: Annotated[str, typer.Option("--shard-dtype", help="float32 or float16 shards.")] = "float32",
+    json_out: JsonOut = False,
+) -> None:
+    """Embed with a local SentenceTransformer (GPU or CPU) into the same shards and sinks."""
+    from embedbatch.config import LocalConfig
+    from embedbatch.engines.local.pipeline import run_local
+
+    if pad_to not in ("longest", "bucket"):
+        raise UsageError(f"--pad-to must be longest or bucket, got {pad_to!r}")
+    target = sink.target(source, src)
+    cfg = LocalConfig(
+        model=model,
+        device=device,
+        dtype=dtype,  # type: ignore[arg-type]
+        tokens_per_batch=tokens_per_batch,
+        bucket_min_tokens=bucket_min_tokens,
+        bucket_max_tokens=bucket_max_tokens,
+        pad_to=pad_to,  # type: ignore[arg-type]
+        compile=compile_,
+        devices=tuple(d.strip() for d in devices.split(",")) if devices else (),
+    )
+    with RowProgress("embedding") as progress:
+        result = run_local(
+            open_workspace(),
+            source=src.build(source, settings()),
+            prepare=prep.build(source, src),
+            sample=sample.build(),
+            local=cfg,
+            ingest=IngestConfig(rows_per_shard=rows_per_shard, dtype=shard_dtype),  # type: ignore[arg-type]
+            pg_target=target,
+            dsn=sink.dsn(settings(), src),
+            args=safe_args(source, src, prep, sample, sink, model=model),
+            on_rows=progress,
+        )
+    if json_out:
+        print_json(result.to_json())
+    else:
+        print_local_result(result)
+
+
+@app.command()
+def verify(
+    dataset: Annotated[str | None, typer.Option("--dataset")] = None,
+    model: Annotated[str | None, typer.Option("--model")] = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Rebuild the id index from the shards first.")] = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Re-read every shard and check it against the manifest and id index; exit 1 on any problem."""
+    from embedbatch.store.verify import verify_dataset
+
+    ws = open_workspace()
+    pairs = [(m, d) for m, d in ws.datasets() if (dataset is None or d == dataset) and (model is None or m == model)]
+    if not pairs:
+        raise UsageError(f"no dataset matches (have: {', '.join(f'{m}/{d}' for m, d in ws.datasets()) or 'none'})")
+    reports = [verify_dataset(ws, m, d, repair=repair) for m, d in pairs]
+    if json_out:
+        print_json([r.__dict__ | {"ok": r.ok} for r in reports])
+    else:
+        print_verify(reports)
+    if not all(r.ok for r in reports):
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_cmd(json_out: JsonOut = False) -> None:
+    """Datasets, models, row counts, runs and their states in the workspace."""
+    from embedbatch.store.verify import list_workspace
+
+    data = list_workspace(open_workspace())
+    if json_out:
+        print_json(data)
+    else:
+        print_workspace(data)
+
+
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8765,
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
+    api_key: Annotated[str | None, typer.Option("--api-key", help="Required bearer token (default: any).")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Local SentenceTransformer (default: hash model).")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Where files are kept.")] = None,
+    faults: Annotated[str, typer.Option("--faults", help="e.g. rate_429=0.05,line_error_rate=0.05")] = "",
+    step_s: Annotated[float, typer.Option("--step-s", help="Seconds per batch status step.")] = 0.2,
+) -> None:
+    """Run an OpenAI-compatible server (files, batches, embeddings) for tests and local models."""
+    import tempfile
+
+    from aiohttp import web
+
+    from embedbatch.server.app import FakeOpenAI, FaultConfig, build_app
+
+    fault_cfg = FaultConfig.parse(faults) if faults else FaultConfig()
+    fault_cfg.step_s = step_s
+    backend = None
+    if model:
+        from embedbatch.engines.local.model import LocalBackend
+
+        backend = LocalBackend(model)
+    state = FakeOpenAI(
+        data_dir or Path(tempfile.mkdtemp(prefix="embedbatch-serve-")),
+        api_key=api_key,
+        backend=backend,
+        faults=fault_cfg,
+    )
+    err_console.print(f"embedbatch serve on http://{host}:{port}/v1 (model: {model or 'hash'})")
+    web.run_app(build_app(state), host=host, port=port, print=None, access_log=None)
+
+
+@app.command()
+def search(
+    query_text: Annotated[str, typer.Argument(help="The query text.")],
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Search the dataset's shards.")] = None,
+    model: Model = None,
+    k: Annotated[int, typer.Option("-k", "--k")] = 5,
+    pg_table: PgTable = None,
+    pg_dsn: PgDsn = None,
+    pg_id_column: PgIdColumn = "id",
+    pg_vector_column: PgVectorColumn = "embedding",
+    pg_text_column: Annotated[str, typer.Option("--pg-text-column")] = "content",
+    local_model: Annotated[str | None, typer.Option("--local-model", help="Embed the query locally.")] = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Embed a query with the dataset's model and print the nearest rows."""
+    from embedbatch.search.exact import search_pg, search_shards
+
+    ws = open_workspace()
+    s = settings()
+    if pg_table:
+        hits = search_pg(
+            s,
+            query_text,
+            dsn=pg_dsn or s.database_url,
+            table=pg_table,
+            id_column=pg_id_column,
+            vector_column=pg_vector_column,
+            text_column=pg_text_column,
+            model=model,
+            k=k,
+            local_model=local_model,
+        )
+    elif dataset:
+        hits = search_shards(ws, s, query_text, dataset=dataset, model=model, k=k, local_model=local_model)
+    else:
+        raise UsageError("give --dataset (Parquet shards) or --pg-table (PostgreSQL)")
+    if json_out:
+        print_json(hits)
+    else:
+        print_hits(query_text, hits)
+
+
+@db_app.command("init")
+def db_init(
+    dsn: Annotated[str | None, typer.Option("--dsn", help="Database (env DATABASE_URL).")] = None,
+    migrations: Annotated[Path | None, typer.Option("--migrations", help="Folder of *.sql files.")] = None,
+) -> None:
+    """Apply the SQL migrations (pgvector extension, example knowledge_chunks table)."""
+    import anyio
+
+    from embedbatch.db.pg import apply_migrations
+
+    dsn = dsn or settings().database_url
+    if not dsn:
+        raise UsageError("db init needs --dsn or DATABASE_URL")
+    folder = migrations or Path(__file__).resolve().parents[2] / "migrations"
+    applied = anyio.run(apply_migrations, dsn, folder)
+    console.print(f"applied {', '.join(applied)}")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    console.print(f"embedbatch {__version__}")
