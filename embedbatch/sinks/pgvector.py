@@ -28,6 +28,7 @@ import structlog
 from embedbatch.config import PgTarget
 from embedbatch.db.pg import connect, quote_ident, quote_table, translate_error
 from embedbatch.errors import DatabaseError, UsageError
+from embedbatch.store.shards import iter_run_chunks
 
 __all__ = ["TargetInfo", "VectorIndex", "WriteReport", "inspect_target", "sink_run", "sync_run_to_pg", "write_vectors"]
 
@@ -292,42 +293,6 @@ async def _insert(
             on_chunk(report.written)
 
 
-def iter_shard_chunks(
-    ws: Any, model: str, dataset: str, run_id: str, *, chunk_rows: int, progress: dict[str, int]
-) -> Iterator[tuple[str, int, list[str], np.ndarray, list[str]]]:
-    """Rows of ``run_id`` in the dataset's shards, current rows only, in shard order, as
-    ``(shard, end_offset, ids, (n, dim) float32, texts)`` chunks; rows before
-    ``progress[shard]`` (already committed) are skipped."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from embedbatch.store.manifest import Manifest, superseded_ids
-
-    manifest = Manifest.load(ws, model, dataset)
-    gone = superseded_ids(manifest)
-    base = ws.shards_dir(model, dataset)
-    for s in manifest.shards:
-        if not any(src.startswith(f"{run_id}/") for src in s.get("sources", [])) and s.get("run_id") != run_id:
-            continue
-        table = pq.read_table(base / s["file"], columns=["id", "text", "embedding", "run_id"])
-        table = table.filter(pc.equal(table["run_id"], run_id))
-        drop = gone.get(s["file"], set())
-        if drop:
-            table = table.filter(pc.invert(pc.is_in(table["id"], value_set=_pa_strings(drop))))
-        done = progress.get(s["file"], 0)
-        for start in range(done, len(table), chunk_rows):
-            part = table.slice(start, chunk_rows)
-            emb = part["embedding"].combine_chunks()
-            vecs = emb.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(part), -1)
-            yield s["file"], start + len(part), part["id"].to_pylist(), vecs, part["text"].to_pylist()
-
-
-def _pa_strings(values: set[str]) -> Any:
-    import pyarrow as pa
-
-    return pa.array(sorted(values), pa.string())
-
-
 async def sync_run_to_pg(
     ws: Any,
     *,
@@ -354,7 +319,7 @@ async def sync_run_to_pg(
             total += max(0, s["rows"] - progress.get(s["file"], 0))
 
     def chunks() -> Iterator[tuple[list[str], np.ndarray, list[str] | None]]:
-        for shard, end, ids, vecs, texts in iter_shard_chunks(
+        for shard, end, ids, vecs, texts in iter_run_chunks(
             ws, model, dataset, run_id, chunk_rows=target.update_chunk_size, progress=progress
         ):
             pending.append((shard, end))

@@ -30,7 +30,7 @@ from embedbatch.store.index import text_keys
 from embedbatch.store.manifest import Manifest, superseded_ids
 from embedbatch.workspace import Workspace, utc_now
 
-__all__ = ["ShardWriter", "StagedShard", "embedding_schema", "iter_live_rows", "read_vectors"]
+__all__ = ["ShardWriter", "StagedShard", "embedding_schema", "iter_live_rows", "iter_run_chunks", "read_vectors"]
 
 
 # Embedding values barely compress (measured: zstd saves a few % on float32 vectors and costs
@@ -361,3 +361,30 @@ def read_vectors(ws: Workspace, model: str, dataset: str) -> tuple[list[str], li
         vecs.append(arr)
     dim = manifest.dimensions or 0
     return ids, texts, np.concatenate(vecs) if vecs else np.empty((0, dim), np.float32)
+
+
+def iter_run_chunks(
+    ws: Workspace, model: str, dataset: str, run_id: str, *, chunk_rows: int, progress: dict[str, int]
+) -> Iterator[tuple[str, int, list[str], np.ndarray, list[str]]]:
+    """Rows of ``run_id`` in the dataset's shards, current rows only, in shard order, as
+    ``(shard, end_offset, ids, (n, dim) float32, texts)`` chunks; rows before
+    ``progress[shard]`` (already committed) are skipped."""
+    import pyarrow.compute as pc
+
+    manifest = Manifest.load(ws, model, dataset)
+    gone = superseded_ids(manifest)
+    base = ws.shards_dir(model, dataset)
+    for s in manifest.shards:
+        if not any(src.startswith(f"{run_id}/") for src in s.get("sources", [])) and s.get("run_id") != run_id:
+            continue
+        table = pq.read_table(base / s["file"], columns=["id", "text", "embedding", "run_id"])
+        table = table.filter(pc.equal(table["run_id"], run_id))
+        drop = gone.get(s["file"], set())
+        if drop:
+            table = table.filter(pc.invert(pc.is_in(table["id"], value_set=pa.array(sorted(drop), pa.string()))))
+        done = progress.get(s["file"], 0)
+        for start in range(done, len(table), chunk_rows):
+            part = table.slice(start, chunk_rows)
+            emb = part["embedding"].combine_chunks()
+            vecs = emb.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(part), -1)
+            yield s["file"], start + len(part), part["id"].to_pylist(), vecs, part["text"].to_pylist()
