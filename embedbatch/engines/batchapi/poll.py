@@ -19,8 +19,8 @@ from embedbatch.api.openai import BatchClient
 from embedbatch.config import IngestConfig
 from embedbatch.engines.batchapi.ingest import ingest_locked
 from embedbatch.engines.batchapi.submit import adopt_pending, submit_locked
-from embedbatch.errors import LockedError
-from embedbatch.runs import REMOTE_TERMINAL, BatchState, Run
+from embedbatch.errors import LockedError, StateError
+from embedbatch.runs import REMOTE_TERMINAL, BatchState, Run, RunState
 from embedbatch.workspace import RunPaths, Workspace, crash_point, file_lock
 
 __all__ = [
@@ -222,6 +222,13 @@ async def poll_pass(
     report = PassReport()
     with file_lock(ws.lock, what="workspace", timeout_s=wait_s, purpose="poll"):
         for paths in runs if runs is not None else ws.all_runs():
+            try:
+                state = RunState.load(paths)  # one small file: finished runs cost no more
+            except StateError as exc:
+                log.warning("unreadable run skipped", run=paths.run_id, error=str(exc))
+                continue
+            if state.kind != "batchapi" or state.status != "active":
+                continue
             try:
                 await poll_run(
                     ws,

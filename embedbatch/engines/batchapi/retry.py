@@ -1,9 +1,10 @@
 """Retry: plan the failed and missing ids of a run again, as new batches in the same run.
 
-Replayable: the new batch files and their batch.json are written first, then run.json. A
-process that dies in between leaves planned batches in the run, which :meth:`Run.open` sees
-(the run is active again) and poll submits; the ids they hold are in flight, so a second retry
-does not plan them twice.
+Replayable, in this order: the new batch files (invisible without their batch.json) → run.json
+``active`` → each batch.json ``planned`` → run.json attempts and counts. A process that dies
+before the batch.json files leaves an active run with nothing new (the next poll finishes it and
+the ids stay in failed_ids.tsv for the next retry); one that dies after them leaves planned
+batches that poll submits, whose ids are in flight, so a second retry does not plan them twice.
 """
 
 from __future__ import annotations
@@ -90,10 +91,13 @@ def plan_retry_locked(ws: Workspace, run: Run, *, max_attempts: int = 3) -> Retr
                     writer.add_row(iline, row, queue_tokens(n_tokens, len(text.encode("utf-8"))))
                     chosen.append(rid)
                     chosen_set.add(rid)
+        if chosen:
+            rs.status = "active"  # before the batches appear: poll must visit this run again
+            run.save()
+        states = writer.finish()
     except BaseException:
         writer.abort()
         raise
-    states = writer.finish()
     atomic_write_json(run.paths.root / "retry.json", {"given_up": plan.given_up, "max_attempts": max_attempts})
     if not chosen:
         return plan
@@ -102,7 +106,6 @@ def plan_retry_locked(ws: Workspace, run: Run, *, max_attempts: int = 3) -> Retr
     for rid in chosen:
         rs.attempts[rid] = rs.attempts.get(rid, 1) + 1
     rs.counts["retried"] = rs.counts.get("retried", 0) + len(chosen)
-    run.settle()
     run.save()
     plan.batches = [bs.name for bs in states]
     plan.requeued = len(chosen)
