@@ -136,6 +136,9 @@ class RunState:
         max_enqueued_tokens: the queue budget poll schedules under (None: unlimited).
         estimate: tokens and USD (standard and batch) from planning.
         actual: ``usage.total_tokens`` summed from outputs, and its batch-price USD.
+        failure: the last error a poll pass hit on this run (``error``, ``at``, ``attempts``,
+            ``retry_after``: ISO time before which cron passes leave the run alone); None once a
+            pass succeeds.
     """
 
     run_id: str
@@ -165,6 +168,7 @@ class RunState:
     timings: dict[str, float] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
     local: dict[str, Any] = field(default_factory=dict)
+    failure: dict[str, Any] | None = None
     updated_at: str | None = None
 
     @classmethod

@@ -1,9 +1,14 @@
 """The provider boundary: ``openai.AsyncOpenAI`` with tenacity retries and error translation.
 
 The SDK's own retries are off (``max_retries=0``) so one policy owns them: transient failures
-(429 honouring Retry-After, 5xx, timeouts, connection resets) become :class:`RetryLater` and
-are retried with exponential backoff and jitter; other 4xx become :class:`ProviderError` with
-the API's message. The API key lives only in the SDK client; it is never logged or stored.
+(429 honouring Retry-After, 5xx, timeouts, connection resets, a body cut mid-stream) become
+:class:`RetryLater` and are retried with exponential backoff and jitter; other 4xx become
+:class:`ProviderError` with the API's message. The API key lives only in the SDK client; it is
+never logged or stored.
+
+Calls that create something (an upload, a batch) are idempotent: a provider may commit the
+request and still answer 5xx, 429 or time out, so before each retry the client looks the object
+up (the file by its name, the batch by its metadata) and adopts it instead of sending again.
 """
 
 from __future__ import annotations
@@ -73,6 +78,13 @@ def _translate(exc: Exception) -> Exception:
     return exc
 
 
+def _is_transport_error(exc: Exception) -> bool:
+    """A network error from the SDK's HTTP stack (httpx/httpcore or their successors) or the OS,
+    raised outside the SDK's own error types, e.g. while a response body streams."""
+    module = type(exc).__module__.split(".")[0]
+    return isinstance(exc, OSError) or module.startswith(("httpx", "httpcore", "h11", "anyio"))
+
+
 def _message(exc: openai.APIError) -> str:
     body = getattr(exc, "body", None)
     if isinstance(body, dict):
@@ -117,7 +129,19 @@ class BatchClient:
     async def close(self) -> None:
         await self.client.close()
 
-    async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _call(
+        self,
+        what: str,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        lookup: Callable[[], Awaitable[T | None]] | None = None,
+    ) -> T:
+        """Run ``fn`` under the retry policy.
+
+        Args:
+            lookup: for calls that create something: run before every retry; when it finds the
+                object (the failed attempt was committed), that object is the result.
+        """
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(RetryLater),
             stop=stop_after_attempt(self.policy.attempts),
@@ -128,10 +152,17 @@ class BatchClient:
                 if attempt.retry_state.attempt_number > 1:
                     self.retries += 1
                     log.info("retrying", call=what, attempt=attempt.retry_state.attempt_number)
+                    if lookup is not None and (found := await lookup()) is not None:
+                        log.info("adopted a committed object instead of sending again", call=what)
+                        return found
                 try:
                     return await fn()
                 except openai.APIError as exc:
                     raise _translate(exc) from exc
+                except Exception as exc:
+                    if _is_transport_error(exc):
+                        raise RetryLater(f"{what}: connection broke: {exc!r}") from exc
+                    raise
         raise AssertionError("unreachable")
 
     async def upload(self, path: Path, filename: str) -> dict[str, Any]:
@@ -142,18 +173,20 @@ class BatchClient:
                 obj = await self.client.files.create(file=(filename, fh), purpose="batch")
             return obj.model_dump()
 
-        return await self._call("files.create", go)
+        return await self._call("files.create", go, lookup=lambda: self.find_file(filename))
 
     async def find_file(self, filename: str) -> dict[str, Any] | None:
         """The newest uploaded ``purpose=batch`` file named ``filename``, or None."""
+        return await self._call("files.list", self._find_file(filename))
 
+    def _find_file(self, filename: str) -> Callable[[], Awaitable[dict[str, Any] | None]]:
         async def go() -> dict[str, Any] | None:
             async for f in self.client.files.list(purpose="batch"):
                 if f.filename == filename:
                     return f.model_dump()
             return None
 
-        return await self._call("files.list", go)
+        return go
 
     async def create_batch(self, file_id: str, *, window: str, metadata: dict[str, str]) -> dict[str, Any]:
         """Create an embeddings batch for an uploaded input file; returns the batch object."""
@@ -167,7 +200,7 @@ class BatchClient:
             )
             return obj.model_dump()
 
-        return await self._call("batches.create", go)
+        return await self._call("batches.create", go, lookup=lambda: self.find_batch(metadata))
 
     async def find_batch(self, match: dict[str, str]) -> dict[str, Any] | None:
         """The newest batch whose metadata contains every pair of ``match``, or None."""
@@ -194,7 +227,12 @@ class BatchClient:
         return await self._call("batches.cancel", go)
 
     async def download(self, file_id: str, dest: Path) -> int:
-        """Stream a file's content to ``dest`` atomically (never whole in memory); returns bytes."""
+        """Stream a file's content to ``dest`` atomically (never whole in memory); returns bytes.
+        A body cut short is retried; a partial file is never left at ``dest``.
+
+        Raises:
+            ProviderError: the file does not exist (404) or another terminal error.
+        """
         from embedbatch.workspace import atomic_open
 
         async def go() -> int:

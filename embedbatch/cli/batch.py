@@ -210,6 +210,7 @@ def ingest(
     sink: SinkOptions,
     run_dir: Annotated[Path, typer.Option("--run-dir")],
     redownload: Annotated[bool, typer.Option("--redownload")] = False,
+    no_pg: Annotated[bool, typer.Option("--no-pg", help="Stop writing this run into PostgreSQL.")] = False,
     rows_per_shard: RowsPerShard = 100_000,
     dtype: Dtype = "float32",
     overwrite: Overwrite = False,
@@ -227,7 +228,7 @@ def ingest(
     cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, dsn=sink.dsn(settings()))  # type: ignore[arg-type]
     if redownload:
         with_client(lambda c: redownload_run(c, run))
-    result = anyio.run(lambda: ingest_run(ws, run, cfg, pg_target=target))
+    result = anyio.run(lambda: ingest_run(ws, run, cfg, pg_target=target, wait_s=ws.lock_timeout_s, no_pg=no_pg))
     if json_out:
         print_json(result.to_json())
         return
@@ -290,6 +291,7 @@ def status(
                     "totals": totals,
                     "estimate": rs.estimate,
                     "written": written,
+                    "failure": rs.failure,
                     "batches": [asdict(b) for b in batches],
                 }
             )
@@ -311,22 +313,37 @@ def poll(
     rows_per_shard: RowsPerShard = 100_000,
     dtype: Dtype = "float32",
 ) -> None:
-    """One pass over every active run (the cron entry point)."""
+    """One pass over every active run (the cron entry point).
+
+    A one-shot pass that finds another pass running logs one line and exits 0 (cron overlaps are
+    normal); ``--watch`` waits for the workspace lock instead. A run that fails is recorded on the
+    run and retried with back-off on later passes; the others are served.
+    """
     import time as _t
 
     import anyio
     import structlog
 
     from embedbatch.engines.batchapi.poll import poll_pass
+    from embedbatch.errors import LockedError
 
     log = structlog.get_logger("embedbatch.poll")
     ws = open_workspace()
     cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, dsn=settings().database_url)  # type: ignore[arg-type]
+    wait_s = ws.lock_timeout_s if watch is not None else None
     while True:
         started = _t.monotonic()
-        report = with_client(
-            lambda c: poll_pass(ws, c, max_enqueued_tokens=max_enqueued_tokens, ingest=ingest, ingest_config=cfg)
-        )
+        try:
+            report = with_client(
+                lambda c: poll_pass(
+                    ws, c, max_enqueued_tokens=max_enqueued_tokens, ingest=ingest, ingest_config=cfg, wait_s=wait_s
+                )
+            )
+        except LockedError as exc:
+            if watch is not None:
+                raise
+            log.info("another poll pass is running; this one has nothing to do", detail=str(exc))
+            return
         log.info("poll pass", **report.to_json())
         if watch is None:
             return
@@ -340,9 +357,11 @@ def cancel(run_dir: Annotated[Path, typer.Option("--run-dir")]) -> None:
     from embedbatch.engines.batchapi.poll import cancel_run
 
     run = open_workspace().resolve_run(run_dir)
-    batches = with_client(lambda c: cancel_run(c, run))
-    for bs in batches:
-        console.print(f"{bs.name}: {bs.status}")
+    outcomes = with_client(lambda c: cancel_run(c, run))
+    for name, outcome in outcomes:
+        console.print(f"{name}: {outcome}", markup=False, highlight=False)
+    if any(o.startswith("error:") for _, o in outcomes):
+        raise typer.Exit(6)
 
 
 @app.command()

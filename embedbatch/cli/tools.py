@@ -150,12 +150,19 @@ def serve(
     step_s: Annotated[float, typer.Option("--step-s", help="Seconds per batch status step.")] = 0.2,
 ) -> None:
     """Run an OpenAI-compatible server (files, batches, embeddings) for tests and local models."""
+    import ipaddress
     import tempfile
 
     from aiohttp import web
 
     from embedbatch.server.app import FakeOpenAI, FaultConfig, build_app
 
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not api_key:
+        raise UsageError(f"serve --host {host} is reachable from other machines: give --api-key too")
     fault_cfg = FaultConfig.parse(faults) if faults else FaultConfig()
     fault_cfg.step_s = step_s
     backend = None

@@ -84,6 +84,10 @@ class FaultConfig:
             tokens would exceed it.
         token_limit_batches: how many of the next created batches fail with token_limit_exceeded
             whatever the queue holds (deterministic re-queue tests).
+        fail_after_commit: path parts (``/files``, ``/batches``): the next POST to each is carried
+            out, then answered 500, as a provider that commits and then fails does (one per item).
+        cut_downloads: how many of the next file downloads send half the body and drop the connection.
+        lose_outputs: how many of the next completed batches lose their output file (404 later).
         step_s: seconds each status step takes (slow batches).
         create_delay_s: the batch is created, then the answer waits this long.
         retry_after_s: the Retry-After a 429 carries.
@@ -100,6 +104,9 @@ class FaultConfig:
     expire_fraction: float = 0.5
     enqueued_token_limit: int | None = None
     token_limit_batches: int = 0
+    fail_after_commit: list[str] = field(default_factory=list)
+    cut_downloads: int = 0
+    lose_outputs: int = 0
     step_s: float = 0.05
     create_delay_s: float = 0.0
     retry_after_s: float = 0.05
@@ -228,10 +235,12 @@ class FakeOpenAI:
     async def middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path.startswith("/_admin"):
-            return await handler(request)
         auth = request.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ").strip()
+        if request.path.startswith("/_admin"):  # with --api-key, the admin endpoints need it too
+            if self.api_key is not None and token != self.api_key:
+                return _err(401, "Incorrect API key provided.", code="invalid_api_key")
+            return await handler(request)
         if not auth.startswith("Bearer ") or not token or (self.api_key is not None and token != self.api_key):
             return _err(401, "Incorrect API key provided.", code="invalid_api_key")
         f = self.faults
@@ -260,6 +269,10 @@ class FakeOpenAI:
                 return _err(status, "The server had an error while processing your request.", type_="server_error")
         response = await handler(request)
         self.calls.append((request.method, request.path, response.status))
+        hit = next((p for p in f.fail_after_commit if request.method == "POST" and request.path.endswith(p)), None)
+        if hit is not None and response.status == 200:
+            f.fail_after_commit.remove(hit)
+            return _err(500, "The server had an error while processing your request.", type_="server_error")
         return response
 
     # ---- files ------------------------------------------------------------------------------
@@ -332,6 +345,16 @@ class FakeOpenAI:
         f = self.files.get(request.match_info["file_id"])
         if f is None:
             return _err(404, "No such File object", code="not_found")
+        if self.faults.cut_downloads > 0:
+            self.faults.cut_downloads -= 1
+            data = f.path.read_bytes()
+            resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            resp.content_length = len(data)
+            await resp.prepare(request)
+            await resp.write(data[: len(data) // 2])
+            assert request.transport is not None
+            request.transport.close()  # the client sees a body cut short
+            return resp
         return web.FileResponse(f.path, headers={"Content-Type": "application/octet-stream"})
 
     # ---- batches ----------------------------------------------------------------------------
@@ -602,6 +625,9 @@ class FakeOpenAI:
         self.rng.shuffle(out)
         if out:
             b["output_file_id"] = self._write_file(out, f"{bid}_output.jsonl", "batch_output").id
+            if self.faults.lose_outputs > 0:  # an output file gone at the provider (expired, deleted)
+                self.faults.lose_outputs -= 1
+                self.files.pop(b["output_file_id"]).path.unlink(missing_ok=True)
         if errs:
             b["error_file_id"] = self._write_file(errs, f"{bid}_error.jsonl", "batch_output").id
         now = int(time.time())

@@ -75,6 +75,7 @@ async def drive_run(
             ingest_config=cfg,
             runs=[paths],
             wait_s=wait_s,
+            isolate=False,
         )
         summary.passes += 1
         if on_pass is not None:

@@ -86,6 +86,7 @@ async def ingest_run(
     dsn: str | None = None,
     wait_s: float | None = None,
     pg_target: PgTarget | None = None,
+    no_pg: bool = False,
 ) -> IngestResult:
     """Ingest every downloaded batch of the run under its lock (see the module docstring).
 
@@ -93,14 +94,16 @@ async def ingest_run(
         dsn: PostgreSQL for a run with a pgvector target (never stored).
         wait_s: how long to wait for a run lock another process holds (None: fail at once).
         pg_target: from now on, also write this run's vectors into this pgvector column.
+        no_pg: from now on, write this run into no database (a way out of a sink that keeps
+            failing; the shards are unaffected).
 
     Raises:
         LockedError: another process holds the run (or the dataset, past the timeout).
         StateError: the dataset's shards disagree with this run (dimension).
     """
     with Run.open(paths, wait_s=wait_s, purpose="ingest") as run:
-        if pg_target is not None:
-            run.state.pg_target = pg_target.to_json()
+        if pg_target is not None or no_pg:
+            run.state.pg_target = None if no_pg else pg_target.to_json()  # type: ignore[union-attr]
             run.save()
         return await ingest_locked(ws, run, config or IngestConfig(), dsn=dsn)
 
@@ -170,7 +173,7 @@ def _write_batches(
     try:
         for bs in todo:
             d = run.batch_dir(bs)
-            reader = BatchReader(d, expected_dim=expected, remote_status=bs.remote_status)
+            reader = BatchReader(d, expected_dim=expected, remote_status=bs.remote_status, missing_reason=bs.error)
             if writer.rows_in_open_shard and writer.rows_in_open_shard + bs.requests > config.rows_per_shard:
                 drain()
                 writer.close_shard()

@@ -23,7 +23,7 @@ import structlog
 from embedbatch.engines.batchapi.batchfiles import RECORDS_FILE, BatchRecords
 from embedbatch.errors import StateError
 
-__all__ = ["BatchReader", "BatchResult", "decode_vector", "read_batch_results"]
+__all__ = ["BatchReader", "BatchResult", "decode_vector", "majority_dim", "read_batch_results"]
 
 log = structlog.get_logger(__name__)
 CHUNK_ROWS = 8192
@@ -70,16 +70,56 @@ class BatchResult:
 
 
 def _error_reason(line: dict[str, Any]) -> str:
+    """Why a line failed, from either error shape; never raises on a malformed line."""
     err = line.get("error")
-    if err:
+    if isinstance(err, dict):
         return f"{err.get('code') or 'error'}: {err.get('message', '')}".strip()
-    resp = line.get("response") or {}
-    body = resp.get("body") or {}
+    if err:
+        return f"error: {str(err)[:200]}"
+    resp = line.get("response")
+    if not isinstance(resp, dict):
+        return f"malformed line: response is {type(resp).__name__}"
+    body = resp.get("body")
     e = body.get("error") if isinstance(body, dict) else None
     if isinstance(e, dict):
         code = e.get("code") or e.get("type") or "error"
         return f"http {resp.get('status_code')} {code}: {e.get('message', '')}".strip()
     return f"http {resp.get('status_code')}"
+
+
+def _line_vector(line: dict[str, Any]) -> tuple[np.ndarray, int]:
+    """The vector of a successful output line and its ``usage.total_tokens``.
+
+    Raises:
+        ValueError: anything malformed (the request fails with this reason; ingest goes on).
+    """
+    try:
+        body = line["response"]["body"]
+        data = body["data"]
+        item = data[0] if len(data) == 1 else next(d for d in data if d.get("index", 0) == 0)
+        vec = decode_vector(item["embedding"])
+        usage = int((body.get("usage") or {}).get("total_tokens") or 0)
+    except (KeyError, TypeError, AttributeError, IndexError, StopIteration, ValueError, binascii.Error) as exc:
+        raise ValueError(f"undecodable embedding: {type(exc).__name__}: {exc}") from exc
+    if vec.ndim != 1 or len(vec) == 0:
+        raise ValueError(f"undecodable embedding: shape {vec.shape}")
+    return vec, usage
+
+
+def majority_dim(out: Path) -> int | None:
+    """The most common vector length among an output file's good lines (None: no vector).
+
+    For a model whose dimension is not known beforehand: one odd vector must not decide it.
+    """
+    counts: dict[int, int] = {}
+    with open(out, "rb") as fh:
+        for raw in fh:
+            try:
+                vec, _ = _line_vector(orjson.loads(raw))
+            except (orjson.JSONDecodeError, ValueError, TypeError):
+                continue
+            counts[len(vec)] = counts.get(len(vec), 0) + 1
+    return max(counts, key=lambda d: counts[d]) if counts else None
 
 
 class BatchReader:
@@ -102,10 +142,12 @@ class BatchReader:
         expected_dim: int | None,
         remote_status: str | None,
         chunk_rows: int = CHUNK_ROWS,
+        missing_reason: str | None = None,
     ) -> None:
         self.dir = batch_dir
         self.dim = expected_dim
         self.remote_status = remote_status
+        self.missing_reason = missing_reason or f"missing from output (batch {remote_status or 'unknown'})"
         self.chunk_rows = chunk_rows
         self.records = BatchRecords.read(batch_dir)
         self.ids: list[str] = self.records.ids
@@ -132,13 +174,13 @@ class BatchReader:
         """``(positions (m,) int64, vectors (m, dim) float32)`` of valid rows, in output order."""
         out = self.dir / "output.jsonl"
         if out.exists():
+            if self.dim is None:
+                self.dim = majority_dim(out)
             yield from self._output_chunks(out)
         self._read_errors()
         for i in range(len(self.ids)):
             if not self.ok[i]:
-                reason, lineno = self.failed_at.get(
-                    i, (f"missing from output (batch {self.remote_status or 'unknown'})", 0)
-                )
+                reason, lineno = self.failed_at.get(i, (self.missing_reason, 0))
                 self.failed.append((self.ids[i], reason, lineno))
 
     def _output_chunks(self, out: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -152,24 +194,21 @@ class BatchReader:
                 try:
                     line = orjson.loads(raw)
                     i = pos_get(line["custom_id"])
-                except (orjson.JSONDecodeError, KeyError, TypeError):
+                except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
                     if raw.strip():
                         log.warning("unreadable output line", batch=self.dir.name, line=lineno)
                     continue
                 if i is None or self.ok[i]:
                     log.warning("output line for an unknown or repeated custom_id", batch=self.dir.name, line=lineno)
                     continue
-                resp = line.get("response") or {}
-                if resp.get("status_code") != 200 or line.get("error"):
+                resp = line.get("response")
+                if not isinstance(resp, dict) or resp.get("status_code") != 200 or line.get("error"):
                     self.failed_at[i] = (_error_reason(line), lineno)
                     continue
                 try:
-                    body = resp["body"]
-                    data = body["data"]
-                    item = data[0] if len(data) == 1 else next(d for d in data if d.get("index", 0) == 0)
-                    vec = decode_vector(item["embedding"])
-                except (KeyError, TypeError, StopIteration, ValueError, binascii.Error) as exc:
-                    self.failed_at[i] = (f"undecodable embedding: {exc}", lineno)
+                    vec, usage = _line_vector(line)
+                except ValueError as exc:
+                    self.failed_at[i] = (str(exc), lineno)
                     continue
                 if self.dim is None:
                     self.dim = len(vec)
@@ -181,7 +220,7 @@ class BatchReader:
                 buf[len(positions)] = vec
                 positions.append(i)
                 lines.append(lineno)
-                usages.append(int((body.get("usage") or {}).get("total_tokens") or 0))
+                usages.append(usage)
                 self.ok[i] = True
                 self.failed_at.pop(i, None)
                 if len(positions) == self.chunk_rows:
@@ -215,9 +254,9 @@ class BatchReader:
             for lineno, raw in enumerate(fh, 1):
                 try:
                     line = orjson.loads(raw)
-                except orjson.JSONDecodeError:
+                    i = self.pos.get(line.get("custom_id"))
+                except (orjson.JSONDecodeError, AttributeError, TypeError):
                     continue
-                i = self.pos.get(line.get("custom_id"))
                 if i is not None and not self.ok[i]:
                     self.failed_at[i] = (_error_reason(line), lineno)
 

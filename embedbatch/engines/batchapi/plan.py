@@ -100,6 +100,9 @@ def plan_run(
     check_model_options(submit.model, submit.dimensions)
     dataset = dataset_name(source)
     with DatasetStore(ws, submit.model, dataset).locked("plan"):
+        # Under this lock no other plan of the dataset runs: any .partial folder is a dead one's.
+        for stale in ws.runs_dir(submit.model, dataset).glob("run_*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
         run = ws.new_run(submit.model, dataset)
         partial = run.root.with_name(run.root.name + ".partial")
         partial.mkdir(parents=True)

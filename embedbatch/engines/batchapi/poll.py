@@ -11,6 +11,7 @@ again when the model's enqueued tokens leave room.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -19,9 +20,9 @@ from embedbatch.api.openai import BatchClient
 from embedbatch.config import IngestConfig
 from embedbatch.engines.batchapi.ingest import ingest_locked
 from embedbatch.engines.batchapi.submit import adopt_pending, submit_locked
-from embedbatch.errors import LockedError, StateError
+from embedbatch.errors import EmbedbatchError, LockedError, ProviderError, StateError
 from embedbatch.runs import REMOTE_TERMINAL, BatchState, Run, RunState
-from embedbatch.workspace import RunPaths, Workspace, crash_point, file_lock
+from embedbatch.workspace import RunPaths, Workspace, crash_point, file_lock, utc_now
 
 __all__ = [
     "PassReport",
@@ -49,6 +50,8 @@ class PassReport:
     ingested: int = 0
     skipped_locked: list[str] = field(default_factory=list)
     active_runs: int = 0
+    failed_runs: list[str] = field(default_factory=list)
+    backed_off: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -113,7 +116,15 @@ async def download_batch(client: BatchClient, run: Run, bs: BatchState, *, redow
     d = run.batch_dir(bs)
     for file_id, name in ((bs.output_file_id, "output.jsonl"), (bs.error_file_id, "errors.jsonl")):
         if file_id and (redownload or not (d / name).exists()):
-            await client.download(file_id, d / name)
+            try:
+                await client.download(file_id, d / name)
+            except ProviderError as exc:
+                if exc.status_code != 404:
+                    raise
+                # Gone at the provider (expired or deleted): its rows fail with this reason at
+                # ingest, and `retry` plans them again, instead of the run stalling for good.
+                bs.error = f"{name} {file_id} is no longer at the provider (404); its rows are failed"
+                log.warning("file gone at the provider", run=run.run_id, batch=bs.name, file=file_id)
     if bs.status in REMOTE_TERMINAL:
         bs.set_status("downloaded")
     run.save_batch(bs)
@@ -194,6 +205,7 @@ async def poll_run(
             report.ingested += result.batches
         crash_point("poll_before_save")
         run.state.actual["status_totals"] = run.totals()
+        run.state.failure = None
         run.settle()
         if run.state.status == "active":
             report.active_runs += 1
@@ -209,12 +221,15 @@ async def poll_pass(
     ingest_config: IngestConfig | None = None,
     runs: list[RunPaths] | None = None,
     wait_s: float | None = None,
+    isolate: bool = True,
 ) -> PassReport:
     """One cron pass over every active run of the workspace.
 
     Args:
         runs: only these runs (``embedbatch run``); default every run.
         wait_s: how long to wait for the workspace lock and each run lock (None: skip at once).
+        isolate: a run that fails is recorded on the run (``failure``, with back-off) and the
+            pass goes on with the others; False re-raises (``embedbatch run`` watching one run).
 
     Raises:
         LockedError: another poll holds the workspace lock.
@@ -228,6 +243,9 @@ async def poll_pass(
                 log.warning("unreadable run skipped", run=paths.run_id, error=str(exc))
                 continue
             if state.kind != "batchapi" or state.status != "active":
+                continue
+            if isolate and state.failure and state.failure.get("retry_after", "") > utc_now().isoformat():
+                report.backed_off.append(paths.run_id)
                 continue
             try:
                 await poll_run(
@@ -243,24 +261,66 @@ async def poll_pass(
             except LockedError:
                 report.skipped_locked.append(paths.run_id)
                 log.info("run locked by another process; skipped", run=paths.run_id)
+            except Exception as exc:
+                if not isolate:
+                    raise
+                # One broken run must not stop cron from serving the others.
+                report.failed_runs.append(paths.run_id)
+                _record_failure(paths, exc)
     return report
 
 
-async def cancel_run(client: BatchClient, paths: RunPaths) -> list[BatchState]:
-    """Cancel the run's active batches at the provider; planned ones are cancelled locally."""
+def _record_failure(paths: RunPaths, exc: Exception) -> None:
+    """Note the error on the run, with an exponential back-off (1 min doubling to 1 h)."""
+    try:
+        with Run.open(paths, purpose="poll: record failure") as run:
+            attempts = int((run.state.failure or {}).get("attempts", 0)) + 1
+            delay_s = min(3600, 60 * 2 ** (attempts - 1))
+            now = utc_now()
+            run.state.failure = {
+                "error": f"{type(exc).__name__}: {exc}",
+                "at": now.isoformat(),
+                "attempts": attempts,
+                "retry_after": (now + timedelta(seconds=delay_s)).isoformat(),
+            }
+            run.save()
+            log.warning("run failed; other runs go on", run=paths.run_id, attempts=attempts, error=str(exc))
+    except LockedError:
+        log.warning("run failed and is now held by another process", run=paths.run_id, error=str(exc))
+
+
+async def cancel_run(client: BatchClient, paths: RunPaths) -> list[tuple[str, str]]:
+    """Cancel every batch of the run that can still run or bill: each one is refreshed first
+    (local state may be stale), planned and uploaded ones are cancelled locally, and an error on
+    one batch is reported and does not stop the others.
+
+    Returns:
+        ``(batch name, outcome)`` per batch: its status after the call, or the error.
+
+    Raises:
+        LockedError: another process holds the run.
+    """
+    outcomes: list[tuple[str, str]] = []
     with Run.open(paths, purpose="cancel") as run:
         for bs in run.batches:
-            if bs.pending is not None:
-                await adopt_pending(client, run, bs)
-            if bs.is_remote_active and bs.batch_id:
-                batch = await client.cancel_batch(bs.batch_id)
-                bs.remote = batch
-                bs.remote_status = batch["status"]
-                bs.set_status(batch["status"])
-            elif bs.status in ("planned", "uploaded"):
-                bs.set_status("cancelled")
-                bs.pending = None
-            run.save_batch(bs)
+            try:
+                if bs.pending is not None:
+                    await adopt_pending(client, run, bs)
+                if bs.is_remote_active and bs.batch_id:
+                    await refresh_batch(client, run, bs)
+                if bs.is_remote_active and bs.batch_id:
+                    batch = await client.cancel_batch(bs.batch_id)
+                    bs.remote = batch
+                    bs.remote_status = batch["status"]
+                    bs.set_status(batch["status"])
+                elif bs.status in ("planned", "uploaded"):
+                    bs.set_status("cancelled")
+                    bs.pending = None
+                run.save_batch(bs)
+                outcomes.append((bs.name, bs.status))
+            except EmbedbatchError as exc:
+                log.warning("cancel failed for one batch; going on", run=run.run_id, batch=bs.name, error=str(exc))
+                outcomes.append((bs.name, f"error: {exc}"))
         run.settle()
         run.save()
-        return run.batches
+    return outcomes

@@ -8,6 +8,8 @@ metadata, and adopts it instead of calling again.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -29,8 +31,18 @@ def run_key(rs: RunState) -> str:
 
 
 def upload_filename(rs: RunState, bs: BatchState) -> str:
-    """The input file's name at the provider; resume finds an upload by it."""
-    return f"embedbatch__{rs.model}__{rs.dataset}__{rs.run_id}__{bs.name}.jsonl"
+    """The input file's name at the provider; resume and retries find an upload by it.
+
+    Model and dataset names are reduced to ``[A-Za-z0-9._-]`` (a name with quotes or slashes
+    would come back from the provider spelled differently), and a hash of the exact run key keeps
+    two such names apart.
+    """
+    digest = hashlib.sha256(f"{run_key(rs)}/{bs.name}".encode()).hexdigest()[:12]
+    return f"embedbatch__{_slug(rs.model)}__{_slug(rs.dataset)}__{rs.run_id}__{bs.name}__{digest}.jsonl"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:60] or "-"
 
 
 def batch_metadata(rs: RunState, bs: BatchState) -> dict[str, str]:

@@ -1,0 +1,209 @@
+"""Provider faults that must cost nothing twice and stall nothing: commit-then-5xx on uploads
+and creates, a download cut mid-body, an output file gone at the provider, malformed output
+lines, one broken run among healthy ones, cancel after a batch finished remotely."""
+
+from __future__ import annotations
+
+import csv
+import signal
+from pathlib import Path
+
+import orjson
+import pytest
+
+from embedbatch.api.openai import BatchClient
+from embedbatch.engines.batchapi.output import read_batch_results
+from embedbatch.runs import Run, load_batches
+from embedbatch.server import ServerThread
+from embedbatch.store.verify import verify_dataset
+from embedbatch.workspace import Workspace
+from tests.conftest import cli_env, run_cli, sample_rows, write_jsonl
+
+MODEL = "text-embedding-3-small"
+
+
+def _submit(tmp_path: Path, env: dict[str, str], n: int, name: str = "d", per_batch: int = 5) -> Path:
+    folder = tmp_path / f"src-{name}"
+    folder.mkdir(exist_ok=True)
+    path = write_jsonl(folder / f"{name}.jsonl", sample_rows(n))
+    r = run_cli(
+        ["submit", str(path), "--fields", "title,body", "--max-requests-per-batch", str(per_batch)], env, tmp_path
+    )
+    assert 0 == r.returncode, r.stderr
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
+def _poll_until(ws: Workspace, env: dict[str, str], cwd: Path, run: Path, status: str, *args: str) -> None:
+    for _ in range(100):
+        assert 0 == run_cli(["poll", *args], env, cwd).returncode
+        if Run.read(ws.resolve_run(run)).state.status == status:
+            return
+    raise AssertionError(f"run never became {status}")
+
+
+def _failed_ids(run: Path) -> dict[str, str]:
+    with open(run / "failed_ids.tsv", newline="", encoding="utf-8") as fh:
+        return {row["id"]: row["reason"] for row in csv.DictReader(fh, delimiter="\t")}
+
+
+@pytest.mark.parametrize("path", ["/files", "/batches"])
+def test_commit_then_5xx_is_adopted_not_repeated(
+    tmp_path: Path, ws: Workspace, server: ServerThread, path: str
+) -> None:
+    """The provider carries out the first upload (or create) and answers 500: the retry finds
+    the committed object and adopts it, so the server holds exactly one file and one batch per
+    planned batch, and every row is embedded once."""
+    server.state.faults.fail_after_commit = [path]
+    env = cli_env(server, ws)
+    run = _submit(tmp_path, env, 10)
+    _poll_until(ws, env, tmp_path, run, "finished", "--ingest")
+    assert [] == server.state.faults.fail_after_commit  # the fault fired
+    inputs = [f for f in server.state.files.values() if f.purpose == "batch"]
+    assert (2, 2) == (len(inputs), len(server.state.batches))
+    rep = verify_dataset(ws, MODEL, "d")
+    assert (True, 10) == (rep.ok, rep.rows)
+
+
+def test_odd_dataset_name_is_adopted_after_a_kill(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+    """A dataset named ``a"b`` killed right after its upload: resume finds the upload by its
+    (slugged, hashed) name instead of uploading again."""
+    env = cli_env(server, ws)
+    path = write_jsonl(tmp_path / "x.jsonl", sample_rows(3))
+    args = ["submit", str(path), "--fields", "title,body", "--dataset", 'a"b']
+    r = run_cli(args, {**env, "EMBEDBATCH_CRASH_AT": "after_upload"}, tmp_path)
+    assert -signal.SIGKILL == r.returncode
+    (run,) = ws.all_runs()
+    assert 0 == run_cli(["submit", "--resume", str(run.root)], env, tmp_path).returncode
+    assert 1 == len([f for f in server.state.files.values() if f.purpose == "batch"])
+    assert 1 == len(server.state.batches)
+
+
+def test_cut_download_is_retried_and_never_kept(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+    """The first download sends half its body and drops the connection: the pass retries it,
+    no partial file is left, and the shards hold every row exactly once."""
+    server.state.faults.cut_downloads = 1
+    env = cli_env(server, ws)
+    run = _submit(tmp_path, env, 8, per_batch=8)
+    _poll_until(ws, env, tmp_path, run, "finished", "--ingest")
+    assert 0 == server.state.faults.cut_downloads
+    assert not list(run.rglob("*.tmp"))
+    rep = verify_dataset(ws, MODEL, "d")
+    assert (True, 8) == (rep.ok, rep.rows)
+
+
+def test_one_broken_run_does_not_stop_the_others(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+    """An old run whose pgvector target cannot be reached fails in every pass; a newer healthy
+    run is served in the same pass; the failure is recorded on the old run with a back-off and
+    shown by status; `ingest --no-pg` is its way out."""
+    env = cli_env(server, ws)
+    broken = _submit(tmp_path, env, 4, name="old")
+    with Run.open(ws.resolve_run(broken)) as run:
+        run.state.pg_target = {"table": "items", "id_column": "id", "vector_column": "embedding"}
+        run.save()
+    healthy = _submit(tmp_path, env, 6, name="new")
+    env_pg = {**env, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    for _ in range(100):
+        assert 0 == run_cli(["poll", "--ingest"], env_pg, tmp_path).returncode
+        if Run.read(ws.resolve_run(healthy)).state.status == "finished":
+            break
+    old = Run.read(ws.resolve_run(broken)).state
+    assert old.failure is not None and "DatabaseError" in old.failure["error"]
+    assert verify_dataset(ws, MODEL, "new").rows == 6
+    assert verify_dataset(ws, MODEL, "old").rows == 4  # shards committed before the sink failed
+    r = run_cli(["status", "--offline", "--json"], env, tmp_path)
+    by_id = {item["run_id"]: item for item in orjson.loads(r.stdout)}
+    assert by_id[broken.name]["failure"]["attempts"] >= 1
+    r = run_cli(["ingest", "--run-dir", str(broken), "--no-pg"], env, tmp_path)
+    assert 0 == r.returncode, r.stderr
+    _poll_until(ws, env, tmp_path, broken, "finished", "--ingest")
+
+
+def test_output_gone_at_provider_fails_rows_then_retry_embeds(
+    tmp_path: Path, ws: Workspace, server: ServerThread
+) -> None:
+    """A completed batch whose output file is gone (404): its rows are failed with that reason
+    instead of the run stalling, and `retry` embeds them."""
+    server.state.faults.lose_outputs = 1
+    env = cli_env(server, ws)
+    run = _submit(tmp_path, env, 5, per_batch=5)
+    _poll_until(ws, env, tmp_path, run, "finished", "--ingest")
+    reasons = _failed_ids(run)
+    assert 5 == len(reasons) and all("no longer at the provider (404)" in r for r in reasons.values())
+    r = run_cli(["retry", "--run-dir", str(run)], env, tmp_path)
+    assert 0 == r.returncode, r.stderr
+    _poll_until(ws, env, tmp_path, run, "finished", "--ingest")
+    assert {} == _failed_ids(run)
+    assert 5 == verify_dataset(ws, MODEL, "d").rows
+
+
+def test_malformed_output_lines_fail_their_rows_only(tmp_path: Path) -> None:
+    """Malformed lines (response not an object, a nested-list vector, an empty vector, an error
+    line that is an array, an error that is a string) fail their own request with a reason;
+    the odd-sized vector does not decide the dimension: the majority does."""
+    from embedbatch.engines.batchapi.batchfiles import BatchRecords
+
+    ids = [f"r{i}" for i in range(8)]
+    rec = BatchRecords()
+    rec.extend(ids, [None] * 8, [{}] * 8, [1] * 8)
+    rec.write(tmp_path / "records.parquet")
+    (tmp_path / "input.jsonl").write_bytes(
+        b"".join(orjson.dumps({"custom_id": i, "body": {"input": i}}) + b"\n" for i in ids)
+    )
+
+    def ok(cid: str, vec: list[float]) -> dict[str, object]:
+        body = {"data": [{"index": 0, "embedding": vec}], "usage": {"total_tokens": 1}}
+        return {"custom_id": cid, "response": {"status_code": 200, "body": body}}
+
+    lines = [
+        ok("r0", [1.0, 0.0]),
+        {"custom_id": "r1", "response": "oops"},
+        ok("r2", [[1.0, 0.0]]),  # type: ignore[list-item]
+        ok("r3", []),
+        ok("r4", [0.0, 1.0, 0.0]),  # odd one out
+        ok("r5", [0.5, 0.5]),
+        {"custom_id": "r6", "response": None, "error": "boom"},
+        ok("r7", [0.1, 0.2]),
+    ]
+    (tmp_path / "output.jsonl").write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
+    (tmp_path / "errors.jsonl").write_bytes(b"[1, 2]\n")
+    res = read_batch_results(tmp_path, expected_dim=None, remote_status="completed")
+    assert 2 == res.dim
+    assert [True, False, False, False, False, True, False, True] == res.ok.tolist()
+    reasons = {rid: reason for rid, reason, _ in res.failed}
+    assert "malformed line: response is str" == reasons["r1"]
+    assert reasons["r2"].startswith("undecodable embedding: shape")
+    assert reasons["r3"].startswith("undecodable embedding: shape")
+    assert "dimension 3 != expected 2" == reasons["r4"]
+    assert "error: boom" == reasons["r6"]
+
+
+async def test_cancel_goes_past_a_batch_that_already_finished(
+    tmp_path: Path, ws: Workspace, client: BatchClient, server: ServerThread
+) -> None:
+    """The first batch completed remotely while local state still says submitted; the second
+    is still validating: cancel refreshes each, leaves the finished one as it is and cancels
+    the other, instead of stopping at the first."""
+    import anyio
+
+    from embedbatch.engines.batchapi.poll import cancel_run
+    from embedbatch.engines.batchapi.submit import submit_run
+
+    env = cli_env(server, ws)
+    folder = tmp_path / "src"
+    folder.mkdir()
+    path = write_jsonl(folder / "d.jsonl", sample_rows(4))
+    args = ["submit", str(path), "--fields", "title,body", "--max-requests-per-batch", "2"]
+    r = run_cli([*args, "--max-enqueued-tokens", "40"], env, tmp_path)  # the budget lets one batch go
+    assert 0 == r.returncode, r.stderr
+    paths = ws.resolve_run(Path(r.stdout.strip().splitlines()[-1]))
+    first, second = load_batches(paths)
+    assert ("submitted", "planned") == (first.status, second.status)
+    for _ in range(1000):  # bounded wait for an event, not a duration
+        if server.state.batches[first.batch_id or ""]["status"] == "completed":
+            break
+        await anyio.sleep(0.01)
+    server.state.faults.step_s = 600  # the second batch stays in validation
+    assert ["batch_002"] == [b.name for b in await submit_run(ws, client, paths, max_enqueued_tokens=10**9)]
+    outcomes = dict(await cancel_run(client, paths))
+    assert {"batch_001": "completed", "batch_002": "cancelling"} == outcomes
+    assert "cancelling" == server.state.batches[load_batches(paths)[1].batch_id or ""]["status"]
