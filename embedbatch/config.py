@@ -67,6 +67,8 @@ class Settings:
             (seconds, default 900).
         retry_attempts / retry_initial_s: EMBEDBATCH_RETRY_ATTEMPTS (default 8) and
             EMBEDBATCH_RETRY_INITIAL_S (default 1.0): the provider retry policy.
+        requeue_s: EMBEDBATCH_REQUEUE_S (default 60): first wait before a batch refused with
+            ``token_limit_exceeded`` is created again (doubling, at most 1 h).
     """
 
     openai_api_key: str | None = field(default=None, repr=False)
@@ -78,6 +80,7 @@ class Settings:
     lock_timeout_s: float = 900.0
     retry_attempts: int = 8
     retry_initial_s: float = 1.0
+    requeue_s: float = 60.0
 
     def open_workspace(self) -> Workspace:
         """The :class:`Workspace` these settings name."""
@@ -117,6 +120,7 @@ class Settings:
             "lock_timeout_s": number("EMBEDBATCH_LOCK_TIMEOUT_S", "900"),
             "retry_attempts": number("EMBEDBATCH_RETRY_ATTEMPTS", "8", int),
             "retry_initial_s": number("EMBEDBATCH_RETRY_INITIAL_S", "1.0"),
+            "requeue_s": number("EMBEDBATCH_REQUEUE_S", "60"),
         }
         names = {f.name for f in fields(cls)}
         for key, value in overrides.items():

@@ -76,6 +76,7 @@ class BatchState:
         tokens: queue tokens (max of tokenizer count and bytes/4 per input).
         attempt: how many times a batch was created from this input (token_limit_exceeded
             re-queues create a new one).
+        not_before: ISO time before which a re-queued batch is not created again (back-off).
         remote: the last batch object from the API (JSON).
     """
 
@@ -94,6 +95,7 @@ class BatchState:
     pending: str | None = None
     attempt: int = 0
     retry_of: list[str] = field(default_factory=list)
+    not_before: str | None = None
     remote: dict[str, Any] | None = None
     usage_tokens: int | None = None
     succeeded: int | None = None

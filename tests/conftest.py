@@ -54,7 +54,7 @@ def settings(server: ServerThread, ws: Workspace) -> Settings:
 
 @pytest.fixture
 def client(settings: Settings) -> BatchClient:
-    return BatchClient(settings, policy=RetryPolicy(attempts=6, initial_s=0.01, max_s=0.2))
+    return BatchClient(settings, policy=RetryPolicy(attempts=6, initial_s=0.01, max_s=0.2, requeue_s=0))
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]], *, gz: bool = False) -> Path:
@@ -84,6 +84,7 @@ def cli_env(server: ServerThread, ws: Workspace, **extra: str) -> dict[str, str]
             "EMBEDBATCH_WORKSPACE": str(ws.root),
             "EMBEDBATCH_RETRY_INITIAL_S": "0.01",
             "EMBEDBATCH_RETRY_ATTEMPTS": "6",
+            "EMBEDBATCH_REQUEUE_S": "0",
         }
     )
     env.update(extra)

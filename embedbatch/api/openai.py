@@ -34,11 +34,18 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, kw_only=True)
 class RetryPolicy:
-    """Backoff for transient provider errors: attempts in total, first and largest wait (s)."""
+    """Backoff for transient provider errors: attempts in total, first and largest wait (s).
+
+    ``requeue_s`` is the first wait (doubling per attempt, at most 1 h) before a batch that the
+    provider refused with ``token_limit_exceeded`` is created again; ``max_requeues`` caps how
+    often that happens before the batch is failed with the reason.
+    """
 
     attempts: int = 8
     initial_s: float = 1.0
     max_s: float = 60.0
+    requeue_s: float = 60.0
+    max_requeues: int = 12
 
 
 class _WaitRetryAfter(wait_base):
@@ -123,7 +130,9 @@ class BatchClient:
                 max_retries=0,
             )
         self.client = client
-        self.policy = policy or RetryPolicy(attempts=settings.retry_attempts, initial_s=settings.retry_initial_s)
+        self.policy = policy or RetryPolicy(
+            attempts=settings.retry_attempts, initial_s=settings.retry_initial_s, requeue_s=settings.requeue_s
+        )
         self.retries = 0
 
     async def close(self) -> None:

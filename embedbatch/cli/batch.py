@@ -93,6 +93,9 @@ def _plan(source: str, resume: Path | None, o: _PlanOptions, *, dry_run: bool) -
     if not source:
         raise UsageError("give a SOURCE or --resume RUN_DIR")
     s = settings()
+    target = o.sink.target(source, o.src)
+    if target is not None and not dry_run:
+        _check_sink_first(target, o, s)
     with RowProgress("planning") as progress:
         planned = plan_run(
             ws,
@@ -102,9 +105,25 @@ def _plan(source: str, resume: Path | None, o: _PlanOptions, *, dry_run: bool) -
             submit=o.submit.build(o.batch, s, dry_run=dry_run),
             args=safe_args(source, o.src, o.prep, o.sample, o.batch, o.submit, o.sink),
             on_row=progress,
-            pg_target=o.sink.target(source, o.src),
+            pg_target=target,
         )
     return planned.run, planned
+
+
+def _check_sink_first(target: Any, o: _PlanOptions, s: Any) -> None:
+    """The pgvector target must take the model's vectors before any upload: the dimension comes
+    from --dimensions, the model's documented one, or (unknown model) one small request."""
+    import anyio
+
+    from embedbatch.sinks.pgvector import check_target
+    from embedbatch.tokens import MODEL_DIMENSIONS
+
+    model = o.batch.model_name(s)
+    dim = o.batch.dimensions or MODEL_DIMENSIONS.get(model)
+    if dim is None:
+        probe = with_client(lambda c: c.embed(["dimension probe"], model=model))
+        dim = len(probe[0])
+    anyio.run(lambda: check_target(o.sink.dsn(s, o.src), target, dim=dim))
 
 
 def _print_planned(run: Any, planned: Any, *, json_out: bool) -> None:

@@ -137,6 +137,9 @@ def status_table(rs: Any, batches: list[Any], totals: dict[str, Any]) -> Table:
         f"requests {totals['requests']:,} · succeeded {totals['succeeded']:,} · failed {totals['failed']:,}"
         f" · enqueued tokens {totals['enqueued_tokens']:,} · estimated cost {fmt_usd(est)}"
     )
+    if rs.pg.get("pending_indexes"):
+        names = ", ".join(d["name"] for d in rs.pg["pending_indexes"])
+        t.caption += f"\nindex rebuild pending: {names} (the next ingest of this run recreates it)"
     if rs.failure:
         f = rs.failure
         t.caption += f"\nlast pass failed ({f['attempts']}×, next try after {f['retry_after']}): {f['error']}"

@@ -29,8 +29,19 @@ from embedbatch.config import PgTarget
 from embedbatch.db.pg import connect, quote_ident, quote_table, translate_error
 from embedbatch.errors import DatabaseError, UsageError
 from embedbatch.store.shards import iter_run_chunks
+from embedbatch.workspace import crash_point
 
-__all__ = ["TargetInfo", "VectorIndex", "WriteReport", "inspect_target", "sink_run", "sync_run_to_pg", "write_vectors"]
+__all__ = [
+    "TargetInfo",
+    "VectorIndex",
+    "WriteReport",
+    "check_target",
+    "inspect_target",
+    "recreate_missing_indexes",
+    "sink_run",
+    "sync_run_to_pg",
+    "write_vectors",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -160,6 +171,7 @@ async def write_vectors(
     dim: int,
     total_rows: int | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    on_index_drop: Callable[[list[VectorIndex]], None] | None = None,
 ) -> WriteReport:
     """Write ``(ids, (n, dim) float32 vectors, texts or None)`` chunks into the target.
 
@@ -171,6 +183,8 @@ async def write_vectors(
         dim: the embeddings' dimension; must equal the column's.
         total_rows: rows that will be written (for the index-cost estimate).
         on_chunk: called with the rows written after each committed chunk.
+        on_index_drop: called with the indexes ``rebuild_index`` is about to drop, before the
+            drop (the caller saves them, so a crash before the rebuild can recreate them).
 
     Raises:
         DatabaseError: the target does not fit, or PostgreSQL fails.
@@ -197,9 +211,12 @@ async def write_vectors(
                 advice="--rebuild-index" if worth and not target.rebuild_index else None,
             )
             if target.rebuild_index:
+                if on_index_drop is not None:
+                    on_index_drop(info.indexes)
                 for idx in info.indexes:
                     await conn.execute(f"DROP INDEX IF EXISTS {quote_table(_index_schema(idx, target))}")
                 rebuild = True
+                crash_point("pg_after_index_drop")
         table = quote_table(target.table)
         idc, vc = quote_ident(target.id_column), quote_ident(target.vector_column)
         try:
@@ -237,6 +254,46 @@ async def write_vectors(
                 report.index_rebuilt = await _rebuild(conn, target, info, max(info.rows_estimate, report.written))
     report.seconds = time.monotonic() - started
     return report
+
+
+async def check_target(dsn: str | None, target: PgTarget, *, dim: int) -> TargetInfo:
+    """Check, before anything is paid for, that ``target`` can take ``dim``-dimensional vectors:
+    the table, id column and vector column exist, the column is ``vector``/``halfvec`` of that
+    dimension, and the id column's type is one we can map ids to.
+
+    Raises:
+        UsageError: no DSN.
+        DatabaseError: the target does not fit (the message says what to change).
+    """
+    if not dsn:
+        raise UsageError("--pg-table needs a database: set DATABASE_URL or pass --pg-dsn")
+    async with connect(dsn) as conn:
+        info = await inspect_target(conn, target)
+    if info.dim != dim:
+        raise DatabaseError(
+            f"{target.table}.{target.vector_column} is {info.kind}({info.dim}) but the model gives {dim}-d vectors; "
+            f"change the column, pick another --pg-vector-column, or set --dimensions (nothing was uploaded)"
+        )
+    return info
+
+
+async def recreate_missing_indexes(dsn: str, definitions: list[dict[str, str]]) -> list[str]:
+    """Recreate the saved indexes (``name``, ``definition``) that do not exist; returns their names.
+
+    Raises:
+        DatabaseError: PostgreSQL fails.
+    """
+    created = []
+    async with connect(dsn) as conn:
+        for d in definitions:
+            exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", quote_ident(d["name"]))
+            if not exists:
+                try:
+                    await conn.execute(d["definition"])
+                except Exception as exc:
+                    raise translate_error(exc, f"recreating index {d['name']!r}") from exc
+                created.append(d["name"])
+    return created
 
 
 def _index_schema(idx: VectorIndex, target: PgTarget) -> str:
@@ -304,6 +361,7 @@ async def sync_run_to_pg(
     dim: int,
     progress: dict[str, int],
     save_progress: Callable[[dict[str, int]], None],
+    on_index_drop: Callable[[list[VectorIndex]], None] | None = None,
 ) -> WriteReport:
     """Write every shard row of a run into the target, resuming after the last committed chunk.
 
@@ -330,7 +388,9 @@ async def sync_run_to_pg(
         progress[shard] = end
         save_progress(progress)
 
-    return await write_vectors(dsn, target, chunks(), dim=dim, total_rows=total, on_chunk=committed)
+    return await write_vectors(
+        dsn, target, chunks(), dim=dim, total_rows=total, on_chunk=committed, on_index_drop=on_index_drop
+    )
 
 
 async def sink_run(ws: Any, run: Any, *, dsn: str | None) -> dict[str, Any]:
@@ -348,7 +408,6 @@ async def sink_run(ws: Any, run: Any, *, dsn: str | None) -> dict[str, Any]:
         DatabaseError: the target does not fit or PostgreSQL fails.
     """
     from embedbatch.store.manifest import Manifest
-    from embedbatch.workspace import crash_point
 
     rs = run.state
     assert rs.pg_target is not None
@@ -359,11 +418,20 @@ async def sink_run(ws: Any, run: Any, *, dsn: str | None) -> dict[str, Any]:
         return {}
     target = PgTarget(**rs.pg_target)
     progress: dict[str, int] = dict(rs.pg.get("progress", {}))
+    if rs.pg.get("pending_indexes"):  # a process died between dropping and recreating them
+        created = await recreate_missing_indexes(dsn, rs.pg["pending_indexes"])
+        log.info("recreated vector indexes dropped by an interrupted write", indexes=created)
+        rs.pg["pending_indexes"] = []
+        run.save()
 
     def save(p: dict[str, int]) -> None:
         rs.pg["progress"] = dict(p)
         run.save()
         crash_point("pg_after_chunk")
+
+    def dropping(indexes: list[VectorIndex]) -> None:
+        rs.pg["pending_indexes"] = [{"name": i.name, "definition": i.definition} for i in indexes]
+        run.save()
 
     report = await sync_run_to_pg(
         ws,
@@ -375,7 +443,10 @@ async def sink_run(ws: Any, run: Any, *, dsn: str | None) -> dict[str, Any]:
         dim=manifest.dimensions,
         progress=progress,
         save_progress=save,
+        on_index_drop=dropping,
     )
+    if report.index_rebuilt:
+        rs.pg["pending_indexes"] = []
     totals = rs.pg.setdefault("totals", {"written": 0, "missing_ids": 0, "skipped_has_vector": 0})
     for key in totals:
         totals[key] += getattr(report, key)

@@ -290,3 +290,51 @@ def test_postgres_source_uuid_ids_and_overwrite(tmp_path: Path, ws: Workspace, p
 
     assert [str(uuid.UUID(int=1))] == ids(False)
     assert [str(uuid.UUID(int=1)), str(uuid.UUID(int=2))] == ids(True)
+
+
+def test_sink_that_cannot_take_the_vectors_is_refused_before_upload(
+    tmp_path: Path, ws: Workspace, server: ServerThread, pg_dsn: str
+) -> None:
+    """A vector(384) column for text-embedding-3-small (1536-d): submit exits 7 naming the
+    column and the dimensions, and nothing reaches the provider."""
+    import asyncio
+
+    from tests.conftest import sample_rows, write_jsonl
+
+    asyncio.run(pg_exec(pg_dsn, "CREATE TABLE items (id text PRIMARY KEY, embedding vector(384))"))
+    path = write_jsonl(tmp_path / "d.jsonl", sample_rows(3))
+    env = cli_env(server, ws)
+    r = run_cli(
+        ["submit", str(path), "--fields", "title,body", "--pg-table", "items", "--pg-dsn", pg_dsn], env, tmp_path
+    )
+    assert 7 == r.returncode
+    assert "items.embedding is vector(384) but the model gives 1536-d vectors" in r.stderr
+    assert ([], {}) == (list(server.state.files), server.state.batches)
+    assert [] == ws.all_runs()
+
+
+def test_kill_after_index_drop_recreates_it_on_resume(
+    tmp_path: Path, ws: Workspace, server: ServerThread, pg_dsn: str
+) -> None:
+    """`--rebuild-index`, killed right after the HNSW index was dropped: the dropped definition
+    was saved first, status says a rebuild is pending, and the resumed ingest recreates it."""
+    import asyncio
+
+    _chunks_table(pg_dsn, 6)
+    asyncio.run(
+        pg_exec(pg_dsn, "CREATE INDEX chunks_hnsw ON knowledge_chunks USING hnsw (embedding vector_cosine_ops)")
+    )
+    env = cli_env(server, ws)
+    r = run_cli(
+        [*PG_RUN, "--dsn", pg_dsn, "--rebuild-index"], {**env, "EMBEDBATCH_CRASH_AT": "pg_after_index_drop"}, tmp_path
+    )
+    assert -signal.SIGKILL == r.returncode
+    index = "SELECT count(*) FROM pg_indexes WHERE indexname = 'chunks_hnsw'"
+    assert [[[0]]] == [asyncio.run(pg_exec(pg_dsn, index))[0]]
+    (run_dir,) = [x.root for x in ws.all_runs()]
+    r = run_cli(["status", "--offline", "--run-dir", str(run_dir)], env, tmp_path)
+    assert "index rebuild pending: chunks_hnsw" in r.stdout
+    r = run_cli(["ingest", "--run-dir", str(run_dir), "--pg-dsn", pg_dsn], env, tmp_path)
+    assert 0 == r.returncode, r.stderr
+    (count, idx) = asyncio.run(pg_exec(pg_dsn, "SELECT count(embedding) FROM knowledge_chunks", index))
+    assert ([[3]], [[1]]) == (count, idx)

@@ -10,6 +10,7 @@ again when the model's enqueued tokens leave room.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -57,9 +58,34 @@ class PassReport:
         return dict(self.__dict__)
 
 
-def _is_token_limit(batch: dict[str, Any]) -> bool:
-    errors = (batch.get("errors") or {}).get("data") or []
-    return any((e or {}).get("code") == "token_limit_exceeded" for e in errors)
+def _token_limit(batch: dict[str, Any]) -> int | None:
+    """For a batch failed with ``token_limit_exceeded``: the limit its message states (0 when it
+    states none); None for any other failure."""
+    for e in (batch.get("errors") or {}).get("data") or []:
+        if (e or {}).get("code") == "token_limit_exceeded":
+            m = re.search(r"Limit: ([\d,]+)", str(e.get("message") or ""))
+            return int(m.group(1).replace(",", "")) if m else 0
+    return None
+
+
+def _can_requeue(run: Run, bs: BatchState, limit: int, max_requeues: int) -> bool:
+    """Whether a batch refused for queue space may be created again. It may not when it can
+    never fit (its own tokens exceed the organization's limit) or after ``max_requeues``; then
+    it stays failed with the reason, its rows are failed at ingest, and ``retry`` plans them
+    again in batches cut to the limit (recorded in the run's limits)."""
+    if limit and bs.tokens > limit:
+        bs.error = (
+            f"batch of {bs.tokens:,} queue tokens can never fit the organization's enqueued-token limit "
+            f"of {limit:,}; its rows are failed and `retry` plans them in smaller batches"
+        )
+        run.state.limits["max_enqueued_tokens"] = min(limit, run.state.limits.get("max_enqueued_tokens") or limit)
+        run.state.max_enqueued_tokens = run.state.limits["max_enqueued_tokens"]
+        run.save()
+        return False
+    if bs.attempt >= max_requeues:
+        bs.error = f"refused with token_limit_exceeded {bs.attempt + 1} times; its rows are failed"
+        return False
+    return True
 
 
 async def refresh_batch(client: BatchClient, run: Run, bs: BatchState, *, save: bool = True) -> bool:
@@ -84,19 +110,22 @@ async def refresh_batch(client: BatchClient, run: Run, bs: BatchState, *, save: 
     bs.output_file_id = batch.get("output_file_id")
     bs.error_file_id = batch.get("error_file_id")
     requeued = False
-    if batch["status"] == "failed" and _is_token_limit(batch):
-        log.info("token_limit_exceeded; batch re-queued", run=run.run_id, batch=bs.name, batch_id=bs.batch_id)
+    limit = _token_limit(batch) if batch["status"] == "failed" else None
+    if limit is not None and _can_requeue(run, bs, limit, client.policy.max_requeues):
+        wait_s = min(3600.0, client.policy.requeue_s * 2 ** min(bs.attempt, 16))
+        log.info("token_limit_exceeded; batch re-queued", run=run.run_id, batch=bs.name, wait_s=wait_s)
         bs.retry_of.append(bs.batch_id)
         bs.batch_id = None
         bs.attempt += 1
         bs.remote_status = None
         bs.succeeded = bs.failed = None
         bs.output_file_id = bs.error_file_id = None
+        bs.not_before = (utc_now() + timedelta(seconds=wait_s)).isoformat()
         bs.set_status("uploaded")
         requeued = True
     elif batch["status"] != bs.status:
         bs.set_status(batch["status"])
-        if batch["status"] == "failed":
+        if batch["status"] == "failed" and limit is None:  # (a refused re-queue set its own reason)
             bs.error = "; ".join(
                 f"{e.get('code')}: {e.get('message')}" for e in (batch.get("errors") or {}).get("data") or []
             )

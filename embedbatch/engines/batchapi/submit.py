@@ -18,7 +18,7 @@ import structlog
 
 from embedbatch.api.openai import BatchClient
 from embedbatch.runs import REMOTE_ACTIVE, BatchState, Run, RunState, crash_point, load_batches
-from embedbatch.workspace import RunPaths, Workspace, read_json
+from embedbatch.workspace import RunPaths, Workspace, read_json, utc_now
 
 __all__ = ["adopt_pending", "enqueued_tokens", "run_key", "submit_locked", "submit_run"]
 
@@ -174,7 +174,8 @@ async def submit_locked(
     if rs.status != "active":
         return []
     budget = max_enqueued_tokens if max_enqueued_tokens is not None else rs.max_enqueued_tokens
-    todo = [bs for bs in run.batches if bs.status in ("planned", "uploaded")]
+    now = utc_now().isoformat()
+    todo = [bs for bs in run.batches if bs.status in ("planned", "uploaded") and (bs.not_before or "") <= now]
     # Batches with a pending create may already exist remotely and count against the queue.
     in_queue = enqueued_tokens(ws, rs.model)
     chosen: list[BatchState] = []

@@ -55,6 +55,7 @@ def run_local(
         InputError: bad input (before anything is written).
         UsageError: bad device, dtype or model.
         LockedError: another local run of this dataset and model is running.
+        DatabaseError: the pgvector target cannot take this model's vectors (checked first).
     """
     ingest = ingest or IngestConfig()
     enc = encoder or LocalEncoder(local.model, device=local.device, dtype=local.dtype, compile=local.compile)
@@ -67,6 +68,12 @@ def run_local(
     pad_to = "bucket" if local.compile else local.pad_to
     bucketer = Bucketer(edges, tokens_per_batch, pad_to)  # type: ignore[arg-type]
     max_content = min(prepare.max_tokens, enc.max_length - enc.special_tokens(enc.new_tokenizer()))
+    if pg_target is not None:  # before any work: the column must take this model's vectors
+        import anyio
+
+        from embedbatch.sinks.pgvector import check_target
+
+        anyio.run(lambda: check_target(dsn, pg_target, dim=enc.dim))
     run = ws.new_run(label, dataset)
     run.root.mkdir(parents=True)
     result = LocalResult(str(run.root), label, enc.device, enc.dtype if not local.devices else local.dtype)

@@ -207,3 +207,57 @@ async def test_cancel_goes_past_a_batch_that_already_finished(
     outcomes = dict(await cancel_run(client, paths))
     assert {"batch_001": "completed", "batch_002": "cancelling"} == outcomes
     assert "cancelling" == server.state.batches[load_batches(paths)[1].batch_id or ""]["status"]
+
+
+def test_batch_over_the_org_queue_limit_is_failed_then_retried_smaller(
+    tmp_path: Path, ws: Workspace, server: ServerThread
+) -> None:
+    """The provider's enqueued-token limit is smaller than a planned batch: instead of being
+    re-created forever, the batch is failed after one refusal with a reason naming the limit,
+    its rows are listed, and `retry` plans them in batches cut to that limit, which complete."""
+    limit = 50  # tokens; 12 rows are ~170
+    server.state.faults.enqueued_token_limit = limit
+    env = cli_env(server, ws)
+    run = _submit(tmp_path, env, 12, per_batch=12)
+    assert load_batches(ws.resolve_run(run))[0].tokens > limit
+    _poll_until(ws, env, tmp_path, run, "finished", "--ingest")
+    assert 1 == len(server.state.batches)
+    reasons = _failed_ids(run)
+    assert 12 == len(reasons)
+    assert all(f"enqueued-token limit of {limit:,}" in r for r in reasons.values())
+    r = run_cli(["retry", "--run-dir", str(run)], env, tmp_path)
+    assert 0 == r.returncode, r.stderr
+    _poll_until(ws, env, tmp_path, run, "finished", "--ingest")
+    assert {} == _failed_ids(run)
+    assert all(b.tokens <= limit for b in load_batches(ws.resolve_run(run)) if b.name.startswith("retry_"))
+    assert 12 == verify_dataset(ws, MODEL, "d").rows
+
+
+def test_run_beside_cron_polls(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+    """`embedbatch run` while a cron-style loop of `poll --ingest` passes runs on the same
+    workspace: both exit 0, every row is embedded once."""
+    import subprocess
+    import sys
+
+    env = cli_env(server, ws)
+    path = write_jsonl(tmp_path / "d.jsonl", sample_rows(20))
+    args = ["run", str(path), "--fields", "title,body", "--json", "--max-requests-per-batch", "5"]
+    args += ["--poll-seconds", "0"]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "embedbatch", *args],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    passes = 0
+    while run.poll() is None and passes < 200:
+        assert 0 == run_cli(["poll", "--ingest"], env, tmp_path).returncode
+        passes += 1
+    out, err = run.communicate(timeout=300)
+    assert 0 == run.returncode, err
+    assert 20 == orjson.loads(out)["embedded"]
+    rep = verify_dataset(ws, MODEL, "d")
+    assert (True, 20) == (rep.ok, rep.rows)
+    assert 4 == len(server.state.batches)
