@@ -272,8 +272,9 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        """Every batch is final (ingested or cancelled)."""
-        return all(bs.status in FINAL for bs in self.batches)
+        """Every batch is final (ingested or cancelled), and a database sink, if any, is done."""
+        sink_done = not self.state.pg_target or self.state.pg.get("status") == "done"
+        return sink_done and all(bs.status in FINAL for bs in self.batches)
 
     def settle(self) -> bool:
         """Derive ``active``/``finished`` from the batches (a run whose process died between

@@ -209,8 +209,23 @@ class FakeOpenAI:
 
     # ---- helpers ----------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        """How many files and batches exist (tests check no duplicates were made)."""
-        return {"files": len(self.files), "batches": len(self.batches)}
+        """How many files and batches exist, and how many were made twice: input files with the
+        same name, batches with the same ``embedbatch_run/batch/attempt`` metadata."""
+        names = [f.filename for f in self.files.values() if f.purpose == "batch"]
+        keys = [
+            "/".join(
+                (b.get("metadata") or {}).get(k, "")
+                for k in ("embedbatch_run", "embedbatch_batch", "embedbatch_attempt")
+            )
+            for b in self.batches.values()
+        ]
+        return {
+            "files": len(self.files),
+            "input_files": len(names),
+            "batches": len(self.batches),
+            "duplicate_uploads": len(names) - len(set(names)),
+            "duplicate_batches": len(keys) - len(set(keys)),
+        }
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}-{secrets.token_hex(12)}"

@@ -416,6 +416,20 @@ async def sink_run(ws: Any, run: Any, *, dsn: str | None) -> dict[str, Any]:
     manifest = Manifest.load(ws, rs.model, rs.dataset)
     if manifest.dimensions is None:
         return {}
+    try:
+        return await _sink_run(ws, run, dsn, manifest.dimensions)
+    except Exception as exc:
+        # Only the sink step failed: the shards are committed; the run stays active until a
+        # later ingest (with corrected flags, or --no-pg) finishes it.
+        rs.pg["status"] = "failed"
+        rs.pg["error"] = f"{type(exc).__name__}: {exc}"
+        run.save()
+        raise
+
+
+async def _sink_run(ws: Any, run: Any, dsn: str, dim: int) -> dict[str, Any]:
+    rs = run.state
+    assert rs.pg_target is not None
     target = PgTarget(**rs.pg_target)
     progress: dict[str, int] = dict(rs.pg.get("progress", {}))
     if rs.pg.get("pending_indexes"):  # a process died between dropping and recreating them
@@ -440,13 +454,15 @@ async def sink_run(ws: Any, run: Any, *, dsn: str | None) -> dict[str, Any]:
         run_id=rs.run_id,
         target=target,
         dsn=dsn,
-        dim=manifest.dimensions,
+        dim=dim,
         progress=progress,
         save_progress=save,
         on_index_drop=dropping,
     )
     if report.index_rebuilt:
         rs.pg["pending_indexes"] = []
+    rs.pg["status"] = "done"
+    rs.pg.pop("error", None)
     totals = rs.pg.setdefault("totals", {"written": 0, "missing_ids": 0, "skipped_has_vector": 0})
     for key in totals:
         totals[key] += getattr(report, key)

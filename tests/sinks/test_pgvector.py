@@ -338,3 +338,49 @@ def test_kill_after_index_drop_recreates_it_on_resume(
     assert 0 == r.returncode, r.stderr
     (count, idx) = asyncio.run(pg_exec(pg_dsn, "SELECT count(embedding) FROM knowledge_chunks", index))
     assert ([[3]], [[1]]) == (count, idx)
+
+
+def test_sink_failure_after_payment_leaves_other_runs_and_resumes(
+    tmp_path: Path, ws: Workspace, server: ServerThread, pg_dsn: str
+) -> None:
+    """The target table disappears after submit checked it: the poll pass records the sink
+    failure on that run only (its shards are committed, a healthy run finishes in the same
+    passes), and once the table is back, `ingest --run-dir D` finishes the sink and the run."""
+    import asyncio
+
+    from embedbatch.runs import Run
+    from tests.conftest import sample_rows, write_jsonl
+
+    asyncio.run(pg_exec(pg_dsn, "CREATE TABLE items (id text PRIMARY KEY, embedding vector(1536))"))
+    env = {**cli_env(server, ws), "DATABASE_URL": pg_dsn}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    broken = write_jsonl(tmp_path / "a" / "a.jsonl", sample_rows(4))
+    healthy = write_jsonl(tmp_path / "b" / "b.jsonl", sample_rows(5))
+    r = run_cli(["submit", str(broken), "--fields", "title,body", "--pg-table", "items"], env, tmp_path)
+    assert 0 == r.returncode, r.stderr
+    broken_run = Path(r.stdout.strip().splitlines()[-1])
+    asyncio.run(pg_exec(pg_dsn, "DROP TABLE items"))
+    r = run_cli(["submit", str(healthy), "--fields", "title,body"], env, tmp_path)
+    healthy_run = Path(r.stdout.strip().splitlines()[-1])
+    for _ in range(100):
+        assert 0 == run_cli(["poll", "--ingest"], env, tmp_path).returncode
+        if Run.read(ws.resolve_run(healthy_run)).state.status == "finished":
+            break
+    state = Run.read(ws.resolve_run(broken_run)).state
+    assert ("active", "failed") == (state.status, state.pg["status"])
+    assert state.failure is not None and "items" in state.failure["error"]
+    assert {"ingested"} == {b.status for b in Run.read(ws.resolve_run(broken_run)).batches}
+    asyncio.run(
+        pg_exec(
+            pg_dsn,
+            "CREATE TABLE items (id text PRIMARY KEY, embedding vector(1536))",
+            "INSERT INTO items SELECT 'doc-' || g, NULL FROM generate_series(0, 3) g",
+        )
+    )
+    r = run_cli(["ingest", "--run-dir", str(broken_run)], env, tmp_path)
+    assert 0 == r.returncode, r.stderr
+    (count,) = asyncio.run(pg_exec(pg_dsn, "SELECT count(embedding) FROM items"))
+    assert [[4]] == count
+    assert 0 == run_cli(["poll", "--ingest"], env, tmp_path).returncode
+    assert "finished" == Run.read(ws.resolve_run(broken_run)).state.status

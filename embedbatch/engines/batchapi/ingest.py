@@ -104,6 +104,7 @@ async def ingest_run(
     with Run.open(paths, wait_s=wait_s, purpose="ingest") as run:
         if pg_target is not None or no_pg:
             run.state.pg_target = None if no_pg else pg_target.to_json()  # type: ignore[union-attr]
+            run.state.pg["status"] = "pending"
             run.save()
         return await ingest_locked(ws, run, config or IngestConfig(), dsn=dsn)
 
@@ -115,6 +116,9 @@ async def ingest_locked(ws: Workspace, run: Run, config: IngestConfig, *, dsn: s
         from embedbatch.sinks.pgvector import sink_run
 
         result.pg = await sink_run(ws, run, dsn=dsn or config.dsn)
+    run.state.failure = None  # whatever failed before is behind this run now
+    run.settle()
+    run.save()
     return result
 
 
