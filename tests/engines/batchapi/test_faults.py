@@ -121,12 +121,16 @@ def test_one_broken_run_does_not_stop_the_others(tmp_path: Path, ws: Workspace, 
 def test_output_gone_at_provider_fails_rows_then_retry_embeds(
     tmp_path: Path, ws: Workspace, server: ServerThread
 ) -> None:
-    """A completed batch whose output file is gone (404): its rows are failed with that reason
-    instead of the run stalling, and `retry` embeds them."""
+    """An old run's completed batch whose output file is gone (404) beside a newer healthy run:
+    the same passes finish both; the old run's rows are failed with that reason instead of the
+    run stalling, and `retry` embeds them."""
     server.state.faults.lose_outputs = 1
     env = cli_env(server, ws)
     run = _submit(tmp_path, env, 5, per_batch=5)
+    newer = _submit(tmp_path, env, 3, name="newer")
     _poll_until(ws, env, tmp_path, run, "finished", "--ingest")
+    assert "finished" == Run.read(ws.resolve_run(newer)).state.status
+    assert 3 == verify_dataset(ws, MODEL, "newer").rows
     reasons = _failed_ids(run)
     assert 5 == len(reasons) and all("no longer at the provider (404)" in r for r in reasons.values())
     r = run_cli(["retry", "--run-dir", str(run)], env, tmp_path)
@@ -261,3 +265,43 @@ def test_run_beside_cron_polls(tmp_path: Path, ws: Workspace, server: ServerThre
     rep = verify_dataset(ws, MODEL, "d")
     assert (True, 20) == (rep.ok, rep.rows)
     assert 4 == len(server.state.batches)
+
+
+def test_stale_partial_plan_is_removed(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+    """A plan killed mid-way leaves ``run_*.partial``; the next plan of the dataset (under the
+    dataset lock, so no live plan can own it) removes it."""
+    env = cli_env(server, ws)
+    path = write_jsonl(tmp_path / "d.jsonl", sample_rows(3))
+    stale = ws.runs_dir(MODEL, "d") / "run_20260101T000000Z_000000.partial"
+    (stale / "batches").mkdir(parents=True)
+    r = run_cli(["submit", str(path), "--fields", "title,body", "--dry-run"], env, tmp_path)
+    assert 0 == r.returncode, r.stderr
+    assert not stale.exists()
+
+
+def test_serve_guards_its_key_and_its_address(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+    """With --api-key, a wrong key is refused on the API and on the admin endpoint; binding a
+    non-loopback address without --api-key is refused before anything listens."""
+    import urllib.error
+    import urllib.request
+
+    base = server.base_url[: -len("/v1")]
+    for path in ("/v1/batches", "/_admin/counts"):
+        req = urllib.request.Request(base + path, headers={"Authorization": "Bearer wrong"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=30)
+        assert 401 == err.value.code
+    r = run_cli(["serve", "--host", "0.0.0.0", "--port", "0"], cli_env(server, ws), tmp_path)
+    assert 2 == r.returncode
+    assert "--api-key" in r.stderr
+
+
+def test_cron_poll_overlapping_another_pass_exits_0(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+    """A one-shot `poll` that finds the workspace lock held (another pass) logs one line and
+    exits 0: overlapping cron passes are normal, not errors."""
+    from embedbatch.workspace import file_lock
+
+    with file_lock(ws.lock, what="workspace", purpose="poll"):
+        r = run_cli(["--log-format", "json", "poll", "--ingest"], cli_env(server, ws), tmp_path)
+    assert 0 == r.returncode, r.stderr
+    assert "another poll pass is running" in r.stderr + r.stdout
