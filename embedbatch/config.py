@@ -19,6 +19,7 @@ from embedbatch.workspace import Workspace
 __all__ = [
     "BatchLimits",
     "IngestConfig",
+    "LibsqlTarget",
     "LocalConfig",
     "PgTarget",
     "PrepareConfig",
@@ -67,6 +68,7 @@ class Settings:
             (seconds, default 900).
         retry_attempts / retry_initial_s: EMBEDBATCH_RETRY_ATTEMPTS (default 8) and
             EMBEDBATCH_RETRY_INITIAL_S (default 1.0): the provider retry policy.
+        turso_auth_token: TURSO_AUTH_TOKEN for a remote libSQL sink; never logged or stored.
         requeue_s: EMBEDBATCH_REQUEUE_S (default 60): first wait before a batch refused with
             ``token_limit_exceeded`` is created again (doubling, at most 1 h).
     """
@@ -81,6 +83,7 @@ class Settings:
     retry_attempts: int = 8
     retry_initial_s: float = 1.0
     requeue_s: float = 60.0
+    turso_auth_token: str | None = field(default=None, repr=False)
 
     def open_workspace(self) -> Workspace:
         """The :class:`Workspace` these settings name."""
@@ -121,6 +124,7 @@ class Settings:
             "retry_attempts": number("EMBEDBATCH_RETRY_ATTEMPTS", "8", int),
             "retry_initial_s": number("EMBEDBATCH_RETRY_INITIAL_S", "1.0"),
             "requeue_s": number("EMBEDBATCH_REQUEUE_S", "60"),
+            "turso_auth_token": env.get("TURSO_AUTH_TOKEN") or None,
         }
         names = {f.name for f in fields(cls)}
         for key, value in overrides.items():
@@ -136,12 +140,14 @@ class SourceConfig:
     """Where records come from and how rows map to records.
 
     Attributes:
-        path: a file, a directory, or a glob; or ``postgres`` for a table (see ``pg_*``).
+        path: a file, a directory, or a glob; ``postgres`` for a PostgreSQL table; or a SQLite
+            file (``sqlite:PATH``, ``.db``/``.sqlite``/``.sqlite3``, or the SQLite header).
         id_field: the field holding the record id (``custom_id``).
         split_field: a field holding the split (train/test...), optional.
         dataset: dataset name (a path component); default: the file's stem.
         skip_bad_rows: record bad rows in ``rejected.jsonl`` and go on instead of stopping.
-        pg_*: the postgres source (table, columns, WHERE with $n params, or a whole query).
+        pg_*: the database source, PostgreSQL or SQLite (table, columns, WHERE with $n params,
+            or a whole query).
     """
 
     path: str
@@ -164,6 +170,18 @@ class SourceConfig:
     def is_postgres(self) -> bool:
         """True when rows come from a PostgreSQL table or query."""
         return self.path == "postgres"
+
+    @property
+    def is_sqlite(self) -> bool:
+        """True when rows come from a SQLite file's table or query."""
+        from embedbatch.sources.sqlite import is_sqlite_source
+
+        return not self.is_postgres and is_sqlite_source(self.path)
+
+    @property
+    def kind(self) -> str:
+        """The ``source`` column value: ``postgres``, ``sqlite`` or ``file``."""
+        return "postgres" if self.is_postgres else "sqlite" if self.is_sqlite else "file"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -343,6 +361,35 @@ class PgTarget:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LibsqlTarget:
+    """A libSQL (Turso) table to write embeddings into (``--libsql-*`` flags), as ``F32_BLOB(dim)``
+    little-endian float32 (``struct.pack('<{dim}f', ...)``: 6,144 bytes for 1,536 dimensions).
+    The auth token is never stored.
+
+    Attributes:
+        url: a file path, ``file:PATH``, or ``libsql://…`` / ``https://…`` for a remote database.
+        mode: ``update`` fills existing rows by id (NULL only unless ``overwrite``); ``insert``
+            writes rows (id, vector, model, created_at) into the table, created if missing.
+        update_chunk_size: rows per transaction.
+        index: create a ``libsql_vector_idx`` index on the column after writing (an existing
+            one is dropped first and recreated after the write).
+    """
+
+    url: str
+    table: str
+    id_column: str = "id"
+    vector_column: str = "embedding"
+    overwrite: bool = False
+    update_chunk_size: int = 1000
+    mode: Literal["update", "insert"] = "update"
+    index: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe form stored in run.json (no auth token)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
 class IngestConfig:
     """How results become shards.
 
@@ -351,11 +398,13 @@ class IngestConfig:
             not fit in the open one).
         dtype: ``float32`` or ``float16`` for the ``embedding`` column.
         dsn: PostgreSQL for runs with a pgvector target (never written to run state or logs).
+        libsql_auth_token: the remote libSQL token for runs with a libSQL target (never stored).
     """
 
     rows_per_shard: int = 100_000
     dtype: Literal["float32", "float16"] = "float32"
     dsn: str | None = field(default=None, repr=False)
+    libsql_auth_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)

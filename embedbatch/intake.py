@@ -30,11 +30,23 @@ from embedbatch.tokens import Tokenizer
 __all__ = ["Intake", "IntakeStats", "dataset_name"]
 
 
+def source_label(source: SourceConfig) -> str:
+    """Where rows came from, for run.json: the table (PostgreSQL), ``FILE:table`` (SQLite), or
+    the absolute path. Never a DSN."""
+    if source.is_postgres:
+        return source.pg_table or "query"
+    if source.is_sqlite:
+        from embedbatch.sources.sqlite import sqlite_path
+
+        return f"{sqlite_path(source.path).absolute()}:{source.pg_table or 'query'}"
+    return str(Path(source.path).absolute())
+
+
 def dataset_name(source: SourceConfig) -> str:
     """The dataset name: ``--dataset``, else the table, else the file stem without extensions."""
     if source.dataset:
         return source.dataset
-    if source.is_postgres:
+    if source.is_postgres or source.is_sqlite:
         return source.pg_table or "query"
     name = Path(source.path.rstrip("/")).name
     for ext in (".gz", ".jsonl", ".json", ".parquet", ".csv", ".ndjson"):
@@ -123,6 +135,10 @@ class Intake:
             from embedbatch.sources.postgres import iter_rows as pg_rows
 
             return pg_rows(self.source)
+        if self.source.is_sqlite:
+            from embedbatch.sources.sqlite import iter_rows as sqlite_rows
+
+            return sqlite_rows(self.source)
         from embedbatch.sources import iter_raw_rows
 
         return iter_raw_rows(self.source.path, fmt=self.source.format)
@@ -152,7 +168,7 @@ class Intake:
         src = self.source
         preparer = self.preparer
         stratify = self.sampler.config.stratify_by
-        source_kind = "postgres" if src.is_postgres else "file"
+        source_kind = src.kind
         for raw in self._raw_rows():
             self.stats.rows_read += 1
             if self.on_row is not None and self.stats.rows_read % 10_000 == 0:

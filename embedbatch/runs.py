@@ -167,6 +167,8 @@ class RunState:
     actual: dict[str, Any] = field(default_factory=dict)
     pg_target: dict[str, Any] | None = None
     pg: dict[str, Any] = field(default_factory=dict)
+    libsql_target: dict[str, Any] | None = None
+    libsql: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
     local: dict[str, Any] = field(default_factory=dict)
@@ -273,7 +275,9 @@ class Run:
     @property
     def finished(self) -> bool:
         """Every batch is final (ingested or cancelled), and a database sink, if any, is done."""
-        sink_done = not self.state.pg_target or self.state.pg.get("status") == "done"
+        sink_done = (not self.state.pg_target or self.state.pg.get("status") == "done") and (
+            not self.state.libsql_target or self.state.libsql.get("status") == "done"
+        )
         return sink_done and all(bs.status in FINAL for bs in self.batches)
 
     def settle(self) -> bool:

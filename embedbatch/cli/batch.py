@@ -94,8 +94,9 @@ def _plan(source: str, resume: Path | None, o: _PlanOptions, *, dry_run: bool) -
         raise UsageError("give a SOURCE or --resume RUN_DIR")
     s = settings()
     target = o.sink.target(source, o.src)
-    if target is not None and not dry_run:
-        _check_sink_first(target, o, s)
+    libsql_target = o.sink.libsql_target(source, o.src)
+    if (target is not None or libsql_target is not None) and not dry_run:
+        _check_sink_first(target, libsql_target, o, s)
     with RowProgress("planning") as progress:
         planned = plan_run(
             ws,
@@ -106,15 +107,17 @@ def _plan(source: str, resume: Path | None, o: _PlanOptions, *, dry_run: bool) -
             args=safe_args(source, o.src, o.prep, o.sample, o.batch, o.submit, o.sink),
             on_row=progress,
             pg_target=target,
+            libsql_target=libsql_target,
         )
     return planned.run, planned
 
 
-def _check_sink_first(target: Any, o: _PlanOptions, s: Any) -> None:
-    """The pgvector target must take the model's vectors before any upload: the dimension comes
-    from --dimensions, the model's documented one, or (unknown model) one small request."""
+def _check_sink_first(target: Any, libsql_target: Any, o: _PlanOptions, s: Any) -> None:
+    """The database targets must take the model's vectors before any upload: the dimension
+    comes from --dimensions, the model's documented one, or (unknown model) one small request."""
     import anyio
 
+    from embedbatch.sinks import libsql
     from embedbatch.sinks.pgvector import check_target
     from embedbatch.tokens import MODEL_DIMENSIONS
 
@@ -123,7 +126,10 @@ def _check_sink_first(target: Any, o: _PlanOptions, s: Any) -> None:
     if dim is None:
         probe = with_client(lambda c: c.embed(["dimension probe"], model=model))
         dim = len(probe[0])
-    anyio.run(lambda: check_target(o.sink.dsn(s, o.src), target, dim=dim))
+    if target is not None:
+        anyio.run(lambda: check_target(o.sink.dsn(s, o.src), target, dim=dim))
+    if libsql_target is not None:
+        libsql.check_target(libsql_target.url, o.sink.libsql_token(s), libsql_target, dim=dim)
 
 
 def _print_planned(run: Any, planned: Any, *, json_out: bool) -> None:
@@ -205,7 +211,12 @@ def run_cmd(
         _print_planned(run, planned, json_out=False)
         console.print(f"run directory: {run.root}")
     ws = open_workspace()
-    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, dsn=sink.dsn(settings(), src))  # type: ignore[arg-type]
+    cfg = IngestConfig(
+        rows_per_shard=rows_per_shard,
+        dtype=dtype,  # type: ignore[arg-type]
+        dsn=sink.dsn(settings(), src),
+        libsql_auth_token=sink.libsql_token(settings()),
+    )
     summary = with_client(
         lambda c: drive_run(
             ws,
@@ -244,10 +255,20 @@ def ingest(
     ws = open_workspace()
     run = ws.resolve_run(run_dir)
     target = sink.target(overwrite=overwrite)
-    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, dsn=sink.dsn(settings()))  # type: ignore[arg-type]
+    libsql_target = sink.libsql_target(overwrite=overwrite)
+    cfg = IngestConfig(
+        rows_per_shard=rows_per_shard,
+        dtype=dtype,  # type: ignore[arg-type]
+        dsn=sink.dsn(settings()),
+        libsql_auth_token=sink.libsql_token(settings()),
+    )
     if redownload:
         with_client(lambda c: redownload_run(c, run))
-    result = anyio.run(lambda: ingest_run(ws, run, cfg, pg_target=target, wait_s=ws.lock_timeout_s, no_pg=no_pg))
+    result = anyio.run(
+        lambda: ingest_run(
+            ws, run, cfg, pg_target=target, wait_s=ws.lock_timeout_s, no_pg=no_pg, libsql_target=libsql_target
+        )
+    )
     if json_out:
         print_json(result.to_json())
         return
@@ -348,7 +369,13 @@ def poll(
 
     log = structlog.get_logger("embedbatch.poll")
     ws = open_workspace()
-    cfg = IngestConfig(rows_per_shard=rows_per_shard, dtype=dtype, dsn=settings().database_url)  # type: ignore[arg-type]
+    s = settings()
+    cfg = IngestConfig(
+        rows_per_shard=rows_per_shard,
+        dtype=dtype,  # type: ignore[arg-type]
+        dsn=s.database_url,
+        libsql_auth_token=s.turso_auth_token,
+    )
     wait_s = ws.lock_timeout_s if watch is not None else None
     while True:
         started = _t.monotonic()

@@ -20,7 +20,16 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from embedbatch.config import BatchLimits, PgTarget, PrepareConfig, SampleConfig, Settings, SourceConfig, SubmitConfig
+from embedbatch.config import (
+    BatchLimits,
+    LibsqlTarget,
+    PgTarget,
+    PrepareConfig,
+    SampleConfig,
+    Settings,
+    SourceConfig,
+    SubmitConfig,
+)
 from embedbatch.errors import UsageError
 
 __all__ = [
@@ -51,18 +60,16 @@ class SourceOptions(OptionGroup):
     skip_bad_rows: Annotated[
         bool, typer.Option("--skip-bad-rows", help="Record bad rows in rejected.jsonl and go on.")
     ] = False
-    table: Annotated[str | None, typer.Option("--table", help="postgres source: table.")] = None
-    id_column: Annotated[str, typer.Option("--id-column", help="postgres source: id column.")] = "id"
-    text_column: Annotated[str, typer.Option("--text-column", help="postgres source: text column.")] = "content"
-    where: Annotated[str | None, typer.Option("--where", help="postgres source: WHERE with $1.. params.")] = None
-    param: Annotated[list[str] | None, typer.Option("--param", help="postgres source: a $n parameter.")] = None
-    query: Annotated[str | None, typer.Option("--query", help="postgres source: a whole SELECT.")] = None
+    table: Annotated[str | None, typer.Option("--table", help="postgres/SQLite source: table.")] = None
+    id_column: Annotated[str, typer.Option("--id-column", help="postgres/SQLite source: id column.")] = "id"
+    text_column: Annotated[str, typer.Option("--text-column", help="postgres/SQLite source: text column.")] = "content"
+    where: Annotated[str | None, typer.Option("--where", help="postgres/SQLite source: WHERE with $1.. params.")] = None
+    param: Annotated[list[str] | None, typer.Option("--param", help="postgres/SQLite source: a $n parameter.")] = None
+    query: Annotated[str | None, typer.Option("--query", help="postgres/SQLite source: a whole SELECT.")] = None
     vector_column: Annotated[
-        str | None, typer.Option("--vector-column", help="postgres source: only rows where it IS NULL.")
+        str | None, typer.Option("--vector-column", help="postgres/SQLite source: only rows where it IS NULL.")
     ] = None
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="postgres: embed/write rows that have a vector.")] = (
-        False
-    )
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Embed/write rows that have a vector.")] = False
     dsn: Annotated[str | None, typer.Option("--dsn", help="postgres source DSN (env DATABASE_URL).")] = None
 
     def build(self, source: str, settings: Settings) -> SourceConfig:
@@ -76,6 +83,24 @@ class SourceOptions(OptionGroup):
             "dataset": self.dataset,
             "skip_bad_rows": self.skip_bad_rows,
         }
+        from embedbatch.sources.sqlite import is_sqlite_source
+
+        if source != "postgres" and is_sqlite_source(source):
+            if not self.table and not self.query:
+                raise UsageError("a SQLite source needs --table or --query")
+            return SourceConfig(
+                path=source,
+                id_field=self.id_column,
+                pg_table=self.table,
+                pg_id_column=self.id_column,
+                pg_text_column=self.text_column,
+                pg_vector_column=self.vector_column,
+                pg_where=self.where,
+                pg_params=tuple(self.param or ()),
+                pg_query=self.query,
+                pg_overwrite=self.overwrite,
+                **common,
+            )
         if source == "postgres":
             dsn = self.dsn or settings.database_url
             if not dsn:
@@ -136,7 +161,10 @@ class PrepareOptions(OptionGroup):
         if self.config is not None:
             return PrepareConfig.from_file(self.config, **overrides)
         values = {k: v for k, v in overrides.items() if v is not None}
-        values.setdefault("fields", (src.text_column,) if source == "postgres" else ("text",))
+        from embedbatch.sources.sqlite import is_sqlite_source
+
+        db = source == "postgres" or is_sqlite_source(source)
+        values.setdefault("fields", (src.text_column,) if db else ("text",))
         return PrepareConfig(**values)
 
 
@@ -210,7 +238,7 @@ class SubmitOptions(OptionGroup):
 
 @dataclass(frozen=True)
 class SinkOptions(OptionGroup):
-    """The pgvector sink."""
+    """The database sinks: pgvector and libSQL."""
 
     pg_table: Annotated[str | None, typer.Option("--pg-table", help="Write vectors into this table.")] = None
     pg_id_column: Annotated[str, typer.Option("--pg-id-column")] = "id"
@@ -222,6 +250,56 @@ class SinkOptions(OptionGroup):
     )
     concurrently: Annotated[bool, typer.Option("--concurrently", help="Recreate the index CONCURRENTLY.")] = False
     pg_dsn: Annotated[str | None, typer.Option("--pg-dsn", help="Sink DSN (env DATABASE_URL).")] = None
+    libsql_url: Annotated[
+        str | None, typer.Option("--libsql-url", help="libSQL database: a file, file:PATH or libsql://…")
+    ] = None
+    libsql_auth_token: Annotated[
+        str | None, typer.Option("--libsql-auth-token", help="Remote libSQL token (env TURSO_AUTH_TOKEN).")
+    ] = None
+    libsql_table: Annotated[str | None, typer.Option("--libsql-table", help="Write vectors into this table.")] = None
+    libsql_id_column: Annotated[str, typer.Option("--libsql-id-column")] = "id"
+    libsql_vector_column: Annotated[str, typer.Option("--libsql-vector-column")] = "embedding"
+    libsql_mode: Annotated[str, typer.Option("--libsql-mode", help="update (fill rows by id) or insert.")] = "update"
+    libsql_index: Annotated[
+        bool, typer.Option("--libsql-index", help="Create (or rebuild around the write) a libsql_vector_idx index.")
+    ] = False
+
+    def libsql_token(self, settings: Settings) -> str | None:
+        """``--libsql-auth-token``, else TURSO_AUTH_TOKEN; passed to the sink, never stored."""
+        return self.libsql_auth_token or settings.turso_auth_token
+
+    def libsql_target(
+        self, source: str = "", src: SourceOptions | None = None, *, overwrite: bool = False
+    ) -> LibsqlTarget | None:
+        """The libSQL target: ``--libsql-url`` with ``--libsql-table``, or for a SQLite source
+        with ``--vector-column`` the source table itself (rows map back by id).
+
+        Raises:
+            UsageError: a bad ``--libsql-mode``, or a URL without a table.
+        """
+        from embedbatch.sources.sqlite import is_sqlite_source, sqlite_path
+
+        url, table = self.libsql_url, self.libsql_table
+        id_column, vector_column = self.libsql_id_column, self.libsql_vector_column
+        if url is None and source and src and src.table and src.vector_column and is_sqlite_source(source):
+            url, table = str(sqlite_path(source)), src.table
+            id_column, vector_column = src.id_column, src.vector_column
+        if url is None:
+            return None
+        if not table:
+            raise UsageError("--libsql-url needs --libsql-table")
+        if self.libsql_mode not in ("update", "insert"):
+            raise UsageError(f"--libsql-mode must be update or insert, got {self.libsql_mode!r}")
+        return LibsqlTarget(
+            url=url,
+            table=table,
+            id_column=id_column,
+            vector_column=vector_column,
+            overwrite=overwrite or (src.overwrite if src else False),
+            update_chunk_size=self.update_chunk_size,
+            mode=self.libsql_mode,  # type: ignore[arg-type]
+            index=self.libsql_index,
+        )
 
     def dsn(self, settings: Settings, src: SourceOptions | None = None) -> str | None:
         """The sink's DSN: ``--pg-dsn``, else the source's ``--dsn``, else DATABASE_URL. It is

@@ -93,6 +93,8 @@ def local(
             ingest=IngestConfig(rows_per_shard=rows_per_shard, dtype=shard_dtype),  # type: ignore[arg-type]
             pg_target=target,
             dsn=sink.dsn(settings(), src),
+            libsql_target=sink.libsql_target(source, src),
+            libsql_auth_token=sink.libsql_token(settings()),
             args=safe_args(source, src, prep, sample, sink, model=model),
             on_rows=progress,
         )
@@ -191,6 +193,12 @@ def search(
     pg_id_column: PgIdColumn = "id",
     pg_vector_column: PgVectorColumn = "embedding",
     pg_text_column: Annotated[str, typer.Option("--pg-text-column")] = "content",
+    libsql_url: Annotated[str | None, typer.Option("--libsql-url", help="Search this libSQL database.")] = None,
+    libsql_table: Annotated[str, typer.Option("--libsql-table")] = "knowledge_chunks",
+    libsql_id_column: Annotated[str, typer.Option("--libsql-id-column")] = "id",
+    libsql_vector_column: Annotated[str, typer.Option("--libsql-vector-column")] = "embedding",
+    libsql_text_column: Annotated[str | None, typer.Option("--libsql-text-column")] = "content",
+    libsql_auth_token: Annotated[str | None, typer.Option("--libsql-auth-token")] = None,
     local_model: Annotated[str | None, typer.Option("--local-model", help="Embed the query locally.")] = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -212,10 +220,26 @@ def search(
             k=k,
             local_model=local_model,
         )
+    elif libsql_url:
+        from embedbatch.search.exact import search_libsql
+
+        hits = search_libsql(
+            s,
+            query_text,
+            url=libsql_url,
+            auth_token=libsql_auth_token or s.turso_auth_token,
+            table=libsql_table,
+            id_column=libsql_id_column,
+            vector_column=libsql_vector_column,
+            text_column=libsql_text_column,
+            model=model,
+            k=k,
+            local_model=local_model,
+        )
     elif dataset:
         hits = search_shards(ws, s, query_text, dataset=dataset, model=model, k=k, local_model=local_model)
     else:
-        raise UsageError("give --dataset (Parquet shards) or --pg-table (PostgreSQL)")
+        raise UsageError("give --dataset (Parquet shards), --pg-table (PostgreSQL) or --libsql-url (libSQL)")
     if json_out:
         print_json(hits)
     else:
@@ -226,11 +250,22 @@ def search(
 def db_init(
     dsn: Annotated[str | None, typer.Option("--dsn", help="Database (env DATABASE_URL).")] = None,
     migrations: Annotated[Path | None, typer.Option("--migrations", help="Folder of *.sql files.")] = None,
+    libsql_url: Annotated[str | None, typer.Option("--libsql-url", help="Create the example table here.")] = None,
+    libsql_auth_token: Annotated[str | None, typer.Option("--libsql-auth-token")] = None,
+    dim: Annotated[int, typer.Option("--dim", help="libSQL: the F32_BLOB dimension.")] = 1536,
 ) -> None:
-    """Apply the SQL migrations (pgvector extension, example knowledge_chunks table)."""
+    """Apply the SQL migrations (pgvector extension, example knowledge_chunks table), or with
+    --libsql-url create the example knowledge_chunks table (F32_BLOB) in a libSQL database."""
     import anyio
 
     from embedbatch.db.pg import apply_migrations
+
+    if libsql_url:
+        from embedbatch.sinks.libsql import init_example
+
+        table = init_example(libsql_url, libsql_auth_token or settings().turso_auth_token, dim=dim)
+        console.print(f"created {table} in {libsql_url}")
+        return
 
     dsn = dsn or settings().database_url
     if not dsn:

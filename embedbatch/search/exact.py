@@ -12,7 +12,7 @@ from embedbatch.store.manifest import Manifest
 from embedbatch.store.shards import read_vectors
 from embedbatch.workspace import Workspace
 
-__all__ = ["embed_query", "search_pg", "search_shards"]
+__all__ = ["embed_query", "search_libsql", "search_pg", "search_shards"]
 
 
 def embed_query(
@@ -129,3 +129,42 @@ def search_pg(
         )
 
     return anyio.run(go)
+
+
+def search_libsql(
+    settings: Settings,
+    text: str,
+    *,
+    url: str,
+    auth_token: str | None,
+    table: str,
+    id_column: str,
+    vector_column: str,
+    text_column: str | None,
+    model: str | None,
+    k: int = 5,
+    local_model: str | None = None,
+    dimensions: int | None = None,
+) -> list[dict[str, Any]]:
+    """Top-k rows of a libSQL F32_BLOB column: ``vector_top_k`` through its vector index when
+    there is one, ``vector_distance_cos`` over the table otherwise. Each hit says which.
+
+    Raises:
+        DatabaseError: the table or column does not fit the query vector.
+    """
+    from embedbatch.sinks.libsql import nearest
+
+    q = embed_query(
+        settings, text, model=model or settings.openai_embed_model, dimensions=dimensions, local_model=local_model
+    )
+    hits, how = nearest(
+        url,
+        auth_token,
+        table=table,
+        id_column=id_column,
+        vector_column=vector_column,
+        text_column=text_column,
+        query=q,
+        k=k,
+    )
+    return [{**h, "via": how} for h in hits]

@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 import structlog
 
-from embedbatch.config import IngestConfig, PgTarget
+from embedbatch.config import IngestConfig, LibsqlTarget, PgTarget
 from embedbatch.engines.batchapi.output import BatchReader
 from embedbatch.errors import StateError
 from embedbatch.runs import BatchState, Run, crash_point
@@ -53,6 +53,7 @@ class IngestResult:
     usage_tokens: int = 0
     seconds: float = 0.0
     pg: dict[str, Any] = field(default_factory=dict)
+    libsql: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -87,6 +88,7 @@ async def ingest_run(
     wait_s: float | None = None,
     pg_target: PgTarget | None = None,
     no_pg: bool = False,
+    libsql_target: LibsqlTarget | None = None,
 ) -> IngestResult:
     """Ingest every downloaded batch of the run under its lock (see the module docstring).
 
@@ -94,6 +96,7 @@ async def ingest_run(
         dsn: PostgreSQL for a run with a pgvector target (never stored).
         wait_s: how long to wait for a run lock another process holds (None: fail at once).
         pg_target: from now on, also write this run's vectors into this pgvector column.
+        libsql_target: from now on, also write this run's vectors into this libSQL table.
         no_pg: from now on, write this run into no database (a way out of a sink that keeps
             failing; the shards are unaffected).
 
@@ -102,6 +105,10 @@ async def ingest_run(
         StateError: the dataset's shards disagree with this run (dimension).
     """
     with Run.open(paths, wait_s=wait_s, purpose="ingest") as run:
+        if libsql_target is not None:
+            run.state.libsql_target = libsql_target.to_json()
+            run.state.libsql["status"] = "pending"
+            run.save()
         if pg_target is not None or no_pg:
             run.state.pg_target = None if no_pg else pg_target.to_json()  # type: ignore[union-attr]
             run.state.pg["status"] = "pending"
@@ -116,6 +123,11 @@ async def ingest_locked(ws: Workspace, run: Run, config: IngestConfig, *, dsn: s
         from embedbatch.sinks.pgvector import sink_run
 
         result.pg = await sink_run(ws, run, dsn=dsn or config.dsn)
+    if run.state.libsql_target:
+        from embedbatch.sinks import libsql
+
+        token = config.libsql_auth_token
+        result.libsql = await anyio.to_thread.run_sync(lambda: libsql.sink_run(ws, run, auth_token=token))
     run.state.failure = None  # whatever failed before is behind this run now
     run.settle()
     run.save()

@@ -11,15 +11,14 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from embedbatch.config import PgTarget, PrepareConfig, SampleConfig, SourceConfig, SubmitConfig
+from embedbatch.config import LibsqlTarget, PgTarget, PrepareConfig, SampleConfig, SourceConfig, SubmitConfig
 from embedbatch.engines.batchapi.batchfiles import BatchFileWriter, read_record_ids
 from embedbatch.engines.batchapi.estimate import Estimate
 from embedbatch.engines.batchapi.split import BatchSplitter, check_model_options, request_encoder
 from embedbatch.errors import LimitError, StateError
-from embedbatch.intake import Intake, dataset_name
+from embedbatch.intake import Intake, dataset_name, source_label
 from embedbatch.runs import FINAL, Run, RunState, git_sha, lockfile_sha256
 from embedbatch.store.dataset import DatasetStore
 from embedbatch.store.index import IdIndex
@@ -77,6 +76,7 @@ def plan_run(
     on_row: Callable[[int], None] | None = None,
     skip_existing: bool = True,
     pg_target: PgTarget | None = None,
+    libsql_target: LibsqlTarget | None = None,
 ) -> PlannedRun:
     """Read, prepare, sample and split into batch input files in a new run directory.
 
@@ -90,6 +90,7 @@ def plan_run(
 
     Args:
         pg_target: write the vectors into this pgvector column too (recorded in run.json).
+        libsql_target: write the vectors into this libSQL table too (recorded in run.json).
 
     Raises:
         LockedError: the dataset lock stayed busy past the workspace's ``lock_timeout_s``.
@@ -156,8 +157,8 @@ def plan_run(
             run_id=run.run_id,
             model=submit.model,
             dataset=dataset,
-            source="postgres" if source.is_postgres else "file",
-            source_path=(source.pg_table or "query") if source.is_postgres else str(Path(source.path).absolute()),
+            source=source.kind,
+            source_path=source_label(source),
             dimensions=submit.dimensions,
             completion_window=submit.completion_window,
             metadata=dict(submit.metadata),
@@ -188,6 +189,7 @@ def plan_run(
             },
             timings={"plan_s": round(time.monotonic() - started, 3)},
             pg_target=pg_target.to_json() if pg_target else None,
+            libsql_target=libsql_target.to_json() if libsql_target else None,
         )
         if source.is_postgres and source.pg_table:
             rs.args.setdefault("pg_source", {"table": source.pg_table, "id_column": source.pg_id_column})

@@ -14,12 +14,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from embedbatch.config import IngestConfig, LocalConfig, PgTarget, PrepareConfig, SampleConfig, SourceConfig
+from embedbatch.config import (
+    IngestConfig,
+    LibsqlTarget,
+    LocalConfig,
+    PgTarget,
+    PrepareConfig,
+    SampleConfig,
+    SourceConfig,
+)
 from embedbatch.engines.local.bucketing import Bucketer, bucket_edges
 from embedbatch.engines.local.devices import DevicePool
 from embedbatch.engines.local.model import LocalEncoder, model_label
 from embedbatch.engines.local.stages import END, QUEUE_CHUNKS, WRITE_QUEUE, LocalResult, encode, load, write
-from embedbatch.intake import Intake, dataset_name
+from embedbatch.intake import Intake, dataset_name, source_label
 from embedbatch.runs import Run, RunState, git_sha, lockfile_sha256
 from embedbatch.store.dataset import DatasetStore
 from embedbatch.workspace import Workspace, file_lock
@@ -37,6 +45,8 @@ def run_local(
     ingest: IngestConfig | None = None,
     pg_target: PgTarget | None = None,
     dsn: str | None = None,
+    libsql_target: LibsqlTarget | None = None,
+    libsql_auth_token: str | None = None,
     args: dict[str, Any] | None = None,
     encoder: LocalEncoder | None = None,
     on_rows: Callable[[int], None] | None = None,
@@ -74,6 +84,10 @@ def run_local(
         from embedbatch.sinks.pgvector import check_target
 
         anyio.run(lambda: check_target(dsn, pg_target, dim=enc.dim))
+    if libsql_target is not None:
+        from embedbatch.sinks import libsql
+
+        libsql.check_target(libsql_target.url, libsql_auth_token, libsql_target, dim=enc.dim)
     run = ws.new_run(label, dataset)
     run.root.mkdir(parents=True)
     result = LocalResult(str(run.root), label, enc.device, enc.dtype if not local.devices else local.dtype)
@@ -81,13 +95,14 @@ def run_local(
         run_id=run.run_id,
         model=label,
         dataset=dataset,
-        source="postgres" if source.is_postgres else "file",
-        source_path=source.pg_table or "query" if source.is_postgres else source.path,
+        source=source.kind,
+        source_path=source_label(source),
         kind="local",
         args=args or {},
         git_sha=git_sha(),
         lockfile_sha256=lockfile_sha256(),
         pg_target=pg_target.to_json() if pg_target else None,
+        libsql_target=libsql_target.to_json() if libsql_target else None,
     )
     rs.save(run)
     store = DatasetStore(ws, label, dataset)
@@ -116,6 +131,11 @@ def run_local(
             from embedbatch.sinks.pgvector import sink_run
 
             result.pg = anyio.run(lambda: sink_run(ws, state, dsn=dsn))
+        if libsql_target is not None:
+            from embedbatch.sinks import libsql
+
+            result.libsql = libsql.sink_run(ws, state, auth_token=libsql_auth_token)
+        if pg_target is not None or libsql_target is not None:
             state.state.local = result.to_json()
             state.save()
     return result

@@ -83,6 +83,7 @@ class LocalResult:
     encoder: StageClock = field(default_factory=StageClock)
     writer: StageClock = field(default_factory=StageClock)
     pg: dict[str, Any] = field(default_factory=dict)
+    libsql: dict[str, Any] = field(default_factory=dict)
 
     @property
     def padding_ratio(self) -> float:

@@ -1,0 +1,402 @@
+"""libSQL (Turso) sink: embeddings into an ``F32_BLOB(dim)`` column, one transaction per chunk.
+
+Vectors are little-endian float32 blobs (``struct.pack('<{dim}f', …)``), the layout libSQL's
+``F32_BLOB`` and its vector functions read, so a plain ``sqlite3`` reader gets the exact values
+back with ``struct.unpack``. Update mode fills existing rows by id, only where the column is
+still NULL unless ``overwrite``; insert mode writes (id, vector, model, created_at) rows into a
+table it creates if missing. Progress per shard is kept in run state, so a crash resumes at the
+first uncommitted chunk. Identifiers are always quoted.
+
+This module is the one boundary to the ``libsql`` package (the engine Turso runs, in-process for
+files; remote ``libsql://`` URLs use the same calls but are not reachable from this project's
+tests).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+
+from embedbatch.config import LibsqlTarget
+from embedbatch.errors import DatabaseError, MissingExtraError, UsageError
+from embedbatch.sources.sqlite import quote_ident
+from embedbatch.store.shards import iter_run_chunks
+from embedbatch.workspace import crash_point, utc_now
+
+__all__ = ["LibsqlInfo", "check_target", "connect", "nearest", "sink_run", "write_vectors"]
+
+log = structlog.get_logger(__name__)
+
+
+def connect(url: str, auth_token: str | None = None) -> Any:
+    """A libSQL connection: a local file (``PATH`` or ``file:PATH``) or a remote URL.
+
+    Raises:
+        MissingExtraError: the ``libsql`` package is not installed.
+        DatabaseError: the database cannot be opened.
+    """
+    try:
+        import libsql
+    except ImportError as exc:
+        raise MissingExtraError("libsql", "libsql") from exc
+    remote = url.startswith(("libsql://", "https://", "http://", "wss://"))
+    try:
+        if remote:
+            return libsql.connect(url, auth_token=auth_token or "")
+        return libsql.connect(url.removeprefix("file:"))
+    except Exception as exc:
+        raise DatabaseError(f"cannot open libSQL database {url.split('?')[0]}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class LibsqlInfo:
+    """The target table as declared: the vector column's dimension (None: not an F32_BLOB
+    column yet, insert mode creates it), the id column's declared type, and vector indexes."""
+
+    dim: int | None
+    id_type: str
+    indexes: list[tuple[str, str]]
+
+
+def _inspect(conn: Any, target: LibsqlTarget) -> LibsqlInfo | None:
+    """None when the table does not exist."""
+    cols = {r[1]: str(r[2] or "") for r in conn.execute(f"PRAGMA table_info({quote_ident(target.table)})").fetchall()}
+    if not cols:
+        return None
+    for col in (target.id_column, target.vector_column):
+        if col not in cols:
+            raise DatabaseError(f"column {col!r} does not exist in {target.table!r}; it has: {', '.join(cols)}")
+    m = re.fullmatch(r"\s*F32_BLOB\s*\(\s*(\d+)\s*\)\s*", cols[target.vector_column], re.IGNORECASE)
+    if m is None:
+        raise DatabaseError(
+            f"{target.table}.{target.vector_column} is declared {cols[target.vector_column] or 'without a type'!r}, "
+            "not F32_BLOB(dim)"
+        )
+    rows = conn.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND sql LIKE '%libsql_vector_idx%'",
+        (target.table,),
+    ).fetchall()
+    return LibsqlInfo(int(m.group(1)), cols[target.id_column].upper(), [(r[0], r[1]) for r in rows])
+
+
+def check_target(url: str, auth_token: str | None, target: LibsqlTarget, *, dim: int) -> LibsqlInfo | None:
+    """Check, before anything is paid for, that the target can take ``dim``-d vectors: the table
+    and both columns exist and the vector column is ``F32_BLOB(dim)`` (insert mode may create a
+    missing table).
+
+    Raises:
+        DatabaseError: the target does not fit (the message says what to change).
+    """
+    conn = connect(url, auth_token)
+    try:
+        info = _inspect(conn, target)
+    finally:
+        conn.close()
+    if info is None:
+        if target.mode == "insert":
+            return None
+        raise DatabaseError(f"table {target.table!r} does not exist in {url}")
+    if info.dim != dim:
+        raise DatabaseError(
+            f"{target.table}.{target.vector_column} is F32_BLOB({info.dim}) but the model gives {dim}-d vectors "
+            "(nothing was uploaded)"
+        )
+    return info
+
+
+def _id_value(rid: str, id_type: str) -> Any:
+    if "INT" in id_type:
+        return int(rid)
+    if "BLOB" in id_type:
+        return bytes.fromhex(rid)
+    return rid
+
+
+@dataclass
+class LibsqlReport:
+    """What a write did: rows written, ids not found, rows that already had a vector, rows
+    refused (wrong dimension or not finite), chunks, whether the index was (re)built, seconds."""
+
+    written: int = 0
+    missing_ids: int = 0
+    skipped_has_vector: int = 0
+    refused: int = 0
+    chunks: int = 0
+    index_built: bool = False
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def write_vectors(
+    url: str,
+    auth_token: str | None,
+    target: LibsqlTarget,
+    chunks: Iterator[tuple[list[str], np.ndarray]],
+    *,
+    dim: int,
+    model: str = "",
+    on_chunk: Callable[[int], None] | None = None,
+    on_index_drop: Callable[[list[tuple[str, str]]], None] | None = None,
+) -> LibsqlReport:
+    """Write ``(ids, (n, dim) float32)`` chunks into the target, one transaction per chunk.
+
+    A vector of another dimension or with NaN/inf is refused (counted, never written).
+
+    Raises:
+        DatabaseError: the target does not fit, or libSQL fails.
+    """
+    report = LibsqlReport()
+    started = time.monotonic()
+    conn = connect(url, auth_token)
+    try:
+        info = _inspect(conn, target)
+        if info is None and target.mode == "insert":
+            conn.execute(
+                f"CREATE TABLE {quote_ident(target.table)} ({quote_ident(target.id_column)} TEXT PRIMARY KEY, "
+                f"{quote_ident(target.vector_column)} F32_BLOB({dim}), model TEXT, created_at TEXT)"
+            )
+            conn.commit()
+            info = _inspect(conn, target)
+        if info is None:
+            raise DatabaseError(f"table {target.table!r} does not exist in {url}")
+        if info.dim != dim:
+            raise DatabaseError(f"{target.table}.{target.vector_column} is F32_BLOB({info.dim}), vectors are {dim}-d")
+        if target.index and info.indexes:
+            if on_index_drop is not None:
+                on_index_drop(info.indexes)
+            for name, _ in info.indexes:
+                conn.execute(f"DROP INDEX IF EXISTS {quote_ident(name)}")
+            conn.commit()
+        _write_chunks(conn, target, info, chunks, dim, model, report, on_chunk)
+        if target.index:
+            for sql in [s for _, s in info.indexes] or [_index_sql(target)]:
+                conn.execute(sql.replace("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ", 1))
+            conn.commit()
+            report.index_built = True
+    except DatabaseError:
+        raise
+    except Exception as exc:
+        raise DatabaseError(f"writing into libSQL table {target.table!r}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        conn.close()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _index_sql(target: LibsqlTarget) -> str:
+    name = f"{target.table}_{target.vector_column}_idx"
+    return (
+        f"CREATE INDEX {quote_ident(name)} ON {quote_ident(target.table)} "
+        f"(libsql_vector_idx({quote_ident(target.vector_column)}))"
+    )
+
+
+def index_name(target: LibsqlTarget) -> str:
+    """The name :func:`write_vectors` gives the vector index it creates."""
+    return f"{target.table}_{target.vector_column}_idx"
+
+
+def _write_chunks(
+    conn: Any,
+    target: LibsqlTarget,
+    info: LibsqlInfo,
+    chunks: Iterator[tuple[list[str], np.ndarray]],
+    dim: int,
+    model: str,
+    report: LibsqlReport,
+    on_chunk: Callable[[int], None] | None,
+) -> None:
+    table, idc, vc = quote_ident(target.table), quote_ident(target.id_column), quote_ident(target.vector_column)
+    null_only = "" if target.overwrite else f" AND {vc} IS NULL"
+    update = f"UPDATE {table} SET {vc} = ? WHERE {idc} = ?{null_only}"
+    verb = "INSERT OR REPLACE" if target.overwrite else "INSERT OR IGNORE"
+    insert = f"{verb} INTO {table} ({idc}, {vc}, model, created_at) VALUES (?, ?, ?, ?)"
+    for ids, vecs in chunks:
+        good = (vecs.shape[1] == dim) & np.isfinite(vecs).all(axis=1)
+        report.refused += int((~good).sum())
+        keys = [_id_value(rid, info.id_type) for rid in ids]
+        blobs = [vecs[i].astype("<f4").tobytes() for i in range(len(ids))]
+        if target.mode == "insert":
+            now = utc_now().isoformat()
+            new = [(k, b, model, now) for k, b, ok in zip(keys, blobs, good.tolist(), strict=True) if ok]
+            conn.executemany(insert, new)
+            written = len(new)
+        else:
+            marks = ",".join("?" * len(keys))
+            found = dict(
+                conn.execute(f"SELECT {idc}, {vc} IS NULL FROM {table} WHERE {idc} IN ({marks})", keys).fetchall()
+            )
+            rows = [
+                (b, k)
+                for k, b, ok in zip(keys, blobs, good.tolist(), strict=True)
+                if ok and k in found and (target.overwrite or found[k])
+            ]
+            report.missing_ids += sum(1 for k in keys if k not in found)
+            report.skipped_has_vector += 0 if target.overwrite else sum(1 for k in keys if k in found and not found[k])
+            if rows:
+                conn.executemany(update, rows)
+            written = len(rows)
+        conn.commit()
+        report.written += written
+        report.chunks += 1
+        if on_chunk is not None:
+            on_chunk(report.written)
+
+
+def sink_run(ws: Any, run: Any, *, auth_token: str | None) -> dict[str, Any]:
+    """Write a run's shard rows into its libSQL target (``run.state.libsql_target``).
+
+    The caller holds the run. Progress per shard is saved in run.json after each committed
+    chunk; a failure marks only this sink step failed (``libsql.status``) and re-raises.
+
+    Raises:
+        DatabaseError: the target does not fit or libSQL fails.
+    """
+    from embedbatch.store.manifest import Manifest
+
+    rs = run.state
+    assert rs.libsql_target is not None
+    manifest = Manifest.load(ws, rs.model, rs.dataset)
+    if manifest.dimensions is None:
+        return {}
+    target = LibsqlTarget(**rs.libsql_target)
+    progress: dict[str, int] = dict(rs.libsql.get("progress", {}))
+    pending: list[tuple[str, int]] = []
+
+    def chunks() -> Iterator[tuple[list[str], np.ndarray]]:
+        for shard, end, ids, vecs, _ in iter_run_chunks(
+            ws, rs.model, rs.dataset, rs.run_id, chunk_rows=target.update_chunk_size, progress=progress
+        ):
+            pending.append((shard, end))
+            yield ids, vecs
+
+    def committed(_: int) -> None:
+        shard, end = pending.pop(0)
+        progress[shard] = end
+        rs.libsql["progress"] = dict(progress)
+        run.save()
+        crash_point("libsql_after_chunk")
+
+    def dropping(indexes: list[tuple[str, str]]) -> None:
+        rs.libsql["pending_indexes"] = [{"name": n, "definition": d} for n, d in indexes]
+        run.save()
+
+    try:
+        if rs.libsql.get("pending_indexes"):  # a process died between dropping and recreating
+            _recreate(target, auth_token, rs.libsql["pending_indexes"])
+            rs.libsql["pending_indexes"] = []
+        report = write_vectors(
+            target.url,
+            auth_token,
+            target,
+            chunks(),
+            dim=manifest.dimensions,
+            model=rs.model,
+            on_chunk=committed,
+            on_index_drop=dropping,
+        )
+    except Exception as exc:
+        rs.libsql["status"] = "failed"
+        rs.libsql["error"] = f"{type(exc).__name__}: {exc}"
+        run.save()
+        raise
+    rs.libsql["pending_indexes"] = []
+    totals = rs.libsql.setdefault("totals", {"written": 0, "missing_ids": 0, "skipped_has_vector": 0, "refused": 0})
+    for key in totals:
+        totals[key] += getattr(report, key)
+    rs.libsql["status"] = "done"
+    rs.libsql.pop("error", None)
+    run.save()
+    log.info("libsql", run=rs.run_id, table=target.table, written=report.written, missing=report.missing_ids)
+    return report.to_json()
+
+
+def _recreate(target: LibsqlTarget, auth_token: str | None, definitions: list[dict[str, str]]) -> None:
+    conn = connect(target.url, auth_token)
+    try:
+        for d in definitions:
+            conn.execute(d["definition"].replace("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ", 1))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def nearest(
+    url: str,
+    auth_token: str | None,
+    *,
+    table: str,
+    id_column: str,
+    vector_column: str,
+    text_column: str | None,
+    query: np.ndarray,
+    k: int,
+) -> tuple[list[dict[str, Any]], str]:
+    """The k rows nearest to ``query`` by cosine distance; score = 1 − distance.
+
+    Uses the column's ``libsql_vector_idx`` index through ``vector_top_k`` when there is one,
+    an exact scan with ``vector_distance_cos`` otherwise.
+
+    Returns:
+        ``(hits, how)`` where ``how`` is ``"index NAME"`` or ``"exact scan"``.
+
+    Raises:
+        DatabaseError: the table does not fit the query.
+    """
+    target = LibsqlTarget(url=url, table=table, id_column=id_column, vector_column=vector_column)
+    conn = connect(url, auth_token)
+    try:
+        info = _inspect(conn, target)
+        if info is None:
+            raise DatabaseError(f"table {table!r} does not exist in {url}")
+        if info.dim != len(query):
+            raise DatabaseError(f"{table}.{vector_column} is F32_BLOB({info.dim}) but the query has {len(query)} dims")
+        blob = query.astype("<f4").tobytes()
+        t, idc, vc = quote_ident(table), quote_ident(id_column), quote_ident(vector_column)
+        text = f"t.{quote_ident(text_column)}" if text_column else "NULL"
+        if info.indexes:
+            name = info.indexes[0][0]
+            sql = (
+                f"SELECT t.{idc}, {text}, vector_distance_cos(t.{vc}, ?) FROM vector_top_k(?, ?, ?) AS v "
+                f"JOIN {t} AS t ON t.rowid = v.id ORDER BY 3"
+            )
+            rows = conn.execute(sql, (blob, name, blob, k)).fetchall()
+            how = f"index {name}"
+        else:
+            sql = (
+                f"SELECT t.{idc}, {text}, vector_distance_cos(t.{vc}, ?) AS d FROM {t} AS t "
+                f"WHERE t.{vc} IS NOT NULL ORDER BY d LIMIT ?"
+            )
+            rows = conn.execute(sql, (blob, k)).fetchall()
+            how = "exact scan"
+    except DatabaseError:
+        raise
+    except Exception as exc:
+        raise DatabaseError(f"searching libSQL table {table!r}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        conn.close()
+    return [{"id": str(r[0]), "text": r[1], "score": 1.0 - float(r[2])} for r in rows], how
+
+
+def init_example(url: str, auth_token: str | None, *, table: str = "knowledge_chunks", dim: int = 1536) -> str:
+    """``db init --libsql-url``: an example table (id, family_id, content, embedding F32_BLOB)."""
+    if not table:
+        raise UsageError("give a table name")
+    conn = connect(url, auth_token)
+    try:
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {quote_ident(table)} (id INTEGER PRIMARY KEY, family_id TEXT NOT NULL, "
+            f"content TEXT NOT NULL, embedding F32_BLOB({dim}))"
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    return table
