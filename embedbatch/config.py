@@ -370,7 +370,9 @@ class LibsqlTarget:
         url: a file path, ``file:PATH``, or ``libsql://…`` / ``https://…`` for a remote database.
         mode: ``update`` fills existing rows by id (NULL only unless ``overwrite``); ``insert``
             writes rows (id, vector, model, created_at) into the table, created if missing.
-        update_chunk_size: rows per transaction.
+        update_chunk_size: rows per transaction. Each commit syncs the file, so chunks are larger
+            than for PostgreSQL: 5,000 rows reach the speed of one single transaction
+            (bench/libsql_sink.py: 1.00x at 5,000 rows, 0.74x at 1,000).
         index: create a ``libsql_vector_idx`` index on the column after writing (an existing
             one is dropped first and recreated after the write).
     """
@@ -380,7 +382,7 @@ class LibsqlTarget:
     id_column: str = "id"
     vector_column: str = "embedding"
     overwrite: bool = False
-    update_chunk_size: int = 1000
+    update_chunk_size: int = 5000
     mode: Literal["update", "insert"] = "update"
     index: bool = False
 

@@ -17,8 +17,24 @@ import warnings
 from pathlib import Path
 
 # Modules that open windows, print, start services or are deprecated noise on import.
-SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "__main__", "pydoc_data",
-        "lib2to3", "test", "ensurepip", "venv", "xxlimited", "xxlimited_35", "xxsubtype", "_xxtestfuzz"}
+SKIP = {
+    "antigravity",
+    "this",
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+    "__main__",
+    "pydoc_data",
+    "lib2to3",
+    "test",
+    "ensurepip",
+    "venv",
+    "xxlimited",
+    "xxlimited_35",
+    "xxsubtype",
+    "_xxtestfuzz",
+}
 
 
 def rows() -> list[dict[str, str]]:
@@ -42,8 +58,12 @@ def rows() -> list[dict[str, str]]:
             qual = f"{name}.{obj.__qualname__}"
             doc = inspect.getdoc(obj)
             if doc and qual not in out:
-                out[qual] = {"id": qual, "kind": "class" if inspect.isclass(obj) else "function",
-                             "module": name, "doc": doc}
+                out[qual] = {
+                    "id": qual,
+                    "kind": "class" if inspect.isclass(obj) else "function",
+                    "module": name,
+                    "doc": doc,
+                }
             if inspect.isclass(obj):
                 for mname, member in sorted(vars(obj).items()):
                     if mname.startswith("_") or not inspect.isfunction(member):

@@ -243,7 +243,10 @@ class SinkOptions(OptionGroup):
     pg_table: Annotated[str | None, typer.Option("--pg-table", help="Write vectors into this table.")] = None
     pg_id_column: Annotated[str, typer.Option("--pg-id-column")] = "id"
     pg_vector_column: Annotated[str, typer.Option("--pg-vector-column")] = "embedding"
-    update_chunk_size: Annotated[int, typer.Option("--update-chunk-size")] = 1000
+    update_chunk_size: Annotated[
+        int | None,
+        typer.Option("--update-chunk-size", help="Rows per transaction (default: pgvector 1000, libSQL 5000)."),
+    ] = None
     pg_mode: Annotated[str, typer.Option("--pg-mode", help="update (fill rows by id) or insert (COPY).")] = "update"
     rebuild_index: Annotated[bool, typer.Option("--rebuild-index", help="Drop a vector index, write, recreate.")] = (
         False
@@ -296,7 +299,7 @@ class SinkOptions(OptionGroup):
             id_column=id_column,
             vector_column=vector_column,
             overwrite=overwrite or (src.overwrite if src else False),
-            update_chunk_size=self.update_chunk_size,
+            update_chunk_size=self.update_chunk_size or 5000,
             mode=self.libsql_mode,  # type: ignore[arg-type]
             index=self.libsql_index,
         )
@@ -325,7 +328,7 @@ class SinkOptions(OptionGroup):
             id_column=id_column,
             vector_column=vector_column,
             overwrite=overwrite or (src.overwrite if src else False),
-            update_chunk_size=self.update_chunk_size,
+            update_chunk_size=self.update_chunk_size or 1000,
             mode=self.pg_mode,  # type: ignore[arg-type]
             rebuild_index=self.rebuild_index,
             concurrently=self.concurrently,

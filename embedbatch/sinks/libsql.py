@@ -223,27 +223,30 @@ def _write_chunks(
         good = (vecs.shape[1] == dim) & np.isfinite(vecs).all(axis=1)
         report.refused += int((~good).sum())
         keys = [_id_value(rid, info.id_type) for rid in ids]
-        blobs = [vecs[i].astype("<f4").tobytes() for i in range(len(ids))]
+        # One conversion per chunk, then byte slices: the blob of row i.
+        raw = np.ascontiguousarray(vecs, dtype="<f4").tobytes()
+        width = vecs.shape[1] * 4
+        ok = good.tolist()
         if target.mode == "insert":
             now = utc_now().isoformat()
-            new = [(k, b, model, now) for k, b, ok in zip(keys, blobs, good.tolist(), strict=True) if ok]
+            new = [(k, raw[i * width : (i + 1) * width], model, now) for i, k in enumerate(keys) if ok[i]]
             conn.executemany(insert, new)
             written = len(new)
         else:
-            marks = ",".join("?" * len(keys))
-            found = dict(
-                conn.execute(f"SELECT {idc}, {vc} IS NULL FROM {table} WHERE {idc} IN ({marks})", keys).fetchall()
-            )
-            rows = [
-                (b, k)
-                for k, b, ok in zip(keys, blobs, good.tolist(), strict=True)
-                if ok and k in found and (target.overwrite or found[k])
-            ]
-            report.missing_ids += sum(1 for k in keys if k not in found)
-            report.skipped_has_vector += 0 if target.overwrite else sum(1 for k in keys if k in found and not found[k])
+            rows = [(raw[i * width : (i + 1) * width], k) for i, k in enumerate(keys) if ok[i]]
+            before = conn.execute("SELECT total_changes()").fetchall()[0][0]
             if rows:
                 conn.executemany(update, rows)
-            written = len(rows)
+            written = conn.execute("SELECT total_changes()").fetchall()[0][0] - before
+            if written < len(rows):  # rare on a first write: find out why only for those
+                marks = ",".join("?" * len(rows))
+                found = dict(
+                    conn.execute(
+                        f"SELECT {idc}, {vc} IS NULL FROM {table} WHERE {idc} IN ({marks})", [k for _, k in rows]
+                    ).fetchall()
+                )
+                report.missing_ids += sum(1 for _, k in rows if k not in found)
+                report.skipped_has_vector += len(rows) - written - sum(1 for _, k in rows if k not in found)
         conn.commit()
         report.written += written
         report.chunks += 1
