@@ -178,3 +178,25 @@ def test_hostile_names_stay_names(tmp_path: Path) -> None:
     conn = sqlite3.connect(db)
     assert [("y",)] == conn.execute("SELECT name FROM sqlite_master WHERE name = 'y'").fetchall()
     conn.close()
+
+
+def test_blob_ids_map_back_to_blob_keys(tmp_path: Path) -> None:
+    """A BLOB id read by the SQLite source as hex is written back to the row with those bytes."""
+    from embedbatch.config import LibsqlTarget
+    from embedbatch.sinks.libsql import write_vectors
+
+    db = tmp_path / "b.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE t (id BLOB PRIMARY KEY, embedding F32_BLOB(2))")
+    conn.execute("INSERT INTO t VALUES (?, NULL)", (b"\x01\xff",))
+    conn.commit()
+    conn.close()
+    src = SourceConfig(path=str(db), id_field="id", pg_table="t", pg_text_column="id", pg_vector_column="embedding")
+    from embedbatch.sources.sqlite import iter_rows
+
+    (rid,) = [raw.data["id"] for raw in iter_rows(src) if raw.data]
+    assert "01ff" == rid
+    target = LibsqlTarget(url=str(db), table="t")
+    rep = write_vectors(str(db), None, target, iter([([rid], np.array([[3.0, 4.0]], np.float32))]), dim=2)
+    assert 1 == rep.written
+    assert [3.0, 4.0] == _vectors(db, "t")[b"\x01\xff"]
