@@ -11,20 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from embedbatch.config import redact_dsn
+from embedbatch.db.sql import quote_ident
 from embedbatch.errors import DatabaseError, UsageError
 
 __all__ = ["apply_migrations", "connect", "quote_ident", "quote_table", "translate_error"]
-
-
-def quote_ident(name: str) -> str:
-    """``name`` as one quoted SQL identifier (a name like ``x; DROP TABLE y`` stays a literal name).
-
-    Raises:
-        UsageError: empty or containing a NUL byte.
-    """
-    if not name or "\x00" in name:
-        raise UsageError(f"invalid SQL identifier {name!r}")
-    return '"' + name.replace('"', '""') + '"'
 
 
 def quote_table(name: str) -> str:

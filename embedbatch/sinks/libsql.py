@@ -24,8 +24,8 @@ import numpy as np
 import structlog
 
 from embedbatch.config import LibsqlTarget
+from embedbatch.db.sql import quote_ident
 from embedbatch.errors import DatabaseError, MissingExtraError, UsageError
-from embedbatch.sources.sqlite import quote_ident
 from embedbatch.store.shards import iter_run_chunks
 from embedbatch.workspace import crash_point, utc_now
 

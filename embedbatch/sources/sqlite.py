@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from embedbatch.config import SourceConfig
+from embedbatch.db.sql import quote_ident
 from embedbatch.errors import DatabaseError, UsageError
 from embedbatch.records import RawRow
 
-__all__ = ["SQLITE_HEADER", "is_sqlite_source", "iter_rows", "quote_ident", "sqlite_path"]
+__all__ = ["SQLITE_HEADER", "id_text", "is_sqlite_source", "iter_rows", "sqlite_path"]
 
 SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
 _SUFFIXES = (".db", ".sqlite", ".sqlite3")
@@ -45,17 +46,6 @@ def is_sqlite_source(spec: str) -> bool:
             return fh.read(16) == SQLITE_HEADER
     except OSError:
         return False
-
-
-def quote_ident(name: str) -> str:
-    """``name`` as one quoted SQLite identifier (a hostile name stays a name).
-
-    Raises:
-        UsageError: empty or containing a NUL byte.
-    """
-    if not name or "\x00" in name:
-        raise UsageError(f"invalid SQL identifier {name!r}")
-    return '"' + name.replace('"', '""') + '"'
 
 
 def id_text(value: Any) -> str:
