@@ -194,6 +194,8 @@ class PrepareConfig:
         max_tokens: tokens kept, cut at a token boundary (8191 is OpenAI's input limit for
             text-embedding-3-* and ada-002, per the embeddings guide, 2026).
         truncate_chars: characters kept before tokenizing (None: all).
+        allow_missing_fields: embed rows that lack some of the fields (or placeholders) without
+            them; by default such rows stop the run before anything is sent, with counts.
     """
 
     fields: tuple[str, ...] = ("text",)
@@ -204,6 +206,7 @@ class PrepareConfig:
     lowercase: bool = False
     truncate_chars: int | None = None
     max_tokens: int = 8191
+    allow_missing_fields: bool = False
 
     @classmethod
     def from_file(cls, path: Path, **overrides: Any) -> PrepareConfig:

@@ -71,6 +71,7 @@ class IntakeStats:
     truncated: int = 0
     bytes_total: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    missing_fields: dict[str, int] = field(default_factory=dict)
 
     @property
     def tokens_mean(self) -> float:
@@ -89,6 +90,7 @@ class IntakeStats:
             "truncated": self.truncated,
             "bytes_total": self.bytes_total,
             "reasons": self.reasons,
+            "missing_fields": self.missing_fields,
         }
 
 
@@ -106,6 +108,8 @@ class Intake:
         on_row: called every 10,000 rows read with the count (progress display).
         exclude: ``(id, text_sha256) -> bool``; True drops a chosen record after sampling (already
             embedded with that text, or planned in an unfinished run).
+        strict_fields: rows that lack a field stop the run (unless ``allow_missing_fields``);
+            False only counts them (``estimate``). A field no row has always stops it.
     """
 
     def __init__(
@@ -118,6 +122,7 @@ class Intake:
         rejected_path: Path | None = None,
         on_row: Callable[[int], None] | None = None,
         exclude: Callable[[str, str], bool] | None = None,
+        strict_fields: bool = True,
     ) -> None:
         self.source = source
         self.preparer = Preparer(prepare, tokenizer)
@@ -125,6 +130,7 @@ class Intake:
         self.rejected_path = rejected_path
         self.on_row = on_row
         self.exclude = exclude
+        self.strict_fields = strict_fields
         self.stats = IntakeStats()
         self.skipped_existing = 0
         self.dataset = dataset_name(source)
@@ -216,7 +222,8 @@ class Intake:
         """Chosen records; raises at the end of the scan if ids repeat.
 
         Raises:
-            InputError: a bad row (without ``skip_bad_rows``).
+            InputError: a bad row (without ``skip_bad_rows``); a field no row has; rows that
+                lack a field (see ``strict_fields``).
             DuplicateIdError: an id occurs twice; names the first duplicates and their places.
         """
         id_keys: array[int] = array("Q")
@@ -232,6 +239,8 @@ class Intake:
                 if rec.metadata.get("truncated"):
                     self.stats.truncated += 1
                 yield rec
+            self.stats.missing_fields = {f: n for f, n in self.preparer.missing.items() if n}
+            self.preparer.check_fields(source_label(self.source), strict=self.strict_fields)
             self._check_duplicates(id_keys)
         finally:
             if self._rejected_fh is not None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from embedbatch.config import PrepareConfig
-from embedbatch.errors import UsageError
+from embedbatch.errors import InputError, UsageError
 from embedbatch.tokens import Tokenizer
 
 __all__ = ["PreparedText", "Preparer", "format_value"]
@@ -77,6 +77,9 @@ class Preparer:
     def __init__(self, config: PrepareConfig, tokenizer: Tokenizer | None) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        self.rows = 0
+        self.missing: dict[str, int] = {}  # field -> rows that lack it (absent or null)
+        self.keys: set[str] = set()  # the fields rows have (from the first rows; for messages)
         self._template_fields: list[str] = []
         if config.template is not None:
             try:
@@ -88,6 +91,7 @@ class Preparer:
                 raise UsageError("--template names no field, e.g. 'Title: {title}'")
         if config.max_tokens < 1:
             raise UsageError("--max-tokens must be at least 1")
+        self._fields = self._template_fields or list(config.fields)
 
     @property
     def source_fields(self) -> list[str]:
@@ -113,9 +117,43 @@ class Preparer:
             return "", [], ",".join(cfg.fields)
         return cfg.delimiter.join(parts), used, None
 
+    def check_fields(self, where: str, *, strict: bool) -> None:
+        """After the last row: every field must exist in some row, and (``strict``, unless
+        ``allow_missing_fields``) no row may lack one.
+
+        Raises:
+            InputError: naming the field, the fields the rows do have (with a "did you mean"),
+                or how many rows lack it.
+        """
+        import difflib
+
+        kind = "placeholder" if self.config.template is not None else "field"
+        for f in self.source_fields:
+            lacking = self.missing.get(f, 0)
+            if self.rows and lacking == self.rows:
+                have = sorted(self.keys)
+                close = difflib.get_close_matches(f, have, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise InputError(f"{kind} {f!r} is in no row of {where}{hint}; the rows have: {', '.join(have)}")
+        partial = {f: n for f, n in self.missing.items() if n}
+        if strict and partial and not self.config.allow_missing_fields:
+            counts = ", ".join(f"{n:,} of {self.rows:,} rows lack {f!r}" for f, n in partial.items())
+            raise InputError(
+                f"{where}: {counts}; pass --allow-missing-fields to embed those rows without it (nothing was sent)"
+            )
+
+    def _count(self, row: dict[str, Any]) -> None:
+        self.rows += 1
+        if self.rows <= 1000:
+            self.keys.update(row)
+        for f in self._fields:
+            if row.get(f) is None:
+                self.missing[f] = self.missing.get(f, 0) + 1
+
     def prepare(self, row: dict[str, Any]) -> PreparedText:
         """Prepare one row; see :class:`PreparedText` for what comes back."""
         cfg = self.config
+        self._count(row)
         body, used, missing = self._build(row)
         if missing is not None:
             return PreparedText("", 0, [], missing_field=missing)

@@ -20,10 +20,12 @@ from embedbatch.tokens import get_tokenizer
 from tests.conftest import sample_rows, write_jsonl
 
 
-def intake(path: Path, *, skip: bool = False, rejected: Path | None = None, **src: Any) -> Intake:
+def intake(
+    path: Path, *, skip: bool = False, rejected: Path | None = None, allow_missing: bool = True, **src: Any
+) -> Intake:
     return Intake(
         source=SourceConfig(path=str(path), skip_bad_rows=skip, **src),  # type: ignore[arg-type]
-        prepare=PrepareConfig(fields=("title", "body")),
+        prepare=PrepareConfig(fields=("title", "body"), allow_missing_fields=allow_missing),
         sample=SampleConfig(),
         tokenizer=get_tokenizer("text-embedding-3-small"),
         rejected_path=rejected,
@@ -129,3 +131,31 @@ def test_duplicate_ids_named(tmp_path: Path) -> None:
 def test_no_files(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
         list(iter_raw_rows(str(tmp_path / "nothing-*.jsonl")))
+
+
+def test_misspelled_field_is_named_with_the_fields_that_exist(tmp_path: Path) -> None:
+    """A field that no row has stops intake before anything is sent, suggesting the near miss
+    and listing the fields the rows do have."""
+    path = write_jsonl(tmp_path / "d.jsonl", sample_rows(3))
+    it = Intake(
+        source=SourceConfig(path=str(path)),
+        prepare=PrepareConfig(fields=("title", "bdy")),
+        sample=SampleConfig(),
+        tokenizer=None,
+    )
+    with pytest.raises(InputError) as info:
+        list(it.records())
+    assert "field 'bdy' is in no row of" in str(info.value)
+    assert "(did you mean 'body'?); the rows have: body, id, split, title" in str(info.value)
+
+
+def test_rows_lacking_a_field_stop_unless_allowed(tmp_path: Path) -> None:
+    """Rows that lack one of the fields are counted; without --allow-missing-fields intake
+    stops with the count, with it they are embedded without that field."""
+    rows = [*sample_rows(3), {"id": "x", "title": "only a title"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(InputError, match="1 of 4 rows lack 'body'; pass --allow-missing-fields"):
+        list(intake(path, allow_missing=False).records())
+    it = intake(path, allow_missing=True)
+    assert ["doc-0", "doc-1", "doc-2", "x"] == [r.id for r in it.records()]
+    assert {"body": 1} == it.stats.missing_fields

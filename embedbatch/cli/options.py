@@ -141,6 +141,9 @@ class PrepareOptions(OptionGroup):
     truncate_chars: Annotated[int | None, typer.Option("--truncate-chars")] = None
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Token cut (default 8191).")] = None
     config: Annotated[Path | None, typer.Option("--config", help="YAML, JSON or TOML preparation config.")] = None
+    allow_missing_fields: Annotated[
+        bool, typer.Option("--allow-missing-fields", help="Embed rows that lack some fields without them.")
+    ] = False
 
     def build(self, source: str, src: SourceOptions) -> PrepareConfig:
         """Preparation from flags, or from ``--config`` with flags winning.
@@ -157,6 +160,7 @@ class PrepareOptions(OptionGroup):
             "lowercase": self.lowercase or None,
             "truncate_chars": self.truncate_chars,
             "max_tokens": self.max_tokens,
+            "allow_missing_fields": self.allow_missing_fields or None,
         }
         if self.config is not None:
             return PrepareConfig.from_file(self.config, **overrides)

@@ -52,6 +52,7 @@ def print_estimate(est: Any) -> None:
         ("tokens total", f"{s.tokens_total:,}"),
         ("tokens mean / max", f"{s.tokens_mean:,.1f} / {s.tokens_max:,}"),
         ("truncated rows", f"{s.truncated:,}"),
+        *[(f"rows lacking {f!r}", f"{n:,}") for f, n in s.missing_fields.items()],
         ("batch files", f"{est.batches:,}"),
         ("queue tokens (conservative)", f"{est.queue_tokens:,}"),
         ("cost at standard price", fmt_usd(est.cost_standard_usd)),

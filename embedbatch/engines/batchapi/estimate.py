@@ -77,7 +77,14 @@ def estimate(
     Raises:
         InputError: a bad row (unless ``skip_bad_rows``), duplicate ids.
     """
-    intake = Intake(source=source, prepare=prepare, sample=sample, tokenizer=get_tokenizer(model), on_row=on_row)
+    intake = Intake(
+        source=source,
+        prepare=prepare,
+        sample=sample,
+        tokenizer=get_tokenizer(model),
+        on_row=on_row,
+        strict_fields=False,
+    )
     splitter = BatchSplitter(limits or BatchLimits())
     encode = request_encoder(model=model, dimensions=dimensions)
     queue = 0
