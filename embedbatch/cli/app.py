@@ -18,9 +18,8 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from embedbatch.cli.render import (
-    err_console,
-)
+from embedbatch import __version__
+from embedbatch.cli.render import console, err_console
 from embedbatch.config import Settings
 from embedbatch.errors import EmbedbatchError
 from embedbatch.logs import configure_logging, scrub
@@ -51,12 +50,24 @@ PgDsn = Annotated[str | None, typer.Option("--pg-dsn", help="Sink DSN (env DATAB
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Write rows that already have a vector.")]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"embedbatch {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     workspace: Annotated[Path | None, typer.Option(help="Workspace root (env EMBEDBATCH_WORKSPACE).")] = None,
     log_format: Annotated[str, typer.Option(help="auto, console or json.")] = "auto",
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (env EMBEDBATCH_DEBUG=1).")] = False,
 ) -> None:
+    if debug:
+        os.environ["EMBEDBATCH_DEBUG"] = "1"  # read by main() only, to re-raise with the traceback
     _G.workspace = workspace
     _G.log_format = log_format
     configure_logging(log_format, log_level)
@@ -118,15 +129,22 @@ def main() -> None:
     """Entry point: run the app, turning EmbedbatchError into a message and its exit code."""
     try:
         rc = app(standalone_mode=False)
+        if rc == 130:  # typer turns Ctrl-C into this return code
+            raise KeyboardInterrupt
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except EmbedbatchError as exc:
-        if os.environ.get("EMBEDBATCH_RAISE_ERRORS") == "1":
+        if os.environ.get("EMBEDBATCH_RAISE_ERRORS") == "1" or os.environ.get("EMBEDBATCH_DEBUG") == "1":
             raise
         err_console.print(Text("error: ", style="bold red") + Text(scrub(str(exc))), soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted; the run can be resumed")
+        err_console.print(
+            "interrupted; everything done so far is on disk. Resume with `embedbatch run --resume RUN_DIR`, "
+            "`embedbatch submit --resume RUN_DIR`, or let `embedbatch poll --ingest` finish it.",
+            markup=False,
+            highlight=False,
+        )
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -93,6 +93,8 @@ def _plan(source: str, resume: Path | None, o: _PlanOptions, *, dry_run: bool) -
     if not source:
         raise UsageError("give a SOURCE or --resume RUN_DIR")
     s = settings()
+    if not dry_run and not s.openai_api_key:
+        raise UsageError("OPENAI_API_KEY is not set (put it in the environment or .env); nothing was planned")
     target = o.sink.target(source, o.src)
     libsql_target = o.sink.libsql_target(source, o.src)
     if (target is not None or libsql_target is not None) and not dry_run:
@@ -143,6 +145,8 @@ def _print_planned(run: Any, planned: Any, *, json_out: bool) -> None:
     print_estimate(planned.estimate)
     if planned.skipped_existing:
         console.print(f"skipped {planned.skipped_existing:,} rows already embedded or planned")
+    if planned.state is not None and not planned.state.counts.get("planned"):
+        console.print("nothing new to submit: every chosen row is embedded or planned (see `embedbatch status`)")
 
 
 @app.command()

@@ -17,7 +17,7 @@ from embedbatch.config import LibsqlTarget, PgTarget, PrepareConfig, SampleConfi
 from embedbatch.engines.batchapi.batchfiles import BatchFileWriter, read_record_ids
 from embedbatch.engines.batchapi.estimate import Estimate
 from embedbatch.engines.batchapi.split import BatchSplitter, check_model_options, request_encoder
-from embedbatch.errors import LimitError, StateError
+from embedbatch.errors import InputError, LimitError, StateError
 from embedbatch.intake import Intake, dataset_name, source_label
 from embedbatch.runs import FINAL, Run, RunState, git_sha, lockfile_sha256
 from embedbatch.store.dataset import DatasetStore
@@ -130,6 +130,8 @@ def plan_run(
         try:
             writer.add_all(intake.records(), encode)
             states = writer.finish()
+            if intake.stats.rows_read == 0:
+                raise InputError(f"{source_label(source)}: no rows to embed (the input is empty)")
         except BaseException:
             writer.abort()
             shutil.rmtree(partial, ignore_errors=True)

@@ -1,0 +1,79 @@
+"""The installed CLI as a user meets it: usage errors, error lines, version, Ctrl-C, inputs
+that would leave lying state."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from embedbatch.server import ServerThread
+from embedbatch.workspace import Workspace
+from tests.conftest import cli_env, run_cli, sample_rows, write_jsonl
+
+
+def _env(ws: Workspace) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "EMBEDBATCH_"))}
+    return {**env, "EMBEDBATCH_WORKSPACE": str(ws.root)}
+
+
+def test_usage_errors_exit_2_without_traceback(tmp_path: Path, ws: Workspace) -> None:
+    """An unknown option, an unknown command, a bad number, a missing argument: click's
+    one-line message, exit 2, no traceback."""
+    for args in (["submit", "--bogus"], ["nosuch"], ["estimate", "x.jsonl", "--n", "abc"], ["ingest"]):
+        r = run_cli(args, _env(ws), tmp_path)
+        assert 2 == r.returncode, (args, r.stderr)
+        assert "Traceback" not in r.stderr and "Error:" in r.stderr
+
+
+def test_version_and_markup_in_messages(tmp_path: Path, ws: Workspace) -> None:
+    """`--version` prints the version; an error naming `[/x]` prints it as it is."""
+    r = run_cli(["--version"], _env(ws), tmp_path)
+    assert (0, "embedbatch 0.1.0") == (r.returncode, r.stdout.strip())
+    r = run_cli(["status", "--run-dir", str(tmp_path / "[/x]")], _env(ws), tmp_path)
+    assert 5 == r.returncode
+    assert "[/x]" in r.stderr and "MarkupError" not in r.stderr
+
+
+def test_no_key_plans_nothing_and_empty_input_is_an_error(tmp_path: Path, ws: Workspace) -> None:
+    """Without OPENAI_API_KEY, submit says so and leaves no run; an empty input is an error
+    (exit 3) and leaves no run either."""
+    path = write_jsonl(tmp_path / "d.jsonl", sample_rows(3))
+    r = run_cli(["submit", str(path), "--fields", "title,body"], _env(ws), tmp_path)
+    assert 2 == r.returncode and "OPENAI_API_KEY is not set" in r.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    r = run_cli(["submit", str(empty), "--dry-run"], _env(ws), tmp_path)
+    assert 3 == r.returncode and "no rows to embed" in r.stderr
+    assert [] == ws.all_runs()
+    assert [] == list(ws.root.glob("batches/*/*/*.partial"))
+
+
+def test_misspelled_field_costs_nothing(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+    """`--fields title,bdy` exits 3 naming the fields that exist; nothing reaches the provider."""
+    path = write_jsonl(tmp_path / "d.jsonl", sample_rows(3))
+    r = run_cli(["submit", str(path), "--fields", "title,bdy"], cli_env(server, ws), tmp_path)
+    assert 3 == r.returncode
+    assert "did you mean 'body'" in r.stderr
+    assert ([], {}) == (list(server.state.files), server.state.batches)
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+    """SIGINT during `poll --watch` exits 130 with a line saying how to resume."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embedbatch", "--log-format", "json", "poll", "--watch", "30"],
+        env=cli_env(server, ws),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    line = proc.stderr.readline()  # the first pass has run: the process is in its sleep
+    assert "poll pass" in line
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert 130 == proc.returncode
+    assert "interrupted; everything done so far is on disk" in err
