@@ -37,6 +37,7 @@ from embedbatch.cli.render import (
     print_estimate,
     print_json,
     print_run_summary,
+    print_status_lines,
     status_table,
 )
 from embedbatch.config import IngestConfig
@@ -339,6 +340,8 @@ def status(
                     "batches": [asdict(b) for b in batches],
                 }
             )
+        elif not console.is_terminal:
+            print_status_lines(str(run.paths.root), rs, batches, totals)
         else:
             console.print(status_table(rs, batches, totals))
             if update_json and not written:

@@ -25,6 +25,7 @@ __all__ = [
     "print_kv",
     "print_local_result",
     "print_run_summary",
+    "print_status_lines",
     "print_verify",
     "print_workspace",
     "status_table",
@@ -145,6 +146,27 @@ def status_table(rs: Any, batches: list[Any], totals: dict[str, Any]) -> Table:
         f = rs.failure
         t.caption += f"\nlast pass failed ({f['attempts']}×, next try after {f['retry_after']}): {f['error']}"
     return t
+
+
+def print_status_lines(run_dir: str, rs: Any, batches: list[Any], totals: dict[str, Any]) -> None:
+    """``status`` below a terminal (cron logs, pipes): one plain line per run and per batch,
+    whole run directories, no table to wrap or cut."""
+    out = [
+        f"run {rs.run_id} {rs.status} model={rs.model} dataset={rs.dataset} batches={totals['batches']} "
+        f"requests={totals['requests']} succeeded={totals['succeeded']} failed={totals['failed']} "
+        f"enqueued_tokens={totals['enqueued_tokens']} dir={run_dir}"
+    ]
+    if rs.failure:
+        out.append(f"  failing: {rs.failure['error']} (attempts {rs.failure['attempts']})")
+    if rs.pg.get("pending_indexes"):
+        names = ", ".join(d["name"] for d in rs.pg["pending_indexes"])
+        out.append(f"  index rebuild pending: {names} (the next ingest of this run recreates it)")
+    for bs in batches:
+        out.append(
+            f"  batch {bs.name} {bs.status} requests={bs.requests} succeeded={bs.succeeded or 0} "
+            f"failed={bs.failed or 0} batch_id={bs.batch_id or '-'}"
+        )
+    sys.stdout.write("\n".join(out) + "\n")
 
 
 def print_run_summary(summary: Any) -> None:

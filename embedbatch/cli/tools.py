@@ -258,7 +258,7 @@ def db_init(
     --libsql-url create the example knowledge_chunks table (F32_BLOB) in a libSQL database."""
     import anyio
 
-    from embedbatch.db.pg import apply_migrations
+    from embedbatch.db.pg import MIGRATIONS, apply_migrations
 
     if libsql_url:
         from embedbatch.sinks.libsql import init_example
@@ -270,7 +270,7 @@ def db_init(
     dsn = dsn or settings().database_url
     if not dsn:
         raise UsageError("db init needs --dsn or DATABASE_URL")
-    folder = migrations or Path(__file__).resolve().parents[2] / "migrations"
+    folder = migrations or MIGRATIONS
     applied = anyio.run(apply_migrations, dsn, folder)
     console.print(f"applied {', '.join(applied)}")
 

@@ -14,7 +14,9 @@ from embedbatch.config import redact_dsn
 from embedbatch.db.sql import quote_ident
 from embedbatch.errors import DatabaseError, UsageError
 
-__all__ = ["apply_migrations", "connect", "quote_ident", "quote_table", "translate_error"]
+__all__ = ["MIGRATIONS", "apply_migrations", "connect", "quote_ident", "quote_table", "translate_error"]
+
+MIGRATIONS = Path(__file__).with_name("migrations")  # shipped inside the package (a wheel has them)
 
 
 def quote_table(name: str) -> str:

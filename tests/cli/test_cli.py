@@ -77,3 +77,50 @@ def test_ctrl_c_says_how_to_resume(tmp_path: Path, ws: Workspace, server: Server
     _, err = proc.communicate(timeout=60)
     assert 130 == proc.returncode
     assert "interrupted; everything done so far is on disk" in err
+
+
+def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
+    """`db init` reads its SQL from inside the package, and a built wheel carries it."""
+    import zipfile
+
+    from embedbatch.db.pg import MIGRATIONS
+
+    assert ["001_knowledge_chunks.sql", "002_knowledge_chunks_hnsw.sql"] == sorted(
+        p.name for p in MIGRATIONS.glob("*.sql")
+    )
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert 0 == r.returncode, r.stderr
+    (wheel,) = tmp_path.glob("embedbatch-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"embedbatch/db/migrations/001_knowledge_chunks.sql"} <= set(names)
+
+
+def test_status_below_a_terminal_is_plain_lines(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+    """Piped, `status` prints one line per run and per batch with the whole run directory."""
+    path = write_jsonl(tmp_path / "d.jsonl", sample_rows(4))
+    env = cli_env(server, ws)
+    r = run_cli(["submit", str(path), "--fields", "title,body", "--max-requests-per-batch", "2"], env, tmp_path)
+    run_dir = r.stdout.strip().splitlines()[-1]
+    r = run_cli(["status", "--offline"], {**env, "COLUMNS": "40"}, tmp_path)
+    lines = r.stdout.splitlines()
+    assert 3 == len(lines)
+    assert lines[0].startswith("run ") and lines[0].endswith(f"dir={run_dir}")
+    assert [True, True] == [ln.startswith("  batch batch_00") for ln in lines[1:]]

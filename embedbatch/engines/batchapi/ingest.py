@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -32,13 +33,44 @@ from embedbatch.store.manifest import Manifest
 from embedbatch.tokens import MODEL_DIMENSIONS, cost_usd
 from embedbatch.workspace import RunPaths, Workspace, atomic_write_bytes
 
-__all__ = ["IngestResult", "ingest_locked", "ingest_run", "rebuild_failed_ids"]
+__all__ = ["IngestResult", "ingest_locked", "ingest_run", "read_failed_ids", "rebuild_failed_ids", "tsv_escape"]
 
 log = structlog.get_logger(__name__)
 
 
-def _tsv_field(s: str) -> str:
-    return s.replace("\t", " ").replace("\n", " ").replace("\r", " ")
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def tsv_escape(s: str) -> str:
+    """A field for ``failed_ids.tsv``, escaped as PostgreSQL's COPY text format does: backslash,
+    TAB, LF and CR become ``\\``, ``\t``, ``\n``, ``\r``; nothing else changes (quotes stay)."""
+    return "".join(_ESCAPES.get(ch, ch) for ch in s) if any(ch in s for ch in _ESCAPES) else s
+
+
+def tsv_unescape(s: str) -> str:
+    """The inverse of :func:`tsv_escape`."""
+    if "\\" not in s:
+        return s
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 1 < len(s):
+            out.append(_UNESCAPES.get(s[i + 1], s[i + 1]))
+            i += 2
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def read_failed_ids(path: Path) -> dict[str, str]:
+    """id → reason from a ``failed_ids.tsv`` (every id exactly as it was, see :func:`tsv_escape`)."""
+    out: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").split("\n")[1:]:
+        if line:
+            rid, _, rest = line.partition("\t")
+            out[tsv_unescape(rid)] = tsv_unescape(rest.partition("\t")[0])
+    return out
 
 
 @dataclass
@@ -72,7 +104,7 @@ def rebuild_failed_ids(run: Run, index: IdIndex) -> int:
         if p.exists():
             for row in p.read_bytes().splitlines(keepends=True)[1:]:
                 latest[row.split(b"\t", 1)[0]] = row
-    ids = [k.decode() for k in latest]
+    ids = [tsv_unescape(k.decode()) for k in latest]
     embedded: list[bool] = index.has_ids(ids).tolist() if ids else []
     rows = [row for row, done in zip(latest.values(), embedded, strict=True) if not done]
     atomic_write_bytes(run.paths.failed_ids, b"".join([b"id\treason\tbatch\tline\n", *rows]))
@@ -225,7 +257,7 @@ def _write_batches(
             if reader.dim is not None:
                 expected = reader.dim
             failed_rows = b"".join(
-                f"{_tsv_field(rid)}\t{_tsv_field(reason)}\t{bs.name}\t{line}\n".encode()
+                f"{tsv_escape(rid)}\t{tsv_escape(reason)}\t{bs.name}\t{line}\n".encode()
                 for rid, reason, line in reader.failed
             )
             # The batch's results are recorded before the commit, so a process that dies after

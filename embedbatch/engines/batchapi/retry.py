@@ -9,13 +9,13 @@ batches that poll submits, whose ids are in flight, so a second retry does not p
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 
 import orjson
 
 from embedbatch.config import BatchLimits
 from embedbatch.engines.batchapi.batchfiles import BatchFileWriter, BatchRecords, read_record_ids
+from embedbatch.engines.batchapi.ingest import read_failed_ids
 from embedbatch.engines.batchapi.split import BatchSplitter
 from embedbatch.records import text_sha256
 from embedbatch.runs import Run, crash_point
@@ -56,8 +56,7 @@ def plan_retry_locked(ws: Workspace, run: Run, *, max_attempts: int = 3) -> Retr
     plan = RetryPlan()
     if not run.paths.failed_ids.exists():
         return plan
-    with open(run.paths.failed_ids, newline="", encoding="utf-8") as fh:
-        failed = {row["id"] for row in csv.DictReader(fh, delimiter="\t")}
+    failed = set(read_failed_ids(run.paths.failed_ids))
     if not failed:
         return plan
     index = DatasetStore(ws, rs.model, rs.dataset).id_index()

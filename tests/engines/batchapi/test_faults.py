@@ -4,7 +4,6 @@ lines, one broken run among healthy ones, cancel after a batch finished remotely
 
 from __future__ import annotations
 
-import csv
 import signal
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import orjson
 import pytest
 
 from embedbatch.api.openai import BatchClient
+from embedbatch.engines.batchapi.ingest import read_failed_ids
 from embedbatch.engines.batchapi.output import read_batch_results
 from embedbatch.runs import Run, load_batches
 from embedbatch.server import ServerThread
@@ -42,8 +42,7 @@ def _poll_until(ws: Workspace, env: dict[str, str], cwd: Path, run: Path, status
 
 
 def _failed_ids(run: Path) -> dict[str, str]:
-    with open(run / "failed_ids.tsv", newline="", encoding="utf-8") as fh:
-        return {row["id"]: row["reason"] for row in csv.DictReader(fh, delimiter="\t")}
+    return read_failed_ids(run / "failed_ids.tsv")
 
 
 @pytest.mark.parametrize("path", ["/files", "/batches"])
@@ -305,3 +304,29 @@ def test_cron_poll_overlapping_another_pass_exits_0(tmp_path: Path, ws: Workspac
         r = run_cli(["--log-format", "json", "poll", "--ingest"], cli_env(server, ws), tmp_path)
     assert 0 == r.returncode, r.stderr
     assert "another poll pass is running" in r.stderr + r.stdout
+
+
+def test_awkward_ids_round_trip_through_failed_ids_and_retry(
+    tmp_path: Path, ws: Workspace, server: ServerThread
+) -> None:
+    """Ids with TAB, CR, LF, a leading quote and a backslash fail (output lost), are listed in
+    failed_ids.tsv exactly, and `retry` embeds them under their exact ids."""
+    from embedbatch.store.manifest import Manifest
+    from embedbatch.store.shards import iter_live_rows
+
+    ids = ["tab\there", "cr\rlf\n", '"quoted', "back\\slash\\t", "plain"]
+    rows = [{"id": rid, "text": f"text of {i}"} for i, rid in enumerate(ids)]
+    (tmp_path / "src").mkdir()
+    path = write_jsonl(tmp_path / "src" / "d.jsonl", rows)
+    server.state.faults.lose_outputs = 1
+    env = cli_env(server, ws)
+    r = run_cli(["submit", str(path)], env, tmp_path)
+    assert 0 == r.returncode, r.stderr
+    run = Path(r.stdout.strip().splitlines()[-1])
+    _poll_until(ws, env, tmp_path, run, "finished", "--ingest")
+    assert sorted(ids) == sorted(_failed_ids(run))
+    assert 0 == run_cli(["retry", "--run-dir", str(run)], env, tmp_path).returncode
+    _poll_until(ws, env, tmp_path, run, "finished", "--ingest")
+    manifest = Manifest.load(ws, MODEL, "d")
+    assert sorted(ids) == sorted(rid for chunk in iter_live_rows(ws, manifest, []) for rid in chunk["id"])
+    assert {} == _failed_ids(run)

@@ -7,7 +7,6 @@ first go on. Outcomes are checked, never durations.
 
 from __future__ import annotations
 
-import csv
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import orjson
 
+from embedbatch.engines.batchapi.ingest import read_failed_ids
 from embedbatch.runs import Run, load_batches
 from embedbatch.server import ServerThread
 from embedbatch.store.manifest import Manifest
@@ -203,8 +203,7 @@ def test_kill_after_manifest_rebuilds_counts_cost_and_failed_ids(
         if (state.batch_dir(b) / "errors.jsonl").exists()
     )
     assert errors > 0
-    with open(state.paths.failed_ids, newline="", encoding="utf-8") as fh:
-        failed = [row["id"] for row in csv.DictReader(fh, delimiter="\t")]
+    failed = list(read_failed_ids(state.paths.failed_ids))
     embedded = _dataset_ids(ws)
     assert (errors, 20 - errors) == (len(failed), len(embedded))
     assert set() == set(failed) & set(embedded)
