@@ -193,6 +193,9 @@ class Intake:
             rid = str(rid)
             id_keys.append(_id_key(rid))
             prepared = preparer.prepare(row)
+            if prepared.problem is not None:
+                self._reject(raw, prepared.problem, ",".join(preparer.source_fields), fatal=True, record_id=rid)
+                continue
             if prepared.missing_field is not None:
                 self._reject(raw, "missing text field", prepared.missing_field, fatal=True, record_id=rid)
                 continue

@@ -15,9 +15,18 @@ __all__ = ["PreparedText", "Preparer", "format_value"]
 
 def format_value(value: Any) -> str | None:
     """A field value as text: lists joined with ", ", chat messages as ``role: content`` lines,
-    None and empty lists as None."""
+    None and empty lists as None, bytes decoded as UTF-8.
+
+    Raises:
+        ValueError: bytes that are not UTF-8 (binary data is not text).
+    """
     if value is None:
         return None
+    if isinstance(value, bytes | bytearray | memoryview):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"binary value ({len(value)} bytes) that is not UTF-8 text") from exc
     if isinstance(value, list):
         if value and all(isinstance(v, dict) and "content" in v for v in value):
             return "\n".join(f"{m.get('role', 'unknown')}: {m['content']}" for m in value)
@@ -41,6 +50,8 @@ class PreparedText:
         truncated_tokens: tokens cut by ``max_tokens`` (0: none).
         truncated_chars: characters cut by ``truncate_chars`` (0: none).
         missing_field: set when the row had none of the fields (a bad row).
+        problem: set when the row cannot become text (a binary value that is not UTF-8, a lone
+            surrogate): a bad row with this reason.
     """
 
     text: str
@@ -49,6 +60,7 @@ class PreparedText:
     truncated_tokens: int = 0
     truncated_chars: int = 0
     missing_field: str | None = None
+    problem: str | None = None
 
     def metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -154,7 +166,10 @@ class Preparer:
         """Prepare one row; see :class:`PreparedText` for what comes back."""
         cfg = self.config
         self._count(row)
-        body, used, missing = self._build(row)
+        try:
+            body, used, missing = self._build(row)
+        except ValueError as exc:
+            return PreparedText("", 0, [], problem=str(exc))
         if missing is not None:
             return PreparedText("", 0, [], missing_field=missing)
         text = f"{cfg.prefix}{body}{cfg.suffix}" if body.strip() else ""
@@ -166,8 +181,21 @@ class Preparer:
             text = text[: cfg.truncate_chars]
         if not text.strip():
             return PreparedText("", 0, used)
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return PreparedText("", 0, used, problem=f"invalid Unicode (a lone surrogate at character {exc.start})")
         if self.tokenizer is None:  # counted and cut later, in batches (the local worker)
             return PreparedText(text, 0, used, 0, cut_chars)
+        # Cut very long texts before tokenizing: any length works, and the tokenizer's own limit
+        # (~200k tokens a call) is never met: 100,000 characters are at most ~200k tokens even
+        # for CJK, and far more than 8,191 tokens of any text (English averages ~4 characters a
+        # token). For such texts truncated_tokens counts from this cut.
+        limit_chars = 100_000
+        if len(text) > limit_chars:
+            cut_chars += len(text) - limit_chars
+            text = text[:limit_chars]
         n_tokens = len(self.tokenizer.encode(text))
         cut_tokens = 0
         if n_tokens > cfg.max_tokens:

@@ -159,3 +159,43 @@ def test_rows_lacking_a_field_stop_unless_allowed(tmp_path: Path) -> None:
     it = intake(path, allow_missing=True)
     assert ["doc-0", "doc-1", "doc-2", "x"] == [r.id for r in it.records()]
     assert {"body": 1} == it.stats.missing_fields
+
+
+def test_one_policy_for_awkward_inputs(tmp_path: Path) -> None:
+    """A JSONL BOM is skipped; a lone surrogate (JSON array) and a non-UTF-8 binary Parquet value
+    are bad rows with a reason; a UTF-8 binary value is text; a 100,000-character CJK row is cut
+    to --max-tokens; a ragged CSV row is a bad row that --skip-bad-rows records."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + orjson.dumps({"id": "a", "title": "x", "body": "y"}) + b"\n")
+    assert ["a"] == ids_of(bom)
+
+    arr = tmp_path / "sur.json"
+    arr.write_text(
+        '[{"id": "a", "title": "ok", "body": ""}, {"id": "b", "title": "bad \\ud800 here", "body": ""}]',
+        encoding="utf-8",
+    )
+    with pytest.raises(InputError, match="lone surrogate"):
+        ids_of(arr)
+    assert ["a"] == [r.id for r in intake(arr, skip=True).records()]
+
+    pqf = tmp_path / "bin.parquet"
+    pq.write_table(
+        pa.table({"id": ["t", "b"], "title": pa.array([b"text", b"\xff\xfe"], pa.binary()), "body": ["", ""]}), pqf
+    )
+    it = intake(pqf, skip=True)
+    assert [("t", "text")] == [(r.id, r.text) for r in it.records()]
+    assert {"binary value (2 bytes) that is not UTF-8 text": 1} == it.stats.reasons
+
+    cjk = write_jsonl(tmp_path / "cjk.jsonl", [{"id": "c", "title": "漢字" * 50_000, "body": ""}])
+    (rec,) = list(intake(cjk).records())
+    assert (True, True) == (8000 < rec.n_tokens <= 8191, rec.metadata["truncated"])
+
+    rag = tmp_path / "rag.csv"
+    rag.write_text("id,title,body\na,one,x\nb,two,x,extra\nc,three,x\n", encoding="utf-8")
+    rejected = tmp_path / "rejected.jsonl"
+    assert ["a", "c"] == [r.id for r in intake(rag, skip=True, rejected=rejected).records()]
+    (entry,) = [orjson.loads(x) for x in rejected.read_bytes().splitlines()]
+    assert entry["reason"].startswith("ragged CSV row: expected 3 fields, got 4")

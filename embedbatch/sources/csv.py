@@ -6,6 +6,7 @@ import csv as pycsv
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -34,14 +35,28 @@ def iter_rows(path: Path) -> Iterator[RawRow]:
     except StopIteration as exc:
         raise InputError("empty CSV file", path=name, line=1) from exc
     convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in header}, strings_can_be_null=True)
+    ragged: list[RawRow] = []
+
+    def bad_row(row: Any) -> str:
+        # A row with the wrong number of fields is a bad row like any other (recorded with
+        # --skip-bad-rows), not the end of the file.
+        where = int(row.number) if row.number is not None else 0
+        reason = f"ragged CSV row: expected {row.expected_columns} fields, got {row.actual_columns}"
+        ragged.append(RawRow(name, where, None, reason))
+        return "skip"
+
+    parse = pacsv.ParseOptions(invalid_row_handler=bad_row)
     line = 1
     with open_maybe_gzip(path) as fh:
         try:
-            reader = pacsv.open_csv(fh, convert_options=convert)
+            reader = pacsv.open_csv(fh, convert_options=convert, parse_options=parse)
             for batch in reader:
+                yield from ragged
+                ragged.clear()
                 for row in batch.to_pylist():
                     line += 1
                     yield RawRow(name, line, row)
+            yield from ragged
         except pa.ArrowInvalid as exc:
             msg = str(exc)
             if "UTF8" in msg or "utf8" in msg.lower():

@@ -40,6 +40,8 @@ def iter_jsonl(path: Path) -> Iterator[RawRow]:
         try:
             for raw in fh:
                 lineno += 1
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM, as the CSV and JSON readers allow
+                    raw = raw[3:]
                 if not raw.strip():
                     continue
                 try:
