@@ -125,10 +125,19 @@ class RetryLater(ProviderError):
 
     Args:
         retry_after_s: the server's Retry-After, in seconds, if it sent one.
+        unreachable: the provider was never reached (connection refused, DNS): retried only briefly.
     """
 
-    def __init__(self, message: str, *, status_code: int | None = None, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        retry_after_s: float | None = None,
+        unreachable: bool = False,
+    ) -> None:
         self.retry_after_s = retry_after_s
+        self.unreachable = unreachable
         super().__init__(message, status_code=status_code)
 
 

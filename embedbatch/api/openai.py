@@ -13,6 +13,7 @@ up (the file by its name, the batch by its metadata) and adopts it instead of se
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 import openai
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from embedbatch.config import Settings
@@ -46,6 +48,7 @@ class RetryPolicy:
     max_s: float = 60.0
     requeue_s: float = 60.0
     max_requeues: int = 12
+    unreachable_attempts: int = 4  # connection refused / no DNS: give up after ~7 s, not ~2 min
 
 
 class _WaitRetryAfter(wait_base):
@@ -68,7 +71,7 @@ def _translate(exc: Exception) -> Exception:
     if isinstance(exc, openai.APITimeoutError):
         return RetryLater(f"request timed out: {exc}")
     if isinstance(exc, openai.APIConnectionError):
-        return RetryLater(f"connection failed: {exc}")
+        return RetryLater(f"connection failed: {exc}", unreachable=_never_reached(exc))
     if isinstance(exc, openai.RateLimitError):
         retry_after = None
         header = exc.response.headers.get("retry-after") if exc.response is not None else None
@@ -83,6 +86,33 @@ def _translate(exc: Exception) -> Exception:
             return RetryLater(_message(exc), status_code=exc.status_code)
         return ProviderError(_message(exc), status_code=exc.status_code)
     return exc
+
+
+def _never_reached(exc: BaseException) -> bool:
+    """True when the request never reached a server: connection refused or a name that does
+    not resolve (seen anywhere in the exception's chain)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError | socket.gaierror):
+            return True
+        text = str(seen).lower()
+        if "connection refused" in text or "name or service not known" in text or "nodename nor servname" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class _StopUnreachable(stop_base):
+    """Stop early when the provider cannot be reached at all (offline, wrong URL)."""
+
+    def __init__(self, attempts: int) -> None:
+        self.attempts = attempts
+
+    def __call__(self, retry_state: Any) -> bool:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        return bool(getattr(exc, "unreachable", False)) and retry_state.attempt_number >= self.attempts
 
 
 def _is_transport_error(exc: Exception) -> bool:
@@ -151,28 +181,36 @@ class BatchClient:
             lookup: for calls that create something: run before every retry; when it finds the
                 object (the failed attempt was committed), that object is the result.
         """
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(RetryLater),
-            stop=stop_after_attempt(self.policy.attempts),
-            wait=_WaitRetryAfter(self.policy),
-            reraise=True,
-        ):
-            with attempt:
-                if attempt.retry_state.attempt_number > 1:
-                    self.retries += 1
-                    log.info("retrying", call=what, attempt=attempt.retry_state.attempt_number)
-                    if lookup is not None and (found := await lookup()) is not None:
-                        log.info("adopted a committed object instead of sending again", call=what)
-                        return found
-                try:
-                    return await fn()
-                except openai.APIError as exc:
-                    raise _translate(exc) from exc
-                except Exception as exc:
-                    if _is_transport_error(exc):
-                        raise RetryLater(f"{what}: connection broke: {exc!r}") from exc
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(RetryLater),
+                stop=stop_after_attempt(self.policy.attempts) | _StopUnreachable(self.policy.unreachable_attempts),
+                wait=_WaitRetryAfter(self.policy),
+                reraise=True,
+            ):
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        self.retries += 1
+                        log.info("retrying", call=what, attempt=attempt.retry_state.attempt_number)
+                        if lookup is not None and (found := await lookup()) is not None:
+                            log.info("adopted a committed object instead of sending again", call=what)
+                            return found
+                    try:
+                        return await fn()
+                    except openai.APIError as exc:
+                        raise _translate(exc) from exc
+                    except Exception as exc:
+                        if _is_transport_error(exc):
+                            raise RetryLater(f"{what}: connection broke: {exc!r}") from exc
+                        raise
+        except RetryLater as exc:
+            if exc.unreachable:
+                raise ProviderError(
+                    f"cannot reach the provider at {self.client.base_url} ({exc}); check the network, "
+                    "or OPENAI_BASE_URL if this is not the address you meant"
+                ) from exc
+            raise
+        raise AssertionError("not reached")
 
     async def upload(self, path: Path, filename: str) -> dict[str, Any]:
         """Upload a batch input file (``purpose=batch``); returns the file object."""

@@ -41,7 +41,7 @@ from embedbatch.cli.render import (
     status_table,
 )
 from embedbatch.config import IngestConfig
-from embedbatch.errors import UsageError
+from embedbatch.errors import EmbedbatchError, UsageError
 
 
 @app.command()
@@ -185,7 +185,16 @@ def submit(
             task = prog.add_task("submitting batches", total=total)
             return await submit_run(ws, client, run, concurrency=concurrency, on_batch=lambda bs: prog.advance(task))
 
-    done = with_client(go)
+    try:
+        done = with_client(go)
+    except EmbedbatchError:
+        err_console.print(
+            f"the run is planned on disk; continue it with: embedbatch submit --resume {run.root}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise
     if not json_out:
         console.print(f"submitted {len(done)} batch(es); run directory:")
     print(run.root)

@@ -124,3 +124,19 @@ def test_status_below_a_terminal_is_plain_lines(tmp_path: Path, ws: Workspace, s
     assert 3 == len(lines)
     assert lines[0].startswith("run ") and lines[0].endswith(f"dir={run_dir}")
     assert [True, True] == [ln.startswith("  batch batch_00") for ln in lines[1:]]
+
+
+def test_unreachable_provider_fails_fast_naming_the_url(tmp_path: Path, ws: Workspace) -> None:
+    """Nothing listens at OPENAI_BASE_URL: submit gives up after a few tries (not minutes of
+    retries), names the URL and the setting, exits 6, and says how to continue the planned run."""
+    path = write_jsonl(tmp_path / "d.jsonl", sample_rows(2))
+    env = {**_env(ws), "OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "http://127.0.0.1:1/v1"}
+    env["EMBEDBATCH_RETRY_INITIAL_S"] = "0.01"
+    r = run_cli(["--log-format", "json", "submit", str(path), "--fields", "title,body"], env, tmp_path)
+    assert 6 == r.returncode
+    assert "cannot reach the provider at http://127.0.0.1:1/v1" in r.stderr and "OPENAI_BASE_URL" in r.stderr
+    (run,) = ws.all_runs()
+    assert f"embedbatch submit --resume {run.root}" in r.stderr
+    # The upload's one retry first looks for a committed file, whose own 3 retries find the
+    # provider unreachable: 4 retries in all, not the 8-attempt budget of each call.
+    assert 4 == r.stderr.count('"event": "retrying"')

