@@ -1,7 +1,38 @@
 """The ``embedbatch`` command line: ``app`` (the typer app, helpers, :func:`main`), ``batch`` and
-``tools`` (the commands), ``options`` (typed option groups), ``render`` (output)."""
+``tools`` (the commands), ``options`` (typed option groups), ``render`` (output).
+
+Every option can also be set from the environment as ``EMBEDBATCH_<OPTION>`` (``--max-cost-usd``
+is ``EMBEDBATCH_MAX_COST_USD``); ``--help`` shows the name. A flag on the command line wins.
+"""
+
+import inspect
+import typing
+
+import typer.models
 
 from embedbatch.cli import batch, tools
 from embedbatch.cli.app import app, main
 
 __all__ = ["app", "batch", "main", "tools"]
+
+
+def _env_for_every_option(t: typer.Typer) -> None:
+    callbacks = [c.callback for c in t.registered_commands]
+    if t.registered_callback is not None:
+        callbacks.append(t.registered_callback.callback)
+    for group in t.registered_groups:
+        if group.typer_instance is not None:
+            _env_for_every_option(group.typer_instance)
+    for cb in filter(None, callbacks):
+        for name, param in inspect.signature(cb, eval_str=True).parameters.items():
+            for info in typing.get_args(param.annotation)[1:]:
+                if isinstance(info, typer.models.OptionInfo) and info.envvar is None:
+                    # In Annotated form typer keeps the first flag in ``default`` until it builds
+                    # the command.
+                    decls = [info.default, *(info.param_decls or ())]
+                    flag = next((d for d in decls if isinstance(d, str) and d.startswith("--")), f"--{name}")
+                    info.envvar = "EMBEDBATCH_" + flag.lstrip("-").split("/")[0].upper().replace("-", "_")
+                    info.show_envvar = True
+
+
+_env_for_every_option(app)

@@ -24,7 +24,7 @@ from embedbatch.config import Settings
 from embedbatch.errors import EmbedbatchError
 from embedbatch.logs import configure_logging, scrub
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn datasets into embeddings, cheaply.")
+app = typer.Typer(add_completion=True, no_args_is_help=True, help="Turn datasets into embeddings, cheaply.")
 db_app = typer.Typer(no_args_is_help=True, help="PostgreSQL helpers.")
 app.add_typer(db_app, name="db")
 

@@ -140,3 +140,16 @@ def test_unreachable_provider_fails_fast_naming_the_url(tmp_path: Path, ws: Work
     # The upload's one retry first looks for a committed file, whose own 3 retries find the
     # provider unreachable: 4 retries in all, not the 8-attempt budget of each call.
     assert 4 == r.stderr.count('"event": "retrying"')
+
+
+def test_every_option_reads_its_environment_variable(tmp_path: Path, ws: Workspace) -> None:
+    """EMBEDBATCH_<OPTION> sets an option (EMBEDBATCH_FIELDS, EMBEDBATCH_JSON); --help names it."""
+    import orjson
+
+    path = write_jsonl(tmp_path / "d.jsonl", sample_rows(3))
+    env = {**_env(ws), "EMBEDBATCH_FIELDS": "title,body", "EMBEDBATCH_JSON": "1"}
+    r = run_cli(["estimate", str(path)], env, tmp_path)
+    assert 0 == r.returncode, r.stderr
+    assert 3 == orjson.loads(r.stdout)["sampled"]
+    r = run_cli(["estimate", "--help"], {**_env(ws), "COLUMNS": "250"}, tmp_path)
+    assert "env var: EMBEDBATCH_FIELDS" in r.stdout
