@@ -404,12 +404,15 @@ class IngestConfig:
         dtype: ``float32`` or ``float16`` for the ``embedding`` column.
         dsn: PostgreSQL for runs with a pgvector target (never written to run state or logs).
         libsql_auth_token: the remote libSQL token for runs with a libSQL target (never stored).
+        delete_files: once a batch is ingested, delete its files at the provider and its local
+            JSONL (``--delete-remote-files``; see :mod:`embedbatch.engines.batchapi.clean`).
     """
 
     rows_per_shard: int = 100_000
     dtype: Literal["float32", "float16"] = "float32"
     dsn: str | None = field(default=None, repr=False)
     libsql_auth_token: str | None = field(default=None, repr=False)
+    delete_files: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

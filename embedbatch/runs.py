@@ -96,6 +96,7 @@ class BatchState:
     attempt: int = 0
     retry_of: list[str] = field(default_factory=list)
     not_before: str | None = None
+    cleaned: bool = False
     remote: dict[str, Any] | None = None
     usage_tokens: int | None = None
     succeeded: int | None = None

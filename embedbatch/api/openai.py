@@ -222,6 +222,20 @@ class BatchClient:
 
         return await self._call("files.create", go, lookup=lambda: self.find_file(filename))
 
+    async def delete_file(self, file_id: str) -> bool:
+        """Delete a file at the provider; False when it is already gone (404)."""
+
+        async def go() -> bool:
+            await self.client.files.delete(file_id)
+            return True
+
+        try:
+            return await self._call("files.delete", go)
+        except ProviderError as exc:
+            if exc.status_code == 404:
+                return False
+            raise
+
     async def find_file(self, filename: str) -> dict[str, Any] | None:
         """The newest uploaded ``purpose=batch`` file named ``filename``, or None."""
         return await self._call("files.list", self._find_file(filename))

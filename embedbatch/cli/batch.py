@@ -213,6 +213,10 @@ def run_cmd(
     resume: Resume = None,
     poll_seconds: Annotated[float, typer.Option("--poll-seconds")] = 10.0,
     max_attempts: Annotated[int, typer.Option("--max-attempts")] = 3,
+    delete_remote_files: Annotated[
+        bool,
+        typer.Option("--delete-remote-files", help="Delete ingested batches' files, remote and local."),
+    ] = False,
     rows_per_shard: RowsPerShard = 100_000,
     dtype: Dtype = "float32",
     json_out: JsonOut = False,
@@ -230,6 +234,7 @@ def run_cmd(
         dtype=dtype,  # type: ignore[arg-type]
         dsn=sink.dsn(settings(), src),
         libsql_auth_token=sink.libsql_token(settings()),
+        delete_files=delete_remote_files,
     )
     summary = with_client(
         lambda c: drive_run(
@@ -365,6 +370,10 @@ def status(
 def poll(
     watch: Annotated[float | None, typer.Option("--watch", help="Repeat every N seconds.")] = None,
     ingest: Annotated[bool, typer.Option("--ingest", help="Ingest finished batches too.")] = False,
+    delete_remote_files: Annotated[
+        bool,
+        typer.Option("--delete-remote-files", help="Delete ingested batches' files, remote and local."),
+    ] = False,
     max_enqueued_tokens: Annotated[int | None, typer.Option(help="Override the runs' queue budget.")] = None,
     rows_per_shard: RowsPerShard = 100_000,
     dtype: Dtype = "float32",
@@ -391,6 +400,7 @@ def poll(
         dtype=dtype,  # type: ignore[arg-type]
         dsn=s.database_url,
         libsql_auth_token=s.turso_auth_token,
+        delete_files=delete_remote_files,
     )
     wait_s = ws.lock_timeout_s if watch is not None else None
     while True:
@@ -446,3 +456,43 @@ def retry(
     )
     if plan.requeued and not no_submit:
         with_client(lambda c: submit_run(ws, c, run))
+
+
+@app.command()
+def clean(
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Clean this run.")] = None,
+    ingested: Annotated[bool, typer.Option("--ingested", help="Clean every run's ingested batches.")] = False,
+    keep_remote: Annotated[bool, typer.Option("--keep-remote", help="Leave the provider's files alone.")] = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Delete ingested batches' files at the provider and their local JSONL (state, records and
+    failed ids stay; an input that still has failed rows stays for `retry`)."""
+    from embedbatch.engines.batchapi.clean import CleanReport, clean_run
+
+    ws = open_workspace()
+    if (run_dir is None) == (not ingested):
+        raise UsageError("give --run-dir RUN_DIR or --ingested (every run)")
+    runs = [ws.resolve_run(run_dir)] if run_dir is not None else ws.all_runs()
+
+    async def go(c: Any) -> CleanReport:
+        total = CleanReport()
+        for paths in runs:
+            r = await clean_run(None if keep_remote else c, paths)
+            total.batches += r.batches
+            total.remote_files += r.remote_files
+            total.local_bytes += r.local_bytes
+        return total
+
+    if keep_remote:
+        import anyio
+
+        report = anyio.run(go, None)
+    else:
+        report = with_client(go)
+    if json_out:
+        print_json(report.__dict__)
+    else:
+        console.print(
+            f"cleaned {report.batches} batch(es): {report.remote_files} provider file(s) deleted, "
+            f"{report.local_bytes / 1e6:,.1f} MB freed here"
+        )

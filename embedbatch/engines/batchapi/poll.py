@@ -230,8 +230,15 @@ async def poll_run(
         )
         report.submitted += len(submitted)
         if ingest:
-            result = await ingest_locked(ws, run, ingest_config or IngestConfig())
+            cfg = ingest_config or IngestConfig()
+            result = await ingest_locked(ws, run, cfg)
             report.ingested += result.batches
+            if cfg.delete_files:
+                from embedbatch.engines.batchapi.clean import CleanReport, clean_batch
+
+                cleaned = CleanReport()
+                for bs in run.batches:
+                    await clean_batch(client, run, bs, cleaned)
         crash_point("poll_before_save")
         run.state.actual["status_totals"] = run.totals()
         run.state.failure = None

@@ -72,6 +72,8 @@ def plan_retry_locked(ws: Workspace, run: Run, *, max_attempts: int = 3) -> Retr
     try:
         for bs in run.batches:
             d = run.batch_dir(bs)
+            if not (d / "input.jsonl").exists():  # cleaned: it had no failed rows left
+                continue
             records = BatchRecords.read(d)
             with open(d / "input.jsonl", "rb") as inf:
                 for i, iline in enumerate(inf):

@@ -330,3 +330,29 @@ def test_awkward_ids_round_trip_through_failed_ids_and_retry(
     manifest = Manifest.load(ws, MODEL, "d")
     assert sorted(ids) == sorted(rid for chunk in iter_live_rows(ws, manifest, []) for rid in chunk["id"])
     assert {} == _failed_ids(run)
+
+
+def test_clean_and_delete_remote_files(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+    """`poll --ingest --delete-remote-files` removes each ingested batch's files at the provider
+    and its local JSONL; `clean` does the same afterwards for a run ingested without it, keeping
+    an input that still has failed rows so that `retry` can read it; verify stays OK."""
+    env = cli_env(server, ws)
+    run_a = _submit(tmp_path, env, 4, name="a", per_batch=2)
+    _poll_until(ws, env, tmp_path, run_a, "finished", "--ingest", "--delete-remote-files")
+    assert [] == [f for f in server.state.files.values() if f.purpose == "batch"]
+    assert [] == list(run_a.rglob("*.jsonl"))
+    assert all(b.cleaned for b in load_batches(ws.resolve_run(run_a)))
+
+    server.state.faults.line_error_rate = 1.0  # every row of run b fails: its input must stay
+    run_b = _submit(tmp_path, env, 2, name="b", per_batch=2)
+    _poll_until(ws, env, tmp_path, run_b, "finished", "--ingest")
+    files_before = len(server.state.files)
+    r = run_cli(["clean", "--run-dir", str(run_b), "--json"], env, tmp_path)
+    assert 0 == r.returncode, r.stderr
+    assert (1, 2) == (orjson.loads(r.stdout)["batches"], files_before - len(server.state.files))
+    assert ["input.jsonl"] == sorted(p.name for p in run_b.rglob("*.jsonl"))
+    server.state.faults.line_error_rate = 0.0
+    assert 0 == run_cli(["retry", "--run-dir", str(run_b)], env, tmp_path).returncode
+    _poll_until(ws, env, tmp_path, run_b, "finished", "--ingest")
+    assert (True, 4) == (verify_dataset(ws, MODEL, "a").ok, verify_dataset(ws, MODEL, "a").rows)
+    assert 2 == verify_dataset(ws, MODEL, "b").rows
