@@ -174,7 +174,7 @@ class SourceConfig:
     @property
     def is_sqlite(self) -> bool:
         """True when rows come from a SQLite file's table or query."""
-        from embedbatch.sources.sqlite import is_sqlite_source
+        from embedbatch.sources import is_sqlite_source
 
         return not self.is_postgres and is_sqlite_source(self.path)
 

@@ -36,7 +36,7 @@ def source_label(source: SourceConfig) -> str:
     if source.is_postgres:
         return source.pg_table or "query"
     if source.is_sqlite:
-        from embedbatch.sources.sqlite import sqlite_path
+        from embedbatch.sources import sqlite_path
 
         return f"{sqlite_path(source.path).absolute()}:{source.pg_table or 'query'}"
     return str(Path(source.path).absolute())

@@ -83,7 +83,7 @@ class SourceOptions(OptionGroup):
             "dataset": self.dataset,
             "skip_bad_rows": self.skip_bad_rows,
         }
-        from embedbatch.sources.sqlite import is_sqlite_source
+        from embedbatch.sources import is_sqlite_source
 
         if source != "postgres" and is_sqlite_source(source):
             if not self.table and not self.query:
@@ -165,7 +165,7 @@ class PrepareOptions(OptionGroup):
         if self.config is not None:
             return PrepareConfig.from_file(self.config, **overrides)
         values = {k: v for k, v in overrides.items() if v is not None}
-        from embedbatch.sources.sqlite import is_sqlite_source
+        from embedbatch.sources import is_sqlite_source
 
         db = source == "postgres" or is_sqlite_source(source)
         values.setdefault("fields", (src.text_column,) if db else ("text",))
@@ -284,7 +284,7 @@ class SinkOptions(OptionGroup):
         Raises:
             UsageError: a bad ``--libsql-mode``, or a URL without a table.
         """
-        from embedbatch.sources.sqlite import is_sqlite_source, sqlite_path
+        from embedbatch.sources import is_sqlite_source, sqlite_path
 
         url, table = self.libsql_url, self.libsql_table
         id_column, vector_column = self.libsql_id_column, self.libsql_vector_column

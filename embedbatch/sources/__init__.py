@@ -15,7 +15,15 @@ from typing import IO
 from embedbatch.errors import UsageError
 from embedbatch.records import RawRow
 
-__all__ = ["detect_format", "expand_paths", "iter_raw_rows", "open_maybe_gzip"]
+__all__ = [
+    "SQLITE_HEADER",
+    "detect_format",
+    "expand_paths",
+    "is_sqlite_source",
+    "iter_raw_rows",
+    "open_maybe_gzip",
+    "sqlite_path",
+]
 
 GZIP_MAGIC = b"\x1f\x8b"
 PARQUET_MAGIC = b"PAR1"
@@ -95,3 +103,27 @@ def iter_raw_rows(spec: str, *, fmt: str = "auto") -> Iterator[RawRow]:
             yield from csv_reader.iter_rows(path)
         else:
             raise UsageError(f"unknown format {kind!r}; valid: auto, jsonl, json, parquet, csv")
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
+_SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
+def sqlite_path(spec: str) -> Path:
+    """The file of a ``sqlite:PATH`` or plain path spec."""
+    return Path(spec.removeprefix("sqlite:"))
+
+
+def is_sqlite_source(spec: str) -> bool:
+    """True for ``sqlite:PATH``, a ``.db``/``.sqlite``/``.sqlite3`` file, or a file that starts
+    with the SQLite header."""
+    if spec.startswith("sqlite:"):
+        return True
+    path = Path(spec)
+    if path.suffix.lower() in _SQLITE_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(16) == SQLITE_HEADER
+    except OSError:
+        return False

@@ -13,39 +13,17 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from embedbatch.config import SourceConfig
 from embedbatch.db.sql import quote_ident
 from embedbatch.errors import DatabaseError, UsageError
 from embedbatch.records import RawRow
+from embedbatch.sources import is_sqlite_source, sqlite_path
 
-__all__ = ["SQLITE_HEADER", "id_text", "is_sqlite_source", "iter_rows", "sqlite_path"]
+__all__ = ["id_text", "is_sqlite_source", "iter_rows", "sqlite_path"]
 
-SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
-_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 FETCH_ROWS = 2_000
-
-
-def sqlite_path(spec: str) -> Path:
-    """The file of a ``sqlite:PATH`` or plain path spec."""
-    return Path(spec.removeprefix("sqlite:"))
-
-
-def is_sqlite_source(spec: str) -> bool:
-    """True for ``sqlite:PATH``, a ``.db``/``.sqlite``/``.sqlite3`` file, or a file that starts
-    with the SQLite header."""
-    if spec.startswith("sqlite:"):
-        return True
-    path = Path(spec)
-    if path.suffix.lower() in _SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(16) == SQLITE_HEADER
-    except OSError:
-        return False
 
 
 def id_text(value: Any) -> str:
