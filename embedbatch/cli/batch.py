@@ -146,6 +146,14 @@ def _print_planned(run: Any, planned: Any, *, json_out: bool) -> None:
     print_estimate(planned.estimate)
     if planned.skipped_existing:
         console.print(f"skipped {planned.skipped_existing:,} rows already embedded or planned")
+    for run_dir, rows in planned.already_planned.items():
+        console.print(
+            f"{rows:,} of them are planned in an unfinished run; continue it with: "
+            f"embedbatch submit --resume {run_dir}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     if planned.state is not None and not planned.state.counts.get("planned"):
         console.print("nothing new to submit: every chosen row is embedded or planned (see `embedbatch status`)")
 

@@ -140,6 +140,12 @@ def test_unreachable_provider_fails_fast_naming_the_url(tmp_path: Path, ws: Work
     # The upload's one retry first looks for a committed file, whose own 3 retries find the
     # provider unreachable: 4 retries in all, not the 8-attempt budget of each call.
     assert 4 == r.stderr.count('"event": "retrying"')
+    # Submitting the same rows again points to the run that already holds them.
+    r = run_cli(["submit", str(path), "--fields", "title,body"], env, tmp_path)
+    assert 0 == r.returncode, r.stderr
+    assert f"2 of them are planned in an unfinished run; continue it with: embedbatch submit --resume {run.root}" in (
+        r.stdout
+    )
 
 
 def test_every_option_reads_its_environment_variable(tmp_path: Path, ws: Workspace) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from embedbatch.config import LibsqlTarget, PgTarget, PrepareConfig, SampleConfig, SourceConfig, SubmitConfig
@@ -28,16 +28,17 @@ from embedbatch.workspace import RunPaths, Workspace, crash_point
 __all__ = ["PlannedRun", "existing_ids", "plan_run"]
 
 
-def existing_ids(ws: Workspace, model: str, dataset: str) -> tuple[IdIndex, set[str]]:
+def existing_ids(ws: Workspace, model: str, dataset: str) -> tuple[IdIndex, dict[str, str]]:
     """What is already done or under way for (model, dataset); call under the dataset lock.
 
     Returns:
-        ``(index, planned)``: the store's id index of embedded rows, and the ids in batches of
-        this dataset's runs that are neither final nor failed remotely (they will be embedded).
+        ``(index, planned)``: the store's id index of embedded rows, and id → run directory for
+        the ids in batches of this dataset's runs that are neither final nor failed remotely
+        (they will be embedded).
         Cost: 24 bytes per embedded row, plus the ids of the batches in flight.
     """
     index = DatasetStore(ws, model, dataset).id_index()
-    planned: set[str] = set()
+    planned: dict[str, str] = {}
     base = ws.runs_dir(model, dataset)
     for paths in ws.all_runs():
         if paths.root.parent != base:
@@ -51,18 +52,23 @@ def existing_ids(ws: Workspace, model: str, dataset: str) -> tuple[IdIndex, set[
         for bs in run.batches:
             if bs.status in FINAL or (bs.status == "downloaded" and bs.remote_status != "completed"):
                 continue
-            planned.update(read_record_ids(run.batch_dir(bs)))
+            planned.update(dict.fromkeys(read_record_ids(run.batch_dir(bs)), str(paths.root)))
     return index, planned
 
 
 @dataclass
 class PlannedRun:
-    """The outcome of planning: the run directory and the numbers ``--dry-run`` prints."""
+    """The outcome of planning: the run directory and the numbers ``--dry-run`` prints.
+
+    Attributes:
+        already_planned: run directory → rows skipped because that unfinished run holds them.
+    """
 
     run: RunPaths | None
     state: RunState | None
     estimate: Estimate
     skipped_existing: int
+    already_planned: dict[str, int] = field(default_factory=dict)
 
 
 def plan_run(
@@ -109,12 +115,17 @@ def plan_run(
         partial.mkdir(parents=True)
         started = time.monotonic()
         exclude = None
+        already_planned: dict[str, int] = {}
         if skip_existing:
             index, planned = existing_ids(ws, submit.model, dataset)
             if len(index) or planned:
 
                 def exclude(rid: str, sha: str) -> bool:
-                    return rid in planned or index.contains(rid, sha)
+                    where = planned.get(rid)
+                    if where is not None:
+                        already_planned[where] = already_planned.get(where, 0) + 1
+                        return True
+                    return index.contains(rid, sha)
 
         intake = Intake(
             source=source,
@@ -202,4 +213,4 @@ def plan_run(
             rs.save(RunPaths(partial))
         partial.rename(run.root)
         crash_point("plan_before_unlock")
-        return PlannedRun(run, rs, est, intake.skipped_existing)
+        return PlannedRun(run, rs, est, intake.skipped_existing, already_planned)
