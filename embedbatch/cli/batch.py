@@ -32,6 +32,7 @@ from embedbatch.cli.options import (
 )
 from embedbatch.cli.render import (
     RowProgress,
+    RunProgress,
     console,
     err_console,
     print_estimate,
@@ -244,17 +245,19 @@ def run_cmd(
         libsql_auth_token=sink.libsql_token(settings()),
         delete_files=delete_remote_files,
     )
-    summary = with_client(
-        lambda c: drive_run(
-            ws,
-            c,
-            run,
-            poll_s=poll_seconds,
-            max_attempts=max_attempts,
-            ingest_config=cfg,
-            max_enqueued_tokens=batch.max_enqueued_tokens,
+    with RunProgress(run) as progress:
+        summary = with_client(
+            lambda c: drive_run(
+                ws,
+                c,
+                run,
+                poll_s=poll_seconds,
+                max_attempts=max_attempts,
+                ingest_config=cfg,
+                max_enqueued_tokens=batch.max_enqueued_tokens,
+                on_pass=progress,
+            )
         )
-    )
     if json_out:
         print_json(summary.__dict__)
     else:

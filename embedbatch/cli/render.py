@@ -16,6 +16,7 @@ from rich.table import Table
 
 __all__ = [
     "RowProgress",
+    "RunProgress",
     "console",
     "err_console",
     "fmt_usd",
@@ -89,6 +90,53 @@ class RowProgress:
 
     def __call__(self, rows: int) -> None:
         self.progress.update(self.task, completed=rows)
+
+
+class RunProgress:
+    """``embedbatch run`` while it waits: after every poll pass, batches by state, rows done and
+    failed, enqueued tokens, cost so far and elapsed time, as a live line on a terminal and as
+    a ``run progress`` log line otherwise (cron logs, pipes)."""
+
+    def __init__(self, paths: Any) -> None:
+        import structlog
+
+        self.paths = paths
+        self.started = time.monotonic()
+        self.log = structlog.get_logger("embedbatch.run")
+        self.status = err_console.status("waiting for the first poll pass") if err_console.is_terminal else None
+
+    def __enter__(self) -> RunProgress:
+        if self.status is not None:
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.__exit__(None, None, None)
+
+    def __call__(self, passes: int) -> None:
+        from embedbatch.runs import Run
+
+        run = Run.read(self.paths)
+        t = run.totals()
+        cost = run.state.actual.get("cost_batch_usd")
+        fields = {
+            "pass": passes,
+            "batches": t["by_status"],
+            "rows_done": t["succeeded"],
+            "rows_failed": t["failed"],
+            "enqueued_tokens": t["enqueued_tokens"],
+            "cost_batch_usd": cost,
+            "elapsed_s": round(time.monotonic() - self.started, 1),
+        }
+        if self.status is None:
+            self.log.info("run progress", **fields)
+            return
+        states = ", ".join(f"{n} {s}" for s, n in t["by_status"].items())
+        self.status.update(
+            f"pass {passes}: {states} · rows {t['succeeded']:,} done, {t['failed']:,} failed · "
+            f"enqueued tokens {t['enqueued_tokens']:,} · cost {fmt_usd(cost)} · {fields['elapsed_s']:.0f} s"
+        )
 
 
 def print_kv(title: str, rows: list[tuple[str, str]]) -> None:

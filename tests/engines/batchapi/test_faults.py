@@ -261,6 +261,7 @@ def test_run_beside_cron_polls(tmp_path: Path, ws: Workspace, server: ServerThre
     out, err = run.communicate(timeout=300)
     assert 0 == run.returncode, err
     assert 20 == orjson.loads(out)["embedded"]
+    assert "run progress" in err  # below a terminal, run logs a line per pass
     rep = verify_dataset(ws, MODEL, "d")
     assert (True, 20) == (rep.ok, rep.rows)
     assert 4 == len(server.state.batches)
