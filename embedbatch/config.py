@@ -326,6 +326,8 @@ class SubmitConfig:
     Attributes:
         dimensions: output dims (text-embedding-3-* only).
         max_cost_usd: refuse before any upload when the Batch-price estimate is higher.
+        file_expiry_days: uploaded input files expire this many days after upload
+            (``expires_after``; the Files API accepts 1 hour to 30 days, per its reference, 2026).
         concurrency: uploads/creates in flight at once.
     """
 
@@ -336,6 +338,7 @@ class SubmitConfig:
     max_cost_usd: float | None = None
     completion_window: str = "24h"
     metadata: dict[str, str] = field(default_factory=dict)
+    file_expiry_days: int | None = None
     concurrency: int = 4
 
 

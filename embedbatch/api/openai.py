@@ -212,12 +212,19 @@ class BatchClient:
             raise
         raise AssertionError("not reached")
 
-    async def upload(self, path: Path, filename: str) -> dict[str, Any]:
-        """Upload a batch input file (``purpose=batch``); returns the file object."""
+    async def upload(self, path: Path, filename: str, *, expires_after_s: int | None = None) -> dict[str, Any]:
+        """Upload a batch input file (``purpose=batch``); returns the file object.
+
+        Args:
+            expires_after_s: the provider deletes the file this many seconds after upload.
+        """
 
         async def go() -> dict[str, Any]:
+            extra: dict[str, Any] = {}
+            if expires_after_s is not None:
+                extra["expires_after"] = {"anchor": "created_at", "seconds": expires_after_s}
             with open(path, "rb") as fh:
-                obj = await self.client.files.create(file=(filename, fh), purpose="batch")
+                obj = await self.client.files.create(file=(filename, fh), purpose="batch", **extra)
             return obj.model_dump()
 
         return await self._call("files.create", go, lookup=lambda: self.find_file(filename))

@@ -218,9 +218,14 @@ class SubmitOptions(OptionGroup):
     ] = None
     completion_window: Annotated[str, typer.Option("--completion-window")] = "24h"
     metadata: Annotated[list[str] | None, typer.Option("--metadata", help="k=v passed on to each batch.")] = None
+    file_expiry_days: Annotated[
+        int | None, typer.Option("--file-expiry-days", help="Uploaded input files expire after N days (1-30).")
+    ] = None
 
     def build(self, batch: BatchOptions, settings: Settings, *, dry_run: bool = False) -> SubmitConfig:
-        """Raises: UsageError: a window other than 24h, or a bad ``--metadata``."""
+        """Raises: UsageError: a window other than 24h, a bad ``--metadata`` or ``--file-expiry-days``."""
+        if self.file_expiry_days is not None and not 1 <= self.file_expiry_days <= 30:
+            raise UsageError("--file-expiry-days must be 1 to 30 (the Files API accepts 1 hour to 30 days, 2026)")
         if self.completion_window != "24h":
             raise UsageError("--completion-window must be 24h (the only window the Batch API offers, 2026)")
         metadata: dict[str, str] = {}
@@ -237,6 +242,7 @@ class SubmitOptions(OptionGroup):
             max_cost_usd=self.max_cost_usd,
             completion_window=self.completion_window,
             metadata=metadata,
+            file_expiry_days=self.file_expiry_days,
         )
 
 

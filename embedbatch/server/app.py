@@ -146,6 +146,7 @@ class _File:
     bytes: int
     created_at: int
     path: Path
+    expires_at: int | None = None
 
     def obj(self) -> dict[str, Any]:
         return {
@@ -156,7 +157,7 @@ class _File:
             "filename": self.filename,
             "purpose": self.purpose,
             "status": "processed",
-            "expires_at": None,
+            "expires_at": self.expires_at,
             "status_details": None,
         }
 
@@ -295,6 +296,7 @@ class FakeOpenAI:
         reader = await request.multipart()
         purpose = None
         filename = "upload.jsonl"
+        expires_s: int | None = None
         tmp = self.root / f".{secrets.token_hex(6)}.upload"
         got_file = False
         size = 0
@@ -303,6 +305,8 @@ class FakeOpenAI:
                 continue
             if part.name == "purpose":
                 purpose = (await part.text()).strip()
+            elif part.name == "expires_after[seconds]":
+                expires_s = int((await part.text()).strip())
             elif part.name == "file":
                 got_file = True
                 filename = part.filename or filename
@@ -319,7 +323,10 @@ class FakeOpenAI:
         if purpose not in {"batch", "batch_output", "assistants", "fine-tune", "user_data"}:
             tmp.unlink(missing_ok=True)
             return _err(400, f"Invalid value for 'purpose': {purpose!r}.")
-        return _json(self._store(tmp, filename, purpose).obj())
+        stored = self._store(tmp, filename, purpose)
+        if expires_s is not None:
+            stored.expires_at = stored.created_at + expires_s
+        return _json(stored.obj())
 
     async def list_files(self, request: web.Request) -> web.Response:
         purpose = request.query.get("purpose")

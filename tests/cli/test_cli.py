@@ -159,3 +159,16 @@ def test_every_option_reads_its_environment_variable(tmp_path: Path, ws: Workspa
     assert 3 == orjson.loads(r.stdout)["sampled"]
     r = run_cli(["estimate", "--help"], {**_env(ws), "COLUMNS": "250"}, tmp_path)
     assert "env var: EMBEDBATCH_FIELDS" in r.stdout
+
+
+def test_file_expiry_days_reaches_the_upload(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+    """`--file-expiry-days 2` uploads input files that the provider expires two days later;
+    out of range (31) is a usage error before anything is planned."""
+    path = write_jsonl(tmp_path / "d.jsonl", sample_rows(2))
+    env = cli_env(server, ws)
+    r = run_cli(["submit", str(path), "--fields", "title,body", "--file-expiry-days", "31"], env, tmp_path)
+    assert 2 == r.returncode and "--file-expiry-days must be 1 to 30" in r.stderr
+    r = run_cli(["submit", str(path), "--fields", "title,body", "--file-expiry-days", "2"], env, tmp_path)
+    assert 0 == r.returncode, r.stderr
+    (f,) = [f for f in server.state.files.values() if f.purpose == "batch"]
+    assert 2 * 86_400 == (f.expires_at or 0) - f.created_at

@@ -176,6 +176,7 @@ def plan_run(
             completion_window=submit.completion_window,
             metadata=dict(submit.metadata),
             max_enqueued_tokens=submit.limits.max_enqueued_tokens,
+            file_expiry_days=submit.file_expiry_days,
             status="dry-run" if submit.dry_run else "active",
             args=args or {},
             git_sha=git_sha(),

@@ -111,7 +111,8 @@ async def submit_batch(client: BatchClient, run: Run, bs: BatchState) -> None:
         bs.pending = "upload"
         run.save_batch(bs)
         crash_point("before_upload")
-        obj = await client.upload(d / "input.jsonl", upload_filename(rs, bs))
+        expires_s = rs.file_expiry_days * 86_400 if rs.file_expiry_days else None
+        obj = await client.upload(d / "input.jsonl", upload_filename(rs, bs), expires_after_s=expires_s)
         crash_point("after_upload")
         bs.file_id = obj["id"]
         bs.pending = None
