@@ -52,11 +52,15 @@ def test_no_key_plans_nothing_and_empty_input_is_an_error(tmp_path: Path, ws: Wo
 
 
 def test_misspelled_field_costs_nothing(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
-    """`--fields title,bdy` exits 3 naming the fields that exist; nothing reaches the provider."""
+    """`--fields title,bdy` and a `{tilte}` placeholder exit 3 naming the fields that exist;
+    nothing reaches the provider."""
     path = write_jsonl(tmp_path / "d.jsonl", sample_rows(3))
     r = run_cli(["submit", str(path), "--fields", "title,bdy"], cli_env(server, ws), tmp_path)
     assert 3 == r.returncode
     assert "did you mean 'body'" in r.stderr
+    r = run_cli(["submit", str(path), "--template", "T: {tilte}\\n{body}"], cli_env(server, ws), tmp_path)
+    assert 3 == r.returncode
+    assert "placeholder 'tilte' is in no row" in r.stderr and "did you mean 'title'" in r.stderr
     assert ([], {}) == (list(server.state.files), server.state.batches)
 
 
@@ -79,38 +83,37 @@ def test_ctrl_c_says_how_to_resume(tmp_path: Path, ws: Workspace, server: Server
     assert "interrupted; everything done so far is on disk" in err
 
 
-def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
-    """`db init` reads its SQL from inside the package, and a built wheel carries it."""
+def test_db_init_from_a_built_wheel_in_a_fresh_venv(tmp_path: Path, pg_dsn: str) -> None:
+    """The wheel, installed (not editable) into a fresh virtual environment, runs `db init`:
+    the migrations ship inside the package."""
     import zipfile
 
-    from embedbatch.db.pg import MIGRATIONS
-
-    assert ["001_knowledge_chunks.sql", "002_knowledge_chunks_hnsw.sql"] == sorted(
-        p.name for p in MIGRATIONS.glob("*.sql")
-    )
     root = Path(__file__).resolve().parents[2]
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(tmp_path),
-            str(root),
-        ],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "w"), str(root)],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
     assert 0 == r.returncode, r.stderr
-    (wheel,) = tmp_path.glob("embedbatch-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    assert {"embedbatch/db/migrations/001_knowledge_chunks.sql"} <= set(names)
+    (wheel,) = (tmp_path / "w").glob("embedbatch-*.whl")
+    assert "embedbatch/db/migrations/001_knowledge_chunks.sql" in zipfile.ZipFile(wheel).namelist()
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    r = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", str(wheel)], capture_output=True, text=True, timeout=600
+    )
+    assert 0 == r.returncode, r.stderr[-2000:]
+    r = subprocess.run(
+        [str(venv / "bin" / "embedbatch"), "db", "init", "--dsn", pg_dsn],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert 0 == r.returncode, r.stderr
+    assert "applied 001_knowledge_chunks.sql, 002_knowledge_chunks_hnsw.sql" in r.stdout
 
 
 def test_status_below_a_terminal_is_plain_lines(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
