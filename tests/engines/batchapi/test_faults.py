@@ -73,8 +73,9 @@ def test_odd_dataset_name_is_adopted_after_a_kill(tmp_path: Path, ws: Workspace,
     assert -signal.SIGKILL == r.returncode
     (run,) = ws.all_runs()
     assert 0 == run_cli(["submit", "--resume", str(run.root)], env, tmp_path).returncode
-    assert 1 == len([f for f in server.state.files.values() if f.purpose == "batch"])
-    assert 1 == len(server.state.batches)
+    counts = server.state.counts()
+    keys = ("input_files", "batches", "duplicate_uploads", "duplicate_batches")
+    assert (1, 1, 0, 0) == tuple(counts[k] for k in keys)
 
 
 def test_cut_download_is_retried_and_never_kept(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
@@ -224,7 +225,9 @@ def test_batch_over_the_org_queue_limit_is_failed_then_retried_smaller(
     run = _submit(tmp_path, env, 12, per_batch=12)
     assert load_batches(ws.resolve_run(run))[0].tokens > limit
     _poll_until(ws, env, tmp_path, run, "finished", "--ingest")
-    assert 1 == len(server.state.batches)
+    # Created once, refused once, never re-created:
+    codes = [b["errors"]["data"][0]["code"] for b in server.state.batches.values()]
+    assert ["token_limit_exceeded"] == codes
     reasons = _failed_ids(run)
     assert 12 == len(reasons)
     assert all(f"enqueued-token limit of {limit:,}" in r for r in reasons.values())
