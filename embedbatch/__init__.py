@@ -1,9 +1,13 @@
-"""embedbatch: datasets to embeddings, through the OpenAI Batch API or local models.
+"""embedbatch: datasets to embeddings, through the OpenAI Batch API, /v1/embeddings, or local models.
 
 The same operations as the CLI, as functions over typed config objects (async where they talk
 to the provider)::
 
-    plan_run, submit_run, poll_pass, ingest_run, drive_run, estimate, verify_dataset, run_local
+    plan_run, submit_run, poll_pass, ingest_run, drive_run, estimate, verify_dataset,
+    run_local, run_realtime
+
+and, to embed a list of strings directly, the :class:`Embedder` protocol with
+:class:`OpenAIEmbedder` and :class:`LocalEmbedder`.
 """
 
 __version__ = "0.1.0"
@@ -15,11 +19,13 @@ from embedbatch.config import (
     LocalConfig,
     PgTarget,
     PrepareConfig,
+    RealtimeConfig,
     SampleConfig,
     Settings,
     SourceConfig,
     SubmitConfig,
 )
+from embedbatch.embedders import Embedder, LocalEmbedder, OpenAIEmbedder
 from embedbatch.engines.batchapi.drive import drive_run
 from embedbatch.engines.batchapi.estimate import estimate
 from embedbatch.engines.batchapi.ingest import ingest_run
@@ -28,6 +34,7 @@ from embedbatch.engines.batchapi.poll import cancel_run, poll_pass
 from embedbatch.engines.batchapi.retry import plan_retry
 from embedbatch.engines.batchapi.submit import submit_run
 from embedbatch.engines.local.pipeline import run_local
+from embedbatch.engines.realtime.pipeline import run_realtime
 from embedbatch.errors import EmbedbatchError
 from embedbatch.runs import Run
 from embedbatch.store.dataset import DatasetStore
@@ -39,10 +46,14 @@ __all__ = [
     "BatchLimits",
     "DatasetStore",
     "EmbedbatchError",
+    "Embedder",
     "IngestConfig",
     "LocalConfig",
+    "LocalEmbedder",
+    "OpenAIEmbedder",
     "PgTarget",
     "PrepareConfig",
+    "RealtimeConfig",
     "RetryPolicy",
     "Run",
     "SampleConfig",
@@ -60,6 +71,7 @@ __all__ = [
     "plan_run",
     "poll_pass",
     "run_local",
+    "run_realtime",
     "submit_run",
     "verify_dataset",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "LocalConfig",
     "PgTarget",
     "PrepareConfig",
+    "RealtimeConfig",
     "SampleConfig",
     "Settings",
     "SourceConfig",
@@ -71,6 +72,8 @@ class Settings:
         turso_auth_token: TURSO_AUTH_TOKEN for a remote libSQL sink; never logged or stored.
         requeue_s: EMBEDBATCH_REQUEUE_S (default 60): first wait before a batch refused with
             ``token_limit_exceeded`` is created again (doubling, at most 1 h).
+        openai_api_keys: OPENAI_API_KEYS, several keys separated by commas for the realtime
+            engine (each gets its own rate limiter); never logged or stored.
     """
 
     openai_api_key: str | None = field(default=None, repr=False)
@@ -84,6 +87,14 @@ class Settings:
     retry_initial_s: float = 1.0
     requeue_s: float = 60.0
     turso_auth_token: str | None = field(default=None, repr=False)
+    openai_api_keys: tuple[str, ...] = field(default=(), repr=False)
+
+    def api_keys(self) -> tuple[str, ...]:
+        """The keys the realtime engine spreads requests over: OPENAI_API_KEYS, else the one
+        OPENAI_API_KEY (empty when neither is set)."""
+        if self.openai_api_keys:
+            return self.openai_api_keys
+        return (self.openai_api_key,) if self.openai_api_key else ()
 
     def open_workspace(self) -> Workspace:
         """The :class:`Workspace` these settings name."""
@@ -125,6 +136,7 @@ class Settings:
             "retry_initial_s": number("EMBEDBATCH_RETRY_INITIAL_S", "1.0"),
             "requeue_s": number("EMBEDBATCH_REQUEUE_S", "60"),
             "turso_auth_token": env.get("TURSO_AUTH_TOKEN") or None,
+            "openai_api_keys": tuple(k.strip() for k in (env.get("OPENAI_API_KEYS") or "").split(",") if k.strip()),
         }
         names = {f.name for f in fields(cls)}
         for key, value in overrides.items():
@@ -438,3 +450,47 @@ class LocalConfig:
     pad_to: Literal["longest", "bucket"] = "longest"
     compile: bool = False
     devices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RealtimeConfig:
+    """The realtime engine (``POST /v1/embeddings``).
+
+    Per-request limits from the Embeddings API reference (checked 2026-11): at most 2,048 inputs
+    and 300,000 tokens summed over the inputs of one request, 8,192 tokens per input.
+
+    Attributes:
+        model / dimensions: the embedding model and optional shortened dimension.
+        max_rpm / max_tpm: the rate limit per key (requests, tokens per minute) the limiter starts
+            from; None: learned from the first answer's ``x-ratelimit-*`` headers (one request
+            in flight per key until then).
+        max_inputs / max_request_tokens: packing limits per request.
+        max_concurrency: requests in flight at most (all keys); the engine adapts below it.
+        commit_rows / commit_interval_s: a shard is committed every ``commit_rows`` rows or
+            ``commit_interval_s`` seconds, whichever comes first (bounds what a crash costs).
+        attempts: tries per request for 5xx and transport errors (tenacity, exponential backoff).
+        max_429: how many 429 answers one request may get before its rows are failed.
+    """
+
+    model: str = DEFAULT_MODEL
+    dimensions: int | None = None
+    max_rpm: int | None = None
+    max_tpm: int | None = None
+    max_inputs: int = 2048
+    max_request_tokens: int = 300_000
+    max_concurrency: int = 32
+    commit_rows: int = 20_000
+    commit_interval_s: float = 30.0
+    attempts: int = 6
+    retry_initial_s: float = 1.0
+    max_429: int = 50
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_inputs <= 2048:
+            raise UsageError(f"--max-inputs must be 1..2048 (the API's limit), got {self.max_inputs}")
+        if not 1 <= self.max_request_tokens <= 300_000:
+            raise UsageError(f"--max-request-tokens must be 1..300000 (the API's limit), got {self.max_request_tokens}")
+        for name in ("max_rpm", "max_tpm"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")

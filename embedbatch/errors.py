@@ -105,13 +105,22 @@ class ProviderError(EmbedbatchError):
         message: the API's own message (never the API key).
         status_code: HTTP status, if the provider answered.
         batch_id: the batch concerned, if any.
+        headers: the answer's HTTP headers (rate-limit state), when there was an answer.
     """
 
     exit_code = 6
 
-    def __init__(self, message: str, *, status_code: int | None = None, batch_id: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        batch_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.status_code = status_code
         self.batch_id = batch_id
+        self.headers = headers or {}
         parts = [message]
         if status_code is not None:
             parts.append(f"(HTTP {status_code})")
@@ -135,10 +144,11 @@ class RetryLater(ProviderError):
         status_code: int | None = None,
         retry_after_s: float | None = None,
         unreachable: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.retry_after_s = retry_after_s
         self.unreachable = unreachable
-        super().__init__(message, status_code=status_code)
+        super().__init__(message, status_code=status_code, headers=headers)
 
 
 class DatabaseError(EmbedbatchError):

@@ -174,6 +174,7 @@ class RunState:
     timings: dict[str, float] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
     local: dict[str, Any] = field(default_factory=dict)
+    realtime: dict[str, Any] = field(default_factory=dict)
     failure: dict[str, Any] | None = None
     updated_at: str | None = None
 

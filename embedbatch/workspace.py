@@ -223,6 +223,16 @@ class RunPaths:
         return self.root / "failed_ids.tsv"
 
     @property
+    def rows(self) -> Path:
+        """Realtime runs: the prepared rows still to embed (removed when the run finishes)."""
+        return self.root / "rows.jsonl"
+
+    @property
+    def failed_rows(self) -> Path:
+        """Realtime runs: the prepared rows listed in failed_ids.tsv (what ``retry`` sends)."""
+        return self.root / "failed_rows.jsonl"
+
+    @property
     def run_id(self) -> str:
         return self.root.name
 

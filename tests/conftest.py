@@ -6,6 +6,7 @@ import gzip
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,35 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 12
         timeout=timeout,
         check=False,
     )
+
+
+class Paused:
+    """A CLI process started with ``EMBEDBATCH_PAUSE_AT=point:DIR``, waited for until it
+    stands at the point."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, point: str) -> None:
+        self.dir = cwd / f"pause-{point}"
+        self.dir.mkdir(exist_ok=True)
+        self.point = point
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "embedbatch", *args],
+            env={**env, "EMBEDBATCH_PAUSE_AT": f"{point}:{self.dir}"},
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120  # a bound on a hung process, not a measurement
+        while not (self.dir / f"{point}.ready").exists():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exited before {point}: {self.proc.communicate()}")
+            assert time.monotonic() < deadline, f"never reached {point}"
+            time.sleep(0.02)
+
+    def release(self) -> tuple[int, str, str]:
+        (self.dir / f"{self.point}.go").touch()
+        out, err = self.proc.communicate(timeout=120)
+        return self.proc.returncode, out, err
 
 
 @pytest.fixture(scope="session")

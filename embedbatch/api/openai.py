@@ -13,12 +13,14 @@ up (the file by its name, the batch by its metadata) and adopts it instead of se
 
 from __future__ import annotations
 
+import base64
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import openai
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
@@ -28,7 +30,7 @@ from tenacity.wait import wait_base
 from embedbatch.config import Settings
 from embedbatch.errors import ProviderError, RetryLater, UsageError
 
-__all__ = ["BatchClient", "RetryPolicy"]
+__all__ = ["BatchClient", "EmbeddingAnswer", "RetryPolicy", "embeddings_once", "new_sdk_client"]
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -67,7 +69,9 @@ class _WaitRetryAfter(wait_base):
 
 
 def _translate(exc: Exception) -> Exception:
-    """Map an openai SDK exception to ours (most specific first)."""
+    """Map an openai SDK exception to ours (most specific first); answers keep their headers."""
+    response = getattr(exc, "response", None)
+    headers = dict(response.headers) if response is not None and hasattr(response, "headers") else None
     if isinstance(exc, openai.APITimeoutError):
         return RetryLater(f"request timed out: {exc}")
     if isinstance(exc, openai.APIConnectionError):
@@ -80,11 +84,11 @@ def _translate(exc: Exception) -> Exception:
                 retry_after = float(header)
             except ValueError:
                 retry_after = None
-        return RetryLater(_message(exc), status_code=429, retry_after_s=retry_after)
+        return RetryLater(_message(exc), status_code=429, retry_after_s=retry_after, headers=headers)
     if isinstance(exc, openai.APIStatusError):
         if exc.status_code >= 500 or (exc.status_code in (408, 409) and "lock" in _message(exc).lower()):
-            return RetryLater(_message(exc), status_code=exc.status_code)
-        return ProviderError(_message(exc), status_code=exc.status_code)
+            return RetryLater(_message(exc), status_code=exc.status_code, headers=headers)
+        return ProviderError(_message(exc), status_code=exc.status_code, headers=headers)
     return exc
 
 
@@ -129,6 +133,70 @@ def _message(exc: openai.APIError) -> str:
         if isinstance(err, dict) and err.get("message"):
             return str(err["message"])
     return str(exc.message)
+
+
+def new_sdk_client(api_key: str, settings: Settings) -> openai.AsyncOpenAI:
+    """An ``AsyncOpenAI`` for ``api_key`` at the settings' base URL and timeout, SDK retries off."""
+    return openai.AsyncOpenAI(
+        api_key=api_key, base_url=settings.openai_base_url, timeout=settings.openai_timeout_s, max_retries=0
+    )
+
+
+@dataclass(frozen=True)
+class EmbeddingAnswer:
+    """One ``/v1/embeddings`` answer.
+
+    Attributes:
+        vectors: ``(n, dim) float32``, row i for input i.
+        prompt_tokens: ``usage.prompt_tokens`` (what is billed).
+        headers: the HTTP headers (``x-ratelimit-*``), lower-case names.
+    """
+
+    vectors: np.ndarray
+    prompt_tokens: int
+    headers: dict[str, str]
+
+
+async def embeddings_once(
+    client: openai.AsyncOpenAI, texts: list[str], *, model: str, dimensions: int | None = None
+) -> EmbeddingAnswer:
+    """One ``POST /v1/embeddings`` with ``encoding_format=base64``, no retry (the caller owns
+    retries and rate limits).
+
+    Raises:
+        RetryLater: 429 (``status_code`` 429, with the answer's headers), 5xx, timeouts and
+            broken connections.
+        ProviderError: other 4xx (with the API's message), or an answer that does not match
+            the inputs.
+    """
+    kwargs: dict[str, Any] = {"model": model, "input": texts, "encoding_format": "base64"}
+    if dimensions is not None:
+        kwargs["dimensions"] = dimensions
+    try:
+        raw = await client.embeddings.with_raw_response.create(**kwargs)
+        resp = raw.parse()
+    except openai.APIError as exc:
+        raise _translate(exc) from exc
+    except Exception as exc:
+        if _is_transport_error(exc):
+            raise RetryLater(f"embeddings: connection broke: {exc!r}", unreachable=_never_reached(exc)) from exc
+        raise
+    data = sorted(resp.data, key=lambda d: d.index)
+    if len(data) != len(texts):
+        raise ProviderError(f"embeddings: {len(data)} vectors for {len(texts)} inputs")
+    rows = [
+        np.frombuffer(base64.b64decode(d.embedding), dtype="<f4")
+        if isinstance(d.embedding, str)
+        else np.asarray(d.embedding, dtype=np.float32)
+        for d in data
+    ]
+    if len({len(r) for r in rows}) != 1:
+        raise ProviderError("embeddings: vectors of different lengths in one answer")
+    return EmbeddingAnswer(
+        vectors=np.vstack(rows).astype(np.float32, copy=False),
+        prompt_tokens=int(resp.usage.prompt_tokens) if resp.usage else 0,
+        headers={k.lower(): v for k, v in raw.headers.items()},
+    )
 
 
 class BatchClient:

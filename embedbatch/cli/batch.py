@@ -24,6 +24,7 @@ from embedbatch.cli.app import (
 from embedbatch.cli.options import (
     BatchOptions,
     PrepareOptions,
+    RealtimeOptions,
     SampleOptions,
     SinkOptions,
     SourceOptions,
@@ -180,7 +181,7 @@ def submit(
     run, planned = _plan(source, resume, _PlanOptions(src, prep, sample, batch, submit, sink), dry_run=dry_run)
     _print_planned(run, planned, json_out=json_out)
     if dry_run:
-        console.print(f"dry run: batch files written to {run.root} (nothing sent)")
+        (err_console if json_out else console).print(f"dry run: batch files written to {run.root} (nothing sent)")
         return
     ws = open_workspace()
 
@@ -217,9 +218,16 @@ def run_cmd(
     sample: SampleOptions,
     batch: BatchOptions,
     submit: SubmitOptions,
+    rt: RealtimeOptions,
     sink: SinkOptions,
     source: SourceArg = "",
     resume: Resume = None,
+    engine: Annotated[
+        str, typer.Option("--engine", help="batch (half price, ≤ 24 h), realtime (now), or auto.")
+    ] = "batch",
+    deadline: Annotated[
+        str, typer.Option("--deadline", help="auto: realtime when the job fits in this (e.g. 1h, 30m).")
+    ] = "1h",
     poll_seconds: Annotated[float, typer.Option("--poll-seconds")] = 10.0,
     max_attempts: Annotated[int, typer.Option("--max-attempts")] = 3,
     delete_remote_files: Annotated[
@@ -230,8 +238,22 @@ def run_cmd(
     dtype: Dtype = "float32",
     json_out: JsonOut = False,
 ) -> None:
-    """Submit, poll until every batch is terminal, ingest, retry failures; print a summary."""
+    """Submit, poll until every batch is terminal, ingest, retry failures; print a summary.
+
+    With --engine realtime (or auto choosing it) the rows go through /v1/embeddings instead."""
     from embedbatch.engines.batchapi.drive import drive_run
+
+    if engine not in ("batch", "realtime", "auto"):
+        raise UsageError(f"--engine must be batch, realtime or auto, got {engine!r}")
+    if engine != "batch" and resume is not None:
+        raise UsageError("--resume continues a Batch API run; a realtime run resumes by running the same command")
+    if engine == "auto":
+        engine = _choose(source, src, prep, sample, batch, rt, deadline, json_out=json_out)
+    if engine == "realtime":
+        from embedbatch.cli.realtime import embed_realtime
+
+        embed_realtime(source, src, prep, sample, batch, rt, sink, submit.max_cost_usd, dtype, json_out=json_out)
+        return
 
     run, planned = _plan(source, resume, _PlanOptions(src, prep, sample, batch, submit, sink), dry_run=False)
     if not json_out:
@@ -262,6 +284,38 @@ def run_cmd(
         print_json(summary.__dict__)
     else:
         print_run_summary(summary)
+
+
+def _choose(
+    source: str,
+    src: SourceOptions,
+    prep: PrepareOptions,
+    sample: SampleOptions,
+    batch: BatchOptions,
+    rt: RealtimeOptions,
+    deadline: str,
+    *,
+    json_out: bool,
+) -> str:
+    """``--engine auto``: count the tokens, pick the engine, say why."""
+    from embedbatch.engines.batchapi.estimate import estimate
+    from embedbatch.engines.choose import choose_engine
+    from embedbatch.engines.realtime.limiter import parse_duration_s
+
+    deadline_s = parse_duration_s(deadline)
+    if deadline_s is None:
+        raise UsageError(f"--deadline takes a duration such as 1h, 30m or 90s, got {deadline!r}")
+    s = rt.with_keys(settings())
+    est = estimate(
+        source=src.build(source, s),
+        prepare=prep.build(source, src),
+        sample=sample.build(),
+        model=batch.model_name(s),
+        dimensions=batch.dimensions,
+    )
+    choice = choose_engine(est.stats.tokens_total, tpm=rt.max_tpm, keys=len(s.api_keys()), deadline_s=deadline_s)
+    (err_console if json_out else console).print(f"engine: {choice.engine} ({choice.reason})")
+    return choice.engine
 
 
 @app.command()
@@ -453,12 +507,20 @@ def retry(
     max_attempts: Annotated[int, typer.Option("--max-attempts")] = 3,
     no_submit: Annotated[bool, typer.Option("--no-submit", help="Only plan the retry batch.")] = False,
 ) -> None:
-    """Plan the failed and missing ids of a run again (a new batch in the same run)."""
+    """Plan the failed and missing ids of a run again (a new batch in the same run); a realtime
+    run embeds them again at once."""
     from embedbatch.engines.batchapi.retry import plan_retry
     from embedbatch.engines.batchapi.submit import submit_run
+    from embedbatch.runs import RunState
 
     ws = open_workspace()
     run = ws.resolve_run(run_dir)
+    if RunState.load(run).kind == "realtime":
+        from embedbatch.engines.realtime.pipeline import retry_realtime
+
+        result = retry_realtime(ws, settings(), run)
+        console.print(f"embedded {result.rows:,} of {result.planned:,} failed rows; {result.failed:,} still failed")
+        return
     plan = plan_retry(ws, run, max_attempts=max_attempts)
     console.print(
         f"re-planned {plan.requeued:,} ids in {plan.batches or 'no batch'}; "

@@ -25,6 +25,7 @@ from embedbatch.config import (
     LibsqlTarget,
     PgTarget,
     PrepareConfig,
+    RealtimeConfig,
     SampleConfig,
     Settings,
     SourceConfig,
@@ -36,6 +37,7 @@ __all__ = [
     "BatchOptions",
     "OptionGroup",
     "PrepareOptions",
+    "RealtimeOptions",
     "SampleOptions",
     "SinkOptions",
     "SourceOptions",
@@ -207,6 +209,64 @@ class BatchOptions(OptionGroup):
 
     def model_name(self, settings: Settings) -> str:
         return self.model or settings.openai_embed_model
+
+
+@dataclass(frozen=True)
+class RealtimeOptions(OptionGroup):
+    """The realtime engine's rate limits, keys and request packing."""
+
+    max_rpm: Annotated[
+        int | None, typer.Option("--max-rpm", help="Requests/min per key (default: from the answers' headers).")
+    ] = None
+    max_tpm: Annotated[
+        int | None, typer.Option("--max-tpm", help="Tokens/min per key (default: from the answers' headers).")
+    ] = None
+    api_key_file: Annotated[
+        Path | None, typer.Option("--api-key-file", help="API keys, one per line (else OPENAI_API_KEYS/KEY).")
+    ] = None
+    max_inputs: Annotated[int, typer.Option("--max-inputs", help="Inputs per request (API max 2048).")] = 2048
+    max_request_tokens: Annotated[
+        int, typer.Option("--max-request-tokens", help="Tokens per request (API max 300000).")
+    ] = 300_000
+    max_concurrency: Annotated[int, typer.Option("--max-concurrency", help="Requests in flight at most.")] = 32
+    commit_rows: Annotated[int, typer.Option("--commit-rows", help="Rows per committed shard.")] = 20_000
+    commit_interval_s: Annotated[
+        float, typer.Option("--commit-interval-s", help="Commit at least this often (seconds).")
+    ] = 30.0
+
+    def build(self, batch: BatchOptions, settings: Settings) -> RealtimeConfig:
+        """Raises: UsageError: a limit outside the API's."""
+        return RealtimeConfig(
+            model=batch.model_name(settings),
+            dimensions=batch.dimensions,
+            max_rpm=self.max_rpm,
+            max_tpm=self.max_tpm,
+            max_inputs=self.max_inputs,
+            max_request_tokens=self.max_request_tokens,
+            max_concurrency=self.max_concurrency,
+            commit_rows=self.commit_rows,
+            commit_interval_s=self.commit_interval_s,
+            retry_initial_s=settings.retry_initial_s,
+            attempts=settings.retry_attempts,
+        )
+
+    def with_keys(self, settings: Settings) -> Settings:
+        """``settings`` with the keys of ``--api-key-file`` (one per line; blank lines and ``#``
+        comments skipped), when given.
+
+        Raises:
+            UsageError: the file cannot be read or holds no key.
+        """
+        if self.api_key_file is None:
+            return settings
+        try:
+            lines = self.api_key_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise UsageError(f"--api-key-file {self.api_key_file}: {exc.strerror}") from exc
+        keys = tuple(k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#"))
+        if not keys:
+            raise UsageError(f"--api-key-file {self.api_key_file}: no key in it")
+        return dataclasses.replace(settings, openai_api_keys=keys)
 
 
 @dataclass(frozen=True)

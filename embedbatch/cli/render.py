@@ -254,6 +254,24 @@ def print_local_result(result: Any) -> None:
     print_kv(f"local run: {result.model} on {result.device} ({result.dtype})", rows)
 
 
+def print_realtime_result(result: Any) -> None:
+    """The end of ``embedbatch embed`` (a :class:`RealtimeResult`)."""
+    data = result.to_json()
+    keys = "run_dir planned rows failed skipped_existing already_planned rejected truncated requests usage_tokens"
+    keys += " answered_429 share_429 retries splits rows_per_s tokens_per_min wall_s shards"
+    rows = [(k, _num(data[k])) for k in keys.split()]
+    rows.append(("cost at standard price", fmt_usd(result.cost_usd)))
+    for name, k in result.keys.items():
+        rows.append((name, f"{k['requests']:,} requests, {k['tokens']:,} tokens, {k['answered_429']:,} × 429"))
+    if result.interrupted_runs:
+        rows.append(("resumed after", ", ".join(result.interrupted_runs)))
+    if result.pg:
+        rows.append(("postgres", str(result.pg)))
+    if result.libsql:
+        rows.append(("libsql", str(result.libsql)))
+    print_kv(f"realtime run: {result.model} / {result.dataset}", rows)
+
+
 def print_verify(reports: list[Any]) -> None:
     """One line per dataset, then its problems."""
     for r in reports:

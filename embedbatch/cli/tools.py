@@ -143,13 +143,17 @@ def list_cmd(json_out: JsonOut = False) -> None:
 def serve(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8765,
     host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
-    api_key: Annotated[str | None, typer.Option("--api-key", help="Required bearer token (default: any).")] = None,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="Required bearer token(s), comma-separated (default: any).")
+    ] = None,
     model: Annotated[
         str | None, typer.Option("--model", help="Local SentenceTransformer (default: hash model).")
     ] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Where files are kept.")] = None,
     faults: Annotated[str, typer.Option("--faults", help="e.g. rate_429=0.05,line_error_rate=0.05")] = "",
     step_s: Annotated[float, typer.Option("--step-s", help="Seconds per batch status step.")] = 0.2,
+    rpm: Annotated[int | None, typer.Option("--rpm", help="/v1/embeddings requests per minute, per key.")] = None,
+    tpm: Annotated[int | None, typer.Option("--tpm", help="/v1/embeddings tokens per minute, per key.")] = None,
 ) -> None:
     """Run an OpenAI-compatible server (files, batches, embeddings) for tests and local models."""
     import ipaddress
@@ -158,6 +162,7 @@ def serve(
     from aiohttp import web
 
     from embedbatch.server.app import FakeOpenAI, FaultConfig, build_app
+    from embedbatch.server.ratelimit import ProviderLimits
 
     try:
         loopback = ipaddress.ip_address(host).is_loopback
@@ -177,8 +182,10 @@ def serve(
         api_key=api_key,
         backend=backend,
         faults=fault_cfg,
+        limits=ProviderLimits(rpm=rpm, tpm=tpm),
     )
-    err_console.print(f"embedbatch serve on http://{host}:{port}/v1 (model: {model or 'hash'})")
+    limits = f", {rpm or '∞'} RPM / {tpm or '∞'} TPM per key" if rpm or tpm else ""
+    err_console.print(f"embedbatch serve on http://{host}:{port}/v1 (model: {model or 'hash'}{limits})")
     web.run_app(build_app(state), host=host, port=port, print=None, access_log=None)
 
 

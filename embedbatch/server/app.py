@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ import numpy as np
 import orjson
 from aiohttp import BodyPartReader, web
 
+from embedbatch.server.ratelimit import ProviderLimits
 from embedbatch.tokens import MODEL_DIMENSIONS, get_tokenizer
 
 __all__ = ["EmbeddingBackend", "FakeOpenAI", "FaultConfig", "HashBackend", "ServerThread", "build_app"]
@@ -91,6 +92,8 @@ class FaultConfig:
         step_s: seconds each status step takes (slow batches).
         create_delay_s: the batch is created, then the answer waits this long.
         retry_after_s: the Retry-After a 429 carries.
+        reject_text: ``/v1/embeddings`` answers 400 for a request with an input containing this.
+        latency_s: every ``/v1/embeddings`` answer waits this long (a provider's answer time).
         paths: only calls whose path contains one of these get HTTP faults (empty: all).
     """
 
@@ -110,6 +113,8 @@ class FaultConfig:
     step_s: float = 0.05
     create_delay_s: float = 0.0
     retry_after_s: float = 0.05
+    reject_text: str = ""
+    latency_s: float = 0.0
     paths: list[str] = field(default_factory=list)
     seed: int = 0
 
@@ -162,6 +167,10 @@ class _File:
         }
 
 
+def _fingerprint(key: str) -> str:
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
 def _err(
     status: int,
     message: str,
@@ -183,8 +192,10 @@ class FakeOpenAI:
 
     Args:
         root: where uploaded and produced files are stored.
-        api_key: the bearer token clients must send (None: any non-empty token).
+        api_key: the bearer token clients must send (None: any non-empty token); several keys
+            separated by commas are all accepted, each with its own rate limits.
         backend: the embedding model.
+        limits: rate limits per key on ``/v1/embeddings`` (``serve --rpm/--tpm``).
     """
 
     def __init__(
@@ -194,10 +205,12 @@ class FakeOpenAI:
         api_key: str | None = None,
         backend: EmbeddingBackend | None = None,
         faults: FaultConfig | None = None,
+        limits: ProviderLimits | None = None,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.api_key = api_key
+        self.api_keys = {k.strip() for k in api_key.split(",") if k.strip()} if api_key else None
+        self.limits = limits or ProviderLimits()
         self.backend: EmbeddingBackend = backend or HashBackend()
         self.faults = faults or FaultConfig()
         self.rng = random.Random(self.faults.seed)
@@ -226,6 +239,8 @@ class FakeOpenAI:
             "batches": len(self.batches),
             "duplicate_uploads": len(names) - len(set(names)),
             "duplicate_batches": len(keys) - len(set(keys)),
+            "embedding_requests": sum(u.requests for u in self.limits.usage.values()),
+            "rate_limited": sum(u.rate_limited for u in self.limits.usage.values()),
         }
 
     def _new_id(self, prefix: str) -> str:
@@ -254,10 +269,10 @@ class FakeOpenAI:
         auth = request.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ").strip()
         if request.path.startswith("/_admin"):  # with --api-key, the admin endpoints need it too
-            if self.api_key is not None and token != self.api_key:
+            if self.api_keys is not None and token not in self.api_keys:
                 return _err(401, "Incorrect API key provided.", code="invalid_api_key")
             return await handler(request)
-        if not auth.startswith("Bearer ") or not token or (self.api_key is not None and token != self.api_key):
+        if not auth.startswith("Bearer ") or not token or (self.api_keys is not None and token not in self.api_keys):
             return _err(401, "Incorrect API key provided.", code="invalid_api_key")
         f = self.faults
         if not f.paths or any(p in request.path for p in f.paths):
@@ -664,8 +679,13 @@ class FakeOpenAI:
             b["completed_at"] = now
 
     # ---- embeddings -------------------------------------------------------------------------
-    def embeddings_result(self, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        """The /v1/embeddings answer for ``body`` and its HTTP status."""
+    def key_usage(self) -> dict[str, dict[str, int]]:
+        """Per key (by fingerprint, never the key): requests and tokens let through, 429s."""
+        return {_fingerprint(k): asdict(u) for k, u in self.limits.usage.items()}
+
+    def embeddings_result(self, body: dict[str, Any], tokens: list[int] | None = None) -> tuple[dict[str, Any], int]:
+        """The /v1/embeddings answer for ``body`` and its HTTP status (``tokens``: per input, when
+        already counted)."""
         model = body.get("model")
         inp = body.get("input")
         if not isinstance(model, str) or not model:
@@ -697,7 +717,17 @@ class FakeOpenAI:
                     "code": None,
                 }
             }, 400
-        tokens = [len(self.tokenizer.encode(str(t))) for t in texts]
+        if tokens is None or len(tokens) != len(texts):
+            tokens = [len(self.tokenizer.encode(str(t))) for t in texts]
+        if self.faults.reject_text and any(self.faults.reject_text in str(t) for t in texts):
+            return {
+                "error": {
+                    "message": "'input' contains content that cannot be processed",
+                    "type": "invalid_request_error",
+                    "param": "input",
+                    "code": None,
+                }
+            }, 400
         if max(tokens) > 8192:
             return {
                 "error": {
@@ -722,11 +752,31 @@ class FakeOpenAI:
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
-        result, status = await asyncio.get_running_loop().run_in_executor(None, self.embeddings_result, body)
-        return _json(result, status)
+        loop = asyncio.get_running_loop()
+        headers: dict[str, str] = {}
+        counted: list[int] | None = None
+        if self.limits.enabled:
+            inp = body.get("input")
+            texts = inp if isinstance(inp, list) else [inp]
+            counted = await loop.run_in_executor(None, lambda: [len(self.tokenizer.encode(str(t))) for t in texts])
+            key = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            headers, refused = self.limits.admit(key, sum(counted), str(body.get("model")))
+            if refused is not None:
+                resp = _json(refused, 429)
+                resp.headers.update(headers)
+                return resp
+        result, status = await loop.run_in_executor(None, self.embeddings_result, body, counted)
+        if self.faults.latency_s:
+            await asyncio.sleep(self.faults.latency_s)
+        resp = _json(result, status)
+        resp.headers.update(headers)
+        return resp
 
     async def admin_counts(self, request: web.Request) -> web.Response:
         return _json(self.counts())
+
+    async def admin_keys(self, request: web.Request) -> web.Response:
+        return _json(self.key_usage())
 
 
 def build_app(state: FakeOpenAI) -> web.Application:
@@ -744,6 +794,7 @@ def build_app(state: FakeOpenAI) -> web.Application:
     r.add_post("/v1/batches/{batch_id}/cancel", state.cancel_batch)
     r.add_post("/v1/embeddings", state.embeddings)
     r.add_get("/_admin/counts", state.admin_counts)
+    r.add_get("/_admin/keys", state.admin_keys)
     return app
 
 

@@ -87,6 +87,24 @@ class DatasetStore:
             finally:
                 self._held = 0
 
+    def engine_lock_path(self, kind: str) -> Path:
+        return self.shards_dir.parent / f".{self.dataset}.{kind}.lock"
+
+    def engine_lock(self, kind: str) -> contextlib.AbstractContextManager[None]:
+        """The lock a streaming engine (``local``, ``realtime``) holds for a whole run of this
+        dataset: one such run at a time; planning a Batch API run refuses while a realtime run
+        holds it (its rows in flight are known only to it).
+
+        Raises:
+            LockedError: another run of that engine holds it (at once, no waiting).
+        """
+        return file_lock(self.engine_lock_path(kind), what=f"{kind} run of {self.dataset}", purpose=kind)
+
+    def engine_running(self, kind: str) -> bool:
+        """True while a live process holds :meth:`engine_lock` for ``kind``."""
+        path = self.engine_lock_path(kind)
+        return path.exists() and not _unlocked(path)
+
     def manifest(self) -> Manifest:
         """A snapshot of the manifest (atomic file: no lock needed to read)."""
         return Manifest.load(self.ws, self.model, self.dataset)

@@ -17,7 +17,7 @@ from embedbatch.config import LibsqlTarget, PgTarget, PrepareConfig, SampleConfi
 from embedbatch.engines.batchapi.batchfiles import BatchFileWriter, read_record_ids
 from embedbatch.engines.batchapi.estimate import Estimate
 from embedbatch.engines.batchapi.split import BatchSplitter, check_model_options, request_encoder
-from embedbatch.errors import InputError, LimitError, StateError
+from embedbatch.errors import InputError, LimitError, LockedError, StateError
 from embedbatch.intake import Intake, dataset_name, source_label
 from embedbatch.runs import FINAL, Run, RunState, git_sha, lockfile_sha256
 from embedbatch.store.dataset import DatasetStore
@@ -25,7 +25,7 @@ from embedbatch.store.index import IdIndex
 from embedbatch.tokens import get_tokenizer
 from embedbatch.workspace import RunPaths, Workspace, crash_point
 
-__all__ = ["PlannedRun", "existing_ids", "plan_run"]
+__all__ = ["PlannedRun", "existing_ids", "plan_run", "skip_done_or_planned"]
 
 
 def existing_ids(ws: Workspace, model: str, dataset: str) -> tuple[IdIndex, dict[str, str]]:
@@ -54,6 +54,27 @@ def existing_ids(ws: Workspace, model: str, dataset: str) -> tuple[IdIndex, dict
                 continue
             planned.update(dict.fromkeys(read_record_ids(run.batch_dir(bs)), str(paths.root)))
     return index, planned
+
+
+def skip_done_or_planned(
+    ws: Workspace, model: str, dataset: str
+) -> tuple[Callable[[str, str], bool] | None, dict[str, int]]:
+    """An intake ``exclude`` for rows already embedded with the same text or planned in an
+    unfinished Batch API run, and the counts it fills (run directory → rows skipped for it);
+    call under the dataset lock. ``(None, {})`` when nothing is embedded or planned."""
+    index, planned = existing_ids(ws, model, dataset)
+    skipped: dict[str, int] = {}
+    if not len(index) and not planned:
+        return None, skipped
+
+    def exclude(rid: str, sha: str) -> bool:
+        where = planned.get(rid)
+        if where is not None:
+            skipped[where] = skipped.get(where, 0) + 1
+            return True
+        return index.contains(rid, sha)
+
+    return exclude, skipped
 
 
 @dataclass
@@ -99,14 +120,21 @@ def plan_run(
         libsql_target: write the vectors into this libSQL table too (recorded in run.json).
 
     Raises:
-        LockedError: the dataset lock stayed busy past the workspace's ``lock_timeout_s``.
+        LockedError: the dataset lock stayed busy past the workspace's ``lock_timeout_s``, or a
+            realtime run of the dataset is in progress.
         InputError, DuplicateIdError: bad input (nothing is submitted).
         LimitError: the Batch-price estimate exceeds ``max_cost_usd``.
         UsageError: bad model options.
     """
     check_model_options(submit.model, submit.dimensions)
     dataset = dataset_name(source)
-    with DatasetStore(ws, submit.model, dataset).locked("plan"):
+    store = DatasetStore(ws, submit.model, dataset)
+    with store.locked("plan"):
+        if store.engine_running("realtime"):  # its rows in flight are known only to it
+            raise LockedError(
+                f"a realtime run of {submit.model}/{dataset} is embedding now; submit again once it has "
+                "finished (its rows will then be skipped)"
+            )
         # Under this lock no other plan of the dataset runs: any .partial folder is a dead one's.
         for stale in ws.runs_dir(submit.model, dataset).glob("run_*.partial"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -114,19 +142,7 @@ def plan_run(
         partial = run.root.with_name(run.root.name + ".partial")
         partial.mkdir(parents=True)
         started = time.monotonic()
-        exclude = None
-        already_planned: dict[str, int] = {}
-        if skip_existing:
-            index, planned = existing_ids(ws, submit.model, dataset)
-            if len(index) or planned:
-
-                def exclude(rid: str, sha: str) -> bool:
-                    where = planned.get(rid)
-                    if where is not None:
-                        already_planned[where] = already_planned.get(where, 0) + 1
-                        return True
-                    return index.contains(rid, sha)
-
+        exclude, already_planned = skip_done_or_planned(ws, submit.model, dataset) if skip_existing else (None, {})
         intake = Intake(
             source=source,
             prepare=prepare,

@@ -30,7 +30,7 @@ from embedbatch.engines.local.stages import END, QUEUE_CHUNKS, WRITE_QUEUE, Loca
 from embedbatch.intake import Intake, dataset_name, source_label
 from embedbatch.runs import Run, RunState, git_sha, lockfile_sha256
 from embedbatch.store.dataset import DatasetStore
-from embedbatch.workspace import Workspace, file_lock
+from embedbatch.workspace import Workspace
 
 __all__ = ["LocalResult", "run_local"]
 
@@ -160,7 +160,7 @@ def _run_locked(
 ) -> None:
     rs = run.state
     started = time.perf_counter()
-    with file_lock(store.shards_dir.parent / f".{store.dataset}.local.lock", what=f"local run of {store.dataset}"):
+    with store.engine_lock("local"):
         embedded = store.id_index()
         # No tokenizer here: the loader counts and cuts in batches. Already-embedded rows are
         # dropped after the cut (their shard text is the cut text), so resume compares like with like.

@@ -17,9 +17,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-import orjson
-
 from embedbatch.config import IngestConfig
 from embedbatch.engines.local.bucketing import Bucketer, Item
 from embedbatch.engines.local.devices import DevicePool
@@ -29,6 +26,7 @@ from embedbatch.records import Record
 from embedbatch.runs import RunState
 from embedbatch.store.dataset import DatasetStore
 from embedbatch.store.index import IdIndex
+from embedbatch.store.stream import StreamCommitter
 
 __all__ = ["END", "LocalResult", "StageClock", "encode", "load", "write"]
 
@@ -229,16 +227,7 @@ def write(
 ) -> None:
     """Writer thread: rows into shards; each full shard is committed through the store."""
     clock = result.writer
-    writer = store.writer(dim=dim, dtype=cfg.dtype, rows_per_shard=cfg.rows_per_shard, git_sha=rs.git_sha)
-    commits = 0
-
-    def commit() -> None:
-        nonlocal commits
-        commits += 1
-        writer.add_source(f"{rs.run_id}/local-{commits:05d}")
-        entries = store.commit(writer, run_id=rs.run_id, run_info={"created_at": rs.created_at, "kind": "local"})
-        result.shards += [e["file"] for e in entries]
-
+    sink = StreamCommitter(store, rs, kind="local", dim=dim, dtype=cfg.dtype, rows_per_shard=cfg.rows_per_shard)
     t = time.perf_counter()
     try:
         while True:
@@ -250,33 +239,18 @@ def write(
             if errors:
                 continue
             records, vectors = item
-            start = 0
-            while start < len(records):
-                room = cfg.rows_per_shard - writer.rows_in_open_shard
-                part = records[start : start + room]
-                writer.write(
-                    ids=[r.id for r in part],
-                    texts=[r.text for r in part],
-                    metadata=[orjson.dumps(r.metadata).decode() for r in part],
-                    splits=[r.split for r in part],
-                    vectors=np.asarray(vectors[start : start + len(part)], dtype=np.float32),
-                    source=rs.source,
-                    dataset=rs.dataset,
-                    model=rs.model,
-                    run_id=rs.run_id,
-                )
-                start += len(part)
-                result.rows += len(part)
-                if writer.rows_in_open_shard >= cfg.rows_per_shard:
-                    commit()
+            sink.add(records, vectors)
+            result.rows = sink.rows
+            result.shards = sink.shards
             if on_rows is not None:
                 on_rows(result.rows)
-        if not errors and writer.rows_in_open_shard:
-            commit()
+        if not errors:
+            sink.commit()
+            result.shards = sink.shards
         else:
-            writer.abort()
+            sink.abort()
     except BaseException as exc:
-        writer.abort()
+        sink.abort()
         errors.append(exc)
     finally:
         clock.busy(t)

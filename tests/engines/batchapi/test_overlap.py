@@ -10,7 +10,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import orjson
@@ -22,38 +21,9 @@ from embedbatch.store.manifest import Manifest
 from embedbatch.store.shards import iter_live_rows
 from embedbatch.store.verify import verify_dataset
 from embedbatch.workspace import Workspace
-from tests.conftest import cli_env, run_cli, sample_rows, write_jsonl
+from tests.conftest import Paused, cli_env, run_cli, sample_rows, write_jsonl
 
 MODEL = "text-embedding-3-small"
-
-
-class Paused:
-    """A CLI process started with ``EMBEDBATCH_PAUSE_AT=point:DIR``, waited for until it
-    stands at the point."""
-
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, point: str) -> None:
-        self.dir = cwd / f"pause-{point}"
-        self.dir.mkdir(exist_ok=True)
-        self.point = point
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "embedbatch", *args],
-            env={**env, "EMBEDBATCH_PAUSE_AT": f"{point}:{self.dir}"},
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 120  # a bound on a hung process, not a measurement
-        while not (self.dir / f"{point}.ready").exists():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"exited before {point}: {self.proc.communicate()}")
-            assert time.monotonic() < deadline, f"never reached {point}"
-            time.sleep(0.02)
-
-    def release(self) -> tuple[int, str, str]:
-        (self.dir / f"{self.point}.go").touch()
-        out, err = self.proc.communicate(timeout=120)
-        return self.proc.returncode, out, err
 
 
 def _submitted(tmp_path: Path, env: dict[str, str], rows: list[dict[str, object]], name: str, **flags: str) -> Path:

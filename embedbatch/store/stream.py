@@ -1,0 +1,114 @@
+"""Rows streamed into a dataset by an engine that embeds as it goes (local, realtime).
+
+:class:`StreamCommitter` writes records with their vectors into shards of one run and commits
+each full shard through :meth:`DatasetStore.commit` (the commit point); :meth:`commit` also
+commits a partly filled shard, which the realtime engine does every few seconds so that a crash
+loses little paid work. Rows are visible once committed, never before.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import orjson
+
+from embedbatch.records import Record
+from embedbatch.runs import RunState
+from embedbatch.store.dataset import DatasetStore
+from embedbatch.workspace import crash_point
+
+__all__ = ["StreamCommitter"]
+
+
+class StreamCommitter:
+    """Shards of one run, each committed when full (or when :meth:`commit` is called).
+
+    Args:
+        store: the dataset.
+        state: the run (its id, model, source and git sha go into the rows and the manifest).
+        kind: the engine (``local``, ``realtime``): names each commit ``{run_id}/{kind}-NNNNN``.
+        dim: vector dimension (None: from the first write).
+        dtype: shard storage, ``float32`` or ``float16``.
+        rows_per_shard: rows per shard.
+
+    Attributes:
+        rows: rows written (committed or not); committed_rows: rows committed.
+        shards: file names of the committed shards.
+    """
+
+    def __init__(
+        self,
+        store: DatasetStore,
+        state: RunState,
+        *,
+        kind: str,
+        dim: int | None,
+        dtype: str = "float32",
+        rows_per_shard: int = 100_000,
+    ) -> None:
+        self.store = store
+        self.state = state
+        self.kind = kind
+        self.rows_per_shard = rows_per_shard
+        self.writer = store.writer(dim=dim, dtype=dtype, rows_per_shard=rows_per_shard, git_sha=state.git_sha)
+        self.rows = 0
+        self.committed_rows = 0
+        self.commits = 0
+        self.shards: list[str] = []
+        self.last_commit = time.monotonic()
+
+    def add(self, records: Sequence[Record], vectors: np.ndarray) -> None:
+        """Write ``records`` with their ``(n, dim) float32`` vectors, committing every full shard.
+
+        Raises:
+            StateError: the vectors' dimension differs from the dataset's (at commit).
+        """
+        rs = self.state
+        start = 0
+        while start < len(records):
+            room = self.rows_per_shard - self.writer.rows_in_open_shard
+            part = records[start : start + room]
+            self.writer.write(
+                ids=[r.id for r in part],
+                texts=[r.text for r in part],
+                metadata=[orjson.dumps(r.metadata).decode() for r in part],
+                splits=[r.split for r in part],
+                vectors=np.asarray(vectors[start : start + len(part)], dtype=np.float32),
+                source=rs.source,
+                dataset=rs.dataset,
+                model=rs.model,
+                run_id=rs.run_id,
+            )
+            start += len(part)
+            self.rows += len(part)
+            if self.writer.rows_in_open_shard >= self.rows_per_shard:
+                self.commit()
+
+    @property
+    def pending(self) -> int:
+        """Rows written and not committed yet."""
+        return self.rows - self.committed_rows
+
+    def commit(self) -> list[str]:
+        """Commit what is written and not committed yet; returns the new shard files."""
+        if not self.pending:
+            return []
+        rs = self.state
+        self.commits += 1
+        self.writer.add_source(f"{rs.run_id}/{self.kind}-{self.commits:05d}")
+        crash_point(f"{self.kind}_before_commit")
+        entries = self.store.commit(
+            self.writer, run_id=rs.run_id, run_info={"created_at": rs.created_at, "kind": self.kind}
+        )
+        files = [e["file"] for e in entries]
+        self.shards += files
+        self.committed_rows = self.rows
+        self.last_commit = time.monotonic()
+        crash_point(f"{self.kind}_after_commit")
+        return files
+
+    def abort(self) -> None:
+        """Drop what is written and not committed (the rows are embedded again on resume)."""
+        self.writer.abort()
