@@ -74,6 +74,7 @@ class Settings:
             ``token_limit_exceeded`` is created again (doubling, at most 1 h).
         openai_api_keys: OPENAI_API_KEYS, several keys separated by commas for the realtime
             engine (each gets its own rate limiter); never logged or stored.
+        hf_hub_offline: HF_HUB_OFFLINE is set (1/true): Hugging Face sources read local copies only.
     """
 
     openai_api_key: str | None = field(default=None, repr=False)
@@ -88,6 +89,7 @@ class Settings:
     requeue_s: float = 60.0
     turso_auth_token: str | None = field(default=None, repr=False)
     openai_api_keys: tuple[str, ...] = field(default=(), repr=False)
+    hf_hub_offline: bool = False
 
     def api_keys(self) -> tuple[str, ...]:
         """The keys the realtime engine spreads requests over: OPENAI_API_KEYS, else the one
@@ -136,6 +138,7 @@ class Settings:
             "retry_initial_s": number("EMBEDBATCH_RETRY_INITIAL_S", "1.0"),
             "requeue_s": number("EMBEDBATCH_REQUEUE_S", "60"),
             "turso_auth_token": env.get("TURSO_AUTH_TOKEN") or None,
+            "hf_hub_offline": (env.get("HF_HUB_OFFLINE") or "").strip().lower() in ("1", "true", "yes", "on"),
             "openai_api_keys": tuple(k.strip() for k in (env.get("OPENAI_API_KEYS") or "").split(",") if k.strip()),
         }
         names = {f.name for f in fields(cls)}
@@ -160,10 +163,24 @@ class SourceConfig:
         skip_bad_rows: record bad rows in ``rejected.jsonl`` and go on instead of stopping.
         pg_*: the database source, PostgreSQL or SQLite (table, columns, WHERE with $n params,
             or a whole query).
+        id_template: ids built from each row (``"{split}/{dialogue_id}"``; ``{split}`` and
+            ``{index}``, the row's place in its split or file, are always there); wins over
+            ``id_field``.
+        subset / splits / revision: a Hugging Face source's config, splits (empty: all) and
+            revision (branch, tag or commit; None: the default branch).
+        raw_dir: the workspace's ``datasets/raw`` folder, where ``download-dataset`` keeps copies
+            that ``hf://`` sources read first.
+        hf_offline: HF_HUB_OFFLINE is set: never reach the hub.
     """
 
     path: str
     id_field: str = "id"
+    id_template: str | None = None
+    subset: str | None = None
+    splits: tuple[str, ...] = ()
+    revision: str | None = None
+    raw_dir: Path | None = None
+    hf_offline: bool = False
     split_field: str | None = None
     dataset: str | None = None
     skip_bad_rows: bool = False
@@ -191,9 +208,20 @@ class SourceConfig:
         return not self.is_postgres and is_sqlite_source(self.path)
 
     @property
+    def is_huggingface(self) -> bool:
+        """True for ``hf://ORG/NAME``, a ``save_to_disk`` folder, or a hub-style dataset folder."""
+        from embedbatch.sources.huggingface import is_hf_source
+
+        return not self.is_postgres and is_hf_source(self.path)
+
+    @property
     def kind(self) -> str:
-        """The ``source`` column value: ``postgres``, ``sqlite`` or ``file``."""
-        return "postgres" if self.is_postgres else "sqlite" if self.is_sqlite else "file"
+        """The ``source`` column value: ``postgres``, ``sqlite``, ``huggingface`` or ``file``."""
+        if self.is_postgres:
+            return "postgres"
+        if self.is_sqlite:
+            return "sqlite"
+        return "huggingface" if self.is_huggingface else "file"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,6 +236,14 @@ class PrepareConfig:
         truncate_chars: characters kept before tokenizing (None: all).
         allow_missing_fields: embed rows that lack some of the fields (or placeholders) without
             them; by default such rows stop the run before anything is sent, with counts.
+        messages_field: a column holding a conversation, a list of ``{role, content}`` objects;
+            its messages become the text (see :mod:`embedbatch.conversations`).
+        detect_messages: with no fields or template given and no ``text`` column, use the first
+            column that holds such a list.
+        message_template / roles / unit / max_messages: each kept message is rendered with the
+            template (``{role}``, ``{content}``, ``{index}``), only ``roles`` are kept (empty:
+            all), the last ``max_messages``; ``unit`` ``conversation`` gives one record per
+            conversation, ``message`` one per kept message (id ``{conversation id}/{index}``).
     """
 
     fields: tuple[str, ...] = ("text",)
@@ -219,6 +255,12 @@ class PrepareConfig:
     truncate_chars: int | None = None
     max_tokens: int = 8191
     allow_missing_fields: bool = False
+    messages_field: str | None = None
+    detect_messages: bool = False
+    message_template: str = "{role}: {content}"
+    roles: tuple[str, ...] = ()
+    unit: Literal["conversation", "message"] = "conversation"
+    max_messages: int | None = None
 
     @classmethod
     def from_file(cls, path: Path, **overrides: Any) -> PrepareConfig:

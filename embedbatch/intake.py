@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,7 +21,8 @@ import numpy as np
 import orjson
 
 from embedbatch.config import PrepareConfig, SampleConfig, SourceConfig
-from embedbatch.errors import DuplicateIdError, InputError
+from embedbatch.conversations import CONVERSATION_FIELD, Conversations, find_messages_field
+from embedbatch.errors import DuplicateIdError, InputError, UsageError
 from embedbatch.prepare import Preparer
 from embedbatch.records import RawRow, Record
 from embedbatch.sampling import Sampler
@@ -39,6 +40,8 @@ def source_label(source: SourceConfig) -> str:
         from embedbatch.sources import sqlite_path
 
         return f"{sqlite_path(source.path).absolute()}:{source.pg_table or 'query'}"
+    if source.path.startswith("hf://"):
+        return source.path
     return str(Path(source.path).absolute())
 
 
@@ -48,6 +51,9 @@ def dataset_name(source: SourceConfig) -> str:
         return source.dataset
     if source.is_postgres or source.is_sqlite:
         return source.pg_table or "query"
+    if source.path.startswith("hf://"):
+        name = source.path[5:].strip("/").replace("/", "__")
+        return f"{name}__{source.subset}" if source.subset and source.subset != "default" else name
     name = Path(source.path.rstrip("/")).name
     for ext in (".gz", ".jsonl", ".json", ".parquet", ".csv", ".ndjson"):
         if name.endswith(ext):
@@ -72,6 +78,9 @@ class IntakeStats:
     bytes_total: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     missing_fields: dict[str, int] = field(default_factory=dict)
+    ids: str = ""
+    messages_field: str | None = None
+    revision: str | None = None
 
     @property
     def tokens_mean(self) -> float:
@@ -91,7 +100,20 @@ class IntakeStats:
             "bytes_total": self.bytes_total,
             "reasons": self.reasons,
             "missing_fields": self.missing_fields,
+            "ids": self.ids,
+            "messages_field": self.messages_field,
+            "revision": self.revision,
         }
+
+
+class _IdFields(dict[str, Any]):
+    """The names an ``--id-template`` may use: the row's fields, ``split`` and ``index``."""
+
+    def __init__(self, row: dict[str, Any], split: str | None, index: int) -> None:
+        super().__init__(row)
+        if split is not None:
+            self.setdefault("split", split)
+        self.setdefault("index", index)
 
 
 def _id_key(record_id: str) -> int:
@@ -125,7 +147,10 @@ class Intake:
         strict_fields: bool = True,
     ) -> None:
         self.source = source
+        self.prepare = prepare
         self.preparer = Preparer(prepare, tokenizer)
+        self.id_template = source.id_template
+        self.conversations: Conversations | None = None
         self.sampler = Sampler(sample)
         self.rejected_path = rejected_path
         self.on_row = on_row
@@ -137,6 +162,18 @@ class Intake:
         self._rejected_fh: IO[bytes] | None = None
 
     def _raw_rows(self) -> Iterator[RawRow]:
+        src = self.source
+        if src.is_huggingface:
+            from embedbatch.sources import huggingface
+
+            return huggingface.iter_rows(
+                src.path,
+                subset=src.subset,
+                splits=src.splits,
+                revision=src.revision,
+                raw_dir=src.raw_dir,
+                offline=src.hf_offline,
+            )
         if self.source.is_postgres:
             from embedbatch.sources.postgres import iter_rows as pg_rows
 
@@ -170,11 +207,64 @@ class Intake:
             }
             self._rejected_fh.write(orjson.dumps(entry) + b"\n")
 
+    def _setup(self, row: dict[str, Any]) -> None:
+        """On the first row: the id rule and whether rows are conversations."""
+        src, cfg = self.source, self.prepare
+        if src.id_template is None and src.kind == "huggingface" and src.id_field not in row:
+            self.id_template = "{split}/{index}"  # no id column: the row's place in its split
+        field_name = cfg.messages_field
+        if field_name is None and cfg.detect_messages and "text" not in row:
+            field_name = find_messages_field(row)
+        if field_name is not None:
+            self.conversations = Conversations(cfg, field_name)
+            self.preparer = Preparer(replace(cfg, fields=(CONVERSATION_FIELD,), template=None), self.preparer.tokenizer)
+        self.stats.ids = f"template {self.id_template}" if self.id_template else f"field {src.id_field}"
+        self.stats.messages_field = field_name
+
+    def _row_id(self, raw: RawRow, row: dict[str, Any]) -> str | None:
+        """The row's id (None: rejected), from the id template or the id field."""
+        if self.id_template is not None:
+            try:
+                return self.id_template.format_map(_IdFields(row, raw.split, raw.line))
+            except KeyError as exc:
+                self._reject(raw, f"--id-template field {exc} is missing", str(exc.args[0]), fatal=True)
+            except (ValueError, IndexError, AttributeError) as exc:
+                raise UsageError(f"bad --id-template {self.id_template!r}: {exc}") from exc
+            return None
+        field_name = self.source.id_field
+        rid = row.get(field_name)
+        if rid is None or rid == "":
+            self._reject(raw, "missing id", field_name, fatal=True)
+            return None
+        if isinstance(rid, bool) or not isinstance(rid, str | int):
+            self._reject(raw, f"id must be a string or integer, got {type(rid).__name__}", field_name, fatal=True)
+            return None
+        return str(rid)
+
+    def _units(
+        self, raw: RawRow, row: dict[str, Any], rid: str
+    ) -> list[tuple[str, dict[str, Any], dict[str, Any]]] | None:
+        """(id, fields to prepare, extra metadata) per record the row gives; None: rejected."""
+        conv = self.conversations
+        if conv is None:
+            return [(rid, row, {})]
+        try:
+            units = list(conv.units(row.get(conv.field)))
+        except ValueError as exc:
+            self._reject(raw, str(exc), conv.field, fatal=True, record_id=rid)
+            return None
+        if not units:
+            self._reject(raw, "missing text field", conv.field, fatal=True, record_id=rid)
+            return None
+        return [
+            (rid if u.suffix is None else f"{rid}/{u.suffix}", {CONVERSATION_FIELD: u.text}, u.metadata) for u in units
+        ]
+
     def _records(self, id_keys: array[int]) -> Iterator[Record]:
         src = self.source
-        preparer = self.preparer
         stratify = self.sampler.config.stratify_by
         source_kind = src.kind
+        first = True
         for raw in self._raw_rows():
             self.stats.rows_read += 1
             if self.on_row is not None and self.stats.rows_read % 10_000 == 0:
@@ -183,43 +273,51 @@ class Intake:
                 self._reject(raw, raw.error or "unreadable row", None, fatal=True)
                 continue
             row = raw.data
-            rid = row.get(src.id_field)
-            if rid is None or rid == "":
-                self._reject(raw, "missing id", src.id_field, fatal=True)
+            if first:
+                self._setup(row)
+                first = False
+                self.stats.revision = (raw.meta or {}).get("hf", {}).get("revision")
+            rid = self._row_id(raw, row)
+            if rid is None:
                 continue
-            if isinstance(rid, bool) or not isinstance(rid, str | int):
-                self._reject(raw, f"id must be a string or integer, got {type(rid).__name__}", src.id_field, fatal=True)
+            units = self._units(raw, row, rid)
+            if units is None:
                 continue
-            rid = str(rid)
-            id_keys.append(_id_key(rid))
-            prepared = preparer.prepare(row)
-            if prepared.problem is not None:
-                self._reject(raw, prepared.problem, ",".join(preparer.source_fields), fatal=True, record_id=rid)
-                continue
-            if prepared.missing_field is not None:
-                self._reject(raw, "missing text field", prepared.missing_field, fatal=True, record_id=rid)
-                continue
-            if not prepared.text:
-                self.stats.rejected_empty += 1
-                self._reject(raw, "empty text", ",".join(preparer.source_fields), fatal=False, record_id=rid)
-                continue
-            self.stats.prepared += 1
-            meta = prepared.metadata()
-            meta["path"] = raw.path
-            meta["line"] = raw.line
-            split = row.get(src.split_field) if src.split_field else None
+            split = row.get(src.split_field) if src.split_field else raw.split
             stratum = row.get(stratify) if stratify else None
-            rec = Record(
-                id=rid,
-                source=source_kind,
-                dataset=self.dataset,
-                split=None if split is None else str(split),
-                text=prepared.text,
-                n_tokens=prepared.n_tokens,
-                metadata=meta,
-                stratum=None if stratum is None else str(stratum),
-            )
-            yield rec
+            if stratify == "split" and stratum is None:
+                stratum = split
+            preparer = self.preparer
+            for uid, fields_, extra in units:
+                id_keys.append(_id_key(uid))
+                prepared = preparer.prepare(fields_)
+                if prepared.problem is not None:
+                    self._reject(raw, prepared.problem, ",".join(preparer.source_fields), fatal=True, record_id=uid)
+                    continue
+                if prepared.missing_field is not None:
+                    self._reject(raw, "missing text field", prepared.missing_field, fatal=True, record_id=uid)
+                    continue
+                if not prepared.text:
+                    self.stats.rejected_empty += 1
+                    self._reject(raw, "empty text", ",".join(preparer.source_fields), fatal=False, record_id=uid)
+                    continue
+                self.stats.prepared += 1
+                meta = prepared.metadata()
+                meta["path"] = raw.path
+                meta["line"] = raw.line
+                if raw.meta:
+                    meta.update(raw.meta)
+                meta.update(extra)
+                yield Record(
+                    id=uid,
+                    source=source_kind,
+                    dataset=self.dataset,
+                    split=None if split is None else str(split),
+                    text=prepared.text,
+                    n_tokens=prepared.n_tokens,
+                    metadata=meta,
+                    stratum=None if stratum is None else str(stratum),
+                )
 
     def records(self) -> Iterator[Record]:
         """Chosen records; raises at the end of the scan if ids repeat.

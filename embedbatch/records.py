@@ -23,12 +23,16 @@ class RawRow:
         line: 1-based line (JSONL, CSV) or 0-based row index (Parquet, JSON array, postgres).
         data: the row's fields, or None when the row could not be parsed.
         error: why the row could not be parsed (then ``data`` is None).
+        split: the split the reader knows the row is in (Hugging Face datasets), else None.
+        meta: provenance the reader adds to the record's metadata (dataset name, revision).
     """
 
     path: str
     line: int
     data: dict[str, Any] | None
     error: str | None = None
+    split: str | None = None
+    meta: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

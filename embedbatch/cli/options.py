@@ -73,6 +73,14 @@ class SourceOptions(OptionGroup):
     ] = None
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Embed/write rows that have a vector.")] = False
     dsn: Annotated[str | None, typer.Option("--dsn", help="postgres source DSN (env DATABASE_URL).")] = None
+    id_template: Annotated[
+        str | None, typer.Option("--id-template", help="Ids from fields, e.g. '{split}/{dialogue_id}'.")
+    ] = None
+    subset: Annotated[str | None, typer.Option("--subset", help="Hugging Face source: config/subset.")] = None
+    split: Annotated[
+        list[str] | None, typer.Option("--split", help="Hugging Face source: a split (repeat; default: all).")
+    ] = None
+    revision: Annotated[str | None, typer.Option("--revision", help="Hugging Face source: branch, tag, commit.")] = None
 
     def build(self, source: str, settings: Settings) -> SourceConfig:
         """The source of ``source`` (a path, or ``postgres`` with ``--table``/``--query``).
@@ -81,6 +89,7 @@ class SourceOptions(OptionGroup):
             UsageError: a postgres source without a DSN or without a table or query.
         """
         common: dict[str, Any] = {
+            "id_template": self.id_template,
             "split_field": self.split_field,
             "dataset": self.dataset,
             "skip_bad_rows": self.skip_bad_rows,
@@ -123,7 +132,16 @@ class SourceOptions(OptionGroup):
                 pg_overwrite=self.overwrite,
                 **common,
             )
-        return SourceConfig(path=source, id_field=self.id_field, **common)
+        return SourceConfig(
+            path=source,
+            id_field=self.id_field,
+            subset=self.subset,
+            splits=tuple(self.split or ()),
+            revision=self.revision,
+            raw_dir=settings.workspace / "datasets" / "raw",
+            hf_offline=settings.hf_hub_offline,
+            **common,
+        )
 
 
 @dataclass(frozen=True)
@@ -146,6 +164,18 @@ class PrepareOptions(OptionGroup):
     allow_missing_fields: Annotated[
         bool, typer.Option("--allow-missing-fields", help="Embed rows that lack some fields without them.")
     ] = False
+    messages_field: Annotated[
+        str | None,
+        typer.Option("--messages-field", help="Chat column: a list of {role, content} (auto-detected)."),
+    ] = None
+    message_template: Annotated[
+        str, typer.Option("--message-template", help="Each message: {role}, {content}, {index}.")
+    ] = "{role}: {content}"
+    roles: Annotated[str | None, typer.Option("--roles", help="Keep these roles, e.g. user,assistant.")] = None
+    unit: Annotated[
+        str, typer.Option("--unit", help="conversation (a row each) or message (id {conversation id}/{index}).")
+    ] = "conversation"
+    max_messages: Annotated[int | None, typer.Option("--max-messages", help="Keep the last N messages.")] = None
 
     def build(self, source: str, src: SourceOptions) -> PrepareConfig:
         """Preparation from flags, or from ``--config`` with flags winning.
@@ -163,7 +193,15 @@ class PrepareOptions(OptionGroup):
             "truncate_chars": self.truncate_chars,
             "max_tokens": self.max_tokens,
             "allow_missing_fields": self.allow_missing_fields or None,
+            "messages_field": self.messages_field,
+            "detect_messages": (self.fields is None and self.template is None and self.config is None) or None,
+            "message_template": self.message_template.replace("\\n", "\n"),
+            "roles": tuple(r.strip() for r in self.roles.split(",") if r.strip()) if self.roles else None,
+            "unit": self.unit,
+            "max_messages": self.max_messages,
         }
+        if self.unit not in ("conversation", "message"):
+            raise UsageError(f"--unit must be conversation or message, got {self.unit!r}")
         if self.config is not None:
             return PrepareConfig.from_file(self.config, **overrides)
         values = {k: v for k, v in overrides.items() if v is not None}

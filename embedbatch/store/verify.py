@@ -118,6 +118,15 @@ def _check_index(path: Any, table: Any) -> list[str]:
     return []
 
 
+def _mtime(path: Any) -> str | None:
+    import datetime as dt
+
+    try:
+        return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except OSError:
+        return None
+
+
 def list_workspace(ws: Workspace) -> dict[str, Any]:
     """Datasets (model, rows, shards) and runs (status, batch states) in the workspace."""
     datasets = []
@@ -131,6 +140,7 @@ def list_workspace(ws: Workspace) -> dict[str, Any]:
                 "shards": len(m.shards),
                 "dimensions": m.dimensions,
                 "runs": sorted(m.runs),
+                "updated_at": _mtime(ws.manifest_path(model, dataset)),
             }
         )
     runs: list[dict[str, Any]] = []
@@ -149,7 +159,7 @@ def list_workspace(ws: Workspace) -> dict[str, Any]:
                 "model": rs.model,
                 "dataset": rs.dataset,
                 "kind": rs.kind,
-                "status": rs.status + (" (failing)" if rs.failure else ""),
+                "status": rs.status + (" (failing)" if rs.failure and rs.status == "active" else ""),
                 "failure": rs.failure,
                 "batches": states,
                 "planned": rs.counts.get("planned", 0),
