@@ -1,5 +1,6 @@
 """The ``embedbatch`` command line: ``app`` (the typer app, helpers, :func:`main`), ``batch``,
-``realtime``, ``datasets`` and ``tools`` (the commands), ``options`` (typed option groups), ``render`` (output).
+``realtime``, ``datasets``, ``store`` and ``tools`` (the commands), ``options`` (typed option
+groups), ``render`` (output).
 
 Every option can also be set from the environment as ``EMBEDBATCH_<OPTION>`` (``--max-cost-usd``
 is ``EMBEDBATCH_MAX_COST_USD``); ``--help`` shows the name. A flag on the command line wins.
@@ -10,10 +11,10 @@ import typing
 
 import typer.models
 
-from embedbatch.cli import batch, datasets, realtime, tools
+from embedbatch.cli import batch, datasets, realtime, store, tools
 from embedbatch.cli.app import app, main
 
-__all__ = ["app", "batch", "datasets", "main", "realtime", "tools"]
+__all__ = ["app", "batch", "datasets", "main", "realtime", "store", "tools"]
 
 
 def _env_for_every_option(t: typer.Typer) -> None:

@@ -191,7 +191,10 @@ def serve(
 
 @app.command()
 def search(
-    query_text: Annotated[str, typer.Argument(help="The query text.")],
+    query_text: Annotated[str | None, typer.Argument(help="The query text (or --id).")] = None,
+    record_id: Annotated[
+        str | None, typer.Option("--id", help="Find the neighbours of this stored row (with --dataset).")
+    ] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", help="Search the dataset's shards.")] = None,
     model: Model = None,
     k: Annotated[int, typer.Option("-k", "--k")] = 5,
@@ -209,11 +212,24 @@ def search(
     local_model: Annotated[str | None, typer.Option("--local-model", help="Embed the query locally.")] = None,
     json_out: JsonOut = False,
 ) -> None:
-    """Embed a query with the dataset's model and print the nearest rows."""
-    from embedbatch.search.exact import search_pg, search_shards
+    """Embed a query with the dataset's model and print the nearest rows (exact, streamed over
+    the shards in bounded memory), or the neighbours of a stored row (--id)."""
+    from embedbatch.search.exact import search_by_id, search_pg, search_shards
 
     ws = open_workspace()
     s = settings()
+    if (query_text is None) == (record_id is None):
+        raise UsageError("give a query text or --id ID (not both)")
+    if record_id is not None:
+        if not dataset:
+            raise UsageError("--id needs --dataset")
+        hits = search_by_id(ws, record_id, dataset=dataset, model=model, k=k)
+        if json_out:
+            print_json(hits)
+        else:
+            print_hits(f"id {record_id}", hits)
+        return
+    assert query_text is not None
     if pg_table:
         hits = search_pg(
             s,

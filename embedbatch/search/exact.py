@@ -1,18 +1,19 @@
-"""Nearest-neighbour search over a dataset's shards (NumPy) or a pgvector column (``<=>``)."""
+"""Nearest-neighbour search over a dataset's shards (NumPy, streamed in chunks with a running
+top-k: bounded memory), a pgvector column (``<=>``) or a libSQL table."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from embedbatch.config import Settings
 from embedbatch.errors import UsageError
 from embedbatch.store.manifest import Manifest
-from embedbatch.store.shards import read_vectors
 from embedbatch.workspace import Workspace
 
-__all__ = ["embed_query", "search_libsql", "search_pg", "search_shards"]
+__all__ = ["embed_query", "find_dataset", "nearest", "search_by_id", "search_libsql", "search_pg", "search_shards"]
 
 
 def embed_query(
@@ -58,22 +59,89 @@ def search_shards(
     Raises:
         UsageError: no such dataset.
     """
+    m, d = find_dataset(ws, dataset, model)
+    manifest = Manifest.load(ws, m, d)
+    if local_model is None:
+        local_model = _local_model_of(ws, m, d, manifest)
+    dims = manifest.dimensions if manifest.dimensions and m.startswith("text-embedding-3") else None
+    q = embed_query(settings, text, model=m, dimensions=dims, local_model=local_model)
+    return nearest(ws, manifest, q, k=k)
+
+
+def find_dataset(ws: Workspace, dataset: str, model: str | None) -> tuple[str, str]:
+    """(model, dataset) of ``dataset`` in the workspace.
+
+    Raises:
+        UsageError: no such dataset, or several models have it and ``model`` is None.
+    """
     pairs = [(m, d) for m, d in ws.datasets() if d == dataset and (model is None or m == model)]
     if not pairs:
         raise UsageError(f"no dataset {dataset!r} in the workspace (see `embedbatch list`)")
     if len(pairs) > 1:
         raise UsageError(f"dataset {dataset!r} exists for several models: {[p[0] for p in pairs]}; give --model")
-    m, d = pairs[0]
-    manifest = Manifest.load(ws, m, d)
-    if local_model is None:
-        local_model = _local_model_of(ws, m, d, manifest)
-    ids, texts, vecs = read_vectors(ws, m, d)
-    dims = manifest.dimensions if manifest.dimensions and m.startswith("text-embedding-3") else None
-    q = embed_query(settings, text, model=m, dimensions=dims, local_model=local_model)
-    norms = np.linalg.norm(vecs, axis=1) * (np.linalg.norm(q) or 1.0)
-    scores = (vecs @ q) / np.where(norms == 0, 1.0, norms)
-    top = np.argsort(-scores)[:k]
-    return [{"id": ids[i], "score": float(scores[i]), "text": texts[i]} for i in top]
+    return pairs[0]
+
+
+def nearest(
+    ws: Workspace, manifest: Manifest, query: np.ndarray, *, k: int, exclude: str | None = None, chunk_rows: int = 8192
+) -> list[dict[str, Any]]:
+    """Exact top-k by cosine similarity over the dataset's current rows, streaming the shards in
+    chunks (a matrix product and a running top-k), so peak memory is one chunk
+    (``chunk_rows × dim × 4`` bytes) whatever the dataset's size; float16 shards are scored in
+    float32.
+
+    Args:
+        query: ``(dim,)`` float32.
+        exclude: an id left out of the results (``search --id``).
+
+    Returns:
+        Up to ``k`` ``{"id", "score", "text"}``, best first.
+    """
+    from embedbatch.store.shards import iter_vector_chunks, read_rows_at
+
+    q = np.asarray(query, np.float32)
+    q = q / (np.linalg.norm(q) or 1.0)
+    best_s = np.empty(0, np.float32)
+    best_at: list[tuple[str, int, str]] = []
+    for file, start, ids, vecs, live in iter_vector_chunks(ws, manifest, chunk_rows=chunk_rows):
+        if not len(vecs):
+            continue
+        norms = np.linalg.norm(vecs, axis=1)
+        scores = (vecs @ q) / np.where(norms == 0, 1.0, norms)
+        scores[~live] = -np.inf
+        top = np.argpartition(-scores, min(k, len(scores)) - 1)[:k] if len(scores) > k else np.arange(len(scores))
+        cand_ids = ids.take(pa.array(top, pa.int64())).to_pylist()
+        keep = [j for j, rid in enumerate(cand_ids) if np.isfinite(scores[top[j]]) and rid != exclude]
+        best_s = np.concatenate([best_s, scores[top[keep]]])
+        best_at += [(file, start + int(top[j]), cand_ids[j]) for j in keep]
+        if len(best_s) > k:
+            sel = np.argpartition(-best_s, k - 1)[:k]
+            best_s = best_s[sel]
+            best_at = [best_at[i] for i in sel]
+    order = np.argsort(-best_s, kind="stable")
+    hits = [(float(best_s[i]), *best_at[i]) for i in order]
+    base = ws.shards_dir(manifest.model, manifest.dataset)
+    texts: dict[tuple[str, int], str] = {}
+    for file in {h[1] for h in hits}:
+        rows = [h[2] for h in hits if h[1] == file]
+        for r, row in zip(rows, read_rows_at(base / file, rows, ["text"]), strict=True):
+            texts[(file, r)] = row["text"]
+    return [{"id": rid, "score": score, "text": texts[(file, r)]} for score, file, r, rid in hits]
+
+
+def search_by_id(ws: Workspace, record_id: str, *, dataset: str, model: str | None, k: int = 5) -> list[dict[str, Any]]:
+    """The ``k`` nearest rows to a stored row (itself left out).
+
+    Raises:
+        UsageError: no such dataset or id.
+    """
+    from embedbatch.store.dataset import DatasetStore
+
+    m, d = find_dataset(ws, dataset, model)
+    (row,) = DatasetStore(ws, m, d).get([record_id], columns=["embedding"])
+    if row is None:
+        raise UsageError(f"no id {record_id!r} in dataset {m}/{d}")
+    return nearest(ws, Manifest.load(ws, m, d), row["embedding"], k=k, exclude=record_id)
 
 
 def _local_model_of(ws: Workspace, model: str, dataset: str, manifest: Manifest) -> str | None:

@@ -38,7 +38,9 @@ from embedbatch.store.manifest import Manifest
 from embedbatch.store.shards import ShardWriter, StagedShard
 from embedbatch.workspace import Workspace, crash_point, file_lock, fsync_dir
 
-__all__ = ["DatasetStore"]
+__all__ = ["ALL_COLUMNS", "DatasetStore"]
+
+ALL_COLUMNS = ["id", "source", "dataset", "split", "text", "metadata", "embedding", "model", "created_at", "run_id"]
 
 log = structlog.get_logger(__name__)
 
@@ -112,6 +114,48 @@ class DatasetStore:
     def id_index(self, manifest: Manifest | None = None) -> IdIndex:
         """The id index of the committed rows (see :mod:`embedbatch.store.index`)."""
         return IdIndex.load(self.ws, manifest or self.manifest())
+
+    def get(
+        self, ids: list[str], *, columns: list[str] | None = None, index: IdIndex | None = None
+    ) -> list[dict[str, Any] | None]:
+        """The current rows of ``ids`` (None where absent), through the id index: a binary
+        search, then one row group (≤ 16,384 rows) read per shard holding them.
+
+        Args:
+            columns: shard columns to return (default: all); ``embedding`` comes back as a
+                ``(dim,)`` float32 array.
+            index: an already loaded id index (repeated look-ups).
+        """
+        from embedbatch.store.shards import read_rows_at
+
+        index = index if index is not None else self.id_index()
+        cols = columns or [
+            "id",
+            "source",
+            "dataset",
+            "split",
+            "text",
+            "metadata",
+            "embedding",
+            "model",
+            "created_at",
+            "run_id",
+        ]
+        cols = list(dict.fromkeys(["id", *cols]))
+        found: dict[str, list[tuple[int, int]]] = {}
+        out: list[dict[str, Any] | None] = [None] * len(ids)
+        for i, rid in enumerate(ids):
+            loc = index.locate(rid)
+            if loc is not None:
+                found.setdefault(loc[0], []).append((i, loc[1]))
+        for file, places in found.items():
+            rows = read_rows_at(self.shards_dir / file, [r for _, r in places], cols)
+            for (i, _), row in zip(places, rows, strict=True):
+                if "embedding" in row and row["embedding"] is not None:
+                    row["embedding"] = np.asarray(row["embedding"], dtype=np.float32)
+                row["shard"] = file
+                out[i] = row
+        return out
 
     def writer(
         self, *, dim: int | None, dtype: str = "float32", rows_per_shard: int = 100_000, git_sha: str | None = None

@@ -30,7 +30,17 @@ from embedbatch.store.index import text_keys
 from embedbatch.store.manifest import Manifest, superseded_ids
 from embedbatch.workspace import Workspace, utc_now
 
-__all__ = ["ShardWriter", "StagedShard", "embedding_schema", "iter_live_rows", "iter_run_chunks", "read_vectors"]
+__all__ = [
+    "ShardWriter",
+    "StagedShard",
+    "embedding_schema",
+    "iter_live_rows",
+    "iter_run_chunks",
+    "iter_vector_chunks",
+    "read_rows_at",
+    "read_vectors",
+    "vectors_of",
+]
 
 
 # Embedding values barely compress (measured: zstd saves a few % on float32 vectors and costs
@@ -361,6 +371,64 @@ def read_vectors(ws: Workspace, model: str, dataset: str) -> tuple[list[str], li
         vecs.append(arr)
     dim = manifest.dimensions or 0
     return ids, texts, np.concatenate(vecs) if vecs else np.empty((0, dim), np.float32)
+
+
+def vectors_of(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An ``embedding`` column (fixed-size lists of float32 or float16) as ``(n, dim)`` float32."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    flat = arr.values.to_numpy(zero_copy_only=False)
+    return np.asarray(flat, dtype=np.float32).reshape(n, -1) if n else np.empty((0, 0), np.float32)
+
+
+def iter_vector_chunks(
+    ws: Workspace, manifest: Manifest, *, chunk_rows: int = 8192
+) -> Iterator[tuple[str, int, pa.Array, np.ndarray, np.ndarray]]:
+    """Every shard's rows in chunks, for a bounded-memory scan: ``(shard file, first row,
+    ids (Arrow strings), (n, dim) float32 vectors, (n,) bool live)``; ``live`` is False for rows a
+    later shard superseded. Memory: one chunk (``chunk_rows × dim × 4`` bytes), whatever the
+    dataset's size.
+
+    Raises:
+        StateError: a listed shard is missing.
+    """
+    import pyarrow.compute as pc
+
+    gone = superseded_ids(manifest)
+    base = ws.shards_dir(manifest.model, manifest.dataset)
+    for s in manifest.shards:
+        path = base / s["file"]
+        if not path.exists():
+            raise StateError(f"{path}: listed in the manifest but missing")
+        drop = gone.get(s["file"], set())
+        drop_arr = pa.array(sorted(drop), pa.string()) if drop else None
+        start = 0
+        for batch in pq.ParquetFile(path).iter_batches(columns=["id", "embedding"], batch_size=chunk_rows):
+            ids = batch.column(0)
+            vecs = vectors_of(batch.column(1))
+            if drop_arr is not None:
+                live = np.asarray(pc.invert(pc.is_in(ids, value_set=drop_arr)).to_numpy(zero_copy_only=False))
+            else:
+                live = np.ones(len(ids), bool)
+            yield s["file"], start, ids, vecs, live
+            start += len(ids)
+
+
+def read_rows_at(path: Path, rows: list[int], columns: list[str]) -> list[dict[str, Any]]:
+    """The given rows (0-based, within the shard) of a shard, in the order asked, reading only
+    the row groups that hold them (row groups are at most 16,384 rows)."""
+    pf = pq.ParquetFile(path)
+    bounds = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)])
+    out: dict[int, dict[str, Any]] = {}
+    by_group: dict[int, list[int]] = {}
+    for r in rows:
+        by_group.setdefault(int(np.searchsorted(bounds, r, side="right")) - 1, []).append(r)
+    for g, rs in by_group.items():
+        table = pf.read_row_group(g, columns=columns)
+        local = table.take(pa.array([r - int(bounds[g]) for r in rs], pa.int64()))
+        for r, row in zip(rs, local.to_pylist(), strict=True):
+            out[r] = row
+    return [out[r] for r in rows]
 
 
 def iter_run_chunks(
