@@ -125,8 +125,34 @@ def safe_args(source: str, *groups: Any, **values: Any) -> dict[str, Any]:
     return out
 
 
+def _write_metrics() -> None:
+    """After every command: the workspace's metrics file for node_exporter (when the metrics
+    extra is installed and the workspace exists); never fails the command."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return
+    try:
+        ws = open_workspace()
+        if (ws.root / "batches").is_dir() or (ws.root / "indexes").is_dir():
+            from embedbatch.metrics import write_metrics
+
+            write_metrics(ws)
+    except Exception as exc:  # metrics must never turn a command's outcome into an error
+        import structlog
+
+        structlog.get_logger("embedbatch.metrics").warning("metrics not written", error=str(exc))
+
+
 def main() -> None:
     """Entry point: run the app, turning EmbedbatchError into a message and its exit code."""
+    try:
+        _run()
+    finally:
+        _write_metrics()
+
+
+def _run() -> None:
     try:
         rc = app(standalone_mode=False)
         if rc == 130:  # typer turns Ctrl-C into this return code

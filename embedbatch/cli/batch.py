@@ -442,6 +442,9 @@ def poll(
     max_enqueued_tokens: Annotated[int | None, typer.Option(help="Override the runs' queue budget.")] = None,
     rows_per_shard: RowsPerShard = 100_000,
     dtype: Dtype = "float32",
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", help="With --watch: serve Prometheus /metrics on this port.")
+    ] = None,
 ) -> None:
     """One pass over every active run (the cron entry point).
 
@@ -468,6 +471,13 @@ def poll(
         delete_files=delete_remote_files,
     )
     wait_s = ws.lock_timeout_s if watch is not None else None
+    if metrics_port is not None:
+        if watch is None:
+            raise UsageError("--metrics-port needs --watch (a one-shot pass writes workspace/metrics/ instead)")
+        from embedbatch.metrics import serve_metrics
+
+        serve_metrics(ws, metrics_port)
+        log.info("serving metrics", url=f"http://127.0.0.1:{metrics_port}/metrics")
     while True:
         started = _t.monotonic()
         try:

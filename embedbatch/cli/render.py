@@ -314,3 +314,5 @@ def print_hits(query: str, hits: list[dict[str, Any]]) -> None:
     for h in hits:
         t.add_row(f"{h['score']:.4f}", str(h["id"]), (h.get("text") or "")[:160].replace("\n", " "))
     console.print(t)
+    if hits and hits[0].get("via"):
+        err_console.print(f"searched with: {hits[0]['via']}", markup=False, highlight=False)

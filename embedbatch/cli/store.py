@@ -1,5 +1,5 @@
-"""Commands that use the stored embeddings: ``get`` (a row by id), ``export`` (vectors for other
-tools) and ``sql`` (DuckDB over shards, manifests and runs)."""
+"""Commands that use the stored embeddings: ``index build`` (Faiss), ``get`` (a row by id),
+``export`` (vectors for other tools) and ``sql`` (DuckDB over shards, manifests and runs)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,52 @@ import typer
 from embedbatch.cli.app import JsonOut, Model, app, open_workspace
 from embedbatch.cli.render import console, print_json, print_kv
 from embedbatch.errors import UsageError
+
+index_app = typer.Typer(no_args_is_help=True, help="Vector indexes (Faiss) beside the shards.")
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    dataset: Annotated[str | None, typer.Option("--dataset", help="The dataset to index.")] = None,
+    model: Model = None,
+    kind: Annotated[str, typer.Option("--kind", help="flat, hnsw or ivfpq.")] = "hnsw",
+    metric: Annotated[str, typer.Option("--metric", help="cosine, ip or l2.")] = "cosine",
+    merge: Annotated[str | None, typer.Option("--merge", help="D1,D2: one index over several datasets.")] = None,
+    into: Annotated[str | None, typer.Option("--into", help="With --merge: the merged index's name.")] = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Start over instead of adding new shards.")] = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Build a Faiss index under indexes/{model}/{dataset}/faiss/; new shards are added on the next
+    build; --merge D1,D2 --into D indexes datasets of the same model and dimension together."""
+    from embedbatch.search.exact import find_dataset
+    from embedbatch.search.index import build_index
+
+    ws = open_workspace()
+    if merge:
+        if not into or dataset:
+            raise UsageError("--merge D1,D2 needs --into NAME (and no --dataset)")
+        names = [n.strip() for n in merge.split(",") if n.strip()]
+        pairs = [find_dataset(ws, n, model) for n in names]
+        if len({m for m, _ in pairs}) != 1:
+            raise UsageError(f"--merge needs datasets of one model, got {sorted({m for m, _ in pairs})}; give --model")
+        m, datasets = pairs[0][0], [d for _, d in pairs]
+    else:
+        if not dataset:
+            raise UsageError("give --dataset D (or --merge D1,D2 --into D)")
+        m, d = find_dataset(ws, dataset, model)
+        datasets = [d]
+    info = build_index(ws, m, datasets, into=into, kind=kind, metric=metric, rebuild=rebuild)
+    if json_out:
+        print_json(info.__dict__)
+    elif info.unchanged:
+        console.print(f"{info.kind}-{info.metric} index of {', '.join(datasets)} is current ({info.count:,} rows)")
+    else:
+        console.print(
+            f"{info.kind}-{info.metric} index of {', '.join(datasets)}: {info.count:,} rows "
+            f"({info.added:,} added) in {info.build_s:.1f} s → {info.path}",
+            markup=False,
+        )
 
 
 @app.command()

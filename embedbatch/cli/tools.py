@@ -210,6 +210,7 @@ def search(
     libsql_text_column: Annotated[str | None, typer.Option("--libsql-text-column")] = "content",
     libsql_auth_token: Annotated[str | None, typer.Option("--libsql-auth-token")] = None,
     local_model: Annotated[str | None, typer.Option("--local-model", help="Embed the query locally.")] = None,
+    exact: Annotated[bool, typer.Option("--exact", help="Exact search even when a vector index is current.")] = False,
     json_out: JsonOut = False,
 ) -> None:
     """Embed a query with the dataset's model and print the nearest rows (exact, streamed over
@@ -260,7 +261,7 @@ def search(
             local_model=local_model,
         )
     elif dataset:
-        hits = search_shards(ws, s, query_text, dataset=dataset, model=model, k=k, local_model=local_model)
+        hits = search_shards(ws, s, query_text, dataset=dataset, model=model, k=k, local_model=local_model, exact=exact)
     else:
         raise UsageError("give --dataset (Parquet shards), --pg-table (PostgreSQL) or --libsql-url (libSQL)")
     if json_out:

@@ -53,19 +53,44 @@ def search_shards(
     model: str | None,
     k: int = 5,
     local_model: str | None = None,
+    exact: bool = False,
 ) -> list[dict[str, Any]]:
-    """Top-k rows by cosine similarity over every shard of (model, dataset).
+    """Top-k rows: through the dataset's vector index when one is current, else exact cosine
+    similarity over every shard (streamed); each hit says which in ``via``.
+
+    ``dataset`` may also name an index merged from several datasets (``index build --merge``).
 
     Raises:
-        UsageError: no such dataset.
+        UsageError: no such dataset or index.
     """
-    m, d = find_dataset(ws, dataset, model)
-    manifest = Manifest.load(ws, m, d)
+    from embedbatch.search.index import load_index, search_index
+
+    m, d, merged = _resolve(ws, dataset, model)
+    loaded, why = (None, "--exact") if exact else load_index(ws, m, d)
+    if merged and loaded is None:
+        raise UsageError(f"{d} is a merged index with no current index: {why}")
+    sources = loaded.meta["datasets"] if loaded is not None else [d]
+    manifest = Manifest.load(ws, m, sources[0])
     if local_model is None:
-        local_model = _local_model_of(ws, m, d, manifest)
+        local_model = _local_model_of(ws, m, sources[0], manifest)
     dims = manifest.dimensions if manifest.dimensions and m.startswith("text-embedding-3") else None
     q = embed_query(settings, text, model=m, dimensions=dims, local_model=local_model)
-    return nearest(ws, manifest, q, k=k)
+    if loaded is not None:
+        return [{**h, "via": loaded.label} for h in search_index(ws, loaded, q, k=k)]
+    return [{**h, "via": f"exact ({why})"} for h in nearest(ws, manifest, q, k=k)]
+
+
+def _resolve(ws: Workspace, name: str, model: str | None) -> tuple[str, str, bool]:
+    """(model, dataset or merged-index name, merged?)."""
+    try:
+        m, d = find_dataset(ws, name, model)
+        return m, d, False
+    except UsageError:
+        merged = [p.parent.name for p in ws.root.glob(f"indexes/*/{name}/faiss") if model in (None, p.parent.name)]
+        models = [p.parent.parent.name for p in ws.root.glob(f"indexes/*/{name}/faiss")]
+        if len(set(models)) == 1 and merged:
+            return models[0], name, True
+        raise
 
 
 def find_dataset(ws: Workspace, dataset: str, model: str | None) -> tuple[str, str]:

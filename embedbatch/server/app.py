@@ -268,6 +268,8 @@ class FakeOpenAI:
     ) -> web.StreamResponse:
         auth = request.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ").strip()
+        if request.path == "/metrics":  # scraped without a key, like any exporter
+            return await handler(request)
         if request.path.startswith("/_admin"):  # with --api-key, the admin endpoints need it too
             if self.api_keys is not None and token not in self.api_keys:
                 return _err(401, "Incorrect API key provided.", code="invalid_api_key")
@@ -778,6 +780,44 @@ class FakeOpenAI:
     async def admin_keys(self, request: web.Request) -> web.Response:
         return _json(self.key_usage())
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text: calls by path and status, batches by status, tokens and 429s per key."""
+        try:
+            from prometheus_client import CollectorRegistry, generate_latest
+            from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        except ImportError:
+            return web.Response(status=404, text="install the metrics extra: pip install 'embedbatch[metrics]'\n")
+        state = self
+
+        class _Collector:
+            def describe(self) -> list[Any]:
+                return []
+
+            def collect(self) -> Any:
+                calls = CounterMetricFamily("embedbatch_server_requests", "Calls answered", labels=["path", "status"])
+                counted: dict[tuple[str, str], int] = {}
+                for _, path, status in list(state.calls):
+                    kind = path.split("/")[2] if path.count("/") >= 2 else path
+                    counted[(kind, str(status))] = counted.get((kind, str(status)), 0) + 1
+                for key, n in counted.items():
+                    calls.add_metric(list(key), n)
+                batches = GaugeMetricFamily("embedbatch_server_batches", "Batches by status", labels=["status"])
+                by_status: dict[str, int] = {}
+                for b in list(state.batches.values()):
+                    by_status[b["status"]] = by_status.get(b["status"], 0) + 1
+                for st, n in by_status.items():
+                    batches.add_metric([st], n)
+                tokens = CounterMetricFamily("embedbatch_server_tokens", "Embedding tokens let through", labels=["key"])
+                limited = CounterMetricFamily("embedbatch_server_rate_limited", "429s answered", labels=["key"])
+                for fp, use in state.key_usage().items():
+                    tokens.add_metric([fp], use["tokens"])
+                    limited.add_metric([fp], use["rate_limited"])
+                yield from (calls, batches, tokens, limited)
+
+        registry = CollectorRegistry()
+        registry.register(_Collector())  # type: ignore[arg-type]
+        return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
+
 
 def build_app(state: FakeOpenAI) -> web.Application:
     """The aiohttp application serving ``state`` under ``/v1``."""
@@ -795,6 +835,7 @@ def build_app(state: FakeOpenAI) -> web.Application:
     r.add_post("/v1/embeddings", state.embeddings)
     r.add_get("/_admin/counts", state.admin_counts)
     r.add_get("/_admin/keys", state.admin_keys)
+    r.add_get("/metrics", state.metrics)
     return app
 
 

@@ -62,7 +62,7 @@ def _tables(ws: Workspace) -> tuple[list[str], pa.Table, pa.Table, pa.Table]:
                 "planned": rs.counts.get("planned"),
                 "succeeded": rs.counts.get("succeeded"),
                 "failed": rs.counts.get("failed"),
-                "tokens": rs.actual.get("tokens"),
+                "tokens": rs.actual.get("usage_tokens"),
                 "cost_usd": rs.actual.get("cost_batch_usd", rs.actual.get("cost_standard_usd")),
                 "run_dir": str(paths.root),
             }

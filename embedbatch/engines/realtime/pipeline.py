@@ -233,7 +233,7 @@ def retry_realtime(
         total["planned"] = before.get("planned", total["planned"])
         total["cost_usd"] = cost_usd(rs0.model, total["usage_tokens"])[0]
         state.state.counts = {**counts, "succeeded": total["rows"], "failed": result.failed}
-        state.state.actual = {"tokens": total["usage_tokens"], "cost_standard_usd": total["cost_usd"]}
+        state.state.actual = {"usage_tokens": total["usage_tokens"], "cost_standard_usd": total["cost_usd"]}
         state.save()
     return result
 
@@ -412,7 +412,7 @@ def _embed(
             "rejected": result.rejected,
             "skipped_existing": result.skipped_existing,
         }
-        rs.actual = {"tokens": result.usage_tokens, "cost_standard_usd": std}
+        rs.actual = {"usage_tokens": result.usage_tokens, "cost_standard_usd": std}
         rs.realtime = result.to_json()
         rs.timings = {"intake_s": result.intake_s, "wall_s": result.wall_s}
         if ok:

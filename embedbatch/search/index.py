@@ -1,0 +1,338 @@
+"""Vector indexes (Faiss) built beside a dataset's shards, for fast approximate search.
+
+Layout: ``indexes/{model}/{name}/faiss/{kind}-{metric}/`` holds ``index.faiss``, ``rows.parquet``
+(index row → dataset, shard, row in shard, id) and ``index.json`` (its manifest: kind, metric,
+parameters, dimension, count, the shards it covers with their sha256, and the sha256 of both
+files). ``name`` is the dataset, or the name given to ``--merge D1,D2 --into NAME``.
+
+- ``flat``: exact inner product / L2 (Faiss ``IndexFlat``); ``hnsw``: ``IndexHNSWFlat``
+  (M=32, efConstruction=200, efSearch=128); ``ivfpq``: ``IndexIVFPQ`` (nlist ≈ 4·√n,
+  8-bit codes, m sub-quantizers of 4-16 dimensions), trained on up to 100,000 rows.
+- ``cosine`` normalizes vectors and uses inner product; ``ip`` and ``l2`` use the raw vectors.
+- A second build adds only the rows of shards the index does not cover yet (flat and hnsw;
+  ivfpq keeps its training). Rows that a later shard superseded stay in the index and are
+  dropped from results at query time (more candidates are asked for); ``--rebuild`` starts over.
+- An index is *current* when it covers every shard of its datasets; search uses it then, and
+  exact search otherwise (saying why).
+
+One lock per index folder (``index.lock``) serializes builds; readers take the files as they
+are (both are replaced atomically, index.json last).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedbatch.errors import MissingExtraError, UsageError
+from embedbatch.store.manifest import Manifest, superseded_ids
+from embedbatch.store.shards import read_rows_at, vectors_of
+from embedbatch.workspace import Workspace, atomic_write_json, file_lock
+
+__all__ = ["KINDS", "METRICS", "IndexInfo", "build_index", "index_dir", "load_index", "search_index"]
+
+KINDS = ("flat", "hnsw", "ivfpq")
+METRICS = ("cosine", "ip", "l2")
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 200
+HNSW_EF_SEARCH = 128
+IVF_TRAIN_ROWS = 100_000
+ROWS_SCHEMA = pa.schema([("dataset", pa.string()), ("shard", pa.string()), ("row", pa.int32()), ("id", pa.string())])
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as exc:
+        raise MissingExtraError("faiss-cpu", "index") from exc
+    return faiss
+
+
+def index_dir(ws: Workspace, model: str, name: str, kind: str, metric: str) -> Path:
+    """``indexes/{model}/{name}/faiss/{kind}-{metric}``."""
+    return ws.manifest_path(model, name).parent / "faiss" / f"{kind}-{metric}"
+
+
+@dataclass
+class IndexInfo:
+    """What ``index build`` did (also index.json's main fields)."""
+
+    path: str
+    kind: str
+    metric: str
+    datasets: list[str]
+    count: int
+    added: int
+    dimensions: int
+    build_s: float
+    unchanged: bool
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _new_index(faiss: Any, kind: str, metric: str, dim: int, n: int) -> Any:
+    mt = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    if kind == "flat":
+        return faiss.IndexFlat(dim, mt)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, mt)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        return index
+    nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
+    m = next(m for m in range(dim // 4, 0, -1) if dim % m == 0 and dim // m <= 16) if dim >= 4 else 1
+    quantizer = faiss.IndexFlat(dim, mt)
+    return faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, mt)
+
+
+def _prepared(vecs: np.ndarray, metric: str) -> np.ndarray:
+    v: np.ndarray = np.ascontiguousarray(vecs, dtype=np.float32)
+    if metric == "cosine":
+        norms = np.linalg.norm(v, axis=1, keepdims=True)
+        v = np.ascontiguousarray(v / np.where(norms == 0, 1.0, norms), dtype=np.float32)
+    return v
+
+
+def _shard_chunks(
+    ws: Workspace, manifest: Manifest, shards: list[dict[str, Any]]
+) -> list[tuple[str, list[str], np.ndarray]]:
+    """(shard file, ids, (n, dim) float32) of each given shard (every row: superseded rows are
+    filtered at query time)."""
+    base = ws.shards_dir(manifest.model, manifest.dataset)
+    out = []
+    for s in shards:
+        table = pq.read_table(base / s["file"], columns=["id", "embedding"])
+        out.append((s["file"], table.column("id").to_pylist(), vectors_of(table.column("embedding"))))
+    return out
+
+
+def build_index(
+    ws: Workspace,
+    model: str,
+    datasets: list[str],
+    *,
+    into: str | None = None,
+    kind: str = "hnsw",
+    metric: str = "cosine",
+    rebuild: bool = False,
+) -> IndexInfo:
+    """Build (or bring up to date) the index of ``datasets`` (one, or several merged ``into``
+    a name); see the module doc.
+
+    Raises:
+        UsageError: unknown kind or metric; a dataset that does not exist; datasets of different
+            dimensions; too few rows to train ivfpq.
+        MissingExtraError: faiss-cpu is not installed.
+    """
+    if kind not in KINDS or metric not in METRICS:
+        raise UsageError(f"--kind must be one of {', '.join(KINDS)} and --metric one of {', '.join(METRICS)}")
+    faiss = _faiss()
+    name = into or datasets[0]
+    manifests = []
+    for d in datasets:
+        m = Manifest.load(ws, model, d)
+        if not m.shards:
+            raise UsageError(f"no dataset {model}/{d} with rows (see `embedbatch list`)")
+        manifests.append(m)
+    dims = {m.dimensions for m in manifests}
+    if len(dims) != 1:
+        raise UsageError(f"datasets of different dimensions cannot share an index: {sorted(map(str, dims))}")
+    dim = int(dims.pop() or 0)
+    folder = index_dir(ws, model, name, kind, metric)
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with file_lock(folder / "index.lock", what=f"index {folder}", timeout_s=ws.lock_timeout_s, purpose="index build"):
+        old = _read_meta(folder) if not rebuild else None
+        if old is not None and (old["datasets"] != datasets or old["dimensions"] != dim):
+            old = None
+        covered = {(c["dataset"], c["file"]): c["sha256"] for c in (old or {}).get("shards", [])}
+        todo = [
+            (m.dataset, s) for m in manifests for s in m.shards if covered.get((m.dataset, s["file"])) != s["sha256"]
+        ]
+        if old is not None and not todo:
+            return IndexInfo(str(folder), kind, metric, datasets, old["count"], 0, dim, 0.0, True)
+        listed = {(m.dataset, s["file"]) for m in manifests for s in m.shards}
+        if old is not None and (kind == "ivfpq" or any(key not in listed for key in covered)):
+            old = None  # shards went away, or ivfpq (trained on what it saw first): start over
+            todo = [(m.dataset, s) for m in manifests for s in m.shards]
+        if old is not None:
+            index = faiss.read_index(str(folder / "index.faiss"))
+            rows = pq.read_table(folder / "rows.parquet")
+        else:
+            n_total = sum(int(s["rows"]) for m in manifests for s in m.shards)
+            index = _new_index(faiss, kind, metric, dim, n_total)
+            rows = ROWS_SCHEMA.empty_table()
+        by_dataset = {m.dataset: m for m in manifests}
+        parts = [rows]
+        added = 0
+        chunks = []
+        for d, s in todo:
+            chunks += [(d, *c) for c in _shard_chunks(ws, by_dataset[d], [s])]
+        if kind == "ivfpq" and not index.is_trained:
+            sample = np.concatenate([c[3] for c in chunks])[:IVF_TRAIN_ROWS]
+            if len(sample) < 39 * index.nlist:
+                raise UsageError(f"ivfpq needs at least {39 * index.nlist} rows to train; use flat or hnsw")
+            index.train(_prepared(sample, metric))
+        for d, file, ids, vecs in chunks:
+            index.add(_prepared(vecs, metric))
+            parts.append(
+                pa.table(
+                    [
+                        pa.array([d] * len(ids), pa.string()),
+                        pa.array([file] * len(ids), pa.string()),
+                        pa.array(np.arange(len(ids), dtype=np.int32)),
+                        pa.array(ids, pa.string()),
+                    ],
+                    schema=ROWS_SCHEMA,
+                )
+            )
+            added += len(ids)
+        rows = pa.concat_tables(parts)
+        tmp_index, tmp_rows = folder / ".index.faiss.tmp", folder / ".rows.parquet.tmp"
+        faiss.write_index(index, str(tmp_index))
+        pq.write_table(rows, tmp_rows, compression="zstd")
+        os.replace(tmp_index, folder / "index.faiss")
+        os.replace(tmp_rows, folder / "rows.parquet")
+        meta = {
+            "kind": kind,
+            "metric": metric,
+            "datasets": datasets,
+            "model": model,
+            "dimensions": dim,
+            "count": int(index.ntotal),
+            "params": _params(index, kind),
+            "shards": [
+                {"dataset": m.dataset, "file": s["file"], "sha256": s["sha256"], "rows": s["rows"]}
+                for m in manifests
+                for s in m.shards
+            ],
+            "files": {"index.faiss": _sha256(folder / "index.faiss"), "rows.parquet": _sha256(folder / "rows.parquet")},
+            "faiss_version": faiss.__version__,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        atomic_write_json(folder / "index.json", meta)
+    return IndexInfo(str(folder), kind, metric, datasets, meta["count"], added, dim, time.monotonic() - started, False)
+
+
+def _params(index: Any, kind: str) -> dict[str, Any]:
+    if kind == "hnsw":
+        return {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH}
+    if kind == "ivfpq":
+        return {"nlist": int(index.nlist), "m": int(index.pq.M), "nbits": 8, "nprobe": _nprobe(index)}
+    return {}
+
+
+def _nprobe(index: Any) -> int:
+    return max(1, min(int(index.nlist), int(index.nlist) // 8 or 1))
+
+
+def _read_meta(folder: Path) -> dict[str, Any] | None:
+    path = folder / "index.json"
+    return orjson.loads(path.read_bytes()) if path.is_file() else None
+
+
+@dataclass
+class LoadedIndex:
+    """An index ready to query: the Faiss object, its rows, and its manifest."""
+
+    folder: Path
+    meta: dict[str, Any]
+    index: Any
+    rows: pa.Table
+
+    @property
+    def label(self) -> str:
+        return f"{self.meta['kind']}-{self.meta['metric']} index ({self.meta['count']:,} rows)"
+
+
+def load_index(ws: Workspace, model: str, name: str, *, kind: str | None = None) -> tuple[LoadedIndex | None, str]:
+    """The current index of ``name`` (the best kind when several: hnsw, ivfpq, flat), or None
+    and why not (none built; stale: shards it does not cover)."""
+    base = ws.manifest_path(model, name).parent / "faiss"
+    found = sorted(base.glob("*/index.json")) if base.is_dir() else []
+    if kind is not None:
+        found = [p for p in found if p.parent.name.startswith(f"{kind}-")]
+    if not found:
+        return None, "no index built (embedbatch index build)"
+    order = {"hnsw": 0, "ivfpq": 1, "flat": 2}
+    found.sort(key=lambda p: order.get(p.parent.name.split("-")[0], 9))
+    reasons = []
+    for path in found:
+        meta = orjson.loads(path.read_bytes())
+        have = {(c["dataset"], c["file"]): c["sha256"] for c in meta["shards"]}
+        now = {(d, s["file"]): s["sha256"] for d in meta["datasets"] for s in Manifest.load(ws, model, d).shards}
+        if have != now:
+            reasons.append(f"{path.parent.name} is stale ({len(set(now) - set(have))} new shards; index build)")
+            continue
+        faiss = _faiss()
+        index = faiss.read_index(str(path.parent / "index.faiss"))
+        if meta["kind"] == "hnsw":
+            index.hnsw.efSearch = HNSW_EF_SEARCH
+        elif meta["kind"] == "ivfpq":
+            index.nprobe = meta["params"]["nprobe"]
+        return LoadedIndex(path.parent, meta, index, pq.read_table(path.parent / "rows.parquet")), ""
+    return None, "; ".join(reasons)
+
+
+def search_index(
+    ws: Workspace, loaded: LoadedIndex, query: np.ndarray, *, k: int, exclude: str | None = None
+) -> list[dict[str, Any]]:
+    """Top-k through the index; rows superseded since the build are skipped (more candidates
+    are asked for until k remain).
+
+    Returns:
+        ``{"id", "score", "text", "dataset"}`` best first; the score is the cosine or inner
+        product (higher is nearer), or minus the squared L2 distance.
+    """
+    meta = loaded.meta
+    model = meta["model"]
+    gone = {d: superseded_ids(Manifest.load(ws, model, d)) for d in meta["datasets"]}
+    q = _prepared(np.asarray(query, np.float32)[None, :], meta["metric"])
+    want = k + 1 + sum(len(v) for g in gone.values() for v in g.values())
+    ask = min(int(loaded.index.ntotal), max(2 * want, 10))
+    while True:
+        dist, pos = loaded.index.search(q, ask)
+        hits = []
+        for score, p in zip(dist[0].tolist(), pos[0].tolist(), strict=True):
+            if p < 0:
+                continue
+            d, file, row, rid = (loaded.rows.column(c)[p].as_py() for c in ("dataset", "shard", "row", "id"))
+            if rid == exclude or rid in gone[d].get(file, ()):
+                continue
+            hits.append((-score if meta["metric"] == "l2" else score, d, file, row, rid))
+            if len(hits) == k:
+                break
+        if len(hits) == k or ask >= loaded.index.ntotal:
+            break
+        ask = min(int(loaded.index.ntotal), ask * 4)
+    out = []
+    for score, d, file, row, rid in hits:
+        (text_row,) = read_rows_at(ws.shards_dir(model, d) / file, [row], ["text"])
+        out.append({"id": rid, "score": float(score), "text": text_row["text"], "dataset": d})
+    return out
+
+
+def check_index_files(folder: Path) -> list[str]:
+    """Problems with an index folder's files against index.json's checksums (verify)."""
+    meta = _read_meta(folder)
+    if meta is None:
+        return [f"{folder}: no index.json"]
+    return [
+        f"{folder / name}: checksum differs from index.json"
+        for name, digest in meta.get("files", {}).items()
+        if not (folder / name).is_file() or _sha256(folder / name) != digest
+    ]
