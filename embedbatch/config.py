@@ -163,9 +163,9 @@ class SourceConfig:
         skip_bad_rows: record bad rows in ``rejected.jsonl`` and go on instead of stopping.
         pg_*: the database source, PostgreSQL or SQLite (table, columns, WHERE with $n params,
             or a whole query).
-        id_template: ids built from each row (``"{split}/{dialogue_id}"``; ``{split}`` and
-            ``{index}``, the row's place in its split or file, are always there); wins over
-            ``id_field``.
+        id_template: ids built from each row's fields (``"{split}/{dialogue_id}"``); ``{index}``
+            is the row's place in its split or file, ``{split}`` the split of a Hugging Face row
+            or the ``split_field``'s value; wins over ``id_field``.
         subset / splits / revision: a Hugging Face source's config, splits (empty: all) and
             revision (branch, tag or commit; None: the default branch).
         raw_dir: the workspace's ``datasets/raw`` folder, where ``download-dataset`` keeps copies

@@ -225,7 +225,8 @@ class Intake:
         """The row's id (None: rejected), from the id template or the id field."""
         if self.id_template is not None:
             try:
-                return self.id_template.format_map(_IdFields(row, raw.split, raw.line))
+                split = row.get(self.source.split_field) if self.source.split_field else raw.split
+                return self.id_template.format_map(_IdFields(row, None if split is None else str(split), raw.line))
             except KeyError as exc:
                 self._reject(raw, f"--id-template field {exc} is missing", str(exc.args[0]), fatal=True)
             except (ValueError, IndexError, AttributeError) as exc:

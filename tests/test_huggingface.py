@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedbatch.config import PrepareConfig, SampleConfig, SourceConfig
-from embedbatch.errors import DuplicateIdError, UsageError
+from embedbatch.errors import DuplicateIdError, InputError, UsageError
 from embedbatch.intake import Intake
 from embedbatch.server import ServerThread
 from embedbatch.server.ratelimit import ProviderLimits
-from embedbatch.sources.huggingface import download_dataset, is_hf_source
+from embedbatch.sources.huggingface import download_dataset, is_hf_source, parse_card
 from embedbatch.store.shards import read_vectors
 from embedbatch.tokens import get_tokenizer
 from embedbatch.workspace import Workspace
@@ -238,3 +238,19 @@ def test_local_engine_per_conversation(repo: Path, ws: Workspace, tmp_path: Path
     ids, texts, vectors = read_vectors(ws, out["model"], "chats")
     assert vectors.shape == (50, 384)
     assert dict(zip(ids, texts, strict=True))["test-3"].startswith("user: question 3 about test")
+
+
+def test_id_template_on_a_plain_file(tmp_path: Path) -> None:
+    rows = [{"name": "x", "part": "a"}, {"name": "x", "part": "b"}, {"name": "y", "part": "a"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"".join(orjson.dumps({**r, "text": f"t{i}"}) + b"\n" for i, r in enumerate(rows)))
+    got = records(str(path), id_template="{split}:{name}#{index}", split_field="part", prepare=PrepareConfig())
+    assert [r[0] for r in got] == ["a:x#1", "b:x#2", "a:y#3"]  # JSONL index: the 1-based line
+    with pytest.raises(InputError, match="--id-template field 'nope' is missing"):
+        records(str(path), id_template="{nope}", prepare=PrepareConfig())
+
+
+def test_dataset_card_license_and_citation() -> None:
+    card = "---\nlicense:\n- cc-by-sa-4.0\n- mit\n---\n# x\n```bibtex\n@article{a, title={T}}\n```\n"
+    assert parse_card(card) == {"license": "cc-by-sa-4.0, mit", "citation": "@article{a, title={T}}"}
+    assert parse_card("no front matter") == {}
