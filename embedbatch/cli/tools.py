@@ -111,14 +111,20 @@ def verify(
     repair: Annotated[bool, typer.Option("--repair", help="Rebuild the id index from the shards first.")] = False,
     json_out: JsonOut = False,
 ) -> None:
-    """Re-read every shard and check it against the manifest and id index; exit 1 on any problem."""
+    """Re-read every shard and check it against the manifest and id index (and vector indexes'
+    files against their checksums); exit 1 on any problem."""
     from embedbatch.store.verify import verify_dataset
 
     ws = open_workspace()
     pairs = [(m, d) for m, d in ws.datasets() if (dataset is None or d == dataset) and (model is None or m == model)]
     if not pairs:
         raise UsageError(f"no dataset matches (have: {', '.join(f'{m}/{d}' for m, d in ws.datasets()) or 'none'})")
+    from embedbatch.search.index import check_index_files
+
     reports = [verify_dataset(ws, m, d, repair=repair) for m, d in pairs]
+    for r in reports:  # the vector indexes beside the dataset: their files against index.json
+        for folder in sorted(ws.manifest_path(r.model, r.dataset).parent.glob("faiss/*/")):
+            r.problems += check_index_files(folder)
     if json_out:
         print_json([r.__dict__ | {"ok": r.ok} for r in reports])
     else:

@@ -226,3 +226,16 @@ def test_hnsw_recall_on_minilm_vectors(ws: Workspace) -> None:
         found += len(exact & approx)
         total += 10
     assert found / total >= 0.95
+
+
+def test_verify_checks_index_files(ws: Workspace, data: dict[str, np.ndarray], tmp_path: Path) -> None:
+    pytest.importorskip("faiss", reason="faiss-cpu (the index extra) is not installed")
+    info = build_index(ws, "m", ["d"], kind="flat")
+    env = {"EMBEDBATCH_WORKSPACE": str(ws.root), "PATH": "/usr/bin:/bin"}
+    assert run_cli(["verify"], env, tmp_path).returncode == 0
+    with open(Path(info.path) / "rows.parquet", "ab") as fh:
+        fh.write(b"x")
+    r = run_cli(["verify", "--json"], env, tmp_path)
+    assert r.returncode == 1
+    (report,) = orjson.loads(r.stdout)
+    assert report["problems"] == [f"{Path(info.path) / 'rows.parquet'}: checksum differs from index.json"]
