@@ -249,9 +249,14 @@ def print_local_result(result: Any) -> None:
         (f"{stage} busy / idle s", f"{data[stage]['busy_s']:.2f} / {data[stage]['idle_s']:.2f}")
         for stage in ("loader", "encoder", "writer")
     ]
+    if result.quality:
+        q = result.quality
+        rows.append(("quality guard", f"min cosine {q['min_cosine']} (≥ {q['threshold']}) on {q['texts']} probe texts"))
+    if result.cache_hit is not None:
+        rows.append(("onnx export", "from the cache" if result.cache_hit else "exported now (cached)"))
     if result.pg:
         rows.append(("postgres", str(result.pg)))
-    print_kv(f"local run: {result.model} on {result.device} ({result.dtype})", rows)
+    print_kv(f"local run: {result.model} on {result.device} ({result.backend}, {result.dtype})", rows)
 
 
 def print_realtime_result(result: Any) -> None:

@@ -61,6 +61,11 @@ def local(
     bucket_max_tokens: Annotated[int, typer.Option(help="Capped at the model's max length.")] = 32768,
     pad_to: Annotated[str, typer.Option(help="longest or bucket.")] = "longest",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile, warmed per bucket shape.")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="torch, or onnx (ONNX Runtime, CPU).")] = "torch",
+    quantize: Annotated[str | None, typer.Option("--quantize", help="int8 (onnx backend).")] = None,
+    min_cosine: Annotated[
+        float | None, typer.Option("--min-cosine", help="Quality guard threshold (default 0.999; int8 0.98).")
+    ] = None,
     rows_per_shard: RowsPerShard = 100_000,
     shard_dtype: Annotated[str, typer.Option("--shard-dtype", help="float32 or float16 shards.")] = "float32",
     json_out: JsonOut = False,
@@ -82,6 +87,9 @@ def local(
         pad_to=pad_to,  # type: ignore[arg-type]
         compile=compile_,
         devices=tuple(d.strip() for d in devices.split(",")) if devices else (),
+        backend=backend,  # type: ignore[arg-type]
+        quantize=quantize,  # type: ignore[arg-type]
+        min_cosine=min_cosine,
     )
     with RowProgress("embedding") as progress:
         result = run_local(

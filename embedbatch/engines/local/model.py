@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -157,26 +158,45 @@ class LocalEncoder:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
         dtype: ``auto``, ``float32``, ``float16``, ``bfloat16``.
         compile: wrap the transformer in ``torch.compile`` (warm each shape with :meth:`warm_up`).
+        backend: ``torch``, or ``onnx`` (ONNX Runtime on CPU, see :mod:`.backends`).
+        quantize: ``int8`` with the onnx backend (dynamic quantization).
+        cache_dir: where ONNX exports are cached (``workspace/cache/models``).
 
     Raises:
         MissingExtraError: torch or sentence-transformers is missing.
         UsageError: the model cannot be loaded, or a bad device/dtype.
     """
 
-    def __init__(self, name_or_path: str, *, device: str = "auto", dtype: str = "auto", compile: bool = False) -> None:
+    def __init__(
+        self,
+        name_or_path: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        compile: bool = False,
+        backend: str = "torch",
+        quantize: str | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
         try:
             import torch
             from sentence_transformers import SentenceTransformer
         except ImportError as exc:
             raise MissingExtraError("sentence-transformers and torch", "local") from exc
-        self.device = choose_device(device)
-        self.dtype = choose_dtype(dtype, self.device)
+        if backend not in ("torch", "onnx"):
+            raise UsageError(f"--backend must be torch or onnx, got {backend!r}")
+        if quantize is not None and backend != "onnx":
+            raise UsageError("--quantize int8 needs --backend onnx")
+        self.backend = backend
+        self.quantize = quantize
+        self.device = choose_device(device) if backend == "torch" else "cpu"
+        self.dtype = choose_dtype(dtype, self.device) if backend == "torch" else (quantize or "float32")
         try:
             self.model: Any = SentenceTransformer(resolve_model(name_or_path), device=self.device)
         except (OSError, ValueError) as exc:
             raise UsageError(f"cannot load model {name_or_path!r}: {exc}") from exc
         self.model.eval()
-        if self.dtype != "float32":
+        if backend == "torch" and self.dtype != "float32":
             self.model.to(getattr(torch, self.dtype))
         self.name = name_or_path
         max_length = self.model.max_seq_length
@@ -188,8 +208,14 @@ class LocalEncoder:
         self.dim = int(dim)
         self.input_names = list(self.model.tokenizer.model_input_names)
         self.pad_id = int(self.model.tokenizer.pad_token_id or 0)
-        self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
-        self.compiled = compile
+        self._forward = torch.compile(self.model, dynamic=False) if compile and backend == "torch" else self.model
+        self.compiled = compile and backend == "torch"
+        self.onnx: Any = None
+        if backend == "onnx":
+            from embedbatch.engines.local.backends import OnnxRunner
+
+            cache = cache_dir or Path(os.path.expanduser("~/.cache/embedbatch/models"))
+            self.onnx = OnnxRunner(self.model, resolve_model(name_or_path), model_label(name_or_path), cache, quantize)
 
     def new_tokenizer(self) -> Any:
         """A fresh fast (Rust) tokenizer, no truncation or padding of its own. Fast tokenizers
@@ -247,6 +273,15 @@ class LocalEncoder:
         started = time.perf_counter()
         longest = max(len(ids) for ids in batch)
         width = max(longest, pad_to or 0)
+        real = sum(len(r) for r in batch)
+        if self.onnx is not None:
+            np_ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
+            np_mask = np.zeros((len(batch), width), dtype=np.int64)
+            for i, row in enumerate(batch):
+                np_ids[i, : len(row)] = row
+                np_mask[i, : len(row)] = 1
+            vecs = self.onnx.run(np_ids, np_mask)
+            return EncodedBatch(vecs, real, width * len(batch), time.perf_counter() - started)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, row in enumerate(batch):
@@ -258,7 +293,6 @@ class LocalEncoder:
         with torch.inference_mode():
             out = self._forward(features)["sentence_embedding"]
             vecs = out.float().cpu().numpy()
-        real = sum(len(r) for r in batch)
         return EncodedBatch(vecs, real, width * len(batch), time.perf_counter() - started)
 
     def warm_up(self, shapes: list[tuple[int, int]]) -> None:

@@ -26,6 +26,7 @@ from embedbatch.config import (
 from embedbatch.engines.local.bucketing import Bucketer, bucket_edges
 from embedbatch.engines.local.devices import DevicePool
 from embedbatch.engines.local.model import LocalEncoder, model_label
+from embedbatch.engines.local.quality import default_min_cosine, needs_guard, probe
 from embedbatch.engines.local.stages import END, QUEUE_CHUNKS, WRITE_QUEUE, LocalResult, encode, load, write
 from embedbatch.intake import Intake, dataset_name, source_label
 from embedbatch.runs import Run, RunState, git_sha, lockfile_sha256
@@ -68,7 +69,22 @@ def run_local(
         DatabaseError: the pgvector target cannot take this model's vectors (checked first).
     """
     ingest = ingest or IngestConfig()
-    enc = encoder or LocalEncoder(local.model, device=local.device, dtype=local.dtype, compile=local.compile)
+    enc = encoder or LocalEncoder(
+        local.model,
+        device=local.device,
+        dtype=local.dtype,
+        compile=local.compile,
+        backend=local.backend,
+        quantize=local.quantize,
+        cache_dir=ws.root / "cache" / "models",
+    )
+    quality = None
+    if encoder is None and needs_guard(enc.backend, enc.dtype, enc.quantize):
+        # Before any work: the chosen path must embed like the reference does.
+        reference = LocalEncoder(local.model, device="cpu", dtype="float32")
+        threshold = local.min_cosine if local.min_cosine is not None else default_min_cosine(enc.dtype, enc.quantize)
+        quality = probe(reference, enc, min_cosine=threshold)
+        del reference
     label = model_label(local.model)
     dataset = dataset_name(source)
     on_device = enc.device.startswith("cuda") or bool(local.devices)
@@ -91,6 +107,9 @@ def run_local(
     run = ws.new_run(label, dataset)
     run.root.mkdir(parents=True)
     result = LocalResult(str(run.root), label, enc.device, enc.dtype if not local.devices else local.dtype)
+    result.backend = enc.backend
+    result.quality = quality
+    result.cache_hit = enc.onnx.cache_hit if enc.onnx is not None else None
     rs = RunState(
         run_id=run.run_id,
         model=label,

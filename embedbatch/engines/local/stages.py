@@ -60,6 +60,9 @@ class LocalResult:
 
     Attributes:
         padding_ratio: padded tokens / real tokens (1.0 means no padding).
+        quality: the quality guard's probe (min and mean cosine against torch float32), when
+            the backend, dtype or quantization is not the default.
+        cache_hit: onnx backend: the export came from the cache.
         rows_per_s / tokens_per_s: over the whole run (wall clock), real tokens.
     """
 
@@ -82,6 +85,9 @@ class LocalResult:
     writer: StageClock = field(default_factory=StageClock)
     pg: dict[str, Any] = field(default_factory=dict)
     libsql: dict[str, Any] = field(default_factory=dict)
+    backend: str = "torch"
+    quality: dict[str, Any] | None = None
+    cache_hit: bool | None = None
 
     @property
     def padding_ratio(self) -> float:
@@ -92,6 +98,7 @@ class LocalResult:
         out["padding_ratio"] = round(self.padding_ratio, 4)
         out["rows_per_s"] = round(self.rows / self.wall_s, 2) if self.wall_s else None
         out["tokens_per_s"] = round(self.real_tokens / self.wall_s, 1) if self.wall_s else None
+        out["rows_per_batch"] = round(self.rows / self.batches, 1) if self.batches else None
         return out
 
 
