@@ -107,6 +107,9 @@ def test_download_saved_dataset_then_noop(sgd: Path, ws: Workspace, tmp_path: Pa
     assert pq.read_metadata(Path(out["path"]) / "train" / "part-00000.parquet").num_rows == SGD_SPLITS["train"]
     r = run_cli(["download-dataset", "--name", str(sgd), "--json"], env, tmp_path)
     assert orjson.loads(r.stdout)["unchanged"] is True
+    copy = records(out["path"], splits=("validation",), id_template="{split}/{dialogue_id}")
+    assert copy == records(str(sgd), splits=("validation",), id_template="{split}/{dialogue_id}")  # the copy as SOURCE
+    assert len(copy) == SGD_SPLITS["validation"]
 
 
 def test_hub_style_repo_download_and_hf_source_agree(repo: Path, ws: Workspace) -> None:

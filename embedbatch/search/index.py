@@ -21,7 +21,6 @@ are (both are replaced atomically, index.json last).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedbatch.errors import MissingExtraError, UsageError
-from embedbatch.store.manifest import Manifest, superseded_ids
+from embedbatch.store.manifest import Manifest, file_sha256, superseded_ids
 from embedbatch.store.shards import read_rows_at, vectors_of
 from embedbatch.workspace import Workspace, atomic_write_json, file_lock
 
@@ -75,14 +74,6 @@ class IndexInfo:
     dimensions: int
     build_s: float
     unchanged: bool
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _new_index(faiss: Any, kind: str, metric: str, dim: int, n: int) -> Any:
@@ -220,7 +211,10 @@ def build_index(
                 for m in manifests
                 for s in m.shards
             ],
-            "files": {"index.faiss": _sha256(folder / "index.faiss"), "rows.parquet": _sha256(folder / "rows.parquet")},
+            "files": {
+                "index.faiss": file_sha256(folder / "index.faiss"),
+                "rows.parquet": file_sha256(folder / "rows.parquet"),
+            },
             "faiss_version": faiss.__version__,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -334,5 +328,5 @@ def check_index_files(folder: Path) -> list[str]:
     return [
         f"{folder / name}: checksum differs from index.json"
         for name, digest in meta.get("files", {}).items()
-        if not (folder / name).is_file() or _sha256(folder / name) != digest
+        if not (folder / name).is_file() or file_sha256(folder / name) != digest
     ]

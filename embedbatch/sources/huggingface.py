@@ -3,7 +3,8 @@
 Four places hold such a dataset:
 
 - ``copy``: what ``download-dataset`` wrote, ``datasets/raw/{source}/{folder}/{subset}/{split}/
-  part-NNNNN.parquet`` plus ``dataset.json`` (read with pyarrow, offline);
+  part-NNNNN.parquet`` plus ``dataset.json`` (read with pyarrow, offline; ``hf://`` finds it,
+  and the folder itself works as a SOURCE);
 - ``saved``: a ``save_to_disk`` folder (``dataset_dict.json`` or ``state.json``);
 - ``repo``: a folder laid out like a hub dataset repository (a ``README.md`` card with YAML
   front matter, or a ``data/`` folder), read by ``datasets`` offline;
@@ -82,7 +83,12 @@ def is_hf_source(spec: str) -> bool:
     if spec.startswith(HF_PREFIX):
         return True
     path = Path(spec)
-    return path.is_dir() and (is_saved_dataset(path) or is_hub_repo(path))
+    return path.is_dir() and (is_saved_dataset(path) or is_hub_repo(path) or is_copy(path))
+
+
+def is_copy(path: Path) -> bool:
+    """A folder ``download-dataset`` wrote (``dataset.json`` beside the split folders)."""
+    return (path / "dataset.json").is_file() and (path / "dataset.json").read_bytes().lstrip().startswith(b"{")
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,8 @@ class HfDataset:
     @property
     def label(self) -> str:
         """``hf://ORG/NAME`` for hub datasets and their copies, else the folder."""
-        return f"{HF_PREFIX}{self.name}" if self.kind in ("hub", "copy") else str(self.path)
+        hub = self.kind == "hub" or (self.kind == "copy" and self.info.get("source") == "huggingface")
+        return f"{HF_PREFIX}{self.name}" if hub else str(self.path)
 
     def splits(self, wanted: tuple[str, ...] = ()) -> list[str]:
         """The splits to read: ``wanted`` (checked) or all, in the dataset's order.
@@ -282,6 +289,11 @@ def resolve(spec: str, *, subset: str | None, revision: str | None, raw_dir: Pat
         _datasets()
         return HfDataset("hub", name, subset, revision or _hub_revision(name, revision))
     path = Path(spec)
+    if is_copy(path):
+        info = orjson.loads((path / "dataset.json").read_bytes())
+        return HfDataset(
+            "copy", str(info.get("name") or path.parent.name), info.get("subset"), info.get("revision"), path, info
+        )
     if is_saved_dataset(path):
         if subset:
             raise UsageError(f"{spec} is a save_to_disk folder: it has no --subset")

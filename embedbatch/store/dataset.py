@@ -129,19 +129,7 @@ class DatasetStore:
         from embedbatch.store.shards import read_rows_at
 
         index = index if index is not None else self.id_index()
-        cols = columns or [
-            "id",
-            "source",
-            "dataset",
-            "split",
-            "text",
-            "metadata",
-            "embedding",
-            "model",
-            "created_at",
-            "run_id",
-        ]
-        cols = list(dict.fromkeys(["id", *cols]))
+        cols = list(dict.fromkeys(["id", *(columns or ALL_COLUMNS)]))
         found: dict[str, list[tuple[int, int]]] = {}
         out: list[dict[str, Any] | None] = [None] * len(ids)
         for i, rid in enumerate(ids):

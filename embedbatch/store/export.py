@@ -9,7 +9,6 @@ and each file's sha256. Memory: one chunk of rows at a time.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +18,13 @@ import pyarrow as pa
 from embedbatch.engines.batchapi.ingest import tsv_escape
 from embedbatch.errors import StateError, UsageError
 from embedbatch.store.index import IdIndex
-from embedbatch.store.manifest import Manifest
+from embedbatch.store.manifest import Manifest, file_sha256
 from embedbatch.store.shards import iter_vector_chunks
 from embedbatch.workspace import Workspace, atomic_write_json
 
 __all__ = ["FORMATS", "export_dataset"]
 
 FORMATS = ("npy", "arrow", "f16")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_dataset(
@@ -102,7 +93,7 @@ def export_dataset(
         "dtype": np_dtype.name,
         "dimensions": dim,
         "count": n,
-        "files": {vec_path.name: _sha256(vec_path), ids_path.name: _sha256(ids_path)},
+        "files": {vec_path.name: file_sha256(vec_path), ids_path.name: file_sha256(ids_path)},
     }
     atomic_write_json(out / "export.json", report)
     return report
