@@ -108,7 +108,7 @@ def find_dataset(ws: Workspace, dataset: str, model: str | None) -> tuple[str, s
 
 
 def nearest(
-    ws: Workspace, manifest: Manifest, query: np.ndarray, *, k: int, exclude: str | None = None, chunk_rows: int = 8192
+    ws: Workspace, manifest: Manifest, query: np.ndarray, *, k: int, exclude: str | None = None, chunk_rows: int = 2048
 ) -> list[dict[str, Any]]:
     """Exact top-k by cosine similarity over the dataset's current rows, streaming the shards in
     chunks (a matrix product and a running top-k), so peak memory is one chunk

@@ -394,7 +394,7 @@ def vectors_of(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def iter_vector_chunks(
-    ws: Workspace, manifest: Manifest, *, chunk_rows: int = 8192
+    ws: Workspace, manifest: Manifest, *, chunk_rows: int = 2048
 ) -> Iterator[tuple[str, int, pa.Array, np.ndarray, np.ndarray]]:
     """Every shard's rows in chunks, for a bounded-memory scan: ``(shard file, first row,
     ids (Arrow strings), (n, dim) float32 vectors, (n,) bool live)``; ``live`` is False for rows a
