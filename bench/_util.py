@@ -18,5 +18,15 @@ def run_child(code: str, *args: str) -> dict[str, float]:
     return result
 
 
-PEAK_RSS = "import resource; _rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024"
+# Peak RSS of this process image in MiB: VmHWM (Linux) resets at exec, while ru_maxrss also counts
+# the parent's pages a forked child held before exec (a large parent inflated the children's figure).
+PEAK_RSS = """
+import resource
+def _rss():
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(l.split()[1]) for l in fh if l.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+"""
 _ = resource
