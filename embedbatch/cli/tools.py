@@ -239,13 +239,9 @@ def search(
         if not dataset:
             raise UsageError("--id needs --dataset")
         hits = search_by_id(ws, record_id, dataset=dataset, model=model, k=k)
-        if json_out:
-            print_json(hits)
-        else:
-            print_hits(f"id {record_id}", hits)
-        return
-    assert query_text is not None
-    if pg_table:
+    elif query_text is None:
+        raise AssertionError("not reached")
+    elif pg_table:
         hits = search_pg(
             s,
             query_text,
@@ -281,7 +277,7 @@ def search(
     if json_out:
         print_json(hits)
     else:
-        print_hits(query_text, hits)
+        print_hits(f"id {record_id}" if record_id is not None else str(query_text), hits)
 
 
 @db_app.command("init")
