@@ -629,8 +629,9 @@ class FakeOpenAI:
                 )
             else:
                 good_reqs.append(req)
-        for req in good_reqs:
-            result, status = self.embeddings_result(req["body"])
+        vectors = self._embed_together([r["body"] for r in good_reqs])
+        for req, vecs in zip(good_reqs, vectors, strict=True):
+            result, status = self.embeddings_result(req["body"], vectors=vecs)
             resp = {"status_code": status, "request_id": secrets.token_hex(16), "body": result}
             line = {
                 "id": self._new_id("batch_req"),
@@ -644,6 +645,28 @@ class FakeOpenAI:
             else:
                 bad.append(orjson.dumps(line) + b"\n")
         return ok, bad, used
+
+    def _embed_together(self, bodies: list[dict[str, Any]], chunk: int = 512) -> list[np.ndarray | None]:
+        """The vectors of many request bodies, embedded in chunks of texts of one (model,
+        dimensions) (a local model runs full batches instead of a text at a time); None for a
+        body whose input is not a list of non-empty strings (it is answered with its error)."""
+        out: list[np.ndarray | None] = [None] * len(bodies)
+        groups: dict[tuple[str, int | None], list[tuple[int, list[str]]]] = {}
+        for i, body in enumerate(bodies):
+            inp = body.get("input")
+            texts = inp if isinstance(inp, list) else [inp]
+            if isinstance(body.get("model"), str) and texts and all(isinstance(t, str) and t for t in texts):
+                groups.setdefault((body["model"], body.get("dimensions")), []).append((i, [str(t) for t in texts]))
+        for (model, dims), items in groups.items():
+            flat = [t for _, texts in items for t in texts]
+            vecs = np.concatenate(
+                [self.backend.embed(flat[k : k + chunk], model, dims) for k in range(0, len(flat), chunk)]
+            )
+            at = 0
+            for i, texts in items:
+                out[i] = vecs[at : at + len(texts)]
+                at += len(texts)
+        return out
 
     async def _finish(
         self,
@@ -685,9 +708,11 @@ class FakeOpenAI:
         """Per key (by fingerprint, never the key): requests and tokens let through, 429s."""
         return {_fingerprint(k): asdict(u) for k, u in self.limits.usage.items()}
 
-    def embeddings_result(self, body: dict[str, Any], tokens: list[int] | None = None) -> tuple[dict[str, Any], int]:
+    def embeddings_result(
+        self, body: dict[str, Any], tokens: list[int] | None = None, *, vectors: np.ndarray | None = None
+    ) -> tuple[dict[str, Any], int]:
         """The /v1/embeddings answer for ``body`` and its HTTP status (``tokens``: per input, when
-        already counted)."""
+        already counted; ``vectors``: the inputs' vectors, when already embedded)."""
         model = body.get("model")
         inp = body.get("input")
         if not isinstance(model, str) or not model:
@@ -739,7 +764,7 @@ class FakeOpenAI:
                     "code": None,
                 }
             }, 400
-        vecs = self.backend.embed([str(t) for t in texts], model, dims)
+        vecs = vectors if vectors is not None else self.backend.embed([str(t) for t in texts], model, dims)
         fmt = body.get("encoding_format", "float")
         data = []
         for i, v in enumerate(vecs):
