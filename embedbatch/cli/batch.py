@@ -57,23 +57,37 @@ def estimate(
     json_out: JsonOut = False,
 ) -> None:
     """Count rows, tokens, batch files and cost; sends nothing."""
-    from embedbatch.engines.batchapi.estimate import estimate as run_estimate
-
-    s = settings()
     with RowProgress("reading") as progress:
-        est = run_estimate(
-            source=src.build(source, s),
-            prepare=prep.build(source, src),
-            sample=sample.build(),
-            model=batch.model_name(s),
-            dimensions=batch.dimensions,
-            limits=batch.limits(),
-            on_row=progress,
-        )
+        est = estimate_from(source, src, prep, sample, batch, on_row=progress)
     if json_out:
         print_json(est.to_json())
     else:
         print_estimate(est)
+
+
+def estimate_from(
+    source: str,
+    src: SourceOptions,
+    prep: PrepareOptions,
+    sample: SampleOptions,
+    batch: BatchOptions,
+    *,
+    on_row: Any = None,
+) -> Any:
+    """The :class:`Estimate` of a job given by the CLI's option groups (estimate, embed
+    --dry-run, run --engine auto); sends nothing."""
+    from embedbatch.engines.batchapi.estimate import estimate as run_estimate
+
+    s = settings()
+    return run_estimate(
+        source=src.build(source, s),
+        prepare=prep.build(source, src),
+        sample=sample.build(),
+        model=batch.model_name(s),
+        dimensions=batch.dimensions,
+        limits=batch.limits(),
+        on_row=on_row,
+    )
 
 
 @dataclass(frozen=True)
@@ -298,7 +312,6 @@ def _choose(
     json_out: bool,
 ) -> str:
     """``--engine auto``: count the tokens, pick the engine, say why."""
-    from embedbatch.engines.batchapi.estimate import estimate
     from embedbatch.engines.choose import choose_engine
     from embedbatch.engines.realtime.limiter import parse_duration_s
 
@@ -306,13 +319,7 @@ def _choose(
     if deadline_s is None:
         raise UsageError(f"--deadline takes a duration such as 1h, 30m or 90s, got {deadline!r}")
     s = rt.with_keys(settings())
-    est = estimate(
-        source=src.build(source, s),
-        prepare=prep.build(source, src),
-        sample=sample.build(),
-        model=batch.model_name(s),
-        dimensions=batch.dimensions,
-    )
+    est = estimate_from(source, src, prep, sample, batch)
     choice = choose_engine(est.stats.tokens_total, tpm=rt.max_tpm, keys=len(s.api_keys()), deadline_s=deadline_s)
     (err_console if json_out else console).print(f"engine: {choice.engine} ({choice.reason})")
     return choice.engine

@@ -40,16 +40,9 @@ def embed(
     """Embed now through /v1/embeddings at the account's rate limit (several keys), into the
     same shards and sinks; resumable (the same command again skips committed rows)."""
     if dry_run:
-        from embedbatch.engines.batchapi.estimate import estimate
+        from embedbatch.cli.batch import estimate_from
 
-        s = settings()
-        est = estimate(
-            source=src.build(source, s),
-            prepare=prep.build(source, src),
-            sample=sample.build(),
-            model=batch.model_name(s),
-            dimensions=batch.dimensions,
-        )
+        est = estimate_from(source, src, prep, sample, batch)
         if json_out:
             print_json(est.to_json())
         else:
