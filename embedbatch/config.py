@@ -481,7 +481,9 @@ class LocalConfig:
         bucket_min_tokens / bucket_max_tokens: power-of-two bucket edges, capped at the model's
             max length.
         pad_to: ``longest`` pads to the batch's longest text; ``bucket`` to the bucket edge.
-        backend / quantize: ``torch``, or ``onnx`` (ONNX Runtime, CPU) with optional ``int8``.
+        backend / quantize: ``torch``, ``onnx`` (ONNX Runtime, CPU) or ``openvino`` (CPU), the
+            last two with optional ``int8``; ``auto`` measures them and keeps the fastest that
+            passes the quality guard (the choice is cached per machine and model).
         min_cosine: the quality guard's threshold (None: 0.999, or 0.98 for int8); the guard
             runs for anything but torch float32.
     """
@@ -495,7 +497,7 @@ class LocalConfig:
     pad_to: Literal["longest", "bucket"] = "longest"
     compile: bool = False
     devices: tuple[str, ...] = ()
-    backend: Literal["torch", "onnx"] = "torch"
+    backend: Literal["torch", "onnx", "openvino", "auto"] = "torch"
     quantize: Literal["int8"] | None = None
     min_cosine: float | None = None
 

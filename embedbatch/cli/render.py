@@ -243,7 +243,7 @@ def print_local_result(result: Any) -> None:
     """The end of ``embedbatch local`` (a :class:`LocalResult`)."""
     data = result.to_json()
     keys = "run_dir rows skipped_existing rejected truncated real_tokens padded_tokens padding_ratio"
-    keys += " batches rows_per_s tokens_per_s wall_s shards"
+    keys += " batches rows_per_batch rows_per_s tokens_per_s wall_s shards"
     rows = [(k, _num(data[k])) for k in keys.split()]
     rows += [
         (f"{stage} busy / idle s", f"{data[stage]['busy_s']:.2f} / {data[stage]['idle_s']:.2f}")
@@ -252,8 +252,18 @@ def print_local_result(result: Any) -> None:
     if result.quality:
         q = result.quality
         rows.append(("quality guard", f"min cosine {q['min_cosine']} (≥ {q['threshold']}) on {q['texts']} probe texts"))
+    if result.calibration:
+        c = result.calibration
+        if c["cache_hit"]:
+            rows.append(("backend auto", f"{c['chosen']} ({c['dtype']}), remembered from {c['calibrated_at']}"))
+        else:
+            rows.append(("backend auto", f"{c['chosen']} ({c['dtype']}), the fastest that passed"))
+            for x in c["candidates"]:
+                cos = f", min cosine {x['min_cosine']}" if x["min_cosine"] is not None else ""
+                got = f"{x['rows_per_s']} rows/s{cos}" if x["ok"] else f"passed over: {x['reason']}"
+                rows.append((f"  {x['backend']} ({x['dtype'] or '-'})", got))
     if result.cache_hit is not None:
-        rows.append(("onnx export", "from the cache" if result.cache_hit else "exported now (cached)"))
+        rows.append((f"{result.backend} export", "from the cache" if result.cache_hit else "exported now (cached)"))
     if result.pg:
         rows.append(("postgres", str(result.pg)))
     print_kv(f"local run: {result.model} on {result.device} ({result.backend}, {result.dtype})", rows)

@@ -158,9 +158,14 @@ class LocalEncoder:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
         dtype: ``auto``, ``float32``, ``float16``, ``bfloat16``.
         compile: wrap the transformer in ``torch.compile`` (warm each shape with :meth:`warm_up`).
-        backend: ``torch``, or ``onnx`` (ONNX Runtime on CPU, see :mod:`.backends`).
-        quantize: ``int8`` with the onnx backend (dynamic quantization).
-        cache_dir: where ONNX exports are cached (``workspace/cache/models``).
+        backend: ``torch``, ``onnx`` (ONNX Runtime) or ``openvino``, the last two on CPU (see
+            :mod:`.backends`).
+        quantize: ``int8`` with the onnx or openvino backend.
+        cache_dir: where exports are cached (``workspace/cache/models``).
+
+    Attributes:
+        dtype: what the vectors are computed in, as reported (``int8`` when quantized);
+            precision: the float precision of the computation.
 
     Raises:
         MissingExtraError: torch or sentence-transformers is missing.
@@ -183,14 +188,20 @@ class LocalEncoder:
             from sentence_transformers import SentenceTransformer
         except ImportError as exc:
             raise MissingExtraError("sentence-transformers and torch", "local") from exc
-        if backend not in ("torch", "onnx"):
-            raise UsageError(f"--backend must be torch or onnx, got {backend!r}")
-        if quantize is not None and backend != "onnx":
-            raise UsageError("--quantize int8 needs --backend onnx")
+        if backend not in ("torch", "onnx", "openvino"):
+            raise UsageError(f"--backend must be torch, onnx, openvino or auto, got {backend!r}")
+        if quantize is not None and backend == "torch":
+            raise UsageError("--quantize int8 needs --backend onnx or openvino")
+        if backend != "torch" and device not in ("auto", "cpu"):
+            raise UsageError(f"--backend {backend} runs on the CPU; use --backend torch for --device {device}")
+        if backend == "onnx" and dtype not in ("auto", "float32"):
+            raise UsageError(f"--backend onnx computes in float32 (or --quantize int8), not --dtype {dtype}")
         self.backend = backend
         self.quantize = quantize
         self.device = choose_device(device) if backend == "torch" else "cpu"
-        self.dtype = choose_dtype(dtype, self.device) if backend == "torch" else (quantize or "float32")
+        # The compute precision; what is reported as the dtype is int8 when quantized.
+        self.precision = choose_dtype(dtype, self.device) if backend != "onnx" else "float32"
+        self.dtype = quantize or self.precision
         try:
             self.model: Any = SentenceTransformer(resolve_model(name_or_path), device=self.device)
         except (OSError, ValueError) as exc:
@@ -210,12 +221,17 @@ class LocalEncoder:
         self.pad_id = int(self.model.tokenizer.pad_token_id or 0)
         self._forward = torch.compile(self.model, dynamic=False) if compile and backend == "torch" else self.model
         self.compiled = compile and backend == "torch"
-        self.onnx: Any = None
+        self.runner: Any = None  # the onnx/openvino runtime, None for torch
+        cache = cache_dir or Path(os.path.expanduser("~/.cache/embedbatch/models"))
+        ref, label = resolve_model(name_or_path), model_label(name_or_path)
         if backend == "onnx":
             from embedbatch.engines.local.backends import OnnxRunner
 
-            cache = cache_dir or Path(os.path.expanduser("~/.cache/embedbatch/models"))
-            self.onnx = OnnxRunner(self.model, resolve_model(name_or_path), model_label(name_or_path), cache, quantize)
+            self.runner = OnnxRunner(self.model, ref, label, cache, quantize)
+        elif backend == "openvino":
+            from embedbatch.engines.local.backends import OpenVinoRunner
+
+            self.runner = OpenVinoRunner(self.model, ref, label, cache, quantize, self.precision)
 
     def new_tokenizer(self) -> Any:
         """A fresh fast (Rust) tokenizer, no truncation or padding of its own. Fast tokenizers
@@ -274,13 +290,13 @@ class LocalEncoder:
         longest = max(len(ids) for ids in batch)
         width = max(longest, pad_to or 0)
         real = sum(len(r) for r in batch)
-        if self.onnx is not None:
+        if self.runner is not None:
             np_ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
             np_mask = np.zeros((len(batch), width), dtype=np.int64)
             for i, row in enumerate(batch):
                 np_ids[i, : len(row)] = row
                 np_mask[i, : len(row)] = 1
-            vecs = self.onnx.run(np_ids, np_mask)
+            vecs = self.runner.run(np_ids, np_mask)
             return EncodedBatch(vecs, real, width * len(batch), time.perf_counter() - started)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)

@@ -24,6 +24,7 @@ from embedbatch.config import (
     SourceConfig,
 )
 from embedbatch.engines.local.bucketing import Bucketer, bucket_edges
+from embedbatch.engines.local.calibrate import choose_backend
 from embedbatch.engines.local.devices import DevicePool
 from embedbatch.engines.local.model import LocalEncoder, model_label
 from embedbatch.engines.local.quality import default_min_cosine, needs_guard, probe
@@ -69,17 +70,33 @@ def run_local(
         DatabaseError: the pgvector target cannot take this model's vectors (checked first).
     """
     ingest = ingest or IngestConfig()
-    enc = encoder or LocalEncoder(
-        local.model,
-        device=local.device,
-        dtype=local.dtype,
-        compile=local.compile,
-        backend=local.backend,
-        quantize=local.quantize,
-        cache_dir=ws.root / "cache" / "models",
-    )
+    cache_dir = ws.root / "cache" / "models"
+    calibration = None
     quality = None
-    if encoder is None and needs_guard(enc.backend, enc.dtype, enc.quantize):
+    if encoder is not None:
+        enc = encoder
+    elif local.backend == "auto":
+        enc, calibration = choose_backend(
+            local.model,
+            device=local.device,
+            dtype=local.dtype,
+            quantize=local.quantize,
+            cache_dir=cache_dir,
+            min_cosine=local.min_cosine,
+        )
+        if not calibration["cache_hit"]:
+            quality = calibration["quality"]  # probed just now
+    else:
+        enc = LocalEncoder(
+            local.model,
+            device=local.device,
+            dtype=local.dtype,
+            compile=local.compile,
+            backend=local.backend,
+            quantize=local.quantize,
+            cache_dir=cache_dir,
+        )
+    if encoder is None and quality is None and needs_guard(enc.backend, enc.dtype, enc.quantize):
         # Before any work: the chosen path must embed like the reference does.
         reference = LocalEncoder(local.model, device="cpu", dtype="float32")
         threshold = local.min_cosine if local.min_cosine is not None else default_min_cosine(enc.dtype, enc.quantize)
@@ -109,7 +126,8 @@ def run_local(
     result = LocalResult(str(run.root), label, enc.device, enc.dtype if not local.devices else local.dtype)
     result.backend = enc.backend
     result.quality = quality
-    result.cache_hit = enc.onnx.cache_hit if enc.onnx is not None else None
+    result.cache_hit = enc.runner.cache_hit if enc.runner is not None else None
+    result.calibration = calibration
     rs = RunState(
         run_id=run.run_id,
         model=label,

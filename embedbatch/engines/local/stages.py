@@ -62,7 +62,9 @@ class LocalResult:
         padding_ratio: padded tokens / real tokens (1.0 means no padding).
         quality: the quality guard's probe (min and mean cosine against torch float32), when
             the backend, dtype or quantization is not the default.
-        cache_hit: onnx backend: the export came from the cache.
+        cache_hit: onnx/openvino backend: the export came from the cache.
+        calibration: ``--backend auto``: the candidates measured (rows/s, min cosine) and the
+            choice, or the remembered choice (``cache_hit``).
         rows_per_s / tokens_per_s: over the whole run (wall clock), real tokens.
     """
 
@@ -88,6 +90,7 @@ class LocalResult:
     backend: str = "torch"
     quality: dict[str, Any] | None = None
     cache_hit: bool | None = None
+    calibration: dict[str, Any] | None = None
 
     @property
     def padding_ratio(self) -> float:

@@ -68,3 +68,47 @@ def test_the_guard_refuses_a_setting_below_the_threshold(ws: Workspace, tmp_path
     assert not (ws.root / "batches").exists()  # refused before any run was created
     rc, _, err = embed(ws, tmp_path, "bad", "--quantize", "int8")
     assert rc == 2 and "--quantize int8 needs --backend onnx" in err
+
+
+def test_openvino_against_torch(ws: Workspace, tmp_path: Path) -> None:
+    pytest.importorskip("openvino", reason="openvino (the openvino extra) is not installed")
+    pytest.importorskip("nncf", reason="nncf (the openvino extra) is not installed")
+    rc, ref, err = embed(ws, tmp_path, "ref", "--dtype", "float32")
+    assert rc == 0, err
+    model = str(ref["model"])
+    rc, fp32, err = embed(ws, tmp_path, "ov", "--backend", "openvino", "--dtype", "float32")
+    assert rc == 0, err
+    assert fp32["backend"] == "openvino" and fp32["dtype"] == "float32" and fp32["cache_hit"] is False
+    assert fp32["quality"]["min_cosine"] >= 0.999  # type: ignore[index]
+    assert min_cosine(vectors(ws, model, "ref"), vectors(ws, model, "ov")) >= 0.999
+    rc, int8, err = embed(ws, tmp_path, "ov8", "--backend", "openvino", "--quantize", "int8")
+    assert rc == 0, err
+    assert int8["dtype"] == "int8" and int8["quality"]["threshold"] == 0.98  # type: ignore[index]
+    assert min_cosine(vectors(ws, model, "ref"), vectors(ws, model, "ov8")) >= 0.98
+    assert {p.name for p in (ws.root / "cache" / "models").rglob("model.*")} == {"model.xml", "model.bin"}
+    rc, _, err = embed(ws, tmp_path, "ovbad", "--backend", "openvino", "--dtype", "float16", "--min-cosine", "1.01")
+    assert rc == 2 and "quality check failed: openvino/float16" in err
+
+
+def test_auto_measures_and_remembers_its_choice(ws: Workspace, tmp_path: Path) -> None:
+    pytest.importorskip("openvino", reason="openvino (the openvino extra) is not installed")
+    rc, ref, err = embed(ws, tmp_path, "ref", "--dtype", "float32")
+    assert rc == 0, err
+    rc, first, err = embed(ws, tmp_path, "auto", "--backend", "auto", "--dtype", "float32")
+    assert rc == 0, err
+    cal = first["calibration"]
+    assert isinstance(cal, dict) and cal["cache_hit"] is False
+    measured = {c["backend"]: c for c in cal["candidates"]}
+    assert set(measured) == {"torch", "onnx", "openvino"} and all(c["ok"] for c in measured.values())
+    fastest = max(measured.values(), key=lambda c: c["rows_per_s"])
+    assert first["backend"] == cal["chosen"] == fastest["backend"]
+    model = str(ref["model"])
+    assert min_cosine(vectors(ws, model, "ref"), vectors(ws, model, "auto")) >= 0.999
+    remembered = list((ws.root / "cache" / "models").rglob("auto-*.json"))
+    assert len(remembered) == 1 and orjson.loads(remembered[0].read_bytes())["chosen"] == cal["chosen"]
+    rc, second, err = embed(ws, tmp_path, "auto2", "--backend", "auto", "--dtype", "float32")
+    assert rc == 0, err
+    assert second["calibration"]["cache_hit"] is True and second["backend"] == cal["chosen"]  # type: ignore[index]
+    # Nothing passes a threshold above 1: auto says why for each candidate and runs nothing.
+    rc, _, err = embed(ws, tmp_path, "none", "--backend", "auto", "--quantize", "int8", "--min-cosine", "1.01")
+    assert rc == 2 and "--backend auto: no backend passes" in err and "onnx:" in err and "openvino:" in err
