@@ -503,6 +503,31 @@ class LocalConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RayConfig:
+    """The local worker on a Ray cluster (:mod:`embedbatch.engines.local.raydata`).
+
+    Attributes:
+        address: ``auto`` (the cluster ``ray start`` runs on this machine), ``local`` (a new
+            one inside this process, all its CPUs), or a cluster address (``HOST:6379``,
+            ``ray://HOST:10001``).
+        actors: encoder actors in the pool (each loads the model once).
+        gpus_per_actor: GPUs reserved per actor (0: CPU actors); fractions share a GPU.
+        cpus_per_actor: CPUs reserved per actor.
+    """
+
+    address: str
+    actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.actors < 1:
+            raise UsageError(f"--ray-actors must be at least 1, got {self.actors}")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+            raise UsageError("--ray-gpus-per-actor must be >= 0 and CPUs per actor > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RealtimeConfig:
     """The realtime engine (``POST /v1/embeddings``).
 

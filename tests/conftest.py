@@ -108,7 +108,7 @@ class Paused:
     """A CLI process started with ``EMBEDBATCH_PAUSE_AT=point:DIR``, waited for until it
     stands at the point."""
 
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, point: str) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, point: str, wait_s: float = 120) -> None:
         self.dir = cwd / f"pause-{point}"
         self.dir.mkdir(exist_ok=True)
         self.point = point
@@ -120,7 +120,7 @@ class Paused:
             stderr=subprocess.PIPE,
             text=True,
         )
-        deadline = time.monotonic() + 120  # a bound on a hung process, not a measurement
+        deadline = time.monotonic() + wait_s  # a bound on a hung process, not a measurement
         while not (self.dir / f"{point}.ready").exists():
             if self.proc.poll() is not None:
                 raise AssertionError(f"exited before {point}: {self.proc.communicate()}")
@@ -129,7 +129,7 @@ class Paused:
 
     def release(self) -> tuple[int, str, str]:
         (self.dir / f"{self.point}.go").touch()
-        out, err = self.proc.communicate(timeout=120)
+        out, err = self.proc.communicate(timeout=600)
         return self.proc.returncode, out, err
 
 

@@ -264,6 +264,14 @@ def print_local_result(result: Any) -> None:
                 rows.append((f"  {x['backend']} ({x['dtype'] or '-'})", got))
     if result.cache_hit is not None:
         rows.append((f"{result.backend} export", "from the cache" if result.cache_hit else "exported now (cached)"))
+    if result.ray:
+        r = result.ray
+        rows.append(("ray", f"{r['address']}: {r['nodes']} node(s), {r['cluster_cpus']:g} CPUs, "
+                            f"{r['cluster_gpus']:g} GPUs; {r['actors']} actor(s)"))  # fmt: skip
+        for worker, n in sorted(r.get("workers", {}).items()):
+            rows.append((f"  {worker}", f"{n:,} rows"))
+        if r["duplicates_dropped"]:
+            rows.append(("  repeats dropped", f"{r['duplicates_dropped']:,} (blocks Ray ran again)"))
     if result.pg:
         rows.append(("postgres", str(result.pg)))
     print_kv(f"local run: {result.model} on {result.device} ({result.backend}, {result.dtype})", rows)

@@ -68,12 +68,18 @@ def local(
     min_cosine: Annotated[
         float | None, typer.Option("--min-cosine", help="Quality guard threshold (default 0.999; int8 0.98).")
     ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", help="Encode on Ray: auto (running cluster), local (start one), HOST:PORT."),
+    ] = None,
+    ray_actors: Annotated[int, typer.Option("--ray-actors", help="Encoder actors (each loads the model).")] = 1,
+    ray_gpus_per_actor: Annotated[float, typer.Option("--ray-gpus-per-actor", help="GPUs per actor (0: CPU).")] = 0.0,
     rows_per_shard: RowsPerShard = 100_000,
     shard_dtype: Annotated[str, typer.Option("--shard-dtype", help="float32 or float16 shards.")] = "float32",
     json_out: JsonOut = False,
 ) -> None:
-    """Embed with a local SentenceTransformer (GPU or CPU) into the same shards and sinks."""
-    from embedbatch.config import LocalConfig
+    """Embed with a local SentenceTransformer (GPU or CPU, or a Ray cluster) into the same shards and sinks."""
+    from embedbatch.config import LocalConfig, RayConfig
     from embedbatch.engines.local.pipeline import run_local
 
     if pad_to not in ("longest", "bucket"):
@@ -93,6 +99,9 @@ def local(
         quantize=quantize,  # type: ignore[arg-type]
         min_cosine=min_cosine,
     )
+    ray_cfg = None
+    if ray_address is not None:
+        ray_cfg = RayConfig(address=ray_address, actors=ray_actors, gpus_per_actor=ray_gpus_per_actor)
     with RowProgress("embedding") as progress:
         result = run_local(
             open_workspace(),
@@ -107,6 +116,7 @@ def local(
             libsql_auth_token=sink.libsql_token(settings()),
             args=safe_args(source, src, prep, sample, sink, model=model),
             on_rows=progress,
+            ray=ray_cfg,
         )
     if json_out:
         print_json(result.to_json())

@@ -20,6 +20,7 @@ from embedbatch.config import (
     LocalConfig,
     PgTarget,
     PrepareConfig,
+    RayConfig,
     SampleConfig,
     SourceConfig,
 )
@@ -29,6 +30,7 @@ from embedbatch.engines.local.devices import DevicePool
 from embedbatch.engines.local.model import LocalEncoder, model_label
 from embedbatch.engines.local.quality import default_min_cosine, needs_guard, probe
 from embedbatch.engines.local.stages import END, QUEUE_CHUNKS, WRITE_QUEUE, LocalResult, encode, load, write
+from embedbatch.errors import UsageError
 from embedbatch.intake import Intake, dataset_name, source_label
 from embedbatch.runs import Run, RunState, git_sha, lockfile_sha256
 from embedbatch.store.dataset import DatasetStore
@@ -52,6 +54,7 @@ def run_local(
     args: dict[str, Any] | None = None,
     encoder: LocalEncoder | None = None,
     on_rows: Callable[[int], None] | None = None,
+    ray: RayConfig | None = None,
 ) -> LocalResult:
     """Embed a source with a local SentenceTransformer into the dataset's shards (and pgvector).
 
@@ -59,6 +62,8 @@ def run_local(
         encoder: an already loaded encoder (tests, serve); else built from ``local``.
         dsn: PostgreSQL for ``pg_target`` (never stored).
         on_rows: progress callback with the rows written so far.
+        ray: run the encoding on a Ray cluster (:mod:`.raydata`); the model is also loaded
+            here, on the CPU, for its dimension, its token limits and the quality guard.
 
     Returns:
         :class:`LocalResult`, also written to the run's run.json.
@@ -70,6 +75,8 @@ def run_local(
         DatabaseError: the pgvector target cannot take this model's vectors (checked first).
     """
     ingest = ingest or IngestConfig()
+    if ray is not None and (local.devices or local.compile):
+        raise UsageError("--ray-address runs one encoder per actor: drop --devices and --compile")
     cache_dir = ws.root / "cache" / "models"
     calibration = None
     quality = None
@@ -89,7 +96,7 @@ def run_local(
     else:
         enc = LocalEncoder(
             local.model,
-            device=local.device,
+            device="cpu" if ray is not None and local.device not in ("auto", "cpu") else local.device,
             dtype=local.dtype,
             compile=local.compile,
             backend=local.backend,
@@ -104,7 +111,7 @@ def run_local(
         del reference
     label = model_label(local.model)
     dataset = dataset_name(source)
-    on_device = enc.device.startswith("cuda") or bool(local.devices)
+    on_device = enc.device.startswith("cuda") or bool(local.devices) or bool(ray and ray.gpus_per_actor)
     tokens_per_batch = local.tokens_per_batch or (131_072 if on_device else 8192)
     max_tokens = min(local.bucket_max_tokens, enc.max_length)
     edges = bucket_edges(min(local.bucket_min_tokens, max_tokens), max_tokens)
@@ -145,23 +152,34 @@ def run_local(
     store = DatasetStore(ws, label, dataset)
     # The run lock is held for the whole run: poll and status leave a running local run alone.
     with Run.open(run, purpose="local") as state:
-        _run_locked(
-            ws,
-            store,
-            state,
-            enc,
-            source,
-            prepare,
-            sample,
-            local,
-            ingest,
-            result,
-            on_rows,
-            tokens_per_batch,
-            edges,
-            bucketer,
-            max_content,
-        )
+        if ray is not None:
+            from embedbatch.engines.local.raydata import run_ray
+
+            started = time.perf_counter()
+            result.device = local.device if ray.gpus_per_actor else "cpu"
+            intake = run_ray(
+                store, state, enc, source, prepare, sample, local, ray, ingest, result, on_rows,
+                tokens_per_batch, edges, max_content, cache_dir,
+            )  # fmt: skip
+            finish(store, state, intake, result, started)
+        else:
+            _run_locked(
+                ws,
+                store,
+                state,
+                enc,
+                source,
+                prepare,
+                sample,
+                local,
+                ingest,
+                result,
+                on_rows,
+                tokens_per_batch,
+                edges,
+                bucketer,
+                max_content,
+            )
         if pg_target is not None:
             import anyio
 
@@ -231,8 +249,15 @@ def _run_locked(
             loader.join(timeout=5)
         if errors:
             raise errors[0]
+    finish(store, run, intake, result, started)
+
+
+def finish(store: DatasetStore, run: Run, intake: Intake, result: LocalResult, started: float) -> None:
+    """Close a local run that embedded everything: counts, sampling and the result into run.json."""
+    rs = run.state
     result.wall_s = time.perf_counter() - started
     result.rejected = intake.stats.rejected
+    result.skipped_existing += intake.skipped_existing  # dropped before the cut (the Ray engine)
     rs.status = "finished"
     rs.sampling = intake.sampler.describe()  # counts are final only now
     if result.shards:
@@ -243,7 +268,7 @@ def _run_locked(
         "succeeded": result.rows,
         "failed": 0,
         "rejected": intake.stats.rejected,
-        "skipped_existing": intake.skipped_existing,
+        "skipped_existing": result.skipped_existing,
     }
     rs.local = result.to_json()
     rs.timings = {"wall_s": round(result.wall_s, 3)}

@@ -65,6 +65,9 @@ class LocalResult:
         cache_hit: onnx/openvino backend: the export came from the cache.
         calibration: ``--backend auto``: the candidates measured (rows/s, min cosine) and the
             choice, or the remembered choice (``cache_hit``).
+        ray: runs on a Ray cluster: address, actors, cluster CPUs/GPUs and nodes, rows spooled,
+            rows per worker (host:pid), repeats dropped by the driver, seconds until the first
+            block came back (``first_block_s``: the actors' start).
         rows_per_s / tokens_per_s: over the whole run (wall clock), real tokens.
     """
 
@@ -91,6 +94,7 @@ class LocalResult:
     quality: dict[str, Any] | None = None
     cache_hit: bool | None = None
     calibration: dict[str, Any] | None = None
+    ray: dict[str, Any] | None = None
 
     @property
     def padding_ratio(self) -> float:
