@@ -112,7 +112,7 @@ class EncodeActor:
     cut, ``n_tokens``, ``vector`` ``(n, dim) float32``, and per row ``real_tokens`` (with the
     special tokens), ``padded_tokens``,
     ``encode_s`` (its share of its forward pass), ``forward_rows`` (rows in its forward pass)
-    and ``worker`` (host:pid).
+    ``worker`` (host:pid) and ``ready_at`` (when the actor had loaded its model, epoch seconds).
     """
 
     def __init__(
@@ -138,6 +138,7 @@ class EncodeActor:
         self.edges = edges
         self.pad_to = pad_to
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.ready_at = time.time()  # wall clock: compared with the driver's across processes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         crash_point("ray_actor_block")
@@ -179,6 +180,7 @@ class EncodeActor:
             "encode_s": seconds,
             "forward_rows": forward_rows,
             "worker": np.asarray([self.worker] * n, dtype=object),
+            "ready_at": np.full(n, self.ready_at),
         }
 
 
@@ -361,12 +363,15 @@ def _commit(
     clock = result.writer
     encode_s = 0.0
     forward_passes = 0.0
-    t = started = time.perf_counter()
+    t = time.perf_counter()
+    started = time.time()
+    ready = 0.0
+    ready_at: dict[str, float] = {}  # worker → when its model was loaded
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             t = clock.idle(t)
-            if "first_block_s" not in info:  # the actors' start: worker processes, imports, model
-                info["first_block_s"] = round(t - started, 3)
+            ready = max(ready, float(batch["ready_at"].max()))
+            ready_at.update(zip((str(w) for w in batch["worker"]), (float(r) for r in batch["ready_at"]), strict=True))
             keep: list[int] = []
             records: list[Record] = []
             for i, rid in enumerate(batch["id"]):
@@ -415,5 +420,9 @@ def _commit(
     finally:
         clock.busy(t)
     result.encoder.busy_s = encode_s
+    # Idle: the actors' time from ready to the end of the run, less their forward passes.
+    result.encoder.idle_s = max(0.0, sum(time.time() - r for r in ready_at.values()) - encode_s)
     result.batches = round(forward_passes)
     info["workers"] = dict(workers)
+    # The actors' start (worker processes, imports, model load), until the last was ready.
+    info["actors_ready_s"] = round(ready - started, 3) if ready else None

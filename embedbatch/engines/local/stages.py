@@ -66,8 +66,8 @@ class LocalResult:
         calibration: ``--backend auto``: the candidates measured (rows/s, min cosine) and the
             choice, or the remembered choice (``cache_hit``).
         ray: runs on a Ray cluster: address, actors, cluster CPUs/GPUs and nodes, rows spooled,
-            rows per worker (host:pid), repeats dropped by the driver, seconds until the first
-            block came back (``first_block_s``: the actors' start).
+            rows per worker (host:pid), repeats dropped by the driver, and the seconds until
+            the last actor had loaded its model (``actors_ready_s``).
         rows_per_s / tokens_per_s: over the whole run (wall clock), real tokens.
     """
 
