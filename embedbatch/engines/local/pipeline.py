@@ -77,6 +77,9 @@ def run_local(
     ingest = ingest or IngestConfig()
     if ray is not None and (local.devices or local.compile):
         raise UsageError("--ray-address runs one encoder per actor: drop --devices and --compile")
+    if ray is not None and ray.gpus_per_actor and local.backend != "torch":
+        # onnx and openvino run on the CPU here, and auto would measure the driver's CPU.
+        raise UsageError(f"--ray-gpus-per-actor runs the torch backend, not --backend {local.backend}")
     cache_dir = ws.root / "cache" / "models"
     calibration = None
     quality = None

@@ -125,3 +125,13 @@ def test_rerun_after_the_driver_is_killed(ws: Workspace, tmp_path: Path) -> None
     assert N - 300 <= again["ray"]["spooled_rows"] <= N - 300 + 1
     ids, _, _ = stored(ws, model, "crash")
     assert len(ids) == len(set(ids)) == N
+
+
+def test_bad_ray_settings_are_refused_before_any_run(ws: Workspace, tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "rows.jsonl", rows()[:10])
+    r = run_cli(args(src, "bad", "--ray-address", "local", "--ray-actors", "0"), env_for(ws), tmp_path)
+    assert r.returncode == 2 and "--ray-actors must be at least 1, got 0" in r.stderr
+    flags = ("--ray-address", "local", "--ray-gpus-per-actor", "1", "--backend", "onnx")
+    r = run_cli(args(src, "bad", *flags), env_for(ws), tmp_path)
+    assert r.returncode == 2 and "--ray-gpus-per-actor runs the torch backend, not --backend onnx" in r.stderr
+    assert not (ws.root / "batches").exists()
