@@ -62,8 +62,9 @@ def run_local(
         encoder: an already loaded encoder (tests, serve); else built from ``local``.
         dsn: PostgreSQL for ``pg_target`` (never stored).
         on_rows: progress callback with the rows written so far.
-        ray: run the encoding on a Ray cluster (:mod:`.raydata`); the model is also loaded
-            here, on the CPU, for its dimension, its token limits and the quality guard.
+        ray: run the encoding on a Ray cluster (:mod:`.raydata`), joined (or started) first;
+            the model is also loaded here, on the CPU, for its dimension, its token limits and
+            the quality guard.
 
     Returns:
         :class:`LocalResult`, also written to the run's run.json.
@@ -80,6 +81,11 @@ def run_local(
     if ray is not None and ray.gpus_per_actor and local.backend != "torch":
         # onnx and openvino run on the CPU here, and auto would measure the driver's CPU.
         raise UsageError(f"--ray-gpus-per-actor runs the torch backend, not --backend {local.backend}")
+    owns_cluster = False
+    if ray is not None:
+        from embedbatch.engines.local.raydata import join
+
+        owns_cluster = join(ray)  # before any run: a cluster answers, with the GPUs asked for
     cache_dir = ws.root / "cache" / "models"
     calibration = None
     quality = None
@@ -162,7 +168,7 @@ def run_local(
             result.device = local.device if ray.gpus_per_actor else "cpu"
             intake = run_ray(
                 store, state, enc, source, prepare, sample, local, ray, ingest, result, on_rows,
-                tokens_per_batch, edges, max_content, cache_dir,
+                tokens_per_batch, edges, max_content, cache_dir, owns_cluster,
             )  # fmt: skip
             finish(store, state, intake, result, started)
         else:

@@ -84,6 +84,7 @@ def connect(address: str) -> bool:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data\..*")
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # read by the core worker at init
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the command draws its own
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
@@ -94,9 +95,29 @@ def connect(address: str) -> bool:
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UsageError(f"--ray-address {address}: no Ray cluster answers ({exc})") from exc
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the command draws its own
     return True
+
+
+def join(ray_cfg: RayConfig) -> bool:
+    """Connect to (or start) the cluster and check it has the GPUs asked for: done before any
+    run exists. Returns True when this call started Ray (:func:`run_ray` then shuts it down).
+
+    Raises:
+        MissingExtraError: ray is not installed.
+        UsageError: no cluster answers, or it has fewer GPUs than actors × GPUs per actor.
+    """
+    owns = connect(ray_cfg.address)
+    import ray
+
+    gpus = float(ray.cluster_resources().get("GPU", 0))  # type: ignore[no-untyped-call]
+    if ray_cfg.gpus_per_actor * ray_cfg.actors > gpus:
+        if owns:
+            ray.shutdown()
+        raise UsageError(
+            f"--ray-actors {ray_cfg.actors} × --ray-gpus-per-actor {ray_cfg.gpus_per_actor:g} needs "
+            f"{ray_cfg.actors * ray_cfg.gpus_per_actor:g} GPUs; the cluster has {gpus:g}"
+        )
+    return owns
 
 
 class EncodeActor:
@@ -110,9 +131,9 @@ class EncodeActor:
     ``__call__`` takes ``{"id", "text", "split", "metadata"}`` (numpy object arrays; metadata
     as JSON text) and returns them with ``text`` cut at the token limit, ``metadata`` marking a
     cut, ``n_tokens``, ``vector`` ``(n, dim) float32``, and per row ``real_tokens`` (with the
-    special tokens), ``padded_tokens``,
-    ``encode_s`` (its share of its forward pass), ``forward_rows`` (rows in its forward pass)
-    ``worker`` (host:pid) and ``ready_at`` (when the actor had loaded its model, epoch seconds).
+    special tokens), ``padded_tokens``, ``encode_s`` (its share of its forward pass),
+    ``forward_rows`` (rows in its forward pass), ``worker`` (host:pid)
+    and ``ready_at`` (when the actor had loaded its model, epoch seconds).
     """
 
     def __init__(
@@ -251,16 +272,16 @@ def run_ray(
     edges: list[int],
     max_content: int,
     cache_dir: Path,
+    owns_cluster: bool,
 ) -> Intake:
-    """Embed through a Ray cluster (see the module docstring); fills ``result`` and returns the
-    intake (its counts). Holds the dataset's ``local`` engine lock throughout.
+    """Embed through a Ray cluster joined by :func:`join` (see the module docstring); fills
+    ``result`` and returns the intake (its counts). Holds the dataset's ``local`` engine lock
+    throughout; shuts Ray down at the end when ``owns_cluster``.
 
     Raises:
         MissingExtraError: ray is not installed.
-        UsageError: no cluster at the address, or it lacks the GPUs asked for.
         RayError (from Ray): an actor failed more often than Ray retries it.
     """
-    started_ray = connect(ray_cfg.address)
     import ray
 
     rs = run.state
@@ -268,11 +289,6 @@ def run_ray(
     try:
         resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
         gpus = float(resources.get("GPU", 0))
-        if ray_cfg.gpus_per_actor * ray_cfg.actors > gpus:
-            raise UsageError(
-                f"--ray-actors {ray_cfg.actors} × --ray-gpus-per-actor {ray_cfg.gpus_per_actor} needs "
-                f"{ray_cfg.actors * ray_cfg.gpus_per_actor:g} GPUs; the cluster has {gpus:g}"
-            )
         with store.engine_lock("local"):
             embedded = store.id_index()
             intake = Intake(
@@ -338,7 +354,7 @@ def run_ray(
             _commit(store, rs, enc, ingest, ds, embedded, result, info, on_rows)
     finally:
         shutil.rmtree(spool, ignore_errors=True)
-        if started_ray:
+        if owns_cluster:
             ray.shutdown()
     return intake
 

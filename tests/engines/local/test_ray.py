@@ -134,4 +134,8 @@ def test_bad_ray_settings_are_refused_before_any_run(ws: Workspace, tmp_path: Pa
     flags = ("--ray-address", "local", "--ray-gpus-per-actor", "1", "--backend", "onnx")
     r = run_cli(args(src, "bad", *flags), env_for(ws), tmp_path)
     assert r.returncode == 2 and "--ray-gpus-per-actor runs the torch backend, not --backend onnx" in r.stderr
-    assert not (ws.root / "batches").exists()
+    r = run_cli(args(src, "bad", "--ray-address", "auto"), env_for(ws), tmp_path)  # no `ray start` here
+    assert r.returncode == 2 and "--ray-address auto: no Ray cluster answers" in r.stderr
+    r = run_cli(args(src, "bad", "--ray-address", "local", "--ray-gpus-per-actor", "64"), env_for(ws), tmp_path)
+    assert r.returncode == 2 and "--ray-gpus-per-actor 64 needs 64 GPUs; the cluster has" in r.stderr
+    assert not ws.root.exists()  # all refused before any run (or workspace) was made
