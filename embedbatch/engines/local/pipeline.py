@@ -29,7 +29,16 @@ from embedbatch.engines.local.calibrate import choose_backend
 from embedbatch.engines.local.devices import DevicePool
 from embedbatch.engines.local.model import LocalEncoder, model_label
 from embedbatch.engines.local.quality import default_min_cosine, needs_guard, probe
-from embedbatch.engines.local.stages import END, QUEUE_CHUNKS, WRITE_QUEUE, LocalResult, encode, load, write
+from embedbatch.engines.local.stages import (
+    END,
+    QUEUE_CHUNKS,
+    WRITE_QUEUE,
+    LocalJob,
+    LocalResult,
+    encode,
+    load,
+    write,
+)
 from embedbatch.errors import UsageError
 from embedbatch.intake import Intake, dataset_name, source_label
 from embedbatch.runs import Run, RunState, git_sha, lockfile_sha256
@@ -161,34 +170,18 @@ def run_local(
     store = DatasetStore(ws, label, dataset)
     # The run lock is held for the whole run: poll and status leave a running local run alone.
     with Run.open(run, purpose="local") as state:
+        job = LocalJob(
+            store, state, enc, source, prepare, sample, local, ingest, result,
+            tokens_per_batch, edges, max_content, cache_dir, on_rows,
+        )  # fmt: skip
         if ray is not None:
             from embedbatch.engines.local.raydata import run_ray
 
-            started = time.perf_counter()
             result.device = local.device if ray.gpus_per_actor else "cpu"
-            intake = run_ray(
-                store, state, enc, source, prepare, sample, local, ray, ingest, result, on_rows,
-                tokens_per_batch, edges, max_content, cache_dir, owns_cluster,
-            )  # fmt: skip
-            finish(store, state, intake, result, started)
+            started = time.perf_counter()
+            finish(job, run_ray(job, ray, owns_cluster), started)
         else:
-            _run_locked(
-                ws,
-                store,
-                state,
-                enc,
-                source,
-                prepare,
-                sample,
-                local,
-                ingest,
-                result,
-                on_rows,
-                tokens_per_batch,
-                edges,
-                bucketer,
-                max_content,
-            )
+            _run_locked(job, bucketer)
         if pg_target is not None:
             import anyio
 
@@ -205,30 +198,19 @@ def run_local(
     return result
 
 
-def _run_locked(
-    ws: Workspace,
-    store: DatasetStore,
-    run: Run,
-    enc: LocalEncoder,
-    source: SourceConfig,
-    prepare: PrepareConfig,
-    sample: SampleConfig,
-    local: LocalConfig,
-    ingest: IngestConfig,
-    result: LocalResult,
-    on_rows: Callable[[int], None] | None,
-    tokens_per_batch: int,
-    edges: list[int],
-    bucketer: Bucketer,
-    max_content: int,
-) -> None:
+def _run_locked(job: LocalJob, bucketer: Bucketer) -> None:
+    """The single-process engine: loader thread → encoder (here) → writer thread."""
+    store, run, enc, local, result = job.store, job.run, job.enc, job.local, job.result
+    tokens_per_batch, edges = job.tokens_per_batch, job.edges
     rs = run.state
     started = time.perf_counter()
     with store.engine_lock("local"):
         embedded = store.id_index()
         # No tokenizer here: the loader counts and cuts in batches. Already-embedded rows are
         # dropped after the cut (their shard text is the cut text), so resume compares like with like.
-        intake = Intake(source=source, prepare=prepare, sample=sample, tokenizer=None, rejected_path=run.paths.rejected)
+        intake = Intake(
+            source=job.source, prepare=job.prepare, sample=job.sample, tokenizer=None, rejected_path=run.paths.rejected
+        )
         if local.compile:
             # One forward per bucket shape before the run, so compilation is not timed as work.
             t0 = time.perf_counter()
@@ -238,10 +220,10 @@ def _run_locked(
         writes: queue.Queue[Any] = queue.Queue(maxsize=WRITE_QUEUE)
         errors: list[BaseException] = []
         loader = threading.Thread(
-            target=load, args=(intake, enc, max_content, embedded, chunks, result, errors), daemon=True
+            target=load, args=(intake, enc, job.max_content, embedded, chunks, result, errors), daemon=True
         )
         writer = threading.Thread(
-            target=write, args=(store, rs, enc.dim, ingest, writes, result, errors, on_rows), daemon=True
+            target=write, args=(store, rs, enc.dim, job.ingest, writes, result, errors, job.on_rows), daemon=True
         )
         loader.start()
         writer.start()
@@ -258,11 +240,12 @@ def _run_locked(
             loader.join(timeout=5)
         if errors:
             raise errors[0]
-    finish(store, run, intake, result, started)
+    finish(job, intake, started)
 
 
-def finish(store: DatasetStore, run: Run, intake: Intake, result: LocalResult, started: float) -> None:
+def finish(job: LocalJob, intake: Intake, started: float) -> None:
     """Close a local run that embedded everything: counts, sampling and the result into run.json."""
+    store, run, result = job.store, job.run, job.result
     rs = run.state
     result.wall_s = time.perf_counter() - started
     result.rejected = intake.stats.rejected

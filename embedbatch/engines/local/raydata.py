@@ -42,16 +42,14 @@ from typing import Any, ParamSpec, TypeVar
 import numpy as np
 import orjson
 
-from embedbatch.config import IngestConfig, LocalConfig, PrepareConfig, RayConfig, SampleConfig, SourceConfig
+from embedbatch.config import RayConfig
 from embedbatch.engines.local.bucketing import Bucketer, Item
 from embedbatch.engines.local.model import LocalEncoder
-from embedbatch.engines.local.stages import LocalResult
+from embedbatch.engines.local.stages import LocalJob
 from embedbatch.errors import MissingExtraError, UsageError
 from embedbatch.intake import Intake
 from embedbatch.records import Record, text_sha256
-from embedbatch.runs import Run
-from embedbatch.store.dataset import DatasetStore
-from embedbatch.store.index import id_key
+from embedbatch.store.index import IdIndex, id_key
 from embedbatch.store.stream import StreamCommitter
 from embedbatch.workspace import crash_point
 
@@ -256,24 +254,7 @@ def _stdout_to_stderr(fn: Callable[P, T]) -> Callable[P, T]:
 
 
 @_stdout_to_stderr
-def run_ray(
-    store: DatasetStore,
-    run: Run,
-    enc: LocalEncoder,
-    source: SourceConfig,
-    prepare: PrepareConfig,
-    sample: SampleConfig,
-    local: LocalConfig,
-    ray_cfg: RayConfig,
-    ingest: IngestConfig,
-    result: LocalResult,
-    on_rows: Any,
-    tokens_per_batch: int,
-    edges: list[int],
-    max_content: int,
-    cache_dir: Path,
-    owns_cluster: bool,
-) -> Intake:
+def run_ray(job: LocalJob, ray_cfg: RayConfig, owns_cluster: bool) -> Intake:
     """Embed through a Ray cluster joined by :func:`join` (see the module docstring); fills
     ``result`` and returns the intake (its counts). Holds the dataset's ``local`` engine lock
     throughout; shuts Ray down at the end when ``owns_cluster``.
@@ -284,7 +265,7 @@ def run_ray(
     """
     import ray
 
-    rs = run.state
+    store, run, enc, local, result = job.store, job.run, job.enc, job.local, job.result
     spool = run.paths.root / "ray-input"
     try:
         resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
@@ -292,9 +273,9 @@ def run_ray(
         with store.engine_lock("local"):
             embedded = store.id_index()
             intake = Intake(
-                source=source,
-                prepare=prepare,
-                sample=sample,
+                source=job.source,
+                prepare=job.prepare,
+                sample=job.sample,
                 tokenizer=None,
                 rejected_path=run.paths.rejected,
                 exclude=embedded.contains,  # committed with this text: not spooled again
@@ -344,14 +325,14 @@ def run_ray(
                     "dtype": local.dtype if enc.backend == "torch" else enc.precision,
                     "backend": enc.backend,
                     "quantize": enc.quantize,
-                    "cache_dir": str(cache_dir),
-                    "max_content": max_content,
-                    "tokens_per_batch": tokens_per_batch,
-                    "edges": edges,
+                    "cache_dir": str(job.cache_dir),
+                    "max_content": job.max_content,
+                    "tokens_per_batch": job.tokens_per_batch,
+                    "edges": job.edges,
                     "pad_to": local.pad_to,
                 },
             )
-            _commit(store, rs, enc, ingest, ds, embedded, result, info, on_rows)
+            _commit(job, ds, embedded, info)
     finally:
         shutil.rmtree(spool, ignore_errors=True)
         if owns_cluster:
@@ -359,20 +340,11 @@ def run_ray(
     return intake
 
 
-def _commit(
-    store: DatasetStore,
-    rs: Any,
-    enc: LocalEncoder,
-    ingest: IngestConfig,
-    ds: Any,
-    embedded: Any,
-    result: LocalResult,
-    info: dict[str, Any],
-    on_rows: Any,
-) -> None:
+def _commit(job: LocalJob, ds: Any, embedded: IdIndex, info: dict[str, Any]) -> None:
     """Driver: rows with vectors from the actors → shards, each id once."""
+    rs, result, on_rows, ingest = job.run.state, job.result, job.on_rows, job.ingest
     sink = StreamCommitter(
-        store, rs, kind="local", dim=enc.dim, dtype=ingest.dtype, rows_per_shard=ingest.rows_per_shard
+        job.store, rs, kind="local", dim=job.enc.dim, dtype=ingest.dtype, rows_per_shard=ingest.rows_per_shard
     )
     written: set[int] = set()  # 64-bit id keys written by this run
     workers: Counter[str] = Counter()

@@ -15,20 +15,21 @@ import queue
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from embedbatch.config import IngestConfig
+from embedbatch.config import IngestConfig, LocalConfig, PrepareConfig, SampleConfig, SourceConfig
 from embedbatch.engines.local.bucketing import Bucketer, Item
 from embedbatch.engines.local.devices import DevicePool
 from embedbatch.engines.local.model import LocalEncoder
 from embedbatch.intake import Intake
 from embedbatch.records import Record
-from embedbatch.runs import RunState
+from embedbatch.runs import Run, RunState
 from embedbatch.store.dataset import DatasetStore
 from embedbatch.store.index import IdIndex
 from embedbatch.store.stream import StreamCommitter
 
-__all__ = ["END", "LocalResult", "StageClock", "encode", "load", "write"]
+__all__ = ["END", "LocalJob", "LocalResult", "StageClock", "encode", "load", "write"]
 
 LOAD_CHUNK = 256  # records tokenized per batch call
 QUEUE_CHUNKS = 8  # loader → encoder queue depth (chunks)
@@ -107,6 +108,37 @@ class LocalResult:
         out["tokens_per_s"] = round(self.real_tokens / self.wall_s, 1) if self.wall_s else None
         out["rows_per_batch"] = round(self.rows / self.batches, 1) if self.batches else None
         return out
+
+
+@dataclass
+class LocalJob:
+    """What one local run works with, from :func:`~.pipeline.run_local` to the engine that
+    embeds (the single process, or :mod:`.raydata`).
+
+    Attributes:
+        store / run: the dataset and the run (its lock held).
+        enc: the loaded encoder (on the driver, for Ray).
+        tokens_per_batch / edges: the bucketing (padded tokens per forward pass; bucket edges,
+            tokens).
+        max_content: content tokens kept per text (the cut).
+        cache_dir: ``workspace/cache/models``.
+        on_rows: progress callback with the rows written so far.
+    """
+
+    store: DatasetStore
+    run: Run
+    enc: LocalEncoder
+    source: SourceConfig
+    prepare: PrepareConfig
+    sample: SampleConfig
+    local: LocalConfig
+    ingest: IngestConfig
+    result: LocalResult
+    tokens_per_batch: int
+    edges: list[int]
+    max_content: int
+    cache_dir: Path
+    on_rows: Callable[[int], None] | None = None
 
 
 def load(
