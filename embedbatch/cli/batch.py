@@ -29,6 +29,7 @@ from embedbatch.cli.options import (
     SinkOptions,
     SourceOptions,
     SubmitOptions,
+    estimate_from,
     with_options,
 )
 from embedbatch.cli.render import (
@@ -58,36 +59,11 @@ def estimate(
 ) -> None:
     """Count rows, tokens, batch files and cost; sends nothing."""
     with RowProgress("reading") as progress:
-        est = estimate_from(source, src, prep, sample, batch, on_row=progress)
+        est = estimate_from(source, src, prep, sample, batch, settings(), on_row=progress)
     if json_out:
         print_json(est.to_json())
     else:
         print_estimate(est)
-
-
-def estimate_from(
-    source: str,
-    src: SourceOptions,
-    prep: PrepareOptions,
-    sample: SampleOptions,
-    batch: BatchOptions,
-    *,
-    on_row: Any = None,
-) -> Any:
-    """The :class:`Estimate` of a job given by the CLI's option groups (estimate, embed
-    --dry-run, run --engine auto); sends nothing."""
-    from embedbatch.engines.batchapi.estimate import estimate as run_estimate
-
-    s = settings()
-    return run_estimate(
-        source=src.build(source, s),
-        prepare=prep.build(source, src),
-        sample=sample.build(),
-        model=batch.model_name(s),
-        dimensions=batch.dimensions,
-        limits=batch.limits(),
-        on_row=on_row,
-    )
 
 
 @dataclass(frozen=True)
@@ -319,7 +295,7 @@ def _choose(
     if deadline_s is None:
         raise UsageError(f"--deadline takes a duration such as 1h, 30m or 90s, got {deadline!r}")
     s = rt.with_keys(settings())
-    est = estimate_from(source, src, prep, sample, batch)
+    est = estimate_from(source, src, prep, sample, batch, settings())
     choice = choose_engine(est.stats.tokens_total, tpm=rt.max_tpm, keys=len(s.api_keys()), deadline_s=deadline_s)
     (err_console if json_out else console).print(f"engine: {choice.engine} ({choice.reason})")
     return choice.engine

@@ -482,3 +482,28 @@ def with_options(fn: F) -> F:
     wrapper.__signature__ = sig.replace(parameters=positional + keyword)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in positional + keyword}
     return wrapper  # type: ignore[return-value]
+
+
+def estimate_from(
+    source: str,
+    src: SourceOptions,
+    prep: PrepareOptions,
+    sample: SampleOptions,
+    batch: BatchOptions,
+    settings: Settings,
+    *,
+    on_row: Any = None,
+) -> Any:
+    """The :class:`~embedbatch.engines.batchapi.estimate.Estimate` of a job given by the CLI's
+    option groups (estimate, embed --dry-run, run --engine auto); sends nothing."""
+    from embedbatch.engines.batchapi.estimate import estimate as run_estimate
+
+    return run_estimate(
+        source=src.build(source, settings),
+        prepare=prep.build(source, src),
+        sample=sample.build(),
+        model=batch.model_name(settings),
+        dimensions=batch.dimensions,
+        limits=batch.limits(),
+        on_row=on_row,
+    )

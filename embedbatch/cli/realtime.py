@@ -14,6 +14,7 @@ from embedbatch.cli.options import (
     SampleOptions,
     SinkOptions,
     SourceOptions,
+    estimate_from,
     with_options,
 )
 from embedbatch.cli.render import RowProgress, console, print_estimate, print_json, print_realtime_result
@@ -40,9 +41,7 @@ def embed(
     """Embed now through /v1/embeddings at the account's rate limit (several keys), into the
     same shards and sinks; resumable (the same command again skips committed rows)."""
     if dry_run:
-        from embedbatch.cli.batch import estimate_from
-
-        est = estimate_from(source, src, prep, sample, batch)
+        est = estimate_from(source, src, prep, sample, batch, settings())
         if json_out:
             print_json(est.to_json())
         else:
