@@ -45,7 +45,7 @@ import orjson
 from embedbatch.config import RayConfig
 from embedbatch.engines.local.bucketing import Bucketer, Item
 from embedbatch.engines.local.model import LocalEncoder
-from embedbatch.engines.local.stages import LocalJob
+from embedbatch.engines.local.stages import LocalJob, cut
 from embedbatch.errors import MissingExtraError, UsageError
 from embedbatch.intake import Intake
 from embedbatch.records import Record, text_sha256
@@ -128,7 +128,7 @@ class EncodeActor:
 
     ``__call__`` takes ``{"id", "text", "split", "metadata"}`` (numpy object arrays; metadata
     as JSON text) and returns them with ``text`` cut at the token limit, ``metadata`` marking a
-    cut, ``n_tokens``, ``vector`` ``(n, dim) float32``, and per row ``real_tokens`` (with the
+    cut (and ``cut`` True), ``n_tokens``, ``vector`` ``(n, dim) float32``, and per row ``real_tokens`` (with the
     special tokens), ``padded_tokens``, ``encode_s`` (its share of its forward pass),
     ``forward_rows`` (rows in its forward pass), ``worker`` (host:pid)
     and ``ready_at`` (when the actor had loaded its model, epoch seconds).
@@ -168,12 +168,9 @@ class EncodeActor:
         n_tokens = np.zeros(n, np.int64)
         real = np.zeros(n, np.int64)
         bucketer = Bucketer(self.edges, self.tokens_per_batch, self.pad_to)  # type: ignore[arg-type]
+        was_cut = np.zeros(n, bool)
         for i, tk in enumerate(self.enc.tokenize(self.tok, texts, max_tokens=self.max_content)):
-            if tk.chars < len(texts[i]):
-                out_texts[i] = texts[i][: tk.chars]
-                metas[i]["truncated"] = True
-                metas[i]["truncated_tokens"] = tk.tokens_before - self.max_content
-            n_tokens[i] = min(tk.tokens_before, self.max_content)
+            out_texts[i], n_tokens[i], was_cut[i] = cut(texts[i], metas[i], tk, self.max_content)
             real[i] = len(tk.ids)
             bucketer.add(Item(tk.ids, i))
         vectors = np.zeros((n, self.enc.dim), np.float32)
@@ -195,6 +192,7 @@ class EncodeActor:
             "n_tokens": n_tokens,
             "vector": vectors,
             "real_tokens": real,
+            "cut": was_cut,
             "padded_tokens": padded,
             "encode_s": seconds,
             "forward_rows": forward_rows,
@@ -386,7 +384,7 @@ def _commit(job: LocalJob, ds: Any, embedded: IdIndex, info: dict[str, Any]) -> 
                         metadata=orjson.loads(batch["metadata"][i]),
                     )
                 )
-                result.truncated += bool(records[-1].metadata.get("truncated"))
+                result.truncated += bool(batch["cut"][i])
             if keep:
                 sink.add(records, batch["vector"][keep])
                 result.real_tokens += int(batch["real_tokens"][keep].sum())

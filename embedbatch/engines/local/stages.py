@@ -21,7 +21,7 @@ from typing import Any
 from embedbatch.config import IngestConfig, LocalConfig, PrepareConfig, SampleConfig, SourceConfig
 from embedbatch.engines.local.bucketing import Bucketer, Item
 from embedbatch.engines.local.devices import DevicePool
-from embedbatch.engines.local.model import LocalEncoder
+from embedbatch.engines.local.model import LocalEncoder, Tokenized
 from embedbatch.intake import Intake
 from embedbatch.records import Record
 from embedbatch.runs import Run, RunState
@@ -29,7 +29,7 @@ from embedbatch.store.dataset import DatasetStore
 from embedbatch.store.index import IdIndex
 from embedbatch.store.stream import StreamCommitter
 
-__all__ = ["END", "LocalJob", "LocalResult", "StageClock", "encode", "load", "write"]
+__all__ = ["END", "LocalJob", "LocalResult", "StageClock", "cut", "encode", "load", "write"]
 
 LOAD_CHUNK = 256  # records tokenized per batch call
 QUEUE_CHUNKS = 8  # loader → encoder queue depth (chunks)
@@ -141,6 +141,16 @@ class LocalJob:
     on_rows: Callable[[int], None] | None = None
 
 
+def cut(text: str, metadata: dict[str, Any], tk: Tokenized, max_content: int) -> tuple[str, int, bool]:
+    """The text as embedded: cut at the end of its last kept token when ``tk`` says it is longer
+    than ``max_content`` tokens (marked in ``metadata``). Returns (text, content tokens, cut?)."""
+    if tk.chars >= len(text):
+        return text, min(tk.tokens_before, max_content), False
+    metadata["truncated"] = True
+    metadata["truncated_tokens"] = tk.tokens_before - max_content
+    return text[: tk.chars], max_content, True
+
+
 def load(
     intake: Intake,
     enc: LocalEncoder,
@@ -166,12 +176,8 @@ def load(
                 break
             items = []
             for rec, tk in zip(chunk, enc.tokenize(tok, [r.text for r in chunk], max_tokens=max_content), strict=True):
-                if tk.chars < len(rec.text):
-                    rec.text = rec.text[: tk.chars]
-                    rec.metadata["truncated"] = True
-                    rec.metadata["truncated_tokens"] = tk.tokens_before - max_content
-                    result.truncated += 1
-                rec.n_tokens = min(tk.tokens_before, max_content)
+                rec.text, rec.n_tokens, was_cut = cut(rec.text, rec.metadata, tk, max_content)
+                result.truncated += was_cut
                 if embedded.contains(rec.id, rec.sha256):
                     result.skipped_existing += 1
                     continue
