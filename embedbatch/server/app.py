@@ -22,6 +22,7 @@ import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -220,6 +221,8 @@ class FakeOpenAI:
         self.calls: list[tuple[str, str, int]] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.tokenizer = get_tokenizer("text-embedding-3-small")
+        # Batch work runs here, one batch step at a time, never on the request loop.
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedbatch-batch-worker")
 
     # ---- helpers ----------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
@@ -254,12 +257,16 @@ class FakeOpenAI:
         self.files[fid] = f
         return f
 
-    def _write_file(self, lines: list[bytes], filename: str, purpose: str) -> _File:
+    def _write_lines(self, lines: list[bytes]) -> Path:
+        """Write lines to a temporary file (on the batch worker); :meth:`_store` files it."""
         tmp = self.root / f".{secrets.token_hex(6)}.tmp"
         with open(tmp, "wb") as fh:
             for line in lines:
                 fh.write(line)
-        return self._store(tmp, filename, purpose)
+        return tmp
+
+    async def _write_file(self, lines: list[bytes], filename: str, purpose: str) -> _File:
+        return self._store(await self._on_worker(self._write_lines, lines), filename, purpose)
 
     # ---- middleware: auth and HTTP faults -------------------------------------------------------
     @web.middleware
@@ -489,14 +496,14 @@ class FakeOpenAI:
             "data": [{"code": code, "message": message, "param": None, "line": line}],
         }
 
-    async def _run_batch(self, bid: str, fate: str) -> None:
-        b = self.batches[bid]
-        step = self.faults.step_s
-        await asyncio.sleep(step)
+    def _read_requests(
+        self, path: Path, endpoint: str
+    ) -> tuple[list[dict[str, Any]], int] | tuple[str, str, int | None]:
+        """Parse and validate an input file (on the batch worker): ``(requests, tokens)``, or
+        ``(code, message, line)`` when the batch fails validation."""
         requests: list[dict[str, Any]] = []
-        f = self.files[b["input_file_id"]]
         n_inputs = 0
-        with open(f.path, "rb") as fh:
+        with open(path, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
                 if not raw.strip():
                     continue
@@ -504,35 +511,42 @@ class FakeOpenAI:
                     req = orjson.loads(raw)
                     assert isinstance(req, dict) and {"custom_id", "method", "url", "body"} <= req.keys()
                 except (orjson.JSONDecodeError, AssertionError):
-                    self._fail(b, "invalid_json_line", f"Line {lineno} is not a valid request.", lineno)
-                    return
-                if req["url"] != b["endpoint"]:
-                    self._fail(
-                        b,
-                        "mismatched_endpoint",
-                        f"Line {lineno}: url does not match the batch endpoint.",
-                        lineno,
-                    )
-                    return
+                    return "invalid_json_line", f"Line {lineno} is not a valid request.", lineno
+                if req["url"] != endpoint:
+                    return "mismatched_endpoint", f"Line {lineno}: url does not match the batch endpoint.", lineno
                 inp = req["body"].get("input")
                 n_inputs += len(inp) if isinstance(inp, list) else 1
                 requests.append(req)
         ids = [r["custom_id"] for r in requests]
         if len(set(ids)) != len(ids):
-            self._fail(b, "duplicate_custom_id", "The input file contains duplicate custom_id values.")
-            return
+            return "duplicate_custom_id", "The input file contains duplicate custom_id values.", None
         if len(requests) > MAX_REQUESTS:
-            self._fail(b, "too_many_requests", f"The input file has more than {MAX_REQUESTS} requests.")
-            return
+            return "too_many_requests", f"The input file has more than {MAX_REQUESTS} requests.", None
         if n_inputs > MAX_EMBEDDING_INPUTS:
-            self._fail(b, "too_many_inputs", f"The batch has more than {MAX_EMBEDDING_INPUTS} embedding inputs.")
+            return "too_many_inputs", f"The batch has more than {MAX_EMBEDDING_INPUTS} embedding inputs.", None
+        return requests, sum(self._tokens(r["body"].get("input")) for r in requests)
+
+    async def _on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run blocking batch work (parsing, tokenizing, embedding, writing files) on the batch
+        worker thread, so the request loop keeps answering while batches run."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    async def _run_batch(self, bid: str, fate: str) -> None:
+        b = self.batches[bid]
+        step = self.faults.step_s
+        await asyncio.sleep(step)
+        f = self.files[b["input_file_id"]]
+        parsed = await self._on_worker(self._read_requests, f.path, b["endpoint"])
+        if isinstance(parsed[0], str):
+            code, message, line = parsed
+            self._fail(b, code, message, line)
             return
+        requests, tokens = parsed
         if fate == "fail":
             self._fail(b, "invalid_request", "Injected validation failure.")
             return
         model = requests[0]["body"].get("model") if requests else None
         b["model"] = model
-        tokens = sum(self._tokens(r["body"].get("input")) for r in requests)
         limit = self.faults.enqueued_token_limit
         forced = self.faults.token_limit_batches > 0
         if forced or (limit is not None and model is not None and self._enqueued(model, bid) + tokens > limit):
@@ -559,13 +573,15 @@ class FakeOpenAI:
             if b["status"] == "cancelling":
                 return await self._finish(bid, out, errs, cancelled=True, pending=requests[start:])
             part = requests[start : min(stop_at, start + chunk)]
-            ok_lines, err_lines, used = self._process(part)
+            ok_lines, err_lines, used = await self._on_worker(self._process, part)
             out.extend(ok_lines)
             errs.extend(err_lines)
             usage += used
             b["request_counts"]["completed"] += len(ok_lines)
             b["request_counts"]["failed"] += len(err_lines)
             await asyncio.sleep(0)
+        if b["status"] == "cancelling":  # cancelled while the last chunk was embedding
+            return await self._finish(bid, out, errs, cancelled=True, pending=requests[stop_at:])
         b["usage"] = {
             "input_tokens": usage,
             "output_tokens": 0,
@@ -686,12 +702,12 @@ class FakeOpenAI:
         # Output order differs from input order, as the real API does not promise it.
         self.rng.shuffle(out)
         if out:
-            b["output_file_id"] = self._write_file(out, f"{bid}_output.jsonl", "batch_output").id
+            b["output_file_id"] = (await self._write_file(out, f"{bid}_output.jsonl", "batch_output")).id
             if self.faults.lose_outputs > 0:  # an output file gone at the provider (expired, deleted)
                 self.faults.lose_outputs -= 1
                 self.files.pop(b["output_file_id"]).path.unlink(missing_ok=True)
         if errs:
-            b["error_file_id"] = self._write_file(errs, f"{bid}_error.jsonl", "batch_output").id
+            b["error_file_id"] = (await self._write_file(errs, f"{bid}_error.jsonl", "batch_output")).id
         now = int(time.time())
         if cancelled:
             b["status"] = "cancelled"
@@ -911,6 +927,7 @@ class ServerThread:
                 t.cancel()
             if self._runner is not None:
                 await self._runner.cleanup()
+            self.state.worker.shutdown(wait=False, cancel_futures=True)
 
         asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
