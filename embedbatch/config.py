@@ -75,6 +75,8 @@ class Settings:
         openai_api_keys: OPENAI_API_KEYS, several keys separated by commas for the realtime
             engine (each gets its own rate limiter); never logged or stored.
         hf_hub_offline: HF_HUB_OFFLINE is set (1/true): Hugging Face sources read local copies only.
+        progress_log_s: EMBEDBATCH_PROGRESS_LOG_S (default 30): below a terminal (cron, pipes),
+            ``embed`` and ``local`` log a ``progress`` line at most this often (seconds).
     """
 
     openai_api_key: str | None = field(default=None, repr=False)
@@ -90,6 +92,7 @@ class Settings:
     turso_auth_token: str | None = field(default=None, repr=False)
     openai_api_keys: tuple[str, ...] = field(default=(), repr=False)
     hf_hub_offline: bool = False
+    progress_log_s: float = 30.0
 
     def api_keys(self) -> tuple[str, ...]:
         """The keys the realtime engine spreads requests over: OPENAI_API_KEYS, else the one
@@ -137,6 +140,7 @@ class Settings:
             "retry_attempts": number("EMBEDBATCH_RETRY_ATTEMPTS", "8", int),
             "retry_initial_s": number("EMBEDBATCH_RETRY_INITIAL_S", "1.0"),
             "requeue_s": number("EMBEDBATCH_REQUEUE_S", "60"),
+            "progress_log_s": number("EMBEDBATCH_PROGRESS_LOG_S", "30"),
             "turso_auth_token": env.get("TURSO_AUTH_TOKEN") or None,
             "hf_hub_offline": (env.get("HF_HUB_OFFLINE") or "").strip().lower() in ("1", "true", "yes", "on"),
             "openai_api_keys": tuple(k.strip() for k in (env.get("OPENAI_API_KEYS") or "").split(",") if k.strip()),
@@ -401,7 +405,9 @@ class PgTarget:
     """A pgvector column to write embeddings into (``--pg-*`` flags); the DSN is never stored.
 
     Attributes:
-        mode: ``update`` fills existing rows by id; ``insert`` loads a fresh table by binary COPY.
+        mode: ``update`` fills existing rows by id; ``insert`` loads rows by binary COPY into the
+            table, created when missing as (id text primary key, vector(dim)[, text_column text]).
+        text_column: insert mode: also store each row's text here (when the table has it).
         update_chunk_size: rows per transaction.
     """
 

@@ -13,7 +13,11 @@ The tree::
     ├── ProviderError               the embedding provider (OpenAI API or compatible) failed (exit 6)
     │   └── RetryLater              transient: 429, 5xx, timeout, reset; retried before it surfaces
     ├── DatabaseError               PostgreSQL failed or the target table does not fit (exit 7)
+    ├── NotFoundError               an id or dataset asked for is not in the workspace (exit 9)
+    ├── DiskError                   the local disk: full, read-only or permission denied (exit 10)
     └── MissingExtraError           an optional extra (local, hf) is not installed (exit 2)
+
+Exit code 8 is no error: a run that ended with failed rows (``failed_ids.tsv``).
 
 Third-party exceptions are translated at one boundary per store (``batchapi/client.py`` for the
 API, ``sinks/pgvector.py`` and ``sources/postgres.py`` for PostgreSQL), most specific first,
@@ -22,14 +26,18 @@ with ``raise ... from exc``.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "DatabaseError",
+    "DiskError",
     "DuplicateIdError",
     "EmbedbatchError",
     "InputError",
     "LimitError",
     "LockedError",
     "MissingExtraError",
+    "NotFoundError",
     "ProviderError",
     "RetryLater",
     "StateError",
@@ -155,6 +163,32 @@ class DatabaseError(EmbedbatchError):
     """Raised when PostgreSQL fails or the target table/column does not fit the embeddings."""
 
     exit_code = 7
+
+
+class NotFoundError(EmbedbatchError):
+    """Raised when an id, dataset or run asked for by name is not in the workspace."""
+
+    exit_code = 9
+
+
+class DiskError(EmbedbatchError):
+    """Raised when the local file system refuses a write or read: disk full (ENOSPC), read-only
+    (EROFS), permission denied (EACCES/EPERM) or over quota (EDQUOT); names the path."""
+
+    exit_code = 10
+
+    ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
+
+    @classmethod
+    def from_os_error(cls, exc: OSError) -> DiskError:
+        """The one-line form of a disk-level ``OSError``: what happened and to which path."""
+        what = {
+            errno.ENOSPC: "disk full",
+            errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system",
+        }.get(exc.errno or 0, "permission denied")
+        path = exc.filename if exc.filename is not None else "(path unknown)"
+        return cls(f"{what}: {path}")
 
 
 class MissingExtraError(UsageError):

@@ -271,7 +271,8 @@ class Intake:
             if self.on_row is not None and self.stats.rows_read % 10_000 == 0:
                 self.on_row(self.stats.rows_read)
             if raw.data is None:
-                self._reject(raw, raw.error or "unreadable row", None, fatal=True)
+                named = (raw.partial or {}).get(src.id_field) if self.id_template is None else None
+                self._reject(raw, raw.error or "unreadable row", None, fatal=True, record_id=named or None)
                 continue
             row = raw.data
             if first:

@@ -12,6 +12,12 @@ from embedbatch.tokens import Tokenizer
 
 __all__ = ["PreparedText", "Preparer", "format_value"]
 
+# Characters kept before tokenizing (see Preparer.prepare): the tokenizer refuses more
+# than 200,000 tokens in one call (bpe-openai 0.1, 2026), and one character is at most one
+# token in ASCII, four (its UTF-8 bytes) otherwise.
+MAX_CHARS_ASCII = 100_000
+MAX_CHARS_OTHER = 49_000
+
 
 def format_value(value: Any) -> str | None:
     """A field value as text: lists joined with ", ", chat messages as ``role: content`` lines,
@@ -92,6 +98,7 @@ class Preparer:
         self.rows = 0
         self.missing: dict[str, int] = {}  # field -> rows that lack it (absent or null)
         self.keys: set[str] = set()  # the fields rows have (from the first rows; for messages)
+        self.textless = 0  # rows that lack every field (no text at all: bad rows)
         self._template_fields: list[str] = []
         if config.template is not None:
             try:
@@ -147,7 +154,9 @@ class Preparer:
                 close = difflib.get_close_matches(f, have, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise InputError(f"{kind} {f!r} is in no row of {where}{hint}; the rows have: {', '.join(have)}")
-        partial = {f: n for f, n in self.missing.items() if n}
+        # A row that lacks every field has no text: it was a bad row already (rejected, or the
+        # run stopped there), so only rows that still had text count as partial here.
+        partial = {f: n - self.textless for f, n in self.missing.items() if n > self.textless}
         if strict and partial and not self.config.allow_missing_fields:
             counts = ", ".join(f"{n:,} of {self.rows:,} rows lack {f!r}" for f, n in partial.items())
             raise InputError(
@@ -171,6 +180,7 @@ class Preparer:
         except ValueError as exc:
             return PreparedText("", 0, [], problem=str(exc))
         if missing is not None:
+            self.textless += 1
             return PreparedText("", 0, [], missing_field=missing)
         text = f"{cfg.prefix}{body}{cfg.suffix}" if body.strip() else ""
         if cfg.lowercase:
@@ -188,11 +198,12 @@ class Preparer:
                 return PreparedText("", 0, used, problem=f"invalid Unicode (a lone surrogate at character {exc.start})")
         if self.tokenizer is None:  # counted and cut later, in batches (the local worker)
             return PreparedText(text, 0, used, 0, cut_chars)
-        # Cut very long texts before tokenizing: any length works, and the tokenizer's own limit
-        # (~200k tokens a call) is never met: 100,000 characters are at most ~200k tokens even
-        # for CJK, and far more than 8,191 tokens of any text (English averages ~4 characters a
-        # token). For such texts truncated_tokens counts from this cut.
-        limit_chars = 100_000
+        # Cut very long texts before tokenizing, so any length works and the tokenizer's own
+        # limit (200,000 tokens a call, bpe-openai) is never met: a byte-level BPE token holds at
+        # least one UTF-8 byte, so ASCII text gives at most one token a character and any other
+        # text at most four (emoji). 100,000 ASCII or 49,000 other characters stay under the
+        # limit and far above 8,191 tokens of real text. truncated_tokens counts from this cut.
+        limit_chars = MAX_CHARS_ASCII if text[:MAX_CHARS_ASCII].isascii() else MAX_CHARS_OTHER
         if len(text) > limit_chars:
             cut_chars += len(text) - limit_chars
             text = text[:limit_chars]

@@ -25,6 +25,8 @@ class RawRow:
         error: why the row could not be parsed (then ``data`` is None).
         split: the split the reader knows the row is in (Hugging Face datasets), else None.
         meta: provenance the reader adds to the record's metadata (dataset name, revision).
+        partial: for a row that could not be parsed whole (a ragged CSV row), the fields that
+            could be read, so the rejected row is named by its id.
     """
 
     path: str
@@ -33,6 +35,7 @@ class RawRow:
     error: str | None = None
     split: str | None = None
     meta: dict[str, Any] | None = None
+    partial: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

@@ -139,6 +139,9 @@ class RunState:
         max_enqueued_tokens: the queue budget poll schedules under (None: unlimited).
         estimate: tokens and USD (standard and batch) from planning.
         actual: ``usage.total_tokens`` summed from outputs, and its batch-price USD.
+        counts: ``failed`` is the rows still failed (in failed_ids.tsv: a retry that succeeded
+            takes a row out), ``succeeded``, ``planned``, ``retried``…
+        failed_reasons: the most common reasons of the rows still failed, with their counts.
         failure: the last error a poll pass hit on this run (``error``, ``at``, ``attempts``,
             ``retry_after``: ISO time before which cron passes leave the run alone); None once a
             pass succeeds.
@@ -176,6 +179,7 @@ class RunState:
     local: dict[str, Any] = field(default_factory=dict)
     realtime: dict[str, Any] = field(default_factory=dict)
     failure: dict[str, Any] | None = None
+    failed_reasons: dict[str, int] = field(default_factory=dict)
     updated_at: str | None = None
 
     @classmethod
@@ -187,6 +191,39 @@ class RunState:
     def save(self, run: RunPaths) -> None:
         self.updated_at = utc_now().isoformat()
         atomic_write_json(run.run_json, asdict(self))
+        note_run(run, self.kind)
+
+    @property
+    def failed_rows(self) -> int:
+        """Rows of this run that are still failed (0 while none is recorded)."""
+        return int(self.counts.get("failed") or 0)
+
+    @property
+    def outcome(self) -> str:
+        """The status as people read it: ``finished with failures`` for a finished run that
+        still has failed rows, else :attr:`status` (``active``, ``finished``, ``interrupted``…)."""
+        if self.status == "finished" and self.failed_rows:
+            return "finished with failures"
+        resumed_by = (self.failure or {}).get("resumed_by") if self.status == "interrupted" else None
+        if resumed_by:
+            return f"interrupted, resumed by {resumed_by}"
+        return self.status
+
+
+_last_saved: tuple[RunPaths, str] | None = None
+
+
+def note_run(paths: RunPaths, kind: str) -> None:
+    """Remember the run this process is working on (every run.json write does; planning calls
+    it again once its partial folder is renamed into place)."""
+    global _last_saved
+    _last_saved = (paths, kind)
+
+
+def last_saved_run() -> tuple[RunPaths, str] | None:
+    """The run this process last wrote, and its kind (``batchapi``, ``realtime``, ``local``):
+    what an interrupted command names in its hint; None when it wrote no run."""
+    return _last_saved
 
 
 def lockfile_sha256() -> str | None:

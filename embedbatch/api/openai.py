@@ -28,7 +28,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from embedbatch.config import Settings
-from embedbatch.errors import ProviderError, RetryLater, UsageError
+from embedbatch.errors import DiskError, ProviderError, RetryLater, UsageError
 
 __all__ = ["BatchClient", "EmbeddingAnswer", "RetryPolicy", "embeddings_once", "new_sdk_client"]
 
@@ -123,6 +123,8 @@ def _is_transport_error(exc: Exception) -> bool:
     """A network error from the SDK's HTTP stack (httpx/httpcore or their successors) or the OS,
     raised outside the SDK's own error types, e.g. while a response body streams."""
     module = type(exc).__module__.split(".")[0]
+    if isinstance(exc, OSError) and exc.errno in DiskError.ERRNOS:  # our own disk, not the network
+        return False
     return isinstance(exc, OSError) or module.startswith(("httpx", "httpcore", "h11", "anyio"))
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.text import Text
@@ -21,11 +21,11 @@ from rich.text import Text
 from embedbatch import __version__
 from embedbatch.cli.render import console, err_console
 from embedbatch.config import Settings
-from embedbatch.errors import EmbedbatchError
+from embedbatch.errors import DiskError, EmbedbatchError, UsageError
 from embedbatch.logs import configure_logging, scrub
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, help="Turn datasets into embeddings, cheaply.")
-db_app = typer.Typer(no_args_is_help=True, help="PostgreSQL helpers.")
+db_app = typer.Typer(no_args_is_help=True, help="PostgreSQL helpers: start a local server, apply migrations.")
 app.add_typer(db_app, name="db")
 
 
@@ -50,6 +50,14 @@ PgDsn = Annotated[str | None, typer.Option("--pg-dsn", help="Sink DSN (env DATAB
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Write rows that already have a vector.")]
 
 
+# Exit codes beyond the error tree's (README, "Exit codes and errors").
+EXIT_FAILED_ROWS = 8  # the run ended, and some of its rows failed (failed_ids.tsv)
+
+
+LOG_FORMATS = ("auto", "console", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def _print_version(value: bool) -> None:
     if value:
         console.print(f"embedbatch {__version__}")
@@ -68,6 +76,10 @@ def _main(
 ) -> None:
     if debug:
         os.environ["EMBEDBATCH_DEBUG"] = "1"  # read by main() only, to re-raise with the traceback
+    if log_format not in LOG_FORMATS:
+        raise UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+    if log_level.lower() not in LOG_LEVELS:
+        raise UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     _G.workspace = workspace
     _G.log_format = log_format
     configure_logging(log_format, log_level)
@@ -144,6 +156,31 @@ def _write_metrics() -> None:
         structlog.get_logger("embedbatch.metrics").warning("metrics not written", error=str(exc))
 
 
+def resume_hint(argv: list[str]) -> str:
+    """How to go on after Ctrl-C, for the run this process was working on: a Batch API run is
+    continued by ``run --resume``/``submit --resume`` with its real directory (or cron's poll);
+    a realtime or local run by the same command again (committed rows are skipped)."""
+    import shlex
+
+    from embedbatch.runs import last_saved_run
+
+    command = next((a for a in argv if not a.startswith("-")), "")
+    last = last_saved_run()
+    if last is None or not last[0].run_json.exists():
+        if command in ("poll", "status", "ingest", "retry"):
+            return "Run the same command again to go on: " + shlex.join(["embedbatch", *argv])
+        return "Nothing was started; run the same command again."
+    paths, kind = last
+    run_dir = shlex.quote(str(paths.root))
+    if kind != "batchapi":
+        return f"Resume {kind} run {run_dir} with the same command (rows already committed are skipped): " + shlex.join(
+            ["embedbatch", *argv]
+        )
+    if command == "run":
+        return f"Resume with `embedbatch run --resume {run_dir}`, or let `embedbatch poll --ingest` finish it."
+    return f"Resume with `embedbatch submit --resume {run_dir}`, or let `embedbatch poll --ingest` finish it."
+
+
 def main() -> None:
     """Entry point: run the app, turning EmbedbatchError into a message and its exit code."""
     try:
@@ -160,16 +197,13 @@ def _run() -> None:
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except EmbedbatchError as exc:
-        if os.environ.get("EMBEDBATCH_RAISE_ERRORS") == "1" or os.environ.get("EMBEDBATCH_DEBUG") == "1":
-            raise
-        err_console.print(Text("error: ", style="bold red") + Text(scrub(str(exc))), soft_wrap=True)
-        sys.exit(exc.exit_code)
+        _fail(exc, exc)
     except KeyboardInterrupt:
         err_console.print(
-            "interrupted; everything done so far is on disk. Resume with `embedbatch run --resume RUN_DIR`, "
-            "`embedbatch submit --resume RUN_DIR`, or let `embedbatch poll --ingest` finish it.",
+            f"interrupted; everything done so far is on disk. {resume_hint(sys.argv[1:])}",
             markup=False,
             highlight=False,
+            soft_wrap=True,
         )
         sys.exit(130)
     except typer.Exit as exc:
@@ -182,3 +216,24 @@ def _run() -> None:
             raise
         show()
         sys.exit(getattr(exc, "exit_code", 2))
+    except OSError as exc:
+        if exc.errno in DiskError.ERRNOS:
+            _fail(exc, DiskError.from_os_error(exc))
+        _fail(exc, None)
+    except Exception as exc:
+        _fail(exc, None)
+
+
+def _fail(raised: BaseException, error: EmbedbatchError | None) -> NoReturn:
+    """Print one line for an error and exit with its code (``error`` None: an unexpected one,
+    exit 1); with --debug, EMBEDBATCH_DEBUG=1 or EMBEDBATCH_RAISE_ERRORS=1 re-raise it instead,
+    traceback and all."""
+    if os.environ.get("EMBEDBATCH_RAISE_ERRORS") == "1" or os.environ.get("EMBEDBATCH_DEBUG") == "1":
+        raise raised
+    if error is None:
+        message = f"unexpected {type(raised).__name__}: {raised} (run with --debug for the traceback)"
+        code = 1
+    else:
+        message, code = str(error), error.exit_code
+    err_console.print(Text("error: ", style="bold red") + Text(scrub(message)), soft_wrap=True)
+    sys.exit(code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -9,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from embedbatch.cli.app import (
+    EXIT_FAILED_ROWS,
     Dtype,
     JsonOut,
     Overwrite,
@@ -38,8 +40,10 @@ from embedbatch.cli.render import (
     console,
     err_console,
     print_estimate,
+    print_failed_rows,
     print_json,
     print_run_summary,
+    print_sink_not_filled,
     print_status_lines,
     status_table,
 )
@@ -138,6 +142,8 @@ def _print_planned(run: Any, planned: Any, *, json_out: bool) -> None:
     print_estimate(planned.estimate)
     if planned.skipped_existing:
         console.print(f"skipped {planned.skipped_existing:,} rows already embedded or planned")
+        if planned.state is not None and (planned.state.pg_target or planned.state.libsql_target):
+            print_sink_not_filled(str(run.root), planned.skipped_existing, sys.argv[1:])
     for run_dir, rows in planned.already_planned.items():
         console.print(
             f"{rows:,} of them are planned in an unfinished run; continue it with: "
@@ -274,6 +280,9 @@ def run_cmd(
         print_json(summary.__dict__)
     else:
         print_run_summary(summary)
+    if summary.failed:
+        print_failed_rows(summary.run_dir, summary.failed, summary.failed_reasons)
+        raise typer.Exit(EXIT_FAILED_ROWS)
 
 
 def _choose(
@@ -345,6 +354,19 @@ def ingest(
     )
     if result.pg:
         console.print(f"postgres: {result.pg}")
+    _exit_if_failed_rows([run])
+
+
+def _exit_if_failed_rows(runs: list[Any]) -> None:
+    """Runs that have ended with failed rows are reported (stderr) and the command exits
+    :data:`EXIT_FAILED_ROWS`; active runs are not judged yet."""
+    from embedbatch.runs import RunState
+
+    failed = [(paths, rs) for paths in runs if (rs := RunState.load(paths)).outcome == "finished with failures"]
+    for paths, rs in failed:
+        print_failed_rows(str(paths.root), rs.failed_rows, rs.failed_reasons)
+    if failed:
+        raise typer.Exit(EXIT_FAILED_ROWS)
 
 
 @app.command()
@@ -395,6 +417,9 @@ def status(
                     "run_dir": str(run.paths.root),
                     "run_id": rs.run_id,
                     "status": rs.status,
+                    "outcome": rs.outcome,
+                    "failed_rows": rs.failed_rows,
+                    "failed_reasons": rs.failed_reasons,
                     "totals": totals,
                     "estimate": rs.estimate,
                     "written": written,
@@ -476,7 +501,10 @@ def poll(
             return
         log.info("poll pass", **report.to_json())
         if watch is None:
+            _exit_if_failed_rows([ws.resolve_run(Path(d)) for d in report.finished_with_failures])
             return
+        for d in report.finished_with_failures:
+            log.warning("run finished with failures", run_dir=d)
         # Sleep the interval minus the time the pass took.
         anyio.run(anyio.sleep, max(0.0, watch - (_t.monotonic() - started)))
 
@@ -499,6 +527,12 @@ def retry(
     run_dir: Annotated[Path, typer.Option("--run-dir")],
     max_attempts: Annotated[int, typer.Option("--max-attempts")] = 3,
     no_submit: Annotated[bool, typer.Option("--no-submit", help="Only plan the retry batch.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Also send rows whose failure cannot change (a 400 for that input, a wrong dimension)."
+        ),
+    ] = False,
 ) -> None:
     """Plan the failed and missing ids of a run again (a new batch in the same run); a realtime
     run embeds them again at once."""
@@ -511,17 +545,29 @@ def retry(
     if RunState.load(run).kind == "realtime":
         from embedbatch.engines.realtime.pipeline import retry_realtime
 
-        result = retry_realtime(ws, settings(), run)
+        result = retry_realtime(ws, settings(), run, force=force)
         console.print(f"embedded {result.rows:,} of {result.planned:,} failed rows; {result.failed:,} still failed")
+        _say_permanent(result.permanent)
         return
-    plan = plan_retry(ws, run, max_attempts=max_attempts)
+    plan = plan_retry(ws, run, max_attempts=max_attempts, wait_s=ws.lock_timeout_s, force=force)
     console.print(
         f"re-planned {plan.requeued:,} ids in {plan.batches or 'no batch'}; "
         f"{len(plan.given_up):,} over {max_attempts} attempts stay failed; "
         f"{plan.already_embedded:,} were embedded since"
     )
+    _say_permanent(plan.permanent)
     if plan.requeued and not no_submit:
         with_client(lambda c: submit_run(ws, c, run))
+
+
+def _say_permanent(reasons: dict[str, int]) -> None:
+    """Rows that retry left alone because sending them again cannot change their failure."""
+    if not reasons:
+        return
+    lines = [f"not sent again ({sum(reasons.values()):,} row(s)), their failure cannot change:"]
+    lines += [f"  {n:,} × {reason}" for reason, n in reasons.items()]
+    lines.append("  fix the cause (model, --dimensions, the text) or pass --force to send them anyway")
+    err_console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -438,6 +438,7 @@ class SinkOptions(OptionGroup):
             overwrite=overwrite or (src.overwrite if src else False),
             update_chunk_size=self.update_chunk_size or 1000,
             mode=self.pg_mode,  # type: ignore[arg-type]
+            text_column="content" if self.pg_mode == "insert" else None,  # insert keeps the text (search reads it)
             rebuild_index=self.rebuild_index,
             concurrently=self.concurrently,
         )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from embedbatch.cli.app import Dtype, JsonOut, SourceArg, app, open_workspace, safe_args, settings
+from embedbatch.cli.app import EXIT_FAILED_ROWS, Dtype, JsonOut, SourceArg, app, open_workspace, safe_args, settings
 from embedbatch.cli.options import (
     BatchOptions,
     PrepareOptions,
@@ -17,7 +19,15 @@ from embedbatch.cli.options import (
     estimate_from,
     with_options,
 )
-from embedbatch.cli.render import RowProgress, console, print_estimate, print_json, print_realtime_result
+from embedbatch.cli.render import (
+    RowProgress,
+    print_estimate,
+    print_failed_rows,
+    print_held_rows,
+    print_json,
+    print_realtime_result,
+    print_sink_not_filled,
+)
 from embedbatch.config import IngestConfig
 
 
@@ -67,7 +77,7 @@ def embed_realtime(
     from embedbatch.engines.realtime.pipeline import run_realtime
 
     s = rt.with_keys(settings())
-    with RowProgress("embedding") as progress:
+    with RowProgress("embedding", log_every_s=s.progress_log_s) as progress:
         result = run_realtime(
             open_workspace(),
             s,
@@ -90,8 +100,14 @@ def embed_realtime(
         print_json(result.to_json())
     else:
         print_realtime_result(result)
-        if result.failed:
-            console.print(
-                f"{result.failed:,} rows failed: see failed_ids.tsv; `embedbatch retry --run-dir {result.run_dir}`"
-            )
+    print_held_rows(result.held_by)
+    if result.skipped_existing and (result.pg or result.libsql or sink.pg_table or sink.libsql_table):
+        print_sink_not_filled(result.run_dir, result.skipped_existing, sys.argv[1:])
+    if result.failed:
+        from embedbatch.failures import read_failed_ids, top_reasons
+
+        failed_ids = Path(result.run_dir) / "failed_ids.tsv"
+        reasons = top_reasons(read_failed_ids(failed_ids).values()) if failed_ids.exists() else {}
+        print_failed_rows(result.run_dir, result.failed, reasons)
+        raise typer.Exit(EXIT_FAILED_ROWS)
     return result

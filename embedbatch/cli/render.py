@@ -6,13 +6,16 @@ Commands compute; these functions only print. Output below a terminal is never w
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 __all__ = [
     "RowProgress",
@@ -65,10 +68,18 @@ def print_estimate(est: Any) -> None:
 
 
 class RowProgress:
-    """A rich progress line counting rows read (only on a TTY)."""
+    """Rows done so far: a rich progress line on a terminal; below one (cron logs, pipes) a
+    ``progress`` log line at most every ``log_every_s`` seconds (None: none), with rows, rows/s
+    and elapsed seconds."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, *, log_every_s: float | None = None) -> None:
+        import structlog
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.what = what
+        self.log_every_s = None if err_console.is_terminal else log_every_s
+        self.log = structlog.get_logger("embedbatch.progress")
+        self.started = self.logged_at = time.monotonic()
 
         self.progress = Progress(
             SpinnerColumn(),
@@ -90,6 +101,11 @@ class RowProgress:
 
     def __call__(self, rows: int) -> None:
         self.progress.update(self.task, completed=rows)
+        if self.log_every_s is not None and time.monotonic() - self.logged_at >= self.log_every_s:
+            self.logged_at = now = time.monotonic()
+            elapsed = now - self.started
+            rate = round(rows / elapsed, 1) if elapsed > 0 else None
+            self.log.info("progress", stage=self.what, rows=rows, rows_per_s=rate, elapsed_s=round(elapsed, 1))
 
 
 class RunProgress:
@@ -141,14 +157,14 @@ class RunProgress:
 
 def print_kv(title: str, rows: list[tuple[str, str]]) -> None:
     """A two-column table (a summary)."""
-    t = Table(title=title, show_header=False)
+    t = Table(title=Text(title), show_header=False)  # Text: ids and texts are data, never markup
     for k, v in rows:
-        t.add_row(k, v)
+        t.add_row(Text(k), Text(v))
     console.print(t)
 
 
 def status_table(rs: Any, batches: list[Any], totals: dict[str, Any]) -> Table:
-    t = Table(title=f"{rs.model} / {rs.dataset} / {rs.run_id}  [{rs.status}]")
+    t = Table(title=f"{rs.model} / {rs.dataset} / {rs.run_id}  [{rs.outcome}]")
     for col in (
         "batch",
         "status",
@@ -192,20 +208,31 @@ def status_table(rs: Any, batches: list[Any], totals: dict[str, Any]) -> Table:
         t.caption += f"\nindex rebuild pending: {names} (the next ingest of this run recreates it)"
     if rs.failure:
         f = rs.failure
-        t.caption += f"\nlast pass failed ({f['attempts']}×, next try after {f['retry_after']}): {f['error']}"
+        t.caption += f"\nlast pass failed ({_failure_when(f)}): {f.get('error')}"
+    for reason, n in rs.failed_reasons.items():
+        t.caption += f"\nfailed rows: {n:,} × {reason}"
     return t
+
+
+def _failure_when(f: dict[str, Any]) -> str:
+    """How often and until when a run's recorded failure holds it (a realtime run's failure
+    records only when it happened)."""
+    if "attempts" in f:
+        return f"{f['attempts']}×, next try after {f.get('retry_after')}"
+    return f"at {f.get('at')}"
 
 
 def print_status_lines(run_dir: str, rs: Any, batches: list[Any], totals: dict[str, Any]) -> None:
     """``status`` below a terminal (cron logs, pipes): one plain line per run and per batch,
     whole run directories, no table to wrap or cut."""
     out = [
-        f"run {rs.run_id} {rs.status} model={rs.model} dataset={rs.dataset} batches={totals['batches']} "
+        f"run {rs.run_id} {rs.outcome} model={rs.model} dataset={rs.dataset} batches={totals['batches']} "
         f"requests={totals['requests']} succeeded={totals['succeeded']} failed={totals['failed']} "
         f"enqueued_tokens={totals['enqueued_tokens']} dir={run_dir}"
     ]
     if rs.failure:
-        out.append(f"  failing: {rs.failure['error']} (attempts {rs.failure['attempts']})")
+        out.append(f"  failing: {rs.failure.get('error')} ({_failure_when(rs.failure)})")
+    out += [f"  failed rows: {n} × {reason}" for reason, n in rs.failed_reasons.items()]
     if rs.pg.get("pending_indexes"):
         names = ", ".join(d["name"] for d in rs.pg["pending_indexes"])
         out.append(f"  index rebuild pending: {names} (the next ingest of this run recreates it)")
@@ -215,6 +242,65 @@ def print_status_lines(run_dir: str, rs: Any, batches: list[Any], totals: dict[s
             f"failed={bs.failed or 0} batch_id={bs.batch_id or '-'}"
         )
     sys.stdout.write("\n".join(out) + "\n")
+
+
+def print_failed_rows(run_dir: str, failed: int, reasons: dict[str, int]) -> None:
+    """A run that ended with failed rows says so, on stderr: how many, the most common
+    reasons, where the ids are and how to send them again."""
+    lines = [f"finished with failures: {failed:,} row(s) failed in {run_dir}"]
+    lines += [f"  {n:,} × {reason}" for reason, n in reasons.items()]
+    lines.append(f"  the ids and reasons: {run_dir}/failed_ids.tsv")
+    lines.append(
+        f"  send them again: embedbatch retry --run-dir {run_dir} (rows whose failure cannot change, a 400 "
+        "for that input or a wrong dimension, need --force)"
+    )
+    err_console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+
+
+_SINK_FLAGS = ("--pg-", "--libsql-", "--rebuild-index", "--concurrently", "--update-chunk-size", "--overwrite")
+_SINK_SWITCHES = ("--rebuild-index", "--concurrently", "--overwrite", "--libsql-index")  # flags without a value
+
+
+def print_sink_not_filled(run_dir: str, skipped: int, argv: list[str]) -> None:
+    """Rows already in the dataset are not sent again, so this run does not write them into a
+    database target either: say so, and give the command that writes them from the store (an
+    ``ingest`` of each earlier run of the dataset with the same sink flags; no provider call)."""
+    flags: list[str] = []
+    for i, a in enumerate(argv):
+        if a.startswith(_SINK_FLAGS):
+            flags.append(a)
+            takes_value = "=" not in a and a not in (
+                "--rebuild-index",
+                "--concurrently",
+                "--overwrite",
+                "--libsql-index",
+            )
+            if takes_value and i + 1 < len(argv):
+                flags.append(argv[i + 1])
+    here = Path(run_dir)
+    earlier = sorted(p for p in here.parent.glob("run_*") if p != here and (p / "run.json").exists())
+    lines = [
+        f"{skipped:,} row(s) were already embedded in this dataset, so they were not sent and are not written "
+        "into the database target by this run. To write them from the stored vectors (no provider call):"
+    ]
+    lines += [shlex.join(["  embedbatch", "ingest", "--run-dir", str(p), *flags]) for p in earlier[-5:]]
+    if len(earlier) > 5:
+        lines.append(f"  … and the same for the {len(earlier) - 5} other run(s) in {here.parent}")
+    err_console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+
+
+def print_held_rows(held_by: dict[str, int]) -> None:
+    """Rows not sent because an unfinished Batch API run has them planned (nothing is paid
+    twice): name each run and how to finish or release it."""
+    for run_dir, rows in held_by.items():
+        err_console.print(
+            f"{rows:,} row(s) were not sent: the unfinished Batch API run {run_dir} has them planned. "
+            f"Finish it (`embedbatch submit --resume {run_dir}`, then `embedbatch poll --ingest`), or release "
+            f"them with `embedbatch cancel --run-dir {run_dir}` and run this command again.",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def print_run_summary(summary: Any) -> None:
@@ -311,7 +397,12 @@ def print_workspace(data: dict[str, Any]) -> None:
         t.add_column(c)
     for d in data["datasets"]:
         t.add_row(
-            d["model"], d["dataset"], f"{d['rows']:,}", str(d["shards"]), str(d["dimensions"]), str(len(d["runs"]))
+            Text(d["model"]),
+            Text(d["dataset"]),
+            f"{d['rows']:,}",
+            str(d["shards"]),
+            str(d["dimensions"]),
+            str(len(d["runs"])),
         )
     console.print(t)
     t = Table(title="runs")
@@ -320,10 +411,10 @@ def print_workspace(data: dict[str, Any]) -> None:
     for r in data["runs"]:
         t.add_row(
             r.get("run_id", "?"),
-            r.get("model", ""),
-            r.get("dataset", ""),
+            Text(r.get("model", "")),
+            Text(r.get("dataset", "")),
             r.get("kind", ""),
-            r.get("status", r.get("error", "")),
+            Text(r.get("status", r.get("error", ""))),
             ", ".join(f"{k}: {v}" for k, v in r.get("batches", {}).items()),
         )
     console.print(t)
@@ -331,11 +422,11 @@ def print_workspace(data: dict[str, Any]) -> None:
 
 def print_hits(query: str, hits: list[dict[str, Any]]) -> None:
     """Search results: score, id, the text's first 160 characters."""
-    t = Table(title=f"nearest to {query!r}")
+    t = Table(title=Text(f"nearest to {query!r}"))
     for c in ("score", "id", "text"):
         t.add_column(c)
     for h in hits:
-        t.add_row(f"{h['score']:.4f}", str(h["id"]), (h.get("text") or "")[:160].replace("\n", " "))
+        t.add_row(f"{h['score']:.4f}", Text(str(h["id"])), Text((h.get("text") or "")[:160].replace("\n", " ")))
     console.print(t)
     if hits and hits[0].get("via"):
         err_console.print(f"searched with: {hits[0]['via']}", markup=False, highlight=False)

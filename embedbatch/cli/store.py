@@ -10,7 +10,7 @@ import typer
 
 from embedbatch.cli.app import JsonOut, Model, app, open_workspace
 from embedbatch.cli.render import console, print_json, print_kv
-from embedbatch.errors import UsageError
+from embedbatch.errors import NotFoundError, UsageError
 
 index_app = typer.Typer(no_args_is_help=True, help="Vector indexes (Faiss) beside the shards.")
 app.add_typer(index_app, name="index")
@@ -74,7 +74,7 @@ def get(
     m, d = find_dataset(ws, dataset, model)
     (row,) = DatasetStore(ws, m, d).get([record_id])
     if row is None:
-        raise UsageError(f"no id {record_id!r} in dataset {m}/{d}")
+        raise NotFoundError(f"no id {record_id!r} in dataset {m}/{d}")
     vec = row.pop("embedding")
     row["dimensions"] = len(vec)
     if json_out:

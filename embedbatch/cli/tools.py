@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -37,6 +38,7 @@ from embedbatch.cli.render import (
     print_hits,
     print_json,
     print_local_result,
+    print_sink_not_filled,
     print_verify,
     print_workspace,
 )
@@ -102,7 +104,7 @@ def local(
     ray_cfg = None
     if ray_address is not None:
         ray_cfg = RayConfig(address=ray_address, actors=ray_actors, gpus_per_actor=ray_gpus_per_actor)
-    with RowProgress("embedding") as progress:
+    with RowProgress("embedding", log_every_s=settings().progress_log_s) as progress:
         result = run_local(
             open_workspace(),
             source=src.build(source, settings()),
@@ -122,6 +124,8 @@ def local(
         print_json(result.to_json())
     else:
         print_local_result(result)
+    if result.skipped_existing and (sink.pg_table or sink.libsql_table):
+        print_sink_not_filled(result.run_dir, result.skipped_existing, sys.argv[1:])
 
 
 @app.command()
@@ -319,6 +323,35 @@ def db_init(
     folder = migrations or MIGRATIONS
     applied = anyio.run(apply_migrations, dsn, folder)
     console.print(f"applied {', '.join(applied)}")
+
+
+@db_app.command("start")
+def db_start(
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="The server's data folder (default: WORKSPACE/postgres).")
+    ] = None,
+) -> None:
+    """Start PostgreSQL 18 with pgvector on this machine (the postgres extra; Unix socket only)
+    and print its DSN: `export DATABASE_URL=$(embedbatch db start)`. It runs until `db stop`."""
+    from embedbatch.db.embedded import start
+
+    folder = data_dir or settings().workspace / "postgres"
+    dsn = start(folder)
+    err_console.print(f"PostgreSQL with pgvector is running on {folder}; stop it with: embedbatch db stop")
+    print(dsn)
+
+
+@db_app.command("stop")
+def db_stop(
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="The server's data folder (default: WORKSPACE/postgres).")
+    ] = None,
+) -> None:
+    """Stop the PostgreSQL server `db start` started (its data folder stays)."""
+    from embedbatch.db.embedded import stop
+
+    folder = data_dir or settings().workspace / "postgres"
+    console.print(f"stopped PostgreSQL on {folder}" if stop(folder) else f"no PostgreSQL running on {folder}")
 
 
 @app.command()

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedbatch.config import Settings
-from embedbatch.errors import UsageError
+from embedbatch.errors import NotFoundError, UsageError
 from embedbatch.store.manifest import Manifest
 from embedbatch.workspace import Workspace
 
@@ -155,18 +155,24 @@ def nearest(
 
 
 def search_by_id(ws: Workspace, record_id: str, *, dataset: str, model: str | None, k: int = 5) -> list[dict[str, Any]]:
-    """The ``k`` nearest rows to a stored row (itself left out).
+    """A stored row and its nearest rows: the row itself first (whatever ties it has: another
+    row with the same vector comes after it), then the ``k - 1`` nearest other rows.
 
     Raises:
-        UsageError: no such dataset or id.
+        UsageError: no such dataset.
+        NotFoundError: no such id in the dataset.
     """
     from embedbatch.store.dataset import DatasetStore
 
     m, d = find_dataset(ws, dataset, model)
-    (row,) = DatasetStore(ws, m, d).get([record_id], columns=["embedding"])
+    (row,) = DatasetStore(ws, m, d).get([record_id], columns=["embedding", "text"])
     if row is None:
-        raise UsageError(f"no id {record_id!r} in dataset {m}/{d}")
-    return nearest(ws, Manifest.load(ws, m, d), row["embedding"], k=k, exclude=record_id)
+        raise NotFoundError(f"no id {record_id!r} in dataset {m}/{d}")
+    vec = np.asarray(row["embedding"], np.float32)
+    self_score = 1.0 if np.linalg.norm(vec) > 0 else 0.0
+    first = {"id": record_id, "score": self_score, "text": row["text"]}
+    others = nearest(ws, Manifest.load(ws, m, d), vec, k=k - 1, exclude=record_id) if k > 1 else []
+    return [first, *others]
 
 
 def _local_model_of(ws: Workspace, model: str, dataset: str, manifest: Manifest) -> str | None:

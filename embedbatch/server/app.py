@@ -79,7 +79,7 @@ class FaultConfig:
     Attributes:
         rate_429 / rate_500 / rate_503: chance a call answers that status (429 with Retry-After).
         next_statuses: statuses answered by the next calls, in order (deterministic faults).
-        line_error_rate: chance an output line becomes an error-file line (HTTP 400 shape).
+        line_error_rate: chance an output line becomes an error-file line (HTTP 500 shape: a retry can succeed).
         fail_batches: how many of the next created batches fail validation.
         expire_batches: how many of the next created batches expire after ``expire_fraction``.
         enqueued_token_limit: fail a new batch with token_limit_exceeded when the model's enqueued
@@ -627,13 +627,13 @@ class FakeOpenAI:
                             "id": self._new_id("batch_req"),
                             "custom_id": req["custom_id"],
                             "response": {
-                                "status_code": 400,
+                                "status_code": 500,
                                 "request_id": secrets.token_hex(16),
                                 "body": {
                                     "error": {
                                         "message": "Injected per-line failure.",
-                                        "type": "invalid_request_error",
-                                        "param": "input",
+                                        "type": "server_error",
+                                        "param": None,
                                         "code": None,
                                     }
                                 },

@@ -34,6 +34,12 @@ __all__ = ["LibsqlInfo", "check_target", "connect", "nearest", "sink_run", "writ
 log = structlog.get_logger(__name__)
 
 
+# The text column insert mode creates and fills (``search --libsql-text-column`` reads it).
+TEXT_COLUMN = "content"
+# What the writers take: ids, their (n, dim) float32 vectors and, optionally, their texts.
+Chunk = tuple[list[str], np.ndarray] | tuple[list[str], np.ndarray, list[str]]
+
+
 def connect(url: str, auth_token: str | None = None) -> Any:
     """A libSQL connection: a local file (``PATH`` or ``file:PATH``) or a remote URL.
 
@@ -62,6 +68,7 @@ class LibsqlInfo:
     dim: int | None
     id_type: str
     indexes: list[tuple[str, str]]
+    columns: frozenset[str] = frozenset()
 
 
 def _inspect(conn: Any, target: LibsqlTarget) -> LibsqlInfo | None:
@@ -82,7 +89,7 @@ def _inspect(conn: Any, target: LibsqlTarget) -> LibsqlInfo | None:
         "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND sql LIKE '%libsql_vector_idx%'",
         (target.table,),
     ).fetchall()
-    return LibsqlInfo(int(m.group(1)), cols[target.id_column].upper(), [(r[0], r[1]) for r in rows])
+    return LibsqlInfo(int(m.group(1)), cols[target.id_column].upper(), [(r[0], r[1]) for r in rows], frozenset(cols))
 
 
 def check_target(url: str, auth_token: str | None, target: LibsqlTarget, *, dim: int) -> LibsqlInfo | None:
@@ -139,14 +146,16 @@ def write_vectors(
     url: str,
     auth_token: str | None,
     target: LibsqlTarget,
-    chunks: Iterator[tuple[list[str], np.ndarray]],
+    chunks: Iterator[Chunk],
     *,
     dim: int,
     model: str = "",
     on_chunk: Callable[[int], None] | None = None,
     on_index_drop: Callable[[list[tuple[str, str]]], None] | None = None,
 ) -> LibsqlReport:
-    """Write ``(ids, (n, dim) float32)`` chunks into the target, one transaction per chunk.
+    """Write ``(ids, (n, dim) float32[, texts])`` chunks into the target, one transaction per
+    chunk. Insert mode creates a missing table as (id, vector, ``content`` text, model,
+    created_at) and stores each row's text when the table has a ``content`` column.
 
     A vector of another dimension or with NaN/inf is refused (counted, never written).
 
@@ -161,7 +170,7 @@ def write_vectors(
         if info is None and target.mode == "insert":
             conn.execute(
                 f"CREATE TABLE {quote_ident(target.table)} ({quote_ident(target.id_column)} TEXT PRIMARY KEY, "
-                f"{quote_ident(target.vector_column)} F32_BLOB({dim}), model TEXT, created_at TEXT)"
+                f"{quote_ident(target.vector_column)} F32_BLOB({dim}), {TEXT_COLUMN} TEXT, model TEXT, created_at TEXT)"
             )
             conn.commit()
             info = _inspect(conn, target)
@@ -208,7 +217,7 @@ def _write_chunks(
     conn: Any,
     target: LibsqlTarget,
     info: LibsqlInfo,
-    chunks: Iterator[tuple[list[str], np.ndarray]],
+    chunks: Iterator[Chunk],
     dim: int,
     model: str,
     report: LibsqlReport,
@@ -218,8 +227,12 @@ def _write_chunks(
     null_only = "" if target.overwrite else f" AND {vc} IS NULL"
     update = f"UPDATE {table} SET {vc} = ? WHERE {idc} = ?{null_only}"
     verb = "INSERT OR REPLACE" if target.overwrite else "INSERT OR IGNORE"
-    insert = f"{verb} INTO {table} ({idc}, {vc}, model, created_at) VALUES (?, ?, ?, ?)"
-    for ids, vecs in chunks:
+    with_text = TEXT_COLUMN in info.columns
+    columns = f"{idc}, {vc}, {TEXT_COLUMN}, model, created_at" if with_text else f"{idc}, {vc}, model, created_at"
+    insert = f"{verb} INTO {table} ({columns}) VALUES ({', '.join('?' * (5 if with_text else 4))})"
+    for chunk in chunks:
+        ids, vecs = chunk[0], chunk[1]
+        texts = chunk[2] if len(chunk) > 2 else None
         good = (vecs.shape[1] == dim) & np.isfinite(vecs).all(axis=1)
         report.refused += int((~good).sum())
         keys = [_id_value(rid, info.id_type) for rid in ids]
@@ -229,7 +242,13 @@ def _write_chunks(
         ok = good.tolist()
         if target.mode == "insert":
             now = utc_now().isoformat()
-            new = [(k, raw[i * width : (i + 1) * width], model, now) for i, k in enumerate(keys) if ok[i]]
+            new: list[tuple[Any, ...]] = []
+            for i, k in enumerate(keys):
+                if ok[i]:
+                    blob = raw[i * width : (i + 1) * width]
+                    new.append(
+                        (k, blob, texts[i] if texts else None, model, now) if with_text else (k, blob, model, now)
+                    )
             conn.executemany(insert, new)
             written = len(new)
         else:
@@ -274,12 +293,12 @@ def sink_run(ws: Any, run: Any, *, auth_token: str | None) -> dict[str, Any]:
     progress: dict[str, int] = dict(rs.libsql.get("progress", {}))
     pending: list[tuple[str, int]] = []
 
-    def chunks() -> Iterator[tuple[list[str], np.ndarray]]:
-        for shard, end, ids, vecs, _ in iter_run_chunks(
+    def chunks() -> Iterator[Chunk]:
+        for shard, end, ids, vecs, texts in iter_run_chunks(
             ws, rs.model, rs.dataset, rs.run_id, chunk_rows=target.update_chunk_size, progress=progress
         ):
             pending.append((shard, end))
-            yield ids, vecs
+            yield ids, vecs, texts
 
     def committed(_: int) -> None:
         shard, end = pending.pop(0)
@@ -318,7 +337,8 @@ def sink_run(ws: Any, run: Any, *, auth_token: str | None) -> dict[str, Any]:
     rs.libsql["status"] = "done"
     rs.libsql.pop("error", None)
     run.save()
-    log.info("libsql", run=rs.run_id, table=target.table, written=report.written, missing=report.missing_ids)
+    if report.chunks or report.index_built:  # a pass with nothing new to write logs nothing
+        log.info("libsql", run=rs.run_id, table=target.table, written=report.written, missing=report.missing_ids)
     return report.to_json()
 
 

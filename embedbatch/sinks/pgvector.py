@@ -73,6 +73,26 @@ class TargetInfo:
     id_type: str
     rows_estimate: int
     indexes: list[VectorIndex]
+    columns: frozenset[str] = frozenset()
+
+
+async def _table_exists(conn: Any, target: PgTarget) -> bool:
+    try:
+        return bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", quote_table(target.table)))
+    except Exception as exc:
+        raise translate_error(exc, f"table {target.table!r}") from exc
+
+
+async def _create_insert_table(conn: Any, target: PgTarget, dim: int) -> None:
+    """Insert mode into a missing table: create it as (id text primary key, vector(dim)[, text])."""
+    text = f", {quote_ident(target.text_column)} text" if target.text_column else ""
+    try:
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {quote_table(target.table)} ({quote_ident(target.id_column)} "
+            f"text PRIMARY KEY, {quote_ident(target.vector_column)} vector({dim}){text})"
+        )
+    except Exception as exc:
+        raise translate_error(exc, f"creating table {target.table!r}") from exc
 
 
 async def inspect_target(conn: Any, target: PgTarget) -> TargetInfo:
@@ -114,7 +134,9 @@ async def inspect_target(conn: Any, target: PgTarget) -> TargetInfo:
         target.vector_column,
     )
     indexes = [VectorIndex(r["name"], r["method"], r["def"]) for r in idx_rows]
-    return TargetInfo(target.table, m.group(1), int(m.group(2)), cols[target.id_column], int(rows or 0), indexes)
+    return TargetInfo(
+        target.table, m.group(1), int(m.group(2)), cols[target.id_column], int(rows or 0), indexes, frozenset(cols)
+    )
 
 
 @dataclass
@@ -192,6 +214,8 @@ async def write_vectors(
     report = WriteReport()
     started = time.monotonic()
     async with connect(dsn) as conn:
+        if target.mode == "insert" and not await _table_exists(conn, target):
+            await _create_insert_table(conn, target, dim)
         info = await inspect_target(conn, target)
         if info.dim != dim:
             raise DatabaseError(
@@ -256,10 +280,11 @@ async def write_vectors(
     return report
 
 
-async def check_target(dsn: str | None, target: PgTarget, *, dim: int) -> TargetInfo:
+async def check_target(dsn: str | None, target: PgTarget, *, dim: int) -> TargetInfo | None:
     """Check, before anything is paid for, that ``target`` can take ``dim``-dimensional vectors:
     the table, id column and vector column exist, the column is ``vector``/``halfvec`` of that
-    dimension, and the id column's type is one we can map ids to.
+    dimension, and the id column's type is one we can map ids to. In insert mode a missing table
+    is fine (the write creates it): None.
 
     Raises:
         UsageError: no DSN.
@@ -268,6 +293,8 @@ async def check_target(dsn: str | None, target: PgTarget, *, dim: int) -> Target
     if not dsn:
         raise UsageError("--pg-table needs a database: set DATABASE_URL or pass --pg-dsn")
     async with connect(dsn) as conn:
+        if target.mode == "insert" and not await _table_exists(conn, target):
+            return None
         info = await inspect_target(conn, target)
     if info.dim != dim:
         raise DatabaseError(
@@ -320,8 +347,10 @@ async def _insert(
     report: WriteReport,
     on_chunk: Callable[[int], None] | None,
 ) -> None:
-    """Binary COPY into the table (id, vector[, text]); ids already present are skipped."""
-    columns = [target.id_column, target.vector_column] + ([target.text_column] if target.text_column else [])
+    """Binary COPY into the table (id, vector[, text when the table has that column]); ids
+    already present are skipped."""
+    with_text = bool(target.text_column) and target.text_column in info.columns
+    columns = [target.id_column, target.vector_column] + ([target.text_column] if with_text else [])  # type: ignore[list-item]
     table = quote_table(target.table)
     idc = quote_ident(target.id_column)
     schema, _, name = target.table.rpartition(".")
@@ -336,7 +365,7 @@ async def _insert(
             keep = [i for i, rid in enumerate(ids) if rid not in present]
             typed = _convert_ids([ids[i] for i in keep], info.id_type)
             records: list[tuple[Any, ...]]
-            if target.text_column:
+            if with_text:
                 assert texts is not None
                 records = [(typed[k], vecs[i], texts[i]) for k, i in enumerate(keep)]
             else:
@@ -467,10 +496,11 @@ async def _sink_run(ws: Any, run: Any, dsn: str, dim: int) -> dict[str, Any]:
     for key in totals:
         totals[key] += getattr(report, key)
     run.save()
-    log.info(
-        "pgvector",
-        run=rs.run_id,
-        table=target.table,
-        **{k: v for k, v in report.to_json().items() if k != "index_rebuilt"},
-    )
+    if report.chunks or report.index_rebuilt:  # a pass with nothing new to write logs nothing
+        log.info(
+            "pgvector",
+            run=rs.run_id,
+            table=target.table,
+            **{k: v for k, v in report.to_json().items() if k != "index_rebuilt"},
+        )
     return report.to_json()

@@ -42,14 +42,19 @@ def iter_rows(path: Path) -> Iterator[RawRow]:
         # --skip-bad-rows), not the end of the file.
         where = int(row.number) if row.number is not None else 0
         reason = f"ragged CSV row: expected {row.expected_columns} fields, got {row.actual_columns}"
-        ragged.append(RawRow(name, where, None, reason))
+        try:
+            values = next(pycsv.reader(io.StringIO(row.text)))
+        except (StopIteration, pycsv.Error):
+            values = []
+        ragged.append(RawRow(name, where, None, reason, partial=dict(zip(header, values, strict=False))))
         return "skip"
 
     parse = pacsv.ParseOptions(invalid_row_handler=bad_row)
+    read = pacsv.ReadOptions(use_threads=False)  # one thread: a bad row's number is its line
     line = 1
     with open_maybe_gzip(path) as fh:
         try:
-            reader = pacsv.open_csv(fh, convert_options=convert, parse_options=parse)
+            reader = pacsv.open_csv(fh, read_options=read, convert_options=convert, parse_options=parse)
             for batch in reader:
                 yield from ragged
                 ragged.clear()

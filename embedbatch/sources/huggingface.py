@@ -19,6 +19,7 @@ of :data:`BATCH_ROWS` whatever the dataset's size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -32,7 +33,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedbatch.errors import InputError, MissingExtraError, UsageError
+from embedbatch.errors import DiskError, EmbedbatchError, InputError, MissingExtraError, ProviderError, UsageError
 from embedbatch.records import RawRow
 from embedbatch.workspace import atomic_write_json, fsync_dir
 
@@ -58,6 +59,37 @@ def _datasets() -> Any:
     except ImportError as exc:
         raise MissingExtraError("datasets", "hf") from exc
     return datasets
+
+
+_NETWORK_MODULES = ("requests", "urllib3", "httpx", "httpcore", "aiohttp", "huggingface_hub", "fsspec")
+
+
+@contextlib.contextmanager
+def _hub_errors(name: str) -> Iterator[None]:
+    """The one boundary for the hub: a network failure (after the hub client's own retries)
+    becomes one :class:`ProviderError` naming the hub and ``HF_HUB_OFFLINE``. The hub client's
+    retry warnings are kept off stderr (the error says it all)."""
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    try:
+        yield
+    except EmbedbatchError:
+        raise
+    except Exception as exc:
+        module = type(exc).__module__.split(".")[0]
+        network = module in _NETWORK_MODULES or isinstance(exc, ConnectionError | TimeoutError)
+        if isinstance(exc, OSError) and exc.errno in DiskError.ERRNOS:
+            network = False
+        if not network and "Couldn't reach" not in str(exc):
+            raise
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ProviderError(
+            f"cannot reach the Hugging Face hub at {endpoint} for {name} ({first}); download the dataset "
+            "where the hub can be reached, or set HF_HUB_OFFLINE=1 to read only local copies"
+        ) from exc
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -319,8 +351,13 @@ def iter_rows(
     Raises:
         UsageError: see :func:`resolve`; an unknown split.
         InputError: a part that cannot be read.
+        ProviderError: the hub cannot be reached.
     """
-    ds = resolve(spec, subset=subset, revision=revision, raw_dir=raw_dir, offline=offline)
+    with _hub_errors(spec):
+        yield from _iter_rows(resolve(spec, subset=subset, revision=revision, raw_dir=raw_dir, offline=offline), splits)
+
+
+def _iter_rows(ds: HfDataset, splits: tuple[str, ...]) -> Iterator[RawRow]:
     for split in ds.splits(splits):
         meta = {"hf": {"name": ds.name, "subset": ds.subset, "revision": ds.revision, "split": split}}
         label = f"{ds.label}/{split}"
@@ -372,7 +409,24 @@ def download_dataset(
     Raises:
         UsageError: unknown dataset or split; offline without a local folder.
         MissingExtraError: ``datasets`` is not installed.
+        ProviderError: the hub cannot be reached.
     """
+    with _hub_errors(name):
+        return _download(
+            raw_dir, name, subset=subset, splits=splits, revision=revision, offline=offline, as_name=as_name
+        )
+
+
+def _download(
+    raw_dir: Path,
+    name: str,
+    *,
+    subset: str | None,
+    splits: tuple[str, ...],
+    revision: str | None,
+    offline: bool,
+    as_name: str | None,
+) -> DownloadResult:
     from embedbatch import __version__
 
     local = Path(name).is_dir()

@@ -56,7 +56,7 @@ def _tables(ws: Workspace) -> tuple[list[str], pa.Table, pa.Table, pa.Table]:
                 "model": rs.model,
                 "dataset": rs.dataset,
                 "kind": rs.kind,
-                "status": rs.status,
+                "status": rs.outcome,
                 "created_at": rs.created_at,
                 "updated_at": rs.updated_at,
                 "planned": rs.counts.get("planned"),

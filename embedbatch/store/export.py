@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embedbatch.engines.batchapi.ingest import tsv_escape
 from embedbatch.errors import StateError, UsageError
+from embedbatch.failures import tsv_escape
 from embedbatch.store.index import IdIndex
 from embedbatch.store.manifest import Manifest, file_sha256
 from embedbatch.store.shards import iter_vector_chunks

@@ -90,7 +90,7 @@ def test_get_and_search_by_id(ws: Workspace, data: dict[str, np.ndarray]) -> Non
     np.testing.assert_array_equal(b7["embedding"], data["b7"])
     assert (a3["text"], a3["run_id"], a3["split"]) == ("text of a3 (run_3)", "run_3", "train")  # the newest row
     hits = search_by_id(ws, "b7", dataset="d", model=None, k=4)
-    assert [h["id"] for h in hits] == brute(data, data["b7"], 4, exclude="b7")
+    assert [h["id"] for h in hits] == ["b7", *brute(data, data["b7"], 3, exclude="b7")]  # the row itself first
 
 
 @pytest.mark.parametrize("fmt", ["npy", "arrow", "f16"])
@@ -135,9 +135,9 @@ def test_cli_get_search_id_export_sql(ws: Workspace, data: dict[str, np.ndarray]
     got = orjson.loads(r.stdout)
     assert got["id"] == "b2" and got["dimensions"] == DIM
     np.testing.assert_allclose(got["embedding"], data["b2"], rtol=1e-6)
-    assert run_cli(["get", "zzz", "--dataset", "d"], env, tmp_path).returncode == 2
+    assert run_cli(["get", "zzz", "--dataset", "d"], env, tmp_path).returncode == 9  # not found
     r = run_cli(["search", "--id", "b2", "--dataset", "d", "-k", "3", "--json"], env, tmp_path)
-    assert [h["id"] for h in orjson.loads(r.stdout)] == brute(data, data["b2"], 3, exclude="b2")
+    assert [h["id"] for h in orjson.loads(r.stdout)] == ["b2", *brute(data, data["b2"], 2, exclude="b2")]
     r = run_cli(["export", "--dataset", "d", "--out", str(tmp_path / "x"), "--json"], env, tmp_path)
     assert orjson.loads(r.stdout)["count"] == 73
     r = run_cli(["sql", "SELECT count(*) AS n FROM runs", "--csv"], env, tmp_path)

@@ -38,6 +38,7 @@ class RunSummary:
     wall_s: float = 0.0
     retries: int = 0
     passes: int = 0
+    failed_reasons: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -99,8 +100,8 @@ async def drive_run(
         rs = run.state
         manifest = Manifest.load(ws, rs.model, rs.dataset)
         summary.embedded = sum(bs.succeeded or 0 for bs in run.batches if bs.status == "ingested")
-        if paths.failed_ids.exists():
-            summary.failed = max(0, len(paths.failed_ids.read_bytes().splitlines()) - 1)
+        summary.failed = rs.failed_rows
+        summary.failed_reasons = dict(rs.failed_reasons)
         summary.usage_tokens = rs.actual.get("usage_tokens", 0)
         summary.cost_batch_usd = rs.actual.get("cost_batch_usd")
         summary.estimated_cost_batch_usd = rs.estimate.get("cost_batch_usd")

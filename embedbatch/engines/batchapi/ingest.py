@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -26,6 +25,7 @@ import structlog
 from embedbatch.config import IngestConfig, LibsqlTarget, PgTarget
 from embedbatch.engines.batchapi.output import BatchReader
 from embedbatch.errors import StateError
+from embedbatch.failures import top_reasons, tsv_escape, tsv_unescape
 from embedbatch.runs import BatchState, Run, crash_point
 from embedbatch.store.dataset import DatasetStore
 from embedbatch.store.index import IdIndex
@@ -33,44 +33,9 @@ from embedbatch.store.manifest import Manifest
 from embedbatch.tokens import MODEL_DIMENSIONS, cost_usd
 from embedbatch.workspace import RunPaths, Workspace, atomic_write_bytes
 
-__all__ = ["IngestResult", "ingest_locked", "ingest_run", "read_failed_ids", "rebuild_failed_ids", "tsv_escape"]
+__all__ = ["IngestResult", "ingest_locked", "ingest_run", "rebuild_failed_ids"]
 
 log = structlog.get_logger(__name__)
-
-
-_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
-_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
-
-
-def tsv_escape(s: str) -> str:
-    """A field for ``failed_ids.tsv``, escaped as PostgreSQL's COPY text format does: backslash,
-    TAB, LF and CR become ``\\``, ``\t``, ``\n``, ``\r``; nothing else changes (quotes stay)."""
-    return "".join(_ESCAPES.get(ch, ch) for ch in s) if any(ch in s for ch in _ESCAPES) else s
-
-
-def tsv_unescape(s: str) -> str:
-    """The inverse of :func:`tsv_escape`."""
-    if "\\" not in s:
-        return s
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and i + 1 < len(s):
-            out.append(_UNESCAPES.get(s[i + 1], s[i + 1]))
-            i += 2
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
-
-
-def read_failed_ids(path: Path) -> dict[str, str]:
-    """id → reason from a ``failed_ids.tsv`` (every id exactly as it was, see :func:`tsv_escape`)."""
-    out: dict[str, str] = {}
-    for line in path.read_text(encoding="utf-8").split("\n")[1:]:
-        if line:
-            rid, _, rest = line.partition("\t")
-            out[tsv_unescape(rid)] = tsv_unescape(rest.partition("\t")[0])
-    return out
 
 
 @dataclass
@@ -97,7 +62,9 @@ def _expected_dim(model: str, dimensions: int | None, manifest: Manifest) -> int
 
 def rebuild_failed_ids(run: Run, index: IdIndex) -> int:
     """Write the run's failed_ids.tsv: every batch's failures whose id no shard holds (a retry
-    that succeeded removes the id); the latest reason per id wins. Returns the row count."""
+    that succeeded removes the id); the latest reason per id wins. The run's ``counts.failed``
+    and ``failed_reasons`` become those outstanding rows (saved by the caller). Returns the row
+    count."""
     latest: dict[bytes, bytes] = {}
     for bs in run.batches:
         p = run.batch_dir(bs) / "failed_ids.tsv"
@@ -108,6 +75,8 @@ def rebuild_failed_ids(run: Run, index: IdIndex) -> int:
     embedded: list[bool] = index.has_ids(ids).tolist() if ids else []
     rows = [row for row, done in zip(latest.values(), embedded, strict=True) if not done]
     atomic_write_bytes(run.paths.failed_ids, b"".join([b"id\treason\tbatch\tline\n", *rows]))
+    run.state.counts["failed"] = len(rows)
+    run.state.failed_reasons = top_reasons(tsv_unescape(r.split(b"\t", 2)[1].decode()) for r in rows)
     return len(rows)
 
 
@@ -300,7 +269,5 @@ def _update_run_costs(run: Run) -> None:
     standard, batch = cost_usd(rs.model, usage)
     rs.actual.update({"usage_tokens": usage, "cost_batch_usd": batch, "cost_standard_usd": standard})
     ingested = [bs for bs in run.batches if bs.status == "ingested"]
-    rs.counts.update(
-        {"succeeded": sum(bs.succeeded or 0 for bs in ingested), "failed": sum(bs.failed or 0 for bs in ingested)}
-    )
+    rs.counts["succeeded"] = sum(bs.succeeded or 0 for bs in ingested)
     run.save()

@@ -19,7 +19,7 @@ from embedbatch.engines.batchapi.estimate import Estimate
 from embedbatch.engines.batchapi.split import BatchSplitter, check_model_options, request_encoder
 from embedbatch.errors import InputError, LimitError, LockedError, StateError
 from embedbatch.intake import Intake, dataset_name, source_label
-from embedbatch.runs import FINAL, Run, RunState, git_sha, lockfile_sha256
+from embedbatch.runs import FINAL, Run, RunState, git_sha, lockfile_sha256, note_run
 from embedbatch.store.dataset import DatasetStore
 from embedbatch.store.index import IdIndex
 from embedbatch.tokens import get_tokenizer
@@ -229,5 +229,6 @@ def plan_run(
             rs.status = "finished" if not submit.dry_run else rs.status
             rs.save(RunPaths(partial))
         partial.rename(run.root)
+        note_run(run, "batchapi")
         crash_point("plan_before_unlock")
         return PlannedRun(run, rs, est, intake.skipped_existing, already_planned)

@@ -53,6 +53,7 @@ class PassReport:
     active_runs: int = 0
     failed_runs: list[str] = field(default_factory=list)
     backed_off: list[str] = field(default_factory=list)
+    finished_with_failures: list[str] = field(default_factory=list)  # run dirs this pass finished
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -245,6 +246,8 @@ async def poll_run(
         run.settle()
         if run.state.status == "active":
             report.active_runs += 1
+        elif run.state.failed_rows:
+            report.finished_with_failures.append(str(run.paths.root))
         run.save()
 
 

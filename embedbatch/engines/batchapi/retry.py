@@ -15,8 +15,8 @@ import orjson
 
 from embedbatch.config import BatchLimits
 from embedbatch.engines.batchapi.batchfiles import BatchFileWriter, BatchRecords, read_record_ids
-from embedbatch.engines.batchapi.ingest import read_failed_ids
 from embedbatch.engines.batchapi.split import BatchSplitter
+from embedbatch.failures import is_permanent, read_failed_ids
 from embedbatch.records import text_sha256
 from embedbatch.runs import Run, crash_point
 from embedbatch.store.dataset import DatasetStore
@@ -34,10 +34,16 @@ class RetryPlan:
     requeued: int = 0
     given_up: list[str] = field(default_factory=list)
     already_embedded: int = 0
+    permanent: dict[str, int] = field(default_factory=dict)  # reason → ids left alone (not forced)
 
 
-def plan_retry(ws: Workspace, paths: RunPaths, *, max_attempts: int = 3, wait_s: float | None = None) -> RetryPlan:
+def plan_retry(
+    ws: Workspace, paths: RunPaths, *, max_attempts: int = 3, wait_s: float | None = None, force: bool = False
+) -> RetryPlan:
     """Re-plan every id in the run's failed_ids.tsv that no shard holds with the same text.
+
+    An id whose failure cannot change (:func:`~embedbatch.failures.is_permanent`: a 400 for that
+    input, a wrong dimension) is left alone and counted in ``permanent`` unless ``force``.
 
     An id is tried at most ``max_attempts`` times in all (the first try counts); ids past that
     stay in failed_ids.tsv and are listed in ``given_up`` (also in ``retry.json``). Ids already
@@ -47,16 +53,21 @@ def plan_retry(ws: Workspace, paths: RunPaths, *, max_attempts: int = 3, wait_s:
         LockedError: another process holds the run.
     """
     with Run.open(paths, wait_s=wait_s, purpose="retry") as run:
-        return plan_retry_locked(ws, run, max_attempts=max_attempts)
+        return plan_retry_locked(ws, run, max_attempts=max_attempts, force=force)
 
 
-def plan_retry_locked(ws: Workspace, run: Run, *, max_attempts: int = 3) -> RetryPlan:
+def plan_retry_locked(ws: Workspace, run: Run, *, max_attempts: int = 3, force: bool = False) -> RetryPlan:
     """:func:`plan_retry` for a caller that holds the run."""
     rs = run.state
     plan = RetryPlan()
     if not run.paths.failed_ids.exists():
         return plan
-    failed = set(read_failed_ids(run.paths.failed_ids))
+    failed = read_failed_ids(run.paths.failed_ids)
+    if not force:
+        for rid, reason in list(failed.items()):
+            if is_permanent(reason):
+                plan.permanent[reason[:200]] = plan.permanent.get(reason[:200], 0) + 1
+                del failed[rid]
     if not failed:
         return plan
     index = DatasetStore(ws, rs.model, rs.dataset).id_index()
@@ -69,6 +80,7 @@ def plan_retry_locked(ws: Workspace, run: Run, *, max_attempts: int = 3) -> Retr
     writer = BatchFileWriter(run.paths.root, BatchSplitter(limits), prefix="retry", first_number=n_retry + 1)
     chosen: list[str] = []
     chosen_set: set[str] = set()
+    given_up: set[str] = set()
     try:
         for bs in run.batches:
             d = run.batch_dir(bs)
@@ -85,7 +97,9 @@ def plan_retry_locked(ws: Workspace, run: Run, *, max_attempts: int = 3) -> Retr
                         plan.already_embedded += 1
                         continue
                     if rs.attempts.get(rid, 1) >= max_attempts:
-                        plan.given_up.append(rid)
+                        if rid not in given_up:  # an id is in every batch that tried it
+                            given_up.add(rid)
+                            plan.given_up.append(rid)
                         continue
                     row = records.row(i)
                     n_tokens = int(row["n_tokens"] or 0)

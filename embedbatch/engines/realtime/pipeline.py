@@ -39,12 +39,12 @@ from embedbatch.config import (
     Settings,
     SourceConfig,
 )
-from embedbatch.engines.batchapi.ingest import tsv_escape
 from embedbatch.engines.batchapi.plan import skip_done_or_planned
 from embedbatch.engines.batchapi.split import check_model_options
 from embedbatch.engines.realtime.packing import read_rows, write_rows
 from embedbatch.engines.realtime.sender import Sender
 from embedbatch.errors import LimitError, StateError, UsageError
+from embedbatch.failures import is_permanent, read_failed_ids, top_reasons, tsv_escape
 from embedbatch.intake import Intake, dataset_name, source_label
 from embedbatch.records import Record
 from embedbatch.runs import Run, RunState, git_sha, lockfile_sha256
@@ -87,8 +87,10 @@ class RealtimeResult:
     splits: int = 0
     skipped_existing: int = 0
     already_planned: int = 0
+    held_by: dict[str, int] = field(default_factory=dict)  # unfinished Batch API run dir → rows it holds
     rejected: int = 0
     truncated: int = 0
+    permanent: dict[str, int] = field(default_factory=dict)  # retry: reason → rows left alone
     shards: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     intake_s: float = 0.0
@@ -195,9 +197,12 @@ def retry_realtime(
     realtime: RealtimeConfig | None = None,
     ingest: IngestConfig | None = None,
     on_rows: Callable[[int], None] | None = None,
+    force: bool = False,
 ) -> RealtimeResult:
     """Embed again the rows of a finished realtime run listed in its failed_ids.tsv (their
-    prepared text is in failed_rows.jsonl), as part of the same run.
+    prepared text is in failed_rows.jsonl), as part of the same run. Rows whose failure cannot
+    change (:func:`~embedbatch.failures.is_permanent`) stay failed unless ``force``
+    (``permanent`` counts them).
 
     Returns:
         This retry's :class:`RealtimeResult` (``planned``: rows tried, ``rows``: embedded now);
@@ -221,9 +226,20 @@ def retry_realtime(
         counts = dict(state.state.counts)
         result = RealtimeResult(str(paths.root), rs0.model, rs0.dataset)
         index = store.id_index()
-        todo = [r for r in read_rows(paths.failed_rows) if not index.contains(r.id, r.sha256)]
+        reasons = read_failed_ids(paths.failed_ids) if paths.failed_ids.exists() else {}
+        todo: list[Record] = []
+        kept: list[tuple[Record, str]] = []
+        for r in read_rows(paths.failed_rows):
+            if index.contains(r.id, r.sha256):
+                continue
+            reason = reasons.get(r.id, "")
+            if not force and is_permanent(reason):
+                kept.append((r, reason))
+            else:
+                todo.append(r)
         result.planned = len(todo)
-        _embed(ws, store, state, settings, keys, cfg, ingest, result, iter(todo), on_rows)
+        result.permanent = top_reasons((reason for _, reason in kept), n=len(kept) or 1)
+        _embed(ws, store, state, settings, keys, cfg, ingest, result, iter(todo), on_rows, kept)
         _sinks(ws, state, ingest, result)
         # run.json keeps the run's totals: the first pass plus every retry.
         total = state.state.realtime
@@ -233,6 +249,7 @@ def retry_realtime(
         total["planned"] = before.get("planned", total["planned"])
         total["cost_usd"] = cost_usd(rs0.model, total["usage_tokens"])[0]
         state.state.counts = {**counts, "succeeded": total["rows"], "failed": result.failed}
+        state.state.failed_reasons = top_reasons(read_failed_ids(paths.failed_ids).values()) if result.failed else {}
         state.state.actual = {"usage_tokens": total["usage_tokens"], "cost_standard_usd": total["cost_usd"]}
         state.save()
     return result
@@ -247,8 +264,9 @@ def _capped(prepare: PrepareConfig) -> PrepareConfig:
 
 
 def _mark_interrupted(ws: Workspace, model: str, dataset: str, current: RunPaths) -> list[str]:
-    """Realtime runs of this dataset left ``running`` by a dead process become ``interrupted``
-    (called under the engine lock, so no live run is among them)."""
+    """Realtime runs of this dataset left ``running`` by a dead process, or stopped by Ctrl-C,
+    become ``interrupted`` and name the run that resumes them (called under the engine lock, so
+    no live run is among them)."""
     marked = []
     for paths in ws.all_runs():
         if paths.root.parent != current.root.parent or paths.root == current.root:
@@ -257,11 +275,12 @@ def _mark_interrupted(ws: Workspace, model: str, dataset: str, current: RunPaths
             rs = RunState.load(paths)
         except (StateError, OSError):
             continue
-        if rs.kind == "realtime" and rs.status == "running":
+        resumable = rs.status == "running" or (rs.status == "interrupted" and not (rs.failure or {}).get("resumed_by"))
+        if rs.kind == "realtime" and resumable:
             with Run.open(paths, purpose="mark interrupted") as old:
                 old.state.status = "interrupted"
                 old.state.failure = {
-                    "error": "the process stopped before the run finished",
+                    "error": (old.state.failure or {}).get("error") or "the process stopped before the run finished",
                     "resumed_by": current.run_id,
                 }
                 old.save()
@@ -307,6 +326,7 @@ def _intake(
     result.rejected = intake.stats.rejected
     result.truncated = intake.stats.truncated
     result.already_planned = sum(already_planned.values())
+    result.held_by = dict(already_planned)
     result.skipped_existing = intake.skipped_existing - result.already_planned
     result.intake_s = round(time.monotonic() - started, 3)
     run.save()
@@ -356,8 +376,10 @@ def _embed(
     result: RealtimeResult,
     records: Iterator[Record],
     on_rows: Callable[[int], None] | None,
+    kept_failed: list[tuple[Record, str]] | None = None,
 ) -> None:
-    """Pass 2: send, commit, and record the outcome in run.json (also when it stops early)."""
+    """Pass 2: send, commit, and record the outcome in run.json (also when it stops early).
+    ``kept_failed``: rows a retry did not send (their failure cannot change); they stay failed."""
     rs = run.state
     sink = StreamCommitter(store, rs, kind="realtime", dim=None, dtype=ingest.dtype, rows_per_shard=cfg.commit_rows)
     write_lock = asyncio.Lock()
@@ -397,14 +419,16 @@ def _embed(
         result.keys = {k.name: k.stats() for k in engine.pool.keys}
         for name in ("requests", "answered_429", "retries", "splits"):
             setattr(result, name, getattr(result, name) + getattr(engine.stats, name))
-        _write_failed(run.paths, engine.failed)
-        result.failed = len(engine.failed)
+        failed = [*(kept_failed or []), *engine.failed]
+        _write_failed(run.paths, failed)
+        result.failed = len(failed)
         if ok:
             rs.status, rs.failure = "finished", None
         else:
             interrupted = isinstance(stopped, KeyboardInterrupt | asyncio.CancelledError)
             rs.status = "interrupted" if interrupted else "failed"
             rs.failure = {"error": str(stopped) or type(stopped).__name__, "resume": "run the same command again"}
+        rs.failed_reasons = top_reasons(reason for _, reason in failed)
         rs.counts = {
             "planned": result.planned,
             "succeeded": result.rows,

@@ -141,7 +141,9 @@ class Sender:
                 ) from exc
             if exc.status_code == 400 and len(records) > 1:
                 await self._split(records, window)
-            elif exc.status_code in (400, 429) or isinstance(exc, RetryLater):
+            elif exc.status_code == 400:  # this row alone: sending it again cannot help
+                self._fail(records, f"rejected by the provider (400): {exc}")
+            elif exc.status_code == 429 or isinstance(exc, RetryLater):
                 self._fail(records, str(exc))
             else:  # 401, 403, 404: the key or model is wrong; every request would fail
                 raise

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 
-from embedbatch.engines.batchapi.ingest import read_failed_ids
+from embedbatch.failures import read_failed_ids
 from embedbatch.runs import Run, load_batches
 from embedbatch.server import ServerThread
 from embedbatch.store.manifest import Manifest
@@ -165,7 +165,7 @@ def test_kill_after_manifest_rebuilds_counts_cost_and_failed_ids(
     _downloaded(ws, env, tmp_path, run)
     r = run_cli(["ingest", "--run-dir", str(run)], {**env, "EMBEDBATCH_CRASH_AT": "after_manifest"}, tmp_path)
     assert -signal.SIGKILL == r.returncode
-    assert 0 == run_cli(["ingest", "--run-dir", str(run)], env, tmp_path).returncode
+    assert 8 == run_cli(["ingest", "--run-dir", str(run)], env, tmp_path).returncode  # ended with failed rows
     state = Run.read(ws.resolve_run(run))
     errors = sum(
         len((state.batch_dir(b) / "errors.jsonl").read_bytes().splitlines())
@@ -193,7 +193,7 @@ def test_kill_inside_retry_then_poll_finishes(tmp_path: Path, ws: Workspace, ser
     env = cli_env(server, ws)
     run = _submitted(tmp_path, env, sample_rows(20), "a")
     _downloaded(ws, env, tmp_path, run)
-    assert 0 == run_cli(["ingest", "--run-dir", str(run)], env, tmp_path).returncode
+    assert 8 == run_cli(["ingest", "--run-dir", str(run)], env, tmp_path).returncode  # ended with failed rows
     server.state.faults.line_error_rate = 0.0
     r = run_cli(["retry", "--run-dir", str(run)], {**env, "EMBEDBATCH_CRASH_AT": "retry_before_run_state"}, tmp_path)
     assert -signal.SIGKILL == r.returncode

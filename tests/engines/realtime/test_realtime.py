@@ -15,9 +15,9 @@ import orjson
 import pytest
 
 from embedbatch.config import PrepareConfig, RealtimeConfig, SampleConfig, Settings, SourceConfig
-from embedbatch.engines.batchapi.ingest import read_failed_ids
 from embedbatch.engines.realtime.pipeline import RealtimeResult, run_realtime
 from embedbatch.errors import ProviderError
+from embedbatch.failures import read_failed_ids
 from embedbatch.runs import RunState
 from embedbatch.server import FakeOpenAI, FaultConfig, HashBackend, ServerThread
 from embedbatch.server.ratelimit import ProviderLimits
@@ -154,11 +154,19 @@ def test_refused_rows_are_isolated_then_retried(limited: ServerThread, ws: Works
     run = RunPaths(Path(result.run_dir))
     failed = read_failed_ids(run.failed_ids)
     assert set(failed) == {"r10", "r41"}
-    assert all("cannot be processed" in reason and "HTTP 400" in reason for reason in failed.values())
+    assert all(
+        reason.startswith("rejected by the provider (400)") and "cannot be processed" in reason
+        for reason in failed.values()
+    )
 
     limited.state.faults = FaultConfig()
     env = cli_env(limited, ws, OPENAI_API_KEY=K1)
     r = run_cli(["retry", "--run-dir", str(run.root)], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "embedded 0 of 0 failed rows; 2 still failed" in r.stdout  # a 400 for that input: final
+    assert "not sent again (2 row(s))" in r.stderr and "--force" in r.stderr
+    assert set(read_failed_ids(run.failed_ids)) == {"r10", "r41"}
+    r = run_cli(["retry", "--run-dir", str(run.root), "--force"], env, tmp_path)
     assert r.returncode == 0, r.stderr
     assert "embedded 2 of 2 failed rows; 0 still failed" in r.stdout
     assert read_failed_ids(run.failed_ids) == {}

@@ -132,7 +132,7 @@ def test_openai_embedder_matches_the_provider(server: ServerThread, settings: Se
 def test_openai_embedder_names_the_refused_text(server: ServerThread, settings: Settings) -> None:
     server.state.faults = FaultConfig(reject_text="BAD")
     emb = OpenAIEmbedder(settings=settings, config=RealtimeConfig(retry_initial_s=0.01))
-    with pytest.raises(ProviderError, match=r"1 text.*text 2: 'input' contains"):
+    with pytest.raises(ProviderError, match=r"1 text.*text 2: rejected by the provider \(400\): 'input' contains"):
         emb.embed(["fine", "also fine", "this is BAD", "ok"])
 
 
