@@ -274,7 +274,11 @@ class PrepareConfig:
         Raises:
             UsageError: unreadable file, unknown key, or wrong type.
         """
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = "no such file" if isinstance(exc, FileNotFoundError) else str(exc)
+            raise UsageError(f"--config {path}: {reason}") from exc
         data: Any
         try:
             if path.suffix == ".toml":
@@ -386,6 +390,9 @@ class SubmitConfig:
         max_cost_usd: refuse before any upload when the Batch-price estimate is higher.
         file_expiry_days: uploaded input files expire this many days after upload
             (``expires_after``; the Files API accepts 1 hour to 30 days, per its reference, 2026).
+        output_expiry_days: the batches' output and error files expire this many days after
+            they are made (``output_expires_after`` on batch create; 1 hour to 30 days, Batch
+            API reference, 2026).
         concurrency: uploads/creates in flight at once.
     """
 
@@ -397,6 +404,7 @@ class SubmitConfig:
     completion_window: str = "24h"
     metadata: dict[str, str] = field(default_factory=dict)
     file_expiry_days: int | None = None
+    output_expiry_days: int | None = None
     concurrency: int = 4
 
 

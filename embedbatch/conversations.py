@@ -18,7 +18,14 @@ from typing import Any
 from embedbatch.config import PrepareConfig
 from embedbatch.errors import UsageError
 
-__all__ = ["CONVERSATION_FIELD", "ConversationUnit", "Conversations", "find_messages_field", "is_messages"]
+__all__ = [
+    "CONVERSATION_FIELD",
+    "ConversationUnit",
+    "Conversations",
+    "find_messages_field",
+    "is_messages",
+    "message_text",
+]
 
 CONVERSATION_FIELD = "__conversation__"  # the field preparation reads the rendered text from
 
@@ -45,6 +52,30 @@ class ConversationUnit:
     suffix: str | None
     text: str
     metadata: dict[str, Any]
+
+
+def message_text(content: Any) -> str:
+    """A message's text: a string as it is; a list of content parts (the chat API's
+    ``[{"type": "text", "text": …}, {"type": "image_url", …}]``) as its text parts joined by a
+    newline, other parts (images, audio) left out; None → ``""``.
+
+    Raises:
+        ValueError: content of another shape (a number, an object that is not a text part).
+    """
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and "type" in part:
+                if part.get("type") in ("text", "input_text") and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+            else:
+                raise ValueError(f"a message content part is {type(part).__name__}, not a text part")
+        return "\n".join(t for t in texts if t)
+    raise ValueError(f"message content is {type(content).__name__}, not text or a list of parts")
 
 
 class Conversations:
@@ -84,15 +115,15 @@ class Conversations:
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
             raise ValueError(f"{self.field!r} is not a list of {{role, content}} messages")
         kept = [
-            (i, m)
+            (i, m, content)
             for i, m in enumerate(messages)
-            if (not self.roles or str(m.get("role")) in self.roles) and m.get("content") not in (None, "")
+            if (not self.roles or str(m.get("role")) in self.roles) and (content := message_text(m["content"]))
         ]
         if self.max_messages is not None:
             kept = kept[-self.max_messages :]
         rendered = [
-            (i, str(m.get("role")), self.template.format(role=m.get("role"), content=m["content"], index=i))
-            for i, m in kept
+            (i, str(m.get("role")), self.template.format(role=m.get("role"), content=content, index=i))
+            for i, m, content in kept
         ]
         if self.unit == "message":
             for i, role, text in rendered:

@@ -110,6 +110,8 @@ class Preparer:
                 raise UsageError("--template names no field, e.g. 'Title: {title}'")
         if config.max_tokens < 1:
             raise UsageError("--max-tokens must be at least 1")
+        if config.truncate_chars is not None and config.truncate_chars < 1:
+            raise UsageError(f"--truncate-chars must be at least 1, got {config.truncate_chars}")
         self._fields = self._template_fields or list(config.fields)
 
     @property

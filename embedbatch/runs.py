@@ -157,6 +157,7 @@ class RunState:
     metadata: dict[str, str] = field(default_factory=dict)
     max_enqueued_tokens: int | None = None
     file_expiry_days: int | None = None
+    output_expiry_days: int | None = None
     status: str = "active"
     kind: str = "batchapi"
     created_at: str = field(default_factory=lambda: utc_now().isoformat())

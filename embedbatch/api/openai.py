@@ -326,15 +326,26 @@ class BatchClient:
 
         return go
 
-    async def create_batch(self, file_id: str, *, window: str, metadata: dict[str, str]) -> dict[str, Any]:
-        """Create an embeddings batch for an uploaded input file; returns the batch object."""
+    async def create_batch(
+        self, file_id: str, *, window: str, metadata: dict[str, str], output_expires_after_s: int | None = None
+    ) -> dict[str, Any]:
+        """Create an embeddings batch for an uploaded input file; returns the batch object.
+
+        Args:
+            output_expires_after_s: the provider deletes the batch's output and error files
+                this many seconds after they are made (``output_expires_after``).
+        """
 
         async def go() -> dict[str, Any]:
+            extra: dict[str, Any] = {}
+            if output_expires_after_s is not None:
+                extra["output_expires_after"] = {"anchor": "created_at", "seconds": output_expires_after_s}
             obj = await self.client.batches.create(
                 input_file_id=file_id,
                 endpoint="/v1/embeddings",
                 completion_window=window,  # type: ignore[arg-type]
                 metadata=metadata,
+                **extra,
             )
             return obj.model_dump()
 

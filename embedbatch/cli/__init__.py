@@ -25,7 +25,10 @@ def _env_for_every_option(t: typer.Typer) -> None:
         if group.typer_instance is not None:
             _env_for_every_option(group.typer_instance)
     for cb in filter(None, callbacks):
-        for name, param in inspect.signature(cb, eval_str=True).parameters.items():
+        # Evaluate string annotations (``from __future__ import annotations``) once and keep the
+        # objects: evaluating them again would build fresh OptionInfo objects without our changes.
+        cb.__annotations__ = typing.get_type_hints(cb, include_extras=True)
+        for name, param in inspect.signature(cb).parameters.items():
             for info in typing.get_args(param.annotation)[1:]:
                 if isinstance(info, typer.models.OptionInfo) and info.envvar is None:
                     # In Annotated form typer keeps the first flag in ``default`` until it builds
@@ -34,6 +37,8 @@ def _env_for_every_option(t: typer.Typer) -> None:
                     flag = next((d for d in decls if isinstance(d, str) and d.startswith("--")), f"--{name}")
                     info.envvar = "EMBEDBATCH_" + flag.lstrip("-").split("/")[0].upper().replace("-", "_")
                     info.show_envvar = True
+                if isinstance(info, typer.models.OptionInfo) and param.annotation.__origin__ is bool:
+                    info.metavar = info.metavar or ""  # a flag takes no value: no "<bool>" in --help
 
 
 _env_for_every_option(app)

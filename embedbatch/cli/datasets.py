@@ -31,6 +31,8 @@ def download_dataset(
 
     if source != "huggingface":
         raise UsageError(f"--source must be huggingface, got {source!r}")
+    if not name.strip():
+        raise UsageError("--name is empty: give ORG/NAME on the hub, or a save_to_disk / hub-style folder")
     s = settings()
     result = download(
         s.workspace / "datasets" / "raw",

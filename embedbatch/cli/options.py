@@ -319,11 +319,19 @@ class SubmitOptions(OptionGroup):
     file_expiry_days: Annotated[
         int | None, typer.Option("--file-expiry-days", help="Uploaded input files expire after N days (1-30).")
     ] = None
+    output_expiry_days: Annotated[
+        int | None,
+        typer.Option("--output-expiry-days", help="Batches' output and error files expire after N days (1-30)."),
+    ] = None
 
     def build(self, batch: BatchOptions, settings: Settings, *, dry_run: bool = False) -> SubmitConfig:
         """Raises: UsageError: a window other than 24h, a bad ``--metadata`` or ``--file-expiry-days``."""
-        if self.file_expiry_days is not None and not 1 <= self.file_expiry_days <= 30:
-            raise UsageError("--file-expiry-days must be 1 to 30 (the Files API accepts 1 hour to 30 days, 2026)")
+        for flag, days in (
+            ("--file-expiry-days", self.file_expiry_days),
+            ("--output-expiry-days", self.output_expiry_days),
+        ):
+            if days is not None and not 1 <= days <= 30:
+                raise UsageError(f"{flag} must be 1 to 30 (the Files and Batch APIs accept 1 hour to 30 days, 2026)")
         if self.completion_window != "24h":
             raise UsageError("--completion-window must be 24h (the only window the Batch API offers, 2026)")
         metadata: dict[str, str] = {}
@@ -341,6 +349,7 @@ class SubmitOptions(OptionGroup):
             completion_window=self.completion_window,
             metadata=metadata,
             file_expiry_days=self.file_expiry_days,
+            output_expiry_days=self.output_expiry_days,
         )
 
 

@@ -53,7 +53,8 @@ def print_estimate(est: Any) -> None:
     for k, v in [
         ("rows read", f"{s.rows_read:,}"),
         ("rejected", f"{s.rejected:,} ({s.rejected_empty:,} empty text)"),
-        ("sampled", f"{s.sampled:,}"),
+        ("records prepared (rows, or messages with --unit message)", f"{s.prepared:,}"),
+        ("records sampled", f"{s.sampled:,}"),
         ("tokens total", f"{s.tokens_total:,}"),
         ("tokens mean / max", f"{s.tokens_mean:,.1f} / {s.tokens_max:,}"),
         ("truncated rows", f"{s.truncated:,}"),
@@ -283,7 +284,7 @@ def print_sink_not_filled(run_dir: str, skipped: int, argv: list[str]) -> None:
         f"{skipped:,} row(s) were already embedded in this dataset, so they were not sent and are not written "
         "into the database target by this run. To write them from the stored vectors (no provider call):"
     ]
-    lines += [shlex.join(["  embedbatch", "ingest", "--run-dir", str(p), *flags]) for p in earlier[-5:]]
+    lines += ["  " + shlex.join(["embedbatch", "ingest", "--run-dir", str(p), *flags]) for p in earlier[-5:]]
     if len(earlier) > 5:
         lines.append(f"  … and the same for the {len(earlier) - 5} other run(s) in {here.parent}")
     err_console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)

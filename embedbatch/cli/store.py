@@ -129,7 +129,7 @@ def sql(
         import csv
         import sys
 
-        w = csv.writer(sys.stdout)
+        w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(columns)
         w.writerows(rows)
     else:

@@ -200,7 +200,19 @@ def serve(
         loopback = host == "localhost"
     if not loopback and not api_key:
         raise UsageError(f"serve --host {host} is reachable from other machines: give --api-key too")
-    fault_cfg = FaultConfig.parse(faults) if faults else FaultConfig()
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be 0-65535 (0: any free port), got {port}")
+    if api_key is not None and not any(k.strip() for k in api_key.split(",")):
+        raise UsageError("--api-key names no key (give one or more, comma-separated, or leave it out)")
+    for name, value in (("--rpm", rpm), ("--tpm", tpm)):
+        if value is not None and value < 1:
+            raise UsageError(f"{name} must be at least 1, got {value}")
+    if step_s < 0:
+        raise UsageError(f"--step-s must be 0 or more, got {step_s}")
+    try:
+        fault_cfg = FaultConfig.parse(faults) if faults else FaultConfig()
+    except ValueError as exc:
+        raise UsageError(f"--faults {faults!r}: {exc}") from exc
     fault_cfg.step_s = step_s
     backend = None
     if model:

@@ -99,7 +99,11 @@ def find_dataset(ws: Workspace, dataset: str, model: str | None) -> tuple[str, s
     Raises:
         UsageError: no such dataset, or several models have it and ``model`` is None.
     """
-    pairs = [(m, d) for m, d in ws.datasets() if d == dataset and (model is None or m == model)]
+    named = [(m, d) for m, d in ws.datasets() if d == dataset]
+    pairs = [(m, d) for m, d in named if model is None or m == model]
+    if not pairs and named:
+        have = ", ".join(sorted(m for m, _ in named))
+        raise UsageError(f"dataset {dataset!r} has no model {model!r}; it was embedded with: {have} (give --model)")
     if not pairs:
         raise UsageError(f"no dataset {dataset!r} in the workspace (see `embedbatch list`)")
     if len(pairs) > 1:
@@ -134,7 +138,9 @@ def nearest(
         norms = np.linalg.norm(vecs, axis=1)
         scores = (vecs @ q) / np.where(norms == 0, 1.0, norms)
         scores[~live] = -np.inf
-        top = np.argpartition(-scores, min(k, len(scores)) - 1)[:k] if len(scores) > k else np.arange(len(scores))
+        # One candidate more when a row is excluded: it may be among the top k (a tie).
+        want = k + 1 if exclude is not None else k
+        top = np.argpartition(-scores, want - 1)[:want] if len(scores) > want else np.arange(len(scores))
         cand_ids = ids.take(pa.array(top, pa.int64())).to_pylist()
         keep = [j for j, rid in enumerate(cand_ids) if np.isfinite(scores[top[j]]) and rid != exclude]
         best_s = np.concatenate([best_s, scores[top[keep]]])

@@ -125,9 +125,11 @@ class FaultConfig:
         cfg = cls()
         types = {f.name: f.type for f in fields(cls)}
         for part in filter(None, (p.strip() for p in spec.split(","))):
-            key, _, value = part.partition("=")
+            key, eq, value = part.partition("=")
             if key not in types:
-                raise ValueError(f"unknown fault {key!r}; valid: {sorted(types)}")
+                raise ValueError(f"unknown fault {key!r}; valid: {', '.join(sorted(types))}")
+            if not eq:
+                raise ValueError(f"{key} needs a value ({key}=…)")
             current = getattr(cfg, key)
             if isinstance(current, list):
                 setattr(
@@ -218,6 +220,7 @@ class FakeOpenAI:
         self.files: dict[str, _File] = {}
         self.batches: dict[str, dict[str, Any]] = {}
         self.batch_tokens: dict[str, int] = {}
+        self.output_expiry_s: dict[str, int] = {}  # batch id → its output files' expires_after seconds
         self.calls: list[tuple[str, str, int]] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.tokenizer = get_tokenizer("text-embedding-3-small")
@@ -265,8 +268,11 @@ class FakeOpenAI:
                 fh.write(line)
         return tmp
 
-    async def _write_file(self, lines: list[bytes], filename: str, purpose: str) -> _File:
-        return self._store(await self._on_worker(self._write_lines, lines), filename, purpose)
+    async def _write_file(self, lines: list[bytes], filename: str, purpose: str, expires_s: int | None = None) -> _File:
+        f = self._store(await self._on_worker(self._write_lines, lines), filename, purpose)
+        if expires_s is not None:
+            f.expires_at = f.created_at + expires_s
+        return f
 
     # ---- middleware: auth and HTTP faults -------------------------------------------------------
     @web.middleware
@@ -416,6 +422,12 @@ class FakeOpenAI:
         if file_id not in self.files:
             return _err(400, f"Invalid 'input_file_id': '{file_id}'.", code="invalid_file_id")
         metadata = body.get("metadata") or {}
+        out_expiry = body.get("output_expires_after")
+        if out_expiry is not None:
+            anchored = isinstance(out_expiry, dict) and out_expiry.get("anchor") == "created_at"
+            seconds = out_expiry.get("seconds") if anchored else None
+            if not isinstance(seconds, int) or not 3600 <= seconds <= 2_592_000:
+                return _err(400, "Invalid 'output_expires_after': anchor 'created_at', seconds 3600 to 2592000.")
         if len(metadata) > 16 or any(len(str(k)) > 64 or len(str(v)) > 512 for k, v in metadata.items()):
             return _err(400, "Invalid metadata: at most 16 pairs, keys ≤ 64 and values ≤ 512 characters.")
         now = int(time.time())
@@ -445,6 +457,8 @@ class FakeOpenAI:
             "usage": None,
         }
         self.batches[bid] = batch
+        if out_expiry is not None:
+            self.output_expiry_s[bid] = out_expiry["seconds"]
         fate = "ok"
         if self.faults.fail_batches > 0:
             self.faults.fail_batches -= 1
@@ -702,12 +716,15 @@ class FakeOpenAI:
         # Output order differs from input order, as the real API does not promise it.
         self.rng.shuffle(out)
         if out:
-            b["output_file_id"] = (await self._write_file(out, f"{bid}_output.jsonl", "batch_output")).id
+            expiry = self.output_expiry_s.get(bid)
+            b["output_file_id"] = (await self._write_file(out, f"{bid}_output.jsonl", "batch_output", expiry)).id
             if self.faults.lose_outputs > 0:  # an output file gone at the provider (expired, deleted)
                 self.faults.lose_outputs -= 1
                 self.files.pop(b["output_file_id"]).path.unlink(missing_ok=True)
         if errs:
-            b["error_file_id"] = (await self._write_file(errs, f"{bid}_error.jsonl", "batch_output")).id
+            b["error_file_id"] = (
+                await self._write_file(errs, f"{bid}_error.jsonl", "batch_output", self.output_expiry_s.get(bid))
+            ).id
         now = int(time.time())
         if cancelled:
             b["status"] = "cancelled"

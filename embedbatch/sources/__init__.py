@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from embedbatch.errors import UsageError
+from embedbatch.errors import InputError, UsageError
 from embedbatch.records import RawRow
 
 __all__ = [
@@ -60,6 +60,18 @@ def open_maybe_gzip(path: Path) -> IO[bytes]:
     return open(path, "rb")
 
 
+def _binary(head: bytes) -> bool:
+    """True when the first bytes cannot be text: a NUL byte, or not UTF-8 (a character cut at
+    the end of the sample is fine)."""
+    if b"\x00" in head:
+        return True
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start < len(head) - 3
+    return False
+
+
 def detect_format(path: Path) -> str:
     """``parquet``, ``json``, ``jsonl`` or ``csv`` from the (decompressed) first bytes."""
     with open(path, "rb") as fh:
@@ -70,6 +82,10 @@ def detect_format(path: Path) -> str:
             head = fh.read(4096)
         except (OSError, EOFError) as exc:
             raise UsageError(f"{path}: cannot read ({exc})") from exc
+    if _binary(head):
+        raise InputError(
+            "neither Parquet nor UTF-8 text (JSONL, JSON, CSV): its first bytes are binary", path=str(path), line=1
+        )
     stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if stripped.startswith(b"["):
         return "json"

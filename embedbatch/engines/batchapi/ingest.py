@@ -106,12 +106,18 @@ async def ingest_run(
         StateError: the dataset's shards disagree with this run (dimension).
     """
     with Run.open(paths, wait_s=wait_s, purpose="ingest") as run:
+        # Progress is per target: a new target starts from the first row.
         if libsql_target is not None:
+            if run.state.libsql_target != libsql_target.to_json():  # (an index still to recreate stays noted)
+                run.state.libsql = {k: v for k, v in run.state.libsql.items() if k == "pending_indexes"}
             run.state.libsql_target = libsql_target.to_json()
             run.state.libsql["status"] = "pending"
             run.save()
         if pg_target is not None or no_pg:
-            run.state.pg_target = None if no_pg else pg_target.to_json()  # type: ignore[union-attr]
+            new_target = None if no_pg else pg_target.to_json()  # type: ignore[union-attr]
+            if run.state.pg_target != new_target:
+                run.state.pg = {k: v for k, v in run.state.pg.items() if k == "pending_indexes"}
+            run.state.pg_target = new_target
             run.state.pg["status"] = "pending"
             run.save()
         return await ingest_locked(ws, run, config or IngestConfig(), dsn=dsn)

@@ -193,6 +193,7 @@ def plan_run(
             metadata=dict(submit.metadata),
             max_enqueued_tokens=submit.limits.max_enqueued_tokens,
             file_expiry_days=submit.file_expiry_days,
+            output_expiry_days=submit.output_expiry_days,
             status="dry-run" if submit.dry_run else "active",
             args=args or {},
             git_sha=git_sha(),

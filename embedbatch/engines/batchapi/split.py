@@ -15,7 +15,7 @@ import orjson
 
 from embedbatch.config import BatchLimits
 from embedbatch.errors import LimitError, UsageError
-from embedbatch.tokens import supports_dimensions
+from embedbatch.tokens import MODEL_DIMENSIONS, supports_dimensions
 
 __all__ = [
     "BatchSplitter",
@@ -38,6 +38,9 @@ def check_model_options(model: str, dimensions: int | None) -> None:
         raise UsageError(f"--dimensions must be positive, got {dimensions}")
     if not supports_dimensions(model) and model.startswith("text-embedding-"):
         raise UsageError(f"--dimensions is only supported by text-embedding-3 models, not {model}")
+    most = MODEL_DIMENSIONS.get(model) if supports_dimensions(model) else None
+    if most is not None and dimensions > most:
+        raise UsageError(f"--dimensions {dimensions} is more than {model} gives ({most}); nothing was planned")
 
 
 def request_encoder(*, model: str, dimensions: int | None) -> Callable[[str, str], bytes]:

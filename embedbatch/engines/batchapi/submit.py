@@ -20,7 +20,14 @@ from embedbatch.api.openai import BatchClient
 from embedbatch.runs import REMOTE_ACTIVE, BatchState, Run, RunState, crash_point, load_batches
 from embedbatch.workspace import RunPaths, Workspace, read_json, utc_now
 
-__all__ = ["adopt_pending", "enqueued_tokens", "run_key", "submit_locked", "submit_run"]
+__all__ = [
+    "MAX_ENQUEUED_REQUESTS",
+    "adopt_pending",
+    "enqueued",
+    "run_key",
+    "submit_locked",
+    "submit_run",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -52,17 +59,26 @@ def batch_metadata(rs: RunState, bs: BatchState) -> dict[str, str]:
     return meta
 
 
-def enqueued_tokens(ws: Workspace, model: str) -> int:
-    """Queue tokens of this model's batches that the provider holds now, workspace-wide."""
-    total = 0
+# Requests of one model an organisation may have enqueued in the Batch API at once, for
+# /v1/embeddings (Batch API guide, rate limits, 2026), beside the enqueued-token limit.
+MAX_ENQUEUED_REQUESTS = 1_000_000
+
+
+def enqueued(ws: Workspace, model: str) -> tuple[int, int]:
+    """Queue tokens and requests of this model's batches that the provider holds now,
+    workspace-wide: ``(tokens, requests)``."""
+    tokens = requests = 0
     for run in ws.all_runs():
         try:
             if read_json(run.run_json).get("model") != model:
                 continue
         except Exception:
             continue
-        total += sum(bs.tokens for bs in load_batches(run) if bs.status in REMOTE_ACTIVE)
-    return total
+        for bs in load_batches(run):
+            if bs.status in REMOTE_ACTIVE:
+                tokens += bs.tokens
+                requests += bs.requests
+    return tokens, requests
 
 
 async def adopt_pending(client: BatchClient, run: Run, bs: BatchState) -> bool:
@@ -124,7 +140,10 @@ async def submit_batch(client: BatchClient, run: Run, bs: BatchState) -> None:
         bs.pending = "create"
         run.save_batch(bs)
         crash_point("before_create")
-        batch = await client.create_batch(bs.file_id, window=rs.completion_window, metadata=batch_metadata(rs, bs))
+        output_s = rs.output_expiry_days * 86_400 if rs.output_expiry_days else None
+        batch = await client.create_batch(
+            bs.file_id, window=rs.completion_window, metadata=batch_metadata(rs, bs), output_expires_after_s=output_s
+        )
         crash_point("after_create")
         _record_created(bs, batch)
         run.save_batch(bs)
@@ -178,12 +197,15 @@ async def submit_locked(
     now = utc_now().isoformat()
     todo = [bs for bs in run.batches if bs.status in ("planned", "uploaded") and (bs.not_before or "") <= now]
     # Batches with a pending create may already exist remotely and count against the queue.
-    in_queue = enqueued_tokens(ws, rs.model)
+    in_queue, requests_in_queue = enqueued(ws, rs.model)
     chosen: list[BatchState] = []
     for bs in todo:
         if budget is not None and in_queue + bs.tokens > budget and (in_queue > 0 or chosen):
             continue
+        if requests_in_queue + bs.requests > MAX_ENQUEUED_REQUESTS:  # the provider would refuse it
+            continue
         in_queue += bs.tokens
+        requests_in_queue += bs.requests
         chosen.append(bs)
     limiter = anyio.CapacityLimiter(max(1, concurrency))
     done: list[BatchState] = []

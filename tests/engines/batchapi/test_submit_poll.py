@@ -259,3 +259,21 @@ def test_timeout_is_retried() -> None:
     assert anyio.run(c.find_file, "x.jsonl") is None
     assert (2, 1) == (len(conns), c.retries)
     lsock.close()
+
+
+async def test_enqueued_requests_stay_under_the_provider_limit(
+    tmp_path: Path, ws: Workspace, client: BatchClient, server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches are created only while the model's enqueued requests stay under the Batch API's
+    limit (1,000,000 for embeddings; 10 here): the third batch of 5 waits for a poll after the
+    first two finish."""
+    import embedbatch.engines.batchapi.submit as submit_mod
+
+    monkeypatch.setattr(submit_mod, "MAX_ENQUEUED_REQUESTS", 10)
+    path = write_jsonl(tmp_path / "d.jsonl", sample_rows(15))
+    run = plan(ws, path, limits=BatchLimits(max_requests=5)).run  # type: ignore[attr-defined]
+    done = await submit_run(ws, client, run)
+    assert (2, ["submitted", "submitted", "planned"]) == (len(done), [b.status for b in load_batches(run)])
+    await drain(ws, client, server)
+    assert {"downloaded"} == {b.status for b in load_batches(run)}
+    assert 3 == len(server.state.batches)
