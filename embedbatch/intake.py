@@ -242,6 +242,28 @@ class Intake:
             return None
         return str(rid)
 
+    def _ids_of(self, raw: RawRow, row: dict[str, Any]) -> list[str]:
+        """The record ids a row gives, computed as the first pass did (the id template or the
+        id field, then conversation units), without recording anything: for naming duplicates."""
+        if self.id_template is not None:
+            try:
+                split = row.get(self.source.split_field) if self.source.split_field else raw.split
+                rid = self.id_template.format_map(_IdFields(row, None if split is None else str(split), raw.line))
+            except (KeyError, ValueError, IndexError, AttributeError):
+                return []
+        else:
+            value = row.get(self.source.id_field)
+            if value is None or value == "" or isinstance(value, bool) or not isinstance(value, str | int):
+                return []
+            rid = str(value)
+        conv = self.conversations
+        if conv is None:
+            return [rid]
+        try:
+            return [rid if u.suffix is None else f"{rid}/{u.suffix}" for u in conv.units(row.get(conv.field))]
+        except ValueError:
+            return []
+
     def _units(
         self, raw: RawRow, row: dict[str, Any], rid: str
     ) -> list[tuple[str, dict[str, Any], dict[str, Any]]] | None:
@@ -364,23 +386,20 @@ class Intake:
         for raw in self._raw_rows():
             if raw.data is None:
                 continue
-            rid = raw.data.get(self.source.id_field)
-            if rid is None:
-                continue
-            rid = str(rid)
-            if _id_key(rid) not in dup_keys:
-                continue
-            where = f"{raw.path}:{raw.line}"
-            if rid in seen:
-                found.append(f"{rid!r} at {seen[rid]} and {where}")
-                if len(found) >= 5:
-                    break
-            else:
-                seen[rid] = where
+            for rid in self._ids_of(raw, raw.data):
+                if _id_key(rid) not in dup_keys:
+                    continue
+                where = f"{raw.path}:{raw.line}"
+                if rid in seen:
+                    found.append(f"{rid!r} at {seen[rid]} and {where}")
+                else:
+                    seen[rid] = where
+            if len(found) >= 5:
+                break
         if not found:  # a 64-bit hash collision between distinct ids, not a duplicate
             return
         total = int(np.sum(ordered[1:] == ordered[:-1]))
         raise DuplicateIdError(
             f"duplicate ids ({total} repeats); first: " + "; ".join(found),
-            field=self.source.id_field,
+            field=f"--id-template {self.id_template}" if self.id_template else self.source.id_field,
         )

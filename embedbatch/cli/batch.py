@@ -514,8 +514,9 @@ def cancel(run_dir: Annotated[Path, typer.Option("--run-dir")]) -> None:
     """Cancel a run's active batches and record the result."""
     from embedbatch.engines.batchapi.poll import cancel_run
 
-    run = open_workspace().resolve_run(run_dir)
-    outcomes = with_client(lambda c: cancel_run(c, run))
+    ws = open_workspace()
+    run = ws.resolve_run(run_dir)
+    outcomes = with_client(lambda c: cancel_run(c, run, wait_s=ws.lock_timeout_s))
     for name, outcome in outcomes:
         console.print(f"{name}: {outcome}", markup=False, highlight=False)
     if any(o.startswith("error:") for _, o in outcomes):
@@ -545,7 +546,9 @@ def retry(
     if RunState.load(run).kind == "realtime":
         from embedbatch.engines.realtime.pipeline import retry_realtime
 
-        result = retry_realtime(ws, settings(), run, force=force)
+        s = settings()  # the run's database targets are reached with DATABASE_URL / TURSO_AUTH_TOKEN
+        ingest_cfg = IngestConfig(dsn=s.database_url, libsql_auth_token=s.turso_auth_token)
+        result = retry_realtime(ws, s, run, ingest=ingest_cfg, force=force)
         console.print(f"embedded {result.rows:,} of {result.planned:,} failed rows; {result.failed:,} still failed")
         _say_permanent(result.permanent)
         return
@@ -589,7 +592,7 @@ def clean(
     async def go(c: Any) -> CleanReport:
         total = CleanReport()
         for paths in runs:
-            r = await clean_run(None if keep_remote else c, paths)
+            r = await clean_run(None if keep_remote else c, paths, wait_s=ws.lock_timeout_s)
             total.batches += r.batches
             total.remote_files += r.remote_files
             total.local_bytes += r.local_bytes

@@ -1,9 +1,10 @@
 """Vector indexes (Faiss) built beside a dataset's shards, for fast approximate search.
 
-Layout: ``indexes/{model}/{name}/faiss/{kind}-{metric}/`` holds ``index.faiss``, ``rows.parquet``
-(index row → dataset, shard, row in shard, id) and ``index.json`` (its manifest: kind, metric,
-parameters, dimension, count, the shards it covers with their sha256, and the sha256 of both
-files). ``name`` is the dataset, or the name given to ``--merge D1,D2 --into NAME``.
+Layout: ``indexes/{model}/{name}/faiss/{kind}-{metric}/`` holds ``index.json`` (its manifest:
+kind, metric, parameters, dimension, count, the shards it covers with their sha256, the
+generation and the sha256 of both files) and one generation folder ``gen-…/`` with
+``index.faiss`` and ``rows.parquet`` (index row → dataset, shard, row in shard, id). ``name`` is
+the dataset, or the name given to ``--merge D1,D2 --into NAME``.
 
 - ``flat``: exact inner product / L2 (Faiss ``IndexFlat``); ``hnsw``: ``IndexHNSWFlat``
   (M=32, efConstruction=200, efSearch=128); ``ivfpq``: ``IndexIVFPQ`` (nlist ≈ 4·√n,
@@ -15,13 +16,17 @@ files). ``name`` is the dataset, or the name given to ``--merge D1,D2 --into NAM
 - An index is *current* when it covers every shard of its datasets; search uses it then, and
   exact search otherwise (saying why).
 
-One lock per index folder (``index.lock``) serializes builds; readers take the files as they
-are (both are replaced atomically, index.json last).
+One lock per index folder (``index.lock``) serializes builds. A build writes a new generation
+folder and then switches ``index.json`` to it (one atomic rename): the index, its row map and
+the list of shards they cover change together, so a build killed at any point leaves the
+previous generation current and the next build starts from it. Superseded generations are
+deleted after the switch (or by the next build).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +37,10 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedbatch.errors import MissingExtraError, UsageError
+from embedbatch.errors import MissingExtraError, StateError, UsageError
 from embedbatch.store.manifest import Manifest, file_sha256, superseded_ids
 from embedbatch.store.shards import read_rows_at, vectors_of
-from embedbatch.workspace import Workspace, atomic_write_json, file_lock
+from embedbatch.workspace import Workspace, atomic_write_json, crash_point, file_lock, fsync_dir
 
 __all__ = ["KINDS", "METRICS", "IndexInfo", "build_index", "index_dir", "load_index", "search_index"]
 
@@ -155,14 +160,17 @@ def build_index(
             (m.dataset, s) for m in manifests for s in m.shards if covered.get((m.dataset, s["file"])) != s["sha256"]
         ]
         if old is not None and not todo:
+            if old.get("generation"):  # a killed build's leftovers (an index from before generations has none)
+                _drop_other_generations(folder, old["generation"])
             return IndexInfo(str(folder), kind, metric, datasets, old["count"], 0, dim, 0.0, True)
         listed = {(m.dataset, s["file"]) for m in manifests for s in m.shards}
         if old is not None and (kind == "ivfpq" or any(key not in listed for key in covered)):
             old = None  # shards went away, or ivfpq (trained on what it saw first): start over
             todo = [(m.dataset, s) for m in manifests for s in m.shards]
         if old is not None:
-            index = faiss.read_index(str(folder / "index.faiss"))
-            rows = pq.read_table(folder / "rows.parquet")
+            index_path, rows_path = _files(folder, old)
+            index = faiss.read_index(str(index_path))
+            rows = pq.read_table(rows_path)
         else:
             n_total = sum(int(s["rows"]) for m in manifests for s in m.shards)
             index = _new_index(faiss, kind, metric, dim, n_total)
@@ -193,11 +201,18 @@ def build_index(
             )
             added += len(ids)
         rows = pa.concat_tables(parts)
-        tmp_index, tmp_rows = folder / ".index.faiss.tmp", folder / ".rows.parquet.tmp"
-        faiss.write_index(index, str(tmp_index))
-        pq.write_table(rows, tmp_rows, compression="zstd")
-        os.replace(tmp_index, folder / "index.faiss")
-        os.replace(tmp_rows, folder / "rows.parquet")
+        if len(rows) != int(index.ntotal):
+            raise StateError(f"{folder}: the index holds {int(index.ntotal)} vectors for {len(rows)} rows")
+        generation = f"gen-{time.time_ns()}"
+        gen_dir = folder / generation
+        gen_dir.mkdir()
+        faiss.write_index(index, str(gen_dir / "index.faiss"))
+        pq.write_table(rows, gen_dir / "rows.parquet", compression="zstd")
+        for f in (gen_dir / "index.faiss", gen_dir / "rows.parquet"):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(gen_dir)
+        crash_point("index_before_switch")
         meta = {
             "kind": kind,
             "metric": metric,
@@ -211,15 +226,35 @@ def build_index(
                 for m in manifests
                 for s in m.shards
             ],
+            "generation": generation,
             "files": {
-                "index.faiss": file_sha256(folder / "index.faiss"),
-                "rows.parquet": file_sha256(folder / "rows.parquet"),
+                f"{generation}/index.faiss": file_sha256(gen_dir / "index.faiss"),
+                f"{generation}/rows.parquet": file_sha256(gen_dir / "rows.parquet"),
             },
             "faiss_version": faiss.__version__,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        atomic_write_json(folder / "index.json", meta)
+        atomic_write_json(folder / "index.json", meta)  # the switch: this generation is current
+        crash_point("index_after_switch")
+        _drop_other_generations(folder, generation)
     return IndexInfo(str(folder), kind, metric, datasets, meta["count"], added, dim, time.monotonic() - started, False)
+
+
+def _files(folder: Path, meta: dict[str, Any]) -> tuple[Path, Path]:
+    """The index and row-map files index.json names (its generation folder; an index built
+    before generations keeps them beside index.json)."""
+    base = folder / meta["generation"] if meta.get("generation") else folder
+    return base / "index.faiss", base / "rows.parquet"
+
+
+def _drop_other_generations(folder: Path, current: str) -> None:
+    """Delete generation folders other than ``current`` (a killed build's, the superseded one)
+    and the files of an index built before generations."""
+    for p in folder.glob("gen-*"):
+        if p.name != current and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+    for name in ("index.faiss", "rows.parquet", ".index.faiss.tmp", ".rows.parquet.tmp"):
+        (folder / name).unlink(missing_ok=True)
 
 
 def _params(index: Any, kind: str) -> dict[str, Any]:
@@ -274,13 +309,14 @@ def load_index(ws: Workspace, model: str, name: str, *, kind: str | None = None)
             reasons.append(f"{path.parent.name} is stale ({len(set(now) - set(have))} new shards; index build)")
             continue
         faiss = _faiss()
-        index = faiss.read_index(str(path.parent / "index.faiss"))
+        index_path, rows_path = _files(path.parent, meta)
+        index = faiss.read_index(str(index_path))
         if meta["kind"] == "hnsw":
             index.hnsw.efSearch = HNSW_EF_SEARCH
         elif meta["kind"] == "ivfpq":
             index.nprobe = meta["params"]["nprobe"]
         gone = {d: superseded_ids(Manifest.load(ws, model, d)) for d in meta["datasets"]}
-        return LoadedIndex(path.parent, meta, index, pq.read_table(path.parent / "rows.parquet"), gone), ""
+        return LoadedIndex(path.parent, meta, index, pq.read_table(rows_path), gone), ""
     return None, "; ".join(reasons)
 
 
@@ -303,12 +339,14 @@ def search_index(
     while True:
         dist, pos = loaded.index.search(q, ask)
         hits = []
+        seen: set[str] = set()
         for score, p in zip(dist[0].tolist(), pos[0].tolist(), strict=True):
             if p < 0:
                 continue
             d, file, row, rid = (loaded.rows.column(c)[p].as_py() for c in ("dataset", "shard", "row", "id"))
-            if rid == exclude or rid in gone[d].get(file, ()):
+            if rid == exclude or rid in gone[d].get(file, ()) or rid in seen:
                 continue
+            seen.add(rid)  # an id once, whatever the index holds
             hits.append((-score if meta["metric"] == "l2" else score, d, file, row, rid))
             if len(hits) == k:
                 break
@@ -327,12 +365,31 @@ def search_index(
 
 
 def check_index_files(folder: Path) -> list[str]:
-    """Problems with an index folder's files against index.json's checksums (verify)."""
+    """Problems with an index folder's files (verify): checksums against index.json; the
+    vectors in the index, the rows of its row map and index.json's count all equal; and no
+    shard row is in the index twice."""
     meta = _read_meta(folder)
     if meta is None:
         return [f"{folder}: no index.json"]
-    return [
+    problems = [
         f"{folder / name}: checksum differs from index.json"
         for name, digest in meta.get("files", {}).items()
         if not (folder / name).is_file() or file_sha256(folder / name) != digest
     ]
+    if problems:
+        return problems
+    index_path, rows_path = _files(folder, meta)
+    rows = pq.read_table(rows_path, columns=["dataset", "shard", "row"])
+    distinct = len(rows.group_by(["dataset", "shard", "row"]).aggregate([]))
+    try:
+        vectors: int | None = int(_faiss().read_index(str(index_path)).ntotal)
+    except MissingExtraError:
+        vectors = None  # faiss is not installed: the row map and the count are still checked
+    counts = {"index.json count": int(meta["count"]), "row map rows": len(rows)}
+    if vectors is not None:
+        counts["index vectors"] = vectors
+    if len(set(counts.values())) != 1:
+        problems.append(f"{folder}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + " differ")
+    if distinct != len(rows):
+        problems.append(f"{folder}: {len(rows) - distinct:,} shard rows are in the index twice")
+    return problems

@@ -5,10 +5,16 @@ with ``id`` and ``embedding`` columns), ``f16`` (raw little-endian float16, row-
 ``ids.txt`` holds one id per line in the same order (TAB, LF, CR and backslash escaped as in
 PostgreSQL's COPY text format); ``export.json`` holds model, dataset, dimension, count, dtype
 and each file's sha256. Memory: one chunk of rows at a time.
+
+The export is written into a hidden sibling folder and renamed into place when complete, so
+a reader (or a killed re-export) never sees old and new files mixed: ``out`` is either the
+whole old export, absent for an instant, or the whole new one. ``out`` must be new, empty, or
+an earlier export (only the files an export writes); anything else is refused, never deleted.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +26,7 @@ from embedbatch.failures import tsv_escape
 from embedbatch.store.index import IdIndex
 from embedbatch.store.manifest import Manifest, file_sha256
 from embedbatch.store.shards import iter_vector_chunks
-from embedbatch.workspace import Workspace, atomic_write_json
+from embedbatch.workspace import Workspace, atomic_write_json, fsync_dir
 
 __all__ = ["FORMATS", "export_dataset"]
 
@@ -46,7 +52,11 @@ def export_dataset(
     dim = manifest.dimensions or 0
     if not n:
         raise UsageError(f"dataset {model}/{dataset} has no rows to export")
-    out.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(out)
+    final = out
+    out = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(out, ignore_errors=True)  # a killed export's leftovers
+    out.mkdir(parents=True)
     name = {"npy": "vectors.npy", "arrow": "vectors.arrow", "f16": "vectors.f16"}[fmt]
     vec_path, ids_path = out / name, out / "ids.txt"
     written = 0
@@ -96,4 +106,34 @@ def export_dataset(
         "files": {vec_path.name: file_sha256(vec_path), ids_path.name: file_sha256(ids_path)},
     }
     atomic_write_json(out / "export.json", report)
+    _swap_into_place(out, final)
     return report
+
+
+_EXPORT_FILES = frozenset({"export.json", "ids.txt", "vectors.npy", "vectors.arrow", "vectors.f16"})
+
+
+def _check_replaceable(out: Path) -> None:
+    """``out`` may be new, empty or an earlier export; anything else is the user's, not ours.
+
+    Raises:
+        UsageError: ``out`` is a file, or a folder holding other files.
+    """
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in _EXPORT_FILES)
+        if others:
+            raise UsageError(f"--out {out} holds other files ({', '.join(others[:3])}…); give a new or empty folder")
+
+
+def _swap_into_place(partial: Path, final: Path) -> None:
+    """Rename the finished export to ``final``, moving an earlier export aside first and
+    deleting it after; a kill in between leaves ``final`` absent or whole, never mixed."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    partial.rename(final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)

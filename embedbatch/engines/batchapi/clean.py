@@ -53,14 +53,17 @@ async def clean_batch(client: BatchClient | None, run: Run, bs: BatchState, repo
     run.save_batch(bs)
 
 
-async def clean_run(client: BatchClient | None, paths: RunPaths) -> CleanReport:
+async def clean_run(client: BatchClient | None, paths: RunPaths, *, wait_s: float | None = None) -> CleanReport:
     """Clean every ingested batch of a run, under the run lock.
 
+    Args:
+        wait_s: how long to wait for a run lock another process holds (None: fail at once).
+
     Raises:
-        LockedError: another process holds the run.
+        LockedError: another process holds the run (past ``wait_s``).
     """
     report = CleanReport()
-    with Run.open(paths, purpose="clean") as run:
+    with Run.open(paths, wait_s=wait_s, purpose="clean") as run:
         for bs in run.batches:
             await clean_batch(client, run, bs, report)
     log.info("cleaned", run=paths.run_id, **report.__dict__)

@@ -328,7 +328,7 @@ def _record_failure(paths: RunPaths, exc: Exception) -> None:
         log.warning("run failed and is now held by another process", run=paths.run_id, error=str(exc))
 
 
-async def cancel_run(client: BatchClient, paths: RunPaths) -> list[tuple[str, str]]:
+async def cancel_run(client: BatchClient, paths: RunPaths, *, wait_s: float | None = None) -> list[tuple[str, str]]:
     """Cancel every batch of the run that can still run or bill: each one is refreshed first
     (local state may be stale), planned and uploaded ones are cancelled locally, and an error on
     one batch is reported and does not stop the others.
@@ -336,11 +336,14 @@ async def cancel_run(client: BatchClient, paths: RunPaths) -> list[tuple[str, st
     Returns:
         ``(batch name, outcome)`` per batch: its status after the call, or the error.
 
+    Args:
+        wait_s: how long to wait for a run lock another process holds (None: fail at once).
+
     Raises:
-        LockedError: another process holds the run.
+        LockedError: another process holds the run (past ``wait_s``).
     """
     outcomes: list[tuple[str, str]] = []
-    with Run.open(paths, purpose="cancel") as run:
+    with Run.open(paths, wait_s=wait_s, purpose="cancel") as run:
         for bs in run.batches:
             try:
                 if bs.pending is not None:

@@ -192,6 +192,9 @@ def run_local(
             from embedbatch.sinks import libsql
 
             result.libsql = libsql.sink_run(ws, state, auth_token=libsql_auth_token)
+        from embedbatch.sinks.resume import finish_dead_runs
+
+        finish_dead_runs(ws, run, result, kind="local", dsn=dsn, libsql_auth_token=libsql_auth_token)
         if pg_target is not None or libsql_target is not None:
             state.state.local = result.to_json()
             state.save()

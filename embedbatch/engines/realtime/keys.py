@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from embedbatch.engines.realtime.limiter import KeyLimiter, fingerprint
+from embedbatch.errors import ProviderError
 
 __all__ = ["ConcurrencyWindow", "Key", "KeyPool"]
 
@@ -62,6 +63,7 @@ class KeyPool:
         if not unique:
             raise ValueError("no API key")
         self.keys = [Key(fingerprint(k), make_client(k), KeyLimiter(rpm, tpm, clock)) for k in unique]
+        self.retired: list[Key] = []  # keys the provider refused (401/403): no more requests
         self._turn = 0
         self._changed = asyncio.Event()
 
@@ -70,17 +72,38 @@ class KeyPool:
         limits = [k.limiter.tokens.limit for k in self.keys if k.limiter.tokens.limit is not None]
         return int(min(limits)) if limits else None
 
+    def retire(self, key: Key) -> None:
+        """Take a key the provider refuses (401/403) out of the pool; the others carry on.
+
+        Raises:
+            ProviderError: no key is left.
+        """
+        if key in self.keys:
+            self.keys.remove(key)
+            self.retired.append(key)
+            self._turn = 0
+        self._changed.set()
+        if not self.keys:
+            names = ", ".join(k.name for k in self.retired)
+            raise ProviderError(f"every API key was refused by the provider ({names}); check OPENAI_API_KEY(S)")
+
     async def known(self) -> None:
         """Wait while no key's limits are known and every key has its probe request in flight
         (so the next request is packed under the limits its answer brings)."""
-        while not any(k.limiter.learned or not k.limiter.in_flight for k in self.keys):
+        while self.keys and not any(k.limiter.learned or not k.limiter.in_flight for k in self.keys):
             self._changed.clear()
             await self._changed.wait()
 
     async def acquire(self, tokens: int) -> Key:
-        """Wait until a key has room for one request of ``tokens``, spend it there, return the key."""
-        n = len(self.keys)
+        """Wait until a key has room for one request of ``tokens``, spend it there, return the key.
+
+        Raises:
+            ProviderError: every key was retired.
+        """
         while True:
+            n = len(self.keys)
+            if not n:
+                raise ProviderError("every API key was refused by the provider; check OPENAI_API_KEY(S)")
             best: tuple[float, int] | None = None
             for j in range(n):
                 i = (self._turn + j) % n
@@ -115,7 +138,7 @@ class KeyPool:
         self._changed.set()
 
     async def close(self) -> None:
-        for key in self.keys:
+        for key in self.keys + self.retired:
             await key.client.close()
 
 

@@ -221,7 +221,7 @@ def retry_realtime(
         raise StateError(f"{paths.root} is a {rs0.kind} run, not a realtime one")
     cfg = realtime or RealtimeConfig(model=rs0.model, dimensions=rs0.dimensions)
     store = DatasetStore(ws, rs0.model, rs0.dataset)
-    with store.engine_lock("realtime"), Run.open(paths, purpose="retry") as state:
+    with store.engine_lock("realtime"), Run.open(paths, wait_s=ws.lock_timeout_s, purpose="retry") as state:
         before = dict(state.state.realtime)
         counts = dict(state.state.counts)
         result = RealtimeResult(str(paths.root), rs0.model, rs0.dataset)
@@ -416,7 +416,7 @@ def _embed(
         result.wall_s = round(time.monotonic() - started, 3)
         std, _ = cost_usd(rs.model, result.usage_tokens)
         result.cost_usd = std
-        result.keys = {k.name: k.stats() for k in engine.pool.keys}
+        result.keys = {k.name: k.stats() for k in engine.pool.keys + engine.pool.retired}
         for name in ("requests", "answered_429", "retries", "splits"):
             setattr(result, name, getattr(result, name) + getattr(engine.stats, name))
         failed = [*(kept_failed or []), *engine.failed]
@@ -456,6 +456,9 @@ def _sinks(ws: Workspace, run: Run, ingest: IngestConfig, result: RealtimeResult
         from embedbatch.sinks import libsql
 
         result.libsql = libsql.sink_run(ws, run, auth_token=ingest.libsql_auth_token)
+    from embedbatch.sinks.resume import finish_dead_runs
+
+    finish_dead_runs(ws, run.paths, result, kind="realtime", dsn=ingest.dsn, libsql_auth_token=ingest.libsql_auth_token)
     if rs.pg_target is not None or rs.libsql_target is not None:
         rs.realtime = result.to_json()
         run.save()

@@ -62,9 +62,12 @@ class Sender:
         deliver: ``await deliver(records, answer)`` for each answered request (in completion
             order; ``answer.vectors`` is ``(len(records), dim) float32``).
 
+    A key the provider refuses (401, 403) is retired with a warning naming its fingerprint and
+    the run goes on with the others.
+
     Raises (from :meth:`run`):
-        ProviderError: the provider is unreachable, or refuses the key or the model (401, 403,
-            404): every request would fail the same way.
+        ProviderError: the provider is unreachable, refuses every key, or refuses the model
+            (404): every request would fail the same way.
     """
 
     def __init__(
@@ -177,6 +180,8 @@ class Sender:
                 while True:
                     try:
                         return await self._send(records, tokens)
+                    except _KeyRefused:
+                        continue  # that key is retired; another one takes the request
                     except _RateLimited as exc:
                         n429 += 1
                         window.shrink()
@@ -202,6 +207,10 @@ class Sender:
                 wait = self.pool.rate_limited(key, exc.headers)
                 log.info("rate limited", key=key.name, wait_s=round(wait, 3))
                 raise _RateLimited(str(exc)) from exc
+            if exc.status_code in (401, 403):  # this key, not the request: the others carry on
+                log.warning("API key refused; it is retired for this run", key=key.name, status=exc.status_code)
+                self.pool.retire(key)
+                raise _KeyRefused from exc
             raise
         self.pool.answered(key, answer.headers)
         self.stats.requests += 1
@@ -210,6 +219,10 @@ class Sender:
     def _fail(self, records: list[Record], reason: str) -> None:
         log.warning("rows failed", rows=len(records), first_id=records[0].id, reason=reason)
         self.failed += [(r, reason) for r in records]
+
+
+class _KeyRefused(Exception):
+    """The key was refused (401/403) and retired; the request goes to another key."""
 
 
 class _TooLarge(Exception):
