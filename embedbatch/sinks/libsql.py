@@ -14,6 +14,7 @@ tests).
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -100,6 +101,8 @@ def check_target(url: str, auth_token: str | None, target: LibsqlTarget, *, dim:
     Raises:
         DatabaseError: the target does not fit (the message says what to change).
     """
+    if target.table.lower().startswith("sqlite_"):
+        raise DatabaseError(f"{target.table!r} is a name SQLite reserves for itself; choose another --libsql-table")
     conn = connect(url, auth_token)
     try:
         info = _inspect(conn, target)
@@ -117,12 +120,46 @@ def check_target(url: str, auth_token: str | None, target: LibsqlTarget, *, dim:
     return info
 
 
+_INT_ID = re.compile(r"-?[0-9]+")
+_HEX_ID = re.compile(r"(?:[0-9a-f]{2})+")
+
+
 def _id_value(rid: str, id_type: str) -> Any:
+    """The value to store for ``rid`` in an id column of ``id_type`` (insert mode); None when
+    the id cannot be stored there (a non-integer id into an INTEGER column)."""
     if "INT" in id_type:
-        return int(rid)
+        return int(rid) if _INT_ID.fullmatch(rid) and -(2**63) <= int(rid) < 2**63 else None
     if "BLOB" in id_type:
-        return bytes.fromhex(rid)
+        return bytes.fromhex(rid) if _HEX_ID.fullmatch(rid) else None
     return rid
+
+
+def _id_match(idc: str, id_type: str) -> tuple[str, Callable[[str], tuple[Any, ...]]]:
+    """SQL matching one stored id, and the parameters it takes for a record id (see
+    :mod:`embedbatch.sources.sqlite`: INTEGER ids are their digits, BLOB ids their hex).
+
+    An INTEGER column is matched with ``CAST(? AS INTEGER)`` of the digits (exact for every
+    64-bit value); a column without a declared type (or NUMERIC/REAL) keeps each value's own
+    storage class, so the id is matched as text, integer, real or blob, whichever it is.
+    """
+    if "INT" in id_type:
+        return f"{idc} = CAST(? AS INTEGER)", lambda rid: (rid if _INT_ID.fullmatch(rid) else None,)
+    if "BLOB" in id_type:
+        return f"{idc} = ?", lambda rid: (bytes.fromhex(rid) if _HEX_ID.fullmatch(rid) else None,)
+    if any(t in id_type for t in ("CHAR", "CLOB", "TEXT")):
+        return f"{idc} = ?", lambda rid: (rid,)
+
+    def candidates(rid: str) -> tuple[Any, ...]:
+        as_int = rid if _INT_ID.fullmatch(rid) else None
+        try:
+            as_real: float | None = float(rid) if as_int is None and repr(float(rid)) == rid else None
+        except ValueError:
+            as_real = None
+        as_blob = bytes.fromhex(rid) if _HEX_ID.fullmatch(rid) else None
+        return rid, as_real, as_blob, as_int
+
+    sql = f"({idc} = ? OR {idc} = ? OR {idc} = ? OR ({idc} = CAST(? AS INTEGER) AND typeof({idc}) = 'integer'))"
+    return sql, candidates
 
 
 @dataclass
@@ -201,16 +238,21 @@ def write_vectors(
 
 
 def _index_sql(target: LibsqlTarget) -> str:
-    name = f"{target.table}_{target.vector_column}_idx"
     return (
-        f"CREATE INDEX {quote_ident(name)} ON {quote_ident(target.table)} "
+        f"CREATE INDEX {quote_ident(index_name(target))} ON {quote_ident(target.table)} "
         f"(libsql_vector_idx({quote_ident(target.vector_column)}))"
     )
 
 
 def index_name(target: LibsqlTarget) -> str:
-    """The name :func:`write_vectors` gives the vector index it creates."""
-    return f"{target.table}_{target.vector_column}_idx"
+    """The name :func:`write_vectors` gives the vector index it creates: ``{table}_{column}_idx``
+    when both are plain words, else a plain-word form with a short hash (libSQL's vector index
+    cannot be initialised under a name with spaces, quotes, dots or brackets)."""
+    name = f"{target.table}_{target.vector_column}_idx"
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9_]", "_", name) + f"_{digest}"
 
 
 def _write_chunks(
@@ -225,7 +267,8 @@ def _write_chunks(
 ) -> None:
     table, idc, vc = quote_ident(target.table), quote_ident(target.id_column), quote_ident(target.vector_column)
     null_only = "" if target.overwrite else f" AND {vc} IS NULL"
-    update = f"UPDATE {table} SET {vc} = ? WHERE {idc} = ?{null_only}"
+    match, match_params = _id_match(idc, info.id_type)
+    update = f"UPDATE {table} SET {vc} = ? WHERE {match}{null_only}"
     verb = "INSERT OR REPLACE" if target.overwrite else "INSERT OR IGNORE"
     with_text = TEXT_COLUMN in info.columns
     columns = f"{idc}, {vc}, {TEXT_COLUMN}, model, created_at" if with_text else f"{idc}, {vc}, model, created_at"
@@ -235,37 +278,37 @@ def _write_chunks(
         texts = chunk[2] if len(chunk) > 2 else None
         good = (vecs.shape[1] == dim) & np.isfinite(vecs).all(axis=1)
         report.refused += int((~good).sum())
-        keys = [_id_value(rid, info.id_type) for rid in ids]
         # One conversion per chunk, then byte slices: the blob of row i.
         raw = np.ascontiguousarray(vecs, dtype="<f4").tobytes()
         width = vecs.shape[1] * 4
         ok = good.tolist()
+        before = conn.execute("SELECT total_changes()").fetchall()[0][0]
         if target.mode == "insert":
             now = utc_now().isoformat()
             new: list[tuple[Any, ...]] = []
-            for i, k in enumerate(keys):
-                if ok[i]:
-                    blob = raw[i * width : (i + 1) * width]
-                    new.append(
-                        (k, blob, texts[i] if texts else None, model, now) if with_text else (k, blob, model, now)
-                    )
-            conn.executemany(insert, new)
-            written = len(new)
-        else:
-            rows = [(raw[i * width : (i + 1) * width], k) for i, k in enumerate(keys) if ok[i]]
-            before = conn.execute("SELECT total_changes()").fetchall()[0][0]
-            if rows:
-                conn.executemany(update, rows)
+            for i, rid in enumerate(ids):
+                k = _id_value(rid, info.id_type)
+                if not ok[i]:
+                    continue
+                if k is None:  # e.g. a text id for an INTEGER id column: never stored as something else
+                    report.refused += 1
+                    continue
+                blob = raw[i * width : (i + 1) * width]
+                new.append((k, blob, texts[i] if texts else None, model, now) if with_text else (k, blob, model, now))
+            if new:
+                conn.executemany(insert, new)
             written = conn.execute("SELECT total_changes()").fetchall()[0][0] - before
-            if written < len(rows):  # rare on a first write: find out why only for those
-                marks = ",".join("?" * len(rows))
-                found = dict(
-                    conn.execute(
-                        f"SELECT {idc}, {vc} IS NULL FROM {table} WHERE {idc} IN ({marks})", [k for _, k in rows]
-                    ).fetchall()
-                )
-                report.missing_ids += sum(1 for _, k in rows if k not in found)
-                report.skipped_has_vector += len(rows) - written - sum(1 for _, k in rows if k not in found)
+            report.skipped_has_vector += len(new) - written  # ids already in the table (INSERT OR IGNORE)
+        else:
+            todo = [i for i in range(len(ids)) if ok[i]]
+            if todo:
+                conn.executemany(update, [(raw[i * width : (i + 1) * width], *match_params(ids[i])) for i in todo])
+            written = conn.execute("SELECT total_changes()").fetchall()[0][0] - before
+            if written < len(todo):  # rare on a first write: find out why, row by row, only then
+                probe = f"SELECT {vc} IS NULL FROM {table} WHERE {match} LIMIT 1"
+                found = sum(1 for i in todo if conn.execute(probe, match_params(ids[i])).fetchall())
+                report.missing_ids += len(todo) - found
+                report.skipped_has_vector += found - written
         conn.commit()
         report.written += written
         report.chunks += 1
@@ -300,10 +343,18 @@ def sink_run(ws: Any, run: Any, *, auth_token: str | None) -> dict[str, Any]:
             pending.append((shard, end))
             yield ids, vecs, texts
 
-    def committed(_: int) -> None:
+    totals = rs.libsql.setdefault("totals", {"written": 0, "missing_ids": 0, "skipped_has_vector": 0, "refused": 0})
+    counted = 0
+
+    def committed(written: int) -> None:
+        # Rows written are counted with their chunk's progress (one run.json write): a crash and
+        # resume neither loses nor repeats them in the totals.
+        nonlocal counted
         shard, end = pending.pop(0)
         progress[shard] = end
         rs.libsql["progress"] = dict(progress)
+        totals["written"] += written - counted
+        counted = written
         run.save()
         crash_point("libsql_after_chunk")
 
@@ -331,12 +382,19 @@ def sink_run(ws: Any, run: Any, *, auth_token: str | None) -> dict[str, Any]:
         run.save()
         raise
     rs.libsql["pending_indexes"] = []
-    totals = rs.libsql.setdefault("totals", {"written": 0, "missing_ids": 0, "skipped_has_vector": 0, "refused": 0})
-    for key in totals:
-        totals[key] += getattr(report, key)
+    for key in ("missing_ids", "skipped_has_vector", "refused"):
+        totals[key] = totals.get(key, 0) + getattr(report, key)
     rs.libsql["status"] = "done"
     rs.libsql.pop("error", None)
     run.save()
+    if report.missing_ids or report.refused:
+        log.warning(
+            "libsql: fewer rows written than embedded",
+            run=rs.run_id,
+            table=target.table,
+            ids_not_in_table=report.missing_ids,
+            refused=report.refused,
+        )
     if report.chunks or report.index_built:  # a pass with nothing new to write logs nothing
         log.info("libsql", run=rs.run_id, table=target.table, written=report.written, missing=report.missing_ids)
     return report.to_json()

@@ -389,13 +389,14 @@ async def sync_run_to_pg(
     dsn: str,
     dim: int,
     progress: dict[str, int],
-    save_progress: Callable[[dict[str, int]], None],
+    save_progress: Callable[[dict[str, int], int], None],
     on_index_drop: Callable[[list[VectorIndex]], None] | None = None,
 ) -> WriteReport:
     """Write every shard row of a run into the target, resuming after the last committed chunk.
 
-    ``progress`` maps shard file → rows committed; ``save_progress`` is called after every
-    committed chunk (atomically, by the caller) so a crash resumes at the first uncommitted one.
+    ``progress`` maps shard file → rows committed; ``save_progress(progress, rows written so
+    far)`` is called after every committed chunk (atomically, by the caller) so a crash resumes
+    at the first uncommitted one.
     """
     pending: list[tuple[str, int]] = []
     total = 0
@@ -412,10 +413,10 @@ async def sync_run_to_pg(
             pending.append((shard, end))
             yield ids, vecs, texts
 
-    def committed(_: int) -> None:
+    def committed(written: int) -> None:
         shard, end = pending.pop(0)
         progress[shard] = end
-        save_progress(progress)
+        save_progress(progress, written)
 
     return await write_vectors(
         dsn, target, chunks(), dim=dim, total_rows=total, on_chunk=committed, on_index_drop=on_index_drop
@@ -467,8 +468,16 @@ async def _sink_run(ws: Any, run: Any, dsn: str, dim: int) -> dict[str, Any]:
         rs.pg["pending_indexes"] = []
         run.save()
 
-    def save(p: dict[str, int]) -> None:
+    totals = rs.pg.setdefault("totals", {"written": 0, "missing_ids": 0, "skipped_has_vector": 0})
+    counted = 0
+
+    def save(p: dict[str, int], written: int) -> None:
+        # Rows written are counted with the chunk that wrote them (same run.json write), so a
+        # crash and resume neither loses nor repeats them in the totals.
+        nonlocal counted
         rs.pg["progress"] = dict(p)
+        totals["written"] += written - counted
+        counted = written
         run.save()
         crash_point("pg_after_chunk")
 
@@ -492,8 +501,7 @@ async def _sink_run(ws: Any, run: Any, dsn: str, dim: int) -> dict[str, Any]:
         rs.pg["pending_indexes"] = []
     rs.pg["status"] = "done"
     rs.pg.pop("error", None)
-    totals = rs.pg.setdefault("totals", {"written": 0, "missing_ids": 0, "skipped_has_vector": 0})
-    for key in totals:
+    for key in ("missing_ids", "skipped_has_vector"):
         totals[key] += getattr(report, key)
     run.save()
     if report.chunks or report.index_rebuilt:  # a pass with nothing new to write logs nothing

@@ -132,7 +132,7 @@ def test_kill_after_first_chunk_then_resume(tmp_path: Path, ws: Workspace, serve
     got = _vectors(db)
     assert 7 == sum(v is not None for v in got.values())
     state = orjson.loads((run_dir / "run.json").read_bytes())["libsql"]
-    assert ("done", 5) == (state["status"], state["totals"]["written"])
+    assert ("done", 7) == (state["status"], state["totals"]["written"])  # both processes' rows (#23)
 
 
 def test_insert_mode_index_and_top_k_search(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
@@ -200,3 +200,57 @@ def test_blob_ids_map_back_to_blob_keys(tmp_path: Path) -> None:
     rep = write_vectors(str(db), None, target, iter([([rid], np.array([[3.0, 4.0]], np.float32))]), dim=2)
     assert (1, 0, 0) == (rep.written, rep.missing_ids, rep.refused)
     assert [3.0, 4.0] == _vectors(db, "t")[b"\x01\xff"]
+
+
+def test_untyped_id_column_ids_are_written_back_by_their_storage_class(
+    tmp_path: Path, ws: Workspace, server: ServerThread
+) -> None:
+    """#23: ids in a column without a declared type keep their storage class (INTEGER, REAL,
+    BLOB, TEXT, and the INTEGER 2^63-1): every row gets its vector; a second run finds none
+    left to embed."""
+    db = tmp_path / "untyped.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE chunks (id, content TEXT, embedding F32_BLOB(1536))")
+    ids: list[object] = [7, 2.5, b"\x01\xff", "text-id", 2**63 - 1]
+    conn.executemany("INSERT INTO chunks VALUES (?, ?, NULL)", [(v, f"content {j}") for j, v in enumerate(ids)])
+    conn.commit()
+    conn.close()
+    env = cli_env(server, ws)
+    args = [*RUN, "--vector-column", "embedding", "--json"]
+    r = run_cli([args[0], str(db), *args[1:]], env, tmp_path)
+    assert 0 == r.returncode, r.stderr
+    conn = sqlite3.connect(db)
+    got = conn.execute("SELECT typeof(id), embedding IS NOT NULL FROM chunks ORDER BY rowid").fetchall()
+    conn.close()
+    assert [("integer", 1), ("real", 1), ("blob", 1), ("text", 1), ("integer", 1)] == got
+    r = run_cli([args[0], str(db), *args[1:]], env, tmp_path)
+    assert 0 == r.returncode and 0 == orjson.loads(r.stdout)["embedded"]
+
+
+def test_libsql_targets_that_cannot_work_fail_before_upload_or_not_at_all(
+    tmp_path: Path, ws: Workspace, server: ServerThread
+) -> None:
+    """#23: a table name with a space, quote, dot and bracket takes a vector index; a reserved
+    sqlite_* table is refused before any upload; a text id for an INTEGER id column is refused
+    (counted), never a crash."""
+    src = write_jsonl(tmp_path / "d.jsonl", sample_rows(4))
+    env = cli_env(server, ws)
+    out = tmp_path / "v.db"
+    base = ["run", str(src), "--fields", "title,body", "--libsql-url", str(out), "--poll-seconds", "0.05"]
+    r = run_cli(
+        [*base, "--libsql-table", 'my "odd".[table]', "--libsql-mode", "insert", "--libsql-index"], env, tmp_path
+    )
+    assert 0 == r.returncode, r.stderr
+    assert 4 == sum(v is not None for v in _vectors(out, 'my ""odd"".[table]').values())
+    r = run_cli([*base, "--libsql-table", "sqlite_sequence", "--libsql-mode", "insert"], env, tmp_path)
+    assert 7 == r.returncode and "reserves" in r.stderr
+    assert 1 == len(server.state.batches)
+    conn = sqlite3.connect(out)
+    conn.execute("CREATE TABLE ints (id INTEGER PRIMARY KEY, embedding F32_BLOB(1536))")
+    conn.commit()
+    conn.close()
+    src2 = write_jsonl(tmp_path / "e.jsonl", sample_rows(2, start=50))
+    r = run_cli([*base[:1], str(src2), *base[2:], "--libsql-table", "ints", "--libsql-mode", "insert"], env, tmp_path)
+    assert 0 == r.returncode, r.stderr
+    assert "fewer rows written than embedded" in r.stderr
+    assert {} == _vectors(out, "ints")

@@ -229,6 +229,7 @@ def test_crash_mid_pg_write_resumes(tmp_path: Path, ws: Workspace, server: Serve
     (count,) = asyncio.run(pg_exec(pg_dsn, "SELECT count(embedding) FROM knowledge_chunks"))
     run_json = orjson.loads((run_dir / "run.json").read_bytes())
     assert ([[6]], {"shard-00001.parquet": 6}) == (count, run_json["pg"]["progress"])
+    assert 6 == run_json["pg"]["totals"]["written"]  # the killed process's chunk counts too (#23)
     assert pg_dsn not in (run_dir / "run.json").read_text()
 
 

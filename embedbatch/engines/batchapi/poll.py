@@ -74,9 +74,12 @@ def _can_requeue(run: Run, bs: BatchState, limit: int, max_requeues: int) -> boo
     never fit (its own tokens exceed the organization's limit) or after ``max_requeues``; then
     it stays failed with the reason, its rows are failed at ingest, and ``retry`` plans them
     again in batches cut to the limit (recorded in the run's limits)."""
-    if limit and bs.tokens > limit:
+    # The tokenizer's count decides "never": the queue-token figure (bytes/4 when larger) is a
+    # scheduling margin, and a batch it overstates may still fit the provider's own count.
+    real = bs.tokenizer_tokens or bs.tokens
+    if limit and real > limit:
         bs.error = (
-            f"batch of {bs.tokens:,} queue tokens can never fit the organization's enqueued-token limit "
+            f"batch of {real:,} tokens can never fit the organization's enqueued-token limit "
             f"of {limit:,}; its rows are failed and `retry` plans them in smaller batches"
         )
         run.state.limits["max_enqueued_tokens"] = min(limit, run.state.limits.get("max_enqueued_tokens") or limit)

@@ -364,3 +364,16 @@ def test_clean_and_delete_remote_files(tmp_path: Path, ws: Workspace, server: Se
     _poll_until(ws, env, tmp_path, run_b, "finished", "--ingest")
     assert (True, 4) == (verify_dataset(ws, MODEL, "a").ok, verify_dataset(ws, MODEL, "a").rows)
     assert 2 == verify_dataset(ws, MODEL, "b").rows
+
+
+def test_never_fit_is_judged_by_the_tokenizer_count_not_the_byte_margin() -> None:
+    """#23: a batch whose conservative queue figure (bytes/4) is over the organization's limit
+    but whose tokenizer count fits is created again later, not failed as "can never fit"."""
+    from typing import Any, cast
+
+    from embedbatch.engines.batchapi.poll import _can_requeue
+    from embedbatch.runs import BatchState
+
+    fits = BatchState(name="batch_001", tokens=120, tokenizer_tokens=80)
+    assert _can_requeue(cast(Any, None), fits, 100, 3)
+    assert fits.error is None
