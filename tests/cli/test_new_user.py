@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import shlex
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -505,3 +507,93 @@ def test_output_expiry_is_sent_with_each_batch(tmp_path: Path, ws: Workspace, se
     assert out.expires_at is not None and 2 * 86_400 == out.expires_at - out.created_at
     (run_dir,) = [d for d in (ws.root / "batches").glob("*/*/run_*")]
     assert 2 == Run.read(ws.resolve_run(run_dir)).state.output_expiry_days
+
+
+# ---- #23: ids, exports, waiting for cron, given-up ids ---------------------------------------------
+
+
+def test_templated_duplicate_ids_are_an_input_error_naming_both_rows(tmp_path: Path, ws: Workspace) -> None:
+    """`--id-template '{k}'` with two rows of the same k: exit 3 before anything is planned,
+    naming the id and both lines (the check read the raw id field before)."""
+    src = write_jsonl(
+        tmp_path / "d.jsonl", [{"k": "a", "text": "one"}, {"k": "b", "text": "x"}, {"k": "a", "text": "two"}]
+    )
+    env = {**os.environ, "EMBEDBATCH_WORKSPACE": str(ws.root), "OPENAI_API_KEY": "sk-unused"}
+    for cmd in (["estimate"], ["submit", "--dry-run"]):
+        r = run_cli([*cmd, str(src), "--fields", "text", "--id-template", "{k}"], env, tmp_path)
+        assert 3 == r.returncode, r.stderr
+        assert f"'a' at {src}:1 and {src}:3" in r.stderr
+    assert [] == list(ws.root.glob("batches/*/*/run_*/batch_*"))
+
+
+def test_a_failed_re_export_leaves_the_old_export_whole(
+    tmp_path: Path, ws: Workspace, server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export that dies half-way (here: the second chunk raises) leaves the previous export
+    exactly as it was; a folder holding other files is refused, never emptied."""
+    from embedbatch.store import export as export_mod
+
+    src = write_jsonl(tmp_path / "d.jsonl", sample_rows(30))
+    env = cli_env(server, ws)
+    assert 0 == run_cli(["run", str(src), "--fields", "title,body", "--poll-seconds", "0.05"], env, tmp_path).returncode
+    out = tmp_path / "export"
+    first = export_mod.export_dataset(ws, "text-embedding-3-small", "d", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = export_mod.iter_vector_chunks  # type: ignore[attr-defined]
+
+    def dying(*args: Any, **kwargs: Any) -> Iterator[object]:
+        for n, chunk in enumerate(real(*args, chunk_rows=10, **kwargs)):
+            if n:
+                raise KeyboardInterrupt  # the process stops half-way through the re-export
+            yield chunk
+
+    monkeypatch.setattr(export_mod, "iter_vector_chunks", dying)
+    with pytest.raises(KeyboardInterrupt):
+        export_mod.export_dataset(ws, "text-embedding-3-small", "d", out, dtype="float16")
+    assert before == {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "float32" == first["dtype"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    r = run_cli(["export", "--dataset", "d", "--out", str(tmp_path / "mine")], env, tmp_path)
+    assert 2 == r.returncode and "holds other files" in r.stderr
+    assert "keep me" == (tmp_path / "mine" / "notes.txt").read_text()
+
+
+def test_cancel_waits_for_a_run_that_a_cron_poll_holds(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+    """`cancel` while a poll pass holds the run waits for it (EMBEDBATCH_LOCK_TIMEOUT_S), then
+    cancels, instead of exiting 5 at once."""
+    src = write_jsonl(tmp_path / "d.jsonl", sample_rows(4))
+    env = cli_env(server, ws)
+    server.state.faults.step_s = 600  # the batch stays in validation: there is something to cancel
+    r = run_cli(["submit", str(src), "--fields", "title,body"], env, tmp_path)
+    run_dir = r.stdout.strip().splitlines()[-1]
+    poll = Paused(["poll"], env, tmp_path, "poll_before_save")
+    cancel = subprocess.Popen(
+        [sys.executable, "-m", "embedbatch", "cancel", "--run-dir", run_dir],
+        env={**env, "EMBEDBATCH_LOCK_TIMEOUT_S": "120"},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        cancel.wait(3)  # the old behaviour: exit 5 at once; waiting here cannot fail a correct build
+    assert cancel.returncode is None, cancel.communicate()
+    assert 0 == poll.release()[0]
+    out, err = cancel.communicate(timeout=120)
+    assert 0 == cancel.returncode, err
+    assert "batch_001: cancelling" in out or "batch_001: cancelled" in out
+
+
+def test_given_up_ids_are_listed_once(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+    """Rows that fail on every attempt: retry.json lists each given-up id once (it listed an id
+    once per batch that had tried it)."""
+    server.state.faults.line_error_rate = 1.0
+    src = write_jsonl(tmp_path / "d.jsonl", sample_rows(3))
+    env = cli_env(server, ws)
+    r = run_cli(
+        ["run", str(src), "--fields", "title,body", "--poll-seconds", "0.05", "--max-attempts", "3"], env, tmp_path
+    )
+    assert 8 == r.returncode, r.stderr
+    (retry_json,) = ws.root.rglob("retry.json")
+    assert ["doc-0", "doc-1", "doc-2"] == sorted(orjson.loads(retry_json.read_bytes())["given_up"])
