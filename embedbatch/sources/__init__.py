@@ -61,15 +61,9 @@ def open_maybe_gzip(path: Path) -> IO[bytes]:
 
 
 def _binary(head: bytes) -> bool:
-    """True when the first bytes cannot be text: a NUL byte, or not UTF-8 (a character cut at
-    the end of the sample is fine)."""
-    if b"\x00" in head:
-        return True
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return exc.start < len(head) - 3
-    return False
+    """True when the first bytes cannot be text: they hold a NUL byte (as git decides). Text
+    that is merely not UTF-8 is read, and its bad rows are named with their line."""
+    return b"\x00" in head
 
 
 def detect_format(path: Path) -> str:

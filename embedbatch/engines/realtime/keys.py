@@ -72,8 +72,11 @@ class KeyPool:
         limits = [k.limiter.tokens.limit for k in self.keys if k.limiter.tokens.limit is not None]
         return int(min(limits)) if limits else None
 
-    def retire(self, key: Key) -> None:
+    def retire(self, key: Key, reason: str = "") -> None:
         """Take a key the provider refuses (401/403) out of the pool; the others carry on.
+
+        Args:
+            reason: the provider's answer (named in the error when no key is left).
 
         Raises:
             ProviderError: no key is left.
@@ -85,7 +88,8 @@ class KeyPool:
         self._changed.set()
         if not self.keys:
             names = ", ".join(k.name for k in self.retired)
-            raise ProviderError(f"every API key was refused by the provider ({names}); check OPENAI_API_KEY(S)")
+            last = f": {reason}" if reason else ""
+            raise ProviderError(f"every API key was refused by the provider ({names}){last}; check OPENAI_API_KEY(S)")
 
     async def known(self) -> None:
         """Wait while no key's limits are known and every key has its probe request in flight

@@ -209,7 +209,7 @@ class Sender:
                 raise _RateLimited(str(exc)) from exc
             if exc.status_code in (401, 403):  # this key, not the request: the others carry on
                 log.warning("API key refused; it is retired for this run", key=key.name, status=exc.status_code)
-                self.pool.retire(key)
+                self.pool.retire(key, str(exc))
                 raise _KeyRefused from exc
             raise
         self.pool.answered(key, answer.headers)
