@@ -19,9 +19,10 @@ The tree::
 
 Exit code 8 is no error: a run that ended with failed rows (``failed_ids.tsv``).
 
-Third-party exceptions are translated at one boundary per store (``batchapi/client.py`` for the
-API, ``sinks/pgvector.py`` and ``sources/postgres.py`` for PostgreSQL), most specific first,
-with ``raise ... from exc``.
+Third-party exceptions are translated at one boundary per store (``api/openai.py`` for the
+API, ``db/pg.py`` for PostgreSQL, ``sinks/libsql.py`` for libSQL, ``sources/huggingface.py`` for the
+Hugging Face hub), most specific first, with ``raise ... from exc``. What is left (an exception
+nobody expected, a disk error) becomes one line in the CLI (``cli/app.py``).
 """
 
 from __future__ import annotations
