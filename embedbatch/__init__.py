@@ -10,8 +10,7 @@ and, to embed a list of strings directly, the :class:`Embedder` protocol with
 :class:`OpenAIEmbedder` and :class:`LocalEmbedder`.
 """
 
-__version__ = "0.1.0"
-
+from embedbatch._version import __version__
 from embedbatch.api.openai import BatchClient, RetryPolicy
 from embedbatch.config import (
     BatchLimits,

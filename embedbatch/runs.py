@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from embedbatch import __version__
+from embedbatch._version import __version__
 from embedbatch.errors import StateError
 from embedbatch.workspace import RunPaths, atomic_write_json, crash_point, file_lock, read_json, utc_now
 
@@ -123,6 +123,38 @@ class BatchState:
     @property
     def is_remote_active(self) -> bool:
         return self.status in REMOTE_ACTIVE
+
+
+# A batch's records, row for row with its input file: id, split, metadata, token count. Written
+# by the Batch API engine's planning; read by ingest, retry and by every engine's "which rows are
+# planned" check (embedbatch.planned), so the file's name and its id reader live here.
+RECORDS_FILE = "records.parquet"
+
+
+def read_records_table(batch_dir: Path, columns: list[str] | None = None) -> Any:
+    """A batch's ``records.parquet`` as an Arrow table (``columns``: only these).
+
+    Raises:
+        StateError: the file is missing or unreadable.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = batch_dir / RECORDS_FILE
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise StateError(f"{path}: cannot read the batch's records ({exc})") from exc
+
+
+def read_record_ids(batch_dir: Path) -> list[str]:
+    """Only the ``id`` column of a batch's records, in input order.
+
+    Raises:
+        StateError: the file is missing or unreadable.
+    """
+    ids: list[str] = read_records_table(batch_dir, ["id"]).column("id").to_pylist()
+    return ids
 
 
 def load_batches(run: RunPaths) -> list[BatchState]:

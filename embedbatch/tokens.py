@@ -19,6 +19,7 @@ __all__ = [
     "HFTokenizer",
     "ModelPrice",
     "Tokenizer",
+    "check_model_options",
     "cost_usd",
     "get_tokenizer",
     "queue_tokens",
@@ -54,6 +55,24 @@ MODEL_DIMENSIONS: dict[str, int] = {
 def supports_dimensions(model: str) -> bool:
     """True for models that accept ``dimensions`` (text-embedding-3-*)."""
     return model.startswith("text-embedding-3")
+
+
+def check_model_options(model: str, dimensions: int | None) -> None:
+    """Check ``dimensions`` for ``model`` before anything is planned or sent: only
+    text-embedding-3-* take it (embeddings API reference, 2026), at most the model's own size.
+
+    Raises:
+        UsageError: dimensions below 1, for a model that does not take them, or above its size.
+    """
+    if dimensions is None:
+        return
+    if dimensions < 1:
+        raise UsageError(f"--dimensions must be positive, got {dimensions}")
+    if not supports_dimensions(model) and model.startswith("text-embedding-"):
+        raise UsageError(f"--dimensions is only supported by text-embedding-3 models, not {model}")
+    most = MODEL_DIMENSIONS.get(model) if supports_dimensions(model) else None
+    if most is not None and dimensions > most:
+        raise UsageError(f"--dimensions {dimensions} is more than {model} gives ({most}); nothing was planned")
 
 
 def cost_usd(model: str, tokens: int) -> tuple[float | None, float | None]:

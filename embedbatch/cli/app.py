@@ -18,7 +18,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.text import Text
 
-from embedbatch import __version__
+from embedbatch._version import __version__
 from embedbatch.cli.render import console, err_console
 from embedbatch.config import Settings
 from embedbatch.errors import DiskError, EmbedbatchError, UsageError

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from embedbatch import __version__
+from embedbatch._version import __version__
 from embedbatch.cli.app import (
     JsonOut,
     Model,

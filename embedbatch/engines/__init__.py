@@ -1,7 +1,7 @@
 """Engines on the shared core: ``batchapi`` (OpenAI Batch API), ``realtime`` (``/v1/embeddings`` at
 the rate limit) and ``local`` (SentenceTransformer, one process or Ray).
 
-Engines import the core, never the reverse. One arrow still runs between engines: ``realtime``
-uses the Batch API's planning checks (``skip_done_or_planned``, ``check_model_options``), which
-belong in the core (the state-layer issue moves them).
+Engines import the core, never the reverse, and no engine imports another: what they share
+(which rows are done or planned, model option checks, the failed-id codec) is in the core
+(``planned.py``, ``tokens.py``, ``failures.py``). ``tests/test_layout.py`` checks it.
 """

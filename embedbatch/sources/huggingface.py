@@ -427,7 +427,7 @@ def _download(
     offline: bool,
     as_name: str | None,
 ) -> DownloadResult:
-    from embedbatch import __version__
+    from embedbatch._version import __version__
 
     local = Path(name).is_dir()
     spec = name if local else f"{HF_PREFIX}{name.strip('/')}"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embedbatch import __version__
+from embedbatch._version import __version__
 from embedbatch.workspace import Workspace, atomic_write_json, read_json, utc_now
 
 __all__ = ["Manifest", "file_sha256", "superseded_ids"]

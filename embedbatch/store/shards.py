@@ -24,7 +24,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedbatch import __version__
+from embedbatch._version import __version__
 from embedbatch.errors import StateError
 from embedbatch.store.index import text_keys
 from embedbatch.store.manifest import Manifest, superseded_ids

@@ -16,14 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedbatch.engines.batchapi.split import BatchSplitter
-from embedbatch.errors import StateError
 from embedbatch.records import Record
-from embedbatch.runs import BatchState
+from embedbatch.runs import RECORDS_FILE, BatchState, read_record_ids, read_records_table
 from embedbatch.workspace import utc_now
 
 __all__ = ["PLAN_CHUNK_ROWS", "RECORDS_FILE", "BatchFileWriter", "BatchRecords", "read_record_ids"]
 
-RECORDS_FILE = "records.parquet"
 _SHARED_KEYS = ("fields", "truncated", "path")
 _MISSING = object()
 _SHARED_META_KEY = b"embedbatch_shared_metadata"
@@ -142,31 +140,13 @@ class BatchRecords:
         Raises:
             StateError: the file is missing or unreadable.
         """
-        table = _read_records_table(batch_dir, None)
+        table = read_records_table(batch_dir, None)
         meta = table.schema.metadata or {}
         out = cls(orjson.loads(meta[_SHARED_META_KEY]) if _SHARED_META_KEY in meta else None)
         cols = table.to_pydict()
         out.ids, out.splits, out.n_tokens = cols["id"], cols["split"], cols["n_tokens"]
         out.lines, out.metadata = cols["line"], cols["metadata"]
         return out
-
-
-def read_record_ids(batch_dir: Path) -> list[str]:
-    """Only the ``id`` column of a batch's records, in input order.
-
-    Raises:
-        StateError: the file is missing or unreadable.
-    """
-    ids: list[str] = _read_records_table(batch_dir, ["id"]).column("id").to_pylist()
-    return ids
-
-
-def _read_records_table(batch_dir: Path, columns: list[str] | None) -> Any:
-    path = batch_dir / RECORDS_FILE
-    try:
-        return pq.read_table(path, columns=columns)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise StateError(f"{path}: cannot read the batch's records ({exc})") from exc
 
 
 PLAN_CHUNK_ROWS = 4096  # rows per add_records call: large enough that per-call costs vanish

@@ -14,67 +14,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from embedbatch.config import LibsqlTarget, PgTarget, PrepareConfig, SampleConfig, SourceConfig, SubmitConfig
-from embedbatch.engines.batchapi.batchfiles import BatchFileWriter, read_record_ids
+from embedbatch.engines.batchapi.batchfiles import BatchFileWriter
 from embedbatch.engines.batchapi.estimate import Estimate
-from embedbatch.engines.batchapi.split import BatchSplitter, check_model_options, request_encoder
-from embedbatch.errors import InputError, LimitError, LockedError, StateError
+from embedbatch.engines.batchapi.split import BatchSplitter, request_encoder
+from embedbatch.errors import InputError, LimitError, LockedError
 from embedbatch.intake import Intake, dataset_name, source_label
-from embedbatch.runs import FINAL, Run, RunState, git_sha, lockfile_sha256, note_run
+from embedbatch.planned import skip_done_or_planned
+from embedbatch.runs import RunState, git_sha, lockfile_sha256, note_run
 from embedbatch.store.dataset import DatasetStore
-from embedbatch.store.index import IdIndex
-from embedbatch.tokens import get_tokenizer
+from embedbatch.tokens import check_model_options, get_tokenizer
 from embedbatch.workspace import RunPaths, Workspace, crash_point
 
-__all__ = ["PlannedRun", "existing_ids", "plan_run", "skip_done_or_planned"]
-
-
-def existing_ids(ws: Workspace, model: str, dataset: str) -> tuple[IdIndex, dict[str, str]]:
-    """What is already done or under way for (model, dataset); call under the dataset lock.
-
-    Returns:
-        ``(index, planned)``: the store's id index of embedded rows, and id → run directory for
-        the ids in batches of this dataset's runs that are neither final nor failed remotely
-        (they will be embedded).
-        Cost: 24 bytes per embedded row, plus the ids of the batches in flight.
-    """
-    index = DatasetStore(ws, model, dataset).id_index()
-    planned: dict[str, str] = {}
-    base = ws.runs_dir(model, dataset)
-    for paths in ws.all_runs():
-        if paths.root.parent != base:
-            continue
-        try:
-            run = Run.read(paths)
-        except StateError:
-            continue
-        if run.state.kind != "batchapi" or run.state.status == "dry-run":
-            continue
-        for bs in run.batches:
-            if bs.status in FINAL or (bs.status == "downloaded" and bs.remote_status != "completed"):
-                continue
-            planned.update(dict.fromkeys(read_record_ids(run.batch_dir(bs)), str(paths.root)))
-    return index, planned
-
-
-def skip_done_or_planned(
-    ws: Workspace, model: str, dataset: str
-) -> tuple[Callable[[str, str], bool] | None, dict[str, int]]:
-    """An intake ``exclude`` for rows already embedded with the same text or planned in an
-    unfinished Batch API run, and the counts it fills (run directory → rows skipped for it);
-    call under the dataset lock. ``(None, {})`` when nothing is embedded or planned."""
-    index, planned = existing_ids(ws, model, dataset)
-    skipped: dict[str, int] = {}
-    if not len(index) and not planned:
-        return None, skipped
-
-    def exclude(rid: str, sha: str) -> bool:
-        where = planned.get(rid)
-        if where is not None:
-            skipped[where] = skipped.get(where, 0) + 1
-            return True
-        return index.contains(rid, sha)
-
-    return exclude, skipped
+__all__ = ["PlannedRun", "plan_run"]
 
 
 @dataclass

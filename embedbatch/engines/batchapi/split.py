@@ -14,33 +14,17 @@ from itertools import repeat
 import orjson
 
 from embedbatch.config import BatchLimits
-from embedbatch.errors import LimitError, UsageError
-from embedbatch.tokens import MODEL_DIMENSIONS, supports_dimensions
+from embedbatch.errors import LimitError
 
 __all__ = [
     "BatchSplitter",
     "RequestSize",
     "assign_batches",
-    "check_model_options",
     "request_encoder",
     "request_line",
 ]
 
 EMBEDDINGS_URL = "/v1/embeddings"
-
-
-def check_model_options(model: str, dimensions: int | None) -> None:
-    """Raise UsageError when ``dimensions`` is given for a model that does not take it
-    (only text-embedding-3-* do, per the embeddings API reference, 2026)."""
-    if dimensions is None:
-        return
-    if dimensions < 1:
-        raise UsageError(f"--dimensions must be positive, got {dimensions}")
-    if not supports_dimensions(model) and model.startswith("text-embedding-"):
-        raise UsageError(f"--dimensions is only supported by text-embedding-3 models, not {model}")
-    most = MODEL_DIMENSIONS.get(model) if supports_dimensions(model) else None
-    if most is not None and dimensions > most:
-        raise UsageError(f"--dimensions {dimensions} is more than {model} gives ({most}); nothing was planned")
 
 
 def request_encoder(*, model: str, dimensions: int | None) -> Callable[[str, str], bytes]:

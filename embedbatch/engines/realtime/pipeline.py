@@ -39,18 +39,17 @@ from embedbatch.config import (
     Settings,
     SourceConfig,
 )
-from embedbatch.engines.batchapi.plan import skip_done_or_planned
-from embedbatch.engines.batchapi.split import check_model_options
 from embedbatch.engines.realtime.packing import read_rows, write_rows
 from embedbatch.engines.realtime.sender import Sender
 from embedbatch.errors import LimitError, StateError, UsageError
 from embedbatch.failures import is_permanent, read_failed_ids, top_reasons, tsv_escape
 from embedbatch.intake import Intake, dataset_name, source_label
+from embedbatch.planned import skip_done_or_planned
 from embedbatch.records import Record
 from embedbatch.runs import Run, RunState, git_sha, lockfile_sha256
 from embedbatch.store.dataset import DatasetStore
 from embedbatch.store.stream import StreamCommitter
-from embedbatch.tokens import MODEL_DIMENSIONS, cost_usd, get_tokenizer
+from embedbatch.tokens import MODEL_DIMENSIONS, check_model_options, cost_usd, get_tokenizer
 from embedbatch.workspace import RunPaths, Workspace, atomic_write_bytes
 
 __all__ = ["RealtimeResult", "retry_realtime", "run_realtime"]

@@ -8,9 +8,9 @@ import orjson
 import pytest
 
 from embedbatch.config import BatchLimits
-from embedbatch.engines.batchapi.split import RequestSize, assign_batches, check_model_options, request_line
+from embedbatch.engines.batchapi.split import RequestSize, assign_batches, request_line
 from embedbatch.errors import LimitError, UsageError
-from embedbatch.tokens import queue_tokens
+from embedbatch.tokens import check_model_options, queue_tokens
 
 
 def test_request_line_shape() -> None:
