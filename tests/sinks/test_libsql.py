@@ -242,9 +242,10 @@ def test_libsql_targets_that_cannot_work_fail_before_upload_or_not_at_all(
     )
     assert 0 == r.returncode, r.stderr
     assert 4 == sum(v is not None for v in _vectors(out, 'my ""odd"".[table]').values())
+    sent = server.state.counts()
     r = run_cli([*base, "--libsql-table", "sqlite_sequence", "--libsql-mode", "insert"], env, tmp_path)
     assert 7 == r.returncode and "reserves" in r.stderr
-    assert 1 == len(server.state.batches)
+    assert sent == server.state.counts()  # refused before any upload: no new file, no new batch
     conn = sqlite3.connect(out)
     conn.execute("CREATE TABLE ints (id INTEGER PRIMARY KEY, embedding F32_BLOB(1536))")
     conn.commit()
