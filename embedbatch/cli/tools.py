@@ -337,17 +337,24 @@ def db_init(
     console.print(f"applied {', '.join(applied)}")
 
 
+PgDataDir = Annotated[
+    Path | None, typer.Option("--data-dir", help="The server's data folder (default: WORKSPACE/postgres).")
+]
+
+
+def _pg_folder(data_dir: Path | None) -> Path:
+    return data_dir or settings().workspace / "postgres"
+
+
 @db_app.command("start")
 def db_start(
-    data_dir: Annotated[
-        Path | None, typer.Option("--data-dir", help="The server's data folder (default: WORKSPACE/postgres).")
-    ] = None,
+    data_dir: PgDataDir = None,
 ) -> None:
     """Start PostgreSQL 18 with pgvector on this machine (the postgres extra; Unix socket only)
     and print its DSN: `export DATABASE_URL=$(embedbatch db start)`. It runs until `db stop`."""
     from embedbatch.db.embedded import start
 
-    folder = data_dir or settings().workspace / "postgres"
+    folder = _pg_folder(data_dir)
     dsn = start(folder)
     err_console.print(f"PostgreSQL with pgvector is running on {folder}; stop it with: embedbatch db stop")
     print(dsn)
@@ -355,14 +362,12 @@ def db_start(
 
 @db_app.command("stop")
 def db_stop(
-    data_dir: Annotated[
-        Path | None, typer.Option("--data-dir", help="The server's data folder (default: WORKSPACE/postgres).")
-    ] = None,
+    data_dir: PgDataDir = None,
 ) -> None:
     """Stop the PostgreSQL server `db start` started (its data folder stays)."""
     from embedbatch.db.embedded import stop
 
-    folder = data_dir or settings().workspace / "postgres"
+    folder = _pg_folder(data_dir)
     console.print(f"stopped PostgreSQL on {folder}" if stop(folder) else f"no PostgreSQL running on {folder}")
 
 
