@@ -21,7 +21,7 @@ MAKE = """
 import base64, sys, orjson, numpy as np
 from pathlib import Path
 from embedbatch.engines.batchapi.batchfiles import BatchRecords
-from embedbatch.runs import BatchState, RunState
+from embedbatch.runs import BatchState, Run, RunState
 from embedbatch.workspace import RunPaths, Workspace
 root, n, fmt, dim = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], 1536
 ws = Workspace(root / "ws")
@@ -41,8 +41,8 @@ with open(d / "input.jsonl", "wb") as inf, open(d / "output.jsonl", "wb") as of:
         of.write(orjson.dumps({"id": "x", "custom_id": f"r{i}", "response": {"status_code": 200, "body": {
             "data": [{"index": 0, "embedding": emb}], "usage": {"total_tokens": 3}}}, "error": None}) + b"\\n")
 records.write(d / "records.parquet")
-RunState(run_id="run_x", model="m", dataset="bench", source="file", source_path="-", dimensions=dim).save(run)
-bs = BatchState(name="batch_001", status="downloaded", requests=n); bs.save(d)
+state = RunState(run_id="run_x", model="m", dataset="bench", source="file", source_path="-", dimensions=dim)
+Run.create(run, state, batches=[BatchState(name="batch_001", status="downloaded", requests=n)])
 print(__import__("json").dumps({"bytes": (d / "output.jsonl").stat().st_size}))
 """
 
@@ -89,12 +89,12 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def reset_batch(root: str) -> None:
     """Put the batch back to downloaded so the next ingest does the whole work again."""
-    from embedbatch.runs import BatchState
+    from embedbatch.runs import Run
+    from embedbatch.workspace import RunPaths
 
-    d = Path(root) / "ws" / "batches" / "m" / "bench" / "run_x" / "batches" / "batch_001"
-    bs = BatchState.load(d / "batch.json")
-    bs.status = "downloaded"
-    bs.save(d)
+    with Run.open(RunPaths(Path(root) / "ws" / "batches" / "m" / "bench" / "run_x")) as run:
+        run.batches[0].status = "downloaded"
+        run.save_batch(run.batches[0])
 
 
 def main() -> None:

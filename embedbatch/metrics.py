@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from embedbatch.errors import MissingExtraError, StateError
-from embedbatch.runs import RunState, load_batches
-from embedbatch.store.index import IdIndex
+from embedbatch.runs import Run, RunState
 from embedbatch.store.manifest import Manifest
 from embedbatch.workspace import Workspace
 
@@ -64,7 +63,7 @@ class WorkspaceCollector:
         ws = self.ws
         records = CounterMetricFamily("embedbatch_records", "Current rows in a dataset", labels=["model", "dataset"])
         for model, dataset in ws.datasets():
-            records.add_metric([model, dataset], float(len(IdIndex.load(ws, Manifest.load(ws, model, dataset)))))
+            records.add_metric([model, dataset], float(Manifest.load(ws, model, dataset).current_rows))
         tokens = CounterMetricFamily("embedbatch_tokens", "Billed tokens", labels=["model", "dataset", "kind"])
         cost = CounterMetricFamily("embedbatch_cost_usd", "Cost in USD", labels=["model", "dataset", "kind"])
         runs = GaugeMetricFamily("embedbatch_runs", "Runs by engine and status", labels=["kind", "status"])
@@ -92,11 +91,15 @@ class WorkspaceCollector:
             err["run_failures"] += 1 if rs.failure and rs.status in ("active", "failed") else 0
             if rs.kind != "batchapi":
                 continue
-            for bs in load_batches(paths):
-                by_state[bs.status] = by_state.get(bs.status, 0) + 1
-                remote = bs.remote or {}
-                if remote.get("completed_at") and remote.get("created_at"):
-                    durations.append(float(remote["completed_at"]) - float(remote["created_at"]))
+            # What the last pass stored; only a run that has none yet (just planned, or written
+            # by an older version) has its batches read.
+            totals = rs.actual.get("status_totals")
+            if not totals or "batch_seconds" not in totals:
+                run = Run.read(paths)
+                totals = run.totals()
+            for state, n in totals["by_status"].items():
+                by_state[state] = by_state.get(state, 0) + int(n)
+            durations += totals["batch_seconds"]
         for key, value in tok.items():
             tokens.add_metric(list(key), value)
         for key, value in usd.items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from embedbatch.errors import StateError
-from embedbatch.runs import FINAL, Run, read_record_ids
+from embedbatch.runs import FINAL, OpenRuns, Run, read_record_ids
 from embedbatch.store.dataset import DatasetStore
 from embedbatch.store.index import IdIndex
 from embedbatch.workspace import Workspace
@@ -30,16 +30,16 @@ def existing_ids(ws: Workspace, model: str, dataset: str) -> tuple[IdIndex, dict
     """
     index = DatasetStore(ws, model, dataset).id_index()
     planned: dict[str, str] = {}
-    base = ws.runs_dir(model, dataset)
-    for paths in ws.all_runs():
-        if paths.root.parent != base:
+    for entry in OpenRuns.entries(ws, model, dataset):  # finished runs hold no row in flight
+        if entry.kind != "batchapi":
             continue
         try:
-            run = Run.read(paths)
+            run = Run.read(entry.paths)
         except StateError:
             continue
         if run.state.kind != "batchapi" or run.state.status == "dry-run":
             continue
+        paths = entry.paths
         for bs in run.batches:
             if bs.status in FINAL or (bs.status == "downloaded" and bs.remote_status != "completed"):
                 continue

@@ -1,9 +1,15 @@
 """Run state: ``run.json`` and every ``batch.json`` of a run, owned by :class:`Run`.
 
-Every engine keeps its runs here. A command loads a run once (:meth:`Run.open`, under the run
-lock, or :meth:`Run.read`, a read-only snapshot), changes it through the objects it holds, and
-saves through :meth:`Run.save` / :meth:`Run.save_batch`, which refuse without the lock. Files
-are written atomically; nothing else writes them.
+Every engine keeps its runs here, and this module is the only writer of their state. A run
+starts with :meth:`Run.create` (every engine); a command loads it once (:meth:`Run.open`, under
+the run lock, or :meth:`Run.read`, a read-only snapshot), changes it through the objects it
+holds, and saves through :meth:`Run.save` / :meth:`Run.save_batch`, which refuse without the
+lock. Files are written atomically.
+
+The open-runs index (:class:`OpenRuns`, ``batches/.active/``) holds one small entry per run that
+is not done yet, written by the same saves under the same lock: cron's poll, the queue budget and
+the "already planned" check read it instead of opening every run of the workspace, so their cost
+follows the open runs, not the thousands of finished ones.
 
 States of a batch (``status``)::
 
@@ -18,262 +24,71 @@ looking the file up by name or the batch up by metadata instead of calling again
 from __future__ import annotations
 
 import contextlib
-import subprocess
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from embedbatch._version import __version__
 from embedbatch.errors import StateError
-from embedbatch.workspace import RunPaths, atomic_write_json, crash_point, file_lock, read_json, utc_now
+from embedbatch.runstate import (
+    ACTIVE,
+    DONE,
+    FINAL,
+    RECORDS_FILE,
+    REMOTE_ACTIVE,
+    REMOTE_TERMINAL,
+    BatchState,
+    RunState,
+    SinkState,
+    git_sha,
+    last_saved_run,
+    load_batches,
+    lockfile_sha256,
+    note_run,
+    read_record_ids,
+    read_records_table,
+)
+from embedbatch.workspace import (
+    RunPaths,
+    Workspace,
+    atomic_write_json,
+    check_component,
+    crash_point,
+    file_lock,
+    read_json,
+    utc_now,
+)
 
+# Run state is imported from here; the typed records live in embedbatch.runstate.
 __all__ = [
     "ACTIVE",
+    "DONE",
     "FINAL",
+    "RECORDS_FILE",
     "REMOTE_ACTIVE",
     "REMOTE_TERMINAL",
     "BatchState",
+    "OpenEntry",
+    "OpenRuns",
     "Run",
     "RunState",
+    "SinkState",
     "crash_point",
     "git_sha",
+    "last_saved_run",
     "load_batches",
+    "lockfile_sha256",
+    "note_run",
+    "read_record_ids",
+    "read_records_table",
 ]
-
-REMOTE_ACTIVE = ("submitted", "validating", "in_progress", "finalizing", "cancelling")
-REMOTE_TERMINAL = ("completed", "failed", "expired", "cancelled")
-ACTIVE = ("planned", "uploaded", *REMOTE_ACTIVE)
-DONE = ("downloaded", "ingested")
-FINAL = ("ingested", "cancelled")  # nothing more will happen to the batch
-
-
-def git_sha() -> str | None:
-    """The git commit of the embedbatch checkout, if it is one."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / ".git").exists():
-        return None
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-@dataclass(kw_only=True)
-class BatchState:
-    """One batch as recorded in ``batch.json``.
-
-    Attributes:
-        requests / inputs: request lines and embedding inputs in ``input.jsonl``.
-        bytes: size of ``input.jsonl`` in bytes.
-        tokens: queue tokens (max of tokenizer count and bytes/4 per input).
-        attempt: how many times a batch was created from this input (token_limit_exceeded
-            re-queues create a new one).
-        not_before: ISO time before which a re-queued batch is not created again (back-off).
-        remote: the last batch object from the API (JSON).
-    """
-
-    name: str
-    status: str = "planned"
-    requests: int = 0
-    inputs: int = 0
-    bytes: int = 0
-    tokens: int = 0
-    tokenizer_tokens: int = 0
-    file_id: str | None = None
-    batch_id: str | None = None
-    output_file_id: str | None = None
-    error_file_id: str | None = None
-    remote_status: str | None = None
-    pending: str | None = None
-    attempt: int = 0
-    retry_of: list[str] = field(default_factory=list)
-    not_before: str | None = None
-    cleaned: bool = False
-    remote: dict[str, Any] | None = None
-    usage_tokens: int | None = None
-    succeeded: int | None = None
-    failed: int | None = None
-    error: str | None = None
-    history: list[list[str]] = field(default_factory=list)
-    updated_at: str | None = None
-
-    @classmethod
-    def load(cls, path: Path) -> BatchState:
-        data = read_json(path)
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def save(self, batch_dir: Path) -> None:
-        self.updated_at = utc_now().isoformat()
-        atomic_write_json(batch_dir / "batch.json", asdict(self))
-
-    def set_status(self, status: str) -> None:
-        if status != self.status:
-            self.history.append([status, utc_now().isoformat()])
-            self.status = status
-
-    @property
-    def is_remote_active(self) -> bool:
-        return self.status in REMOTE_ACTIVE
-
-
-# A batch's records, row for row with its input file: id, split, metadata, token count. Written
-# by the Batch API engine's planning; read by ingest, retry and by every engine's "which rows are
-# planned" check (embedbatch.planned), so the file's name and its id reader live here.
-RECORDS_FILE = "records.parquet"
-
-
-def read_records_table(batch_dir: Path, columns: list[str] | None = None) -> Any:
-    """A batch's ``records.parquet`` as an Arrow table (``columns``: only these).
-
-    Raises:
-        StateError: the file is missing or unreadable.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = batch_dir / RECORDS_FILE
-    try:
-        return pq.read_table(path, columns=columns)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise StateError(f"{path}: cannot read the batch's records ({exc})") from exc
-
-
-def read_record_ids(batch_dir: Path) -> list[str]:
-    """Only the ``id`` column of a batch's records, in input order.
-
-    Raises:
-        StateError: the file is missing or unreadable.
-    """
-    ids: list[str] = read_records_table(batch_dir, ["id"]).column("id").to_pylist()
-    return ids
-
-
-def load_batches(run: RunPaths) -> list[BatchState]:
-    """Every batch of a run, in name order."""
-    return [BatchState.load(run.batch_dir(n) / "batch.json") for n in run.batch_names()]
-
-
-@dataclass(kw_only=True)
-class RunState:
-    """A run as recorded in ``run.json`` (no secrets: the API key and DSN passwords never go here).
-
-    Attributes:
-        status: ``active`` while batches are not all terminal and ingested, then ``finished``.
-        max_enqueued_tokens: the queue budget poll schedules under (None: unlimited).
-        estimate: tokens and USD (standard and batch) from planning.
-        actual: ``usage.total_tokens`` summed from outputs, and its batch-price USD.
-        counts: ``failed`` is the rows still failed (in failed_ids.tsv: a retry that succeeded
-            takes a row out), ``succeeded``, ``planned``, ``retried``…
-        failed_reasons: the most common reasons of the rows still failed, with their counts.
-        failure: the last error a poll pass hit on this run (``error``, ``at``, ``attempts``,
-            ``retry_after``: ISO time before which cron passes leave the run alone); None once a
-            pass succeeds.
-    """
-
-    run_id: str
-    model: str
-    dataset: str
-    source: str
-    source_path: str
-    dimensions: int | None = None
-    completion_window: str = "24h"
-    metadata: dict[str, str] = field(default_factory=dict)
-    max_enqueued_tokens: int | None = None
-    file_expiry_days: int | None = None
-    output_expiry_days: int | None = None
-    status: str = "active"
-    kind: str = "batchapi"
-    created_at: str = field(default_factory=lambda: utc_now().isoformat())
-    args: dict[str, Any] = field(default_factory=dict)
-    tool_version: str = __version__
-    git_sha: str | None = None
-    lockfile_sha256: str | None = None
-    sampling: dict[str, Any] = field(default_factory=dict)
-    intake: dict[str, Any] = field(default_factory=dict)
-    limits: dict[str, Any] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-    estimate: dict[str, Any] = field(default_factory=dict)
-    actual: dict[str, Any] = field(default_factory=dict)
-    pg_target: dict[str, Any] | None = None
-    pg: dict[str, Any] = field(default_factory=dict)
-    libsql_target: dict[str, Any] | None = None
-    libsql: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    attempts: dict[str, int] = field(default_factory=dict)
-    local: dict[str, Any] = field(default_factory=dict)
-    realtime: dict[str, Any] = field(default_factory=dict)
-    failure: dict[str, Any] | None = None
-    failed_reasons: dict[str, int] = field(default_factory=dict)
-    updated_at: str | None = None
-
-    @classmethod
-    def load(cls, run: RunPaths) -> RunState:
-        data = read_json(run.run_json)
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def save(self, run: RunPaths) -> None:
-        self.updated_at = utc_now().isoformat()
-        atomic_write_json(run.run_json, asdict(self))
-        note_run(run, self.kind)
-
-    @property
-    def failed_rows(self) -> int:
-        """Rows of this run that are still failed (0 while none is recorded)."""
-        return int(self.counts.get("failed") or 0)
-
-    @property
-    def outcome(self) -> str:
-        """The status as people read it: ``finished with failures`` for a finished run that
-        still has failed rows, else :attr:`status` (``active``, ``finished``, ``interrupted``…)."""
-        if self.status == "finished" and self.failed_rows:
-            return "finished with failures"
-        resumed_by = (self.failure or {}).get("resumed_by") if self.status == "interrupted" else None
-        if resumed_by:
-            return f"interrupted, resumed by {resumed_by}"
-        return self.status
-
-
-_last_saved: tuple[RunPaths, str] | None = None
-
-
-def note_run(paths: RunPaths, kind: str) -> None:
-    """Remember the run this process is working on (every run.json write does; planning calls
-    it again once its partial folder is renamed into place)."""
-    global _last_saved
-    _last_saved = (paths, kind)
-
-
-def last_saved_run() -> tuple[RunPaths, str] | None:
-    """The run this process last wrote, and its kind (``batchapi``, ``realtime``, ``local``):
-    what an interrupted command names in its hint; None when it wrote no run."""
-    return _last_saved
-
-
-def lockfile_sha256() -> str | None:
-    """sha256 of the project's pyproject.toml (our lock of dependency ranges), if found."""
-    import hashlib
-
-    path = Path(__file__).resolve().parents[1] / "pyproject.toml"
-    if not path.is_file():
-        return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class Run:
     """One run loaded once: its :class:`RunState` and its batches, in name order.
 
-    Get one with :meth:`open` (holds the run lock: the only way to change a run) or
-    :meth:`read` (a snapshot; saving raises).
+    Get one with :meth:`create` (a new run), :meth:`open` (holds the run lock: the only way to
+    change a run) or :meth:`read` (a snapshot; saving raises).
     """
 
     def __init__(self, paths: RunPaths, state: RunState, batches: list[BatchState], *, writable: bool) -> None:
@@ -281,6 +96,7 @@ class Run:
         self.state = state
         self.batches = batches
         self.writable = writable
+        self._entry: dict[str, Any] | None = None  # the index entry as last written or read
 
     @classmethod
     def read(cls, paths: RunPaths) -> Run:
@@ -292,9 +108,47 @@ class Run:
         return cls(paths, RunState.load(paths), load_batches(paths), writable=False)
 
     @classmethod
+    def read_state(cls, paths: RunPaths) -> RunState | None:
+        """Only ``run.json`` of a run, for readers that need no batch; None when it is missing
+        or unreadable (a run being created, or a damaged one that ``verify`` reports)."""
+        try:
+            return RunState.load(paths)
+        except (StateError, OSError):
+            return None
+
+    @classmethod
+    def create(
+        cls, paths: RunPaths, state: RunState, *, batches: list[BatchState] | None = None, staging: Path | None = None
+    ) -> None:
+        """Write a new run: its batches' ``batch.json``, its index entry, then ``run.json``.
+
+        Every engine starts its runs here. The index entry is written before run.json, so an
+        open run is never missing from :class:`OpenRuns` (an entry without its run is skipped
+        by readers and removed by the next plan of the dataset).
+
+        Args:
+            batches: batch states whose files are already in place (Batch API planning).
+            staging: write into this folder instead of ``paths.root`` (planning builds a run
+                in ``run_<stamp>.partial`` and renames it into place); the index entry is
+                ``paths``'s either way.
+        """
+        where = RunPaths(staging) if staging is not None else paths
+        where.root.mkdir(parents=True, exist_ok=True)
+        for bs in batches or []:
+            bs._write(where.batch_dir(bs.name))
+        run = cls(paths, state, list(batches or []), writable=True)
+        if state.kind == "batchapi":
+            state.actual["status_totals"] = run.totals()
+        run._sync_entry()
+        state._write(where)
+        if staging is None:
+            note_run(paths, state.kind)
+
+    @classmethod
     @contextlib.contextmanager
     def open(cls, paths: RunPaths, *, wait_s: float | None = None, purpose: str = "") -> Iterator[Run]:
-        """Hold the run lock and load the run; the state is settled first (see :meth:`settle`).
+        """Hold the run lock and load the run; the state is settled first (see :meth:`settle`)
+        and its open-runs index entry put right (a process that died between the two writes).
 
         Args:
             wait_s: wait this long for another process to release the run (None: fail at once).
@@ -305,8 +159,11 @@ class Run:
         """
         with file_lock(paths.lock, what=f"run {paths.run_id}", timeout_s=wait_s, purpose=purpose):
             run = cls(paths, RunState.load(paths), load_batches(paths), writable=True)
+            run._entry = OpenRuns.read_entry(paths)
             if run.settle():
                 run.save()
+            else:
+                run._sync_entry()
             yield run
             run.writable = False
 
@@ -322,36 +179,74 @@ class Run:
             raise StateError(f"run {self.run_id}: state changed without holding the run lock")
 
     def save(self) -> None:
-        """Write run.json (atomically).
+        """Write run.json (atomically, with a Batch API run's ``actual.status_totals`` from its
+        batches) and keep the run's open-runs index entry in step: an open run's entry is
+        written first, a closed run's entry removed after.
 
         Raises:
             StateError: the run lock is not held.
         """
         self._check()
-        self.state.save(self.paths)
+        if self.state.kind == "batchapi":
+            self.state.actual["status_totals"] = self.totals()
+        if self.state.is_open:
+            self._sync_entry()
+            self.state._write(self.paths)
+        else:
+            self.state._write(self.paths)
+            self._sync_entry()
 
     def save_batch(self, bs: BatchState) -> None:
-        """Write one batch.json (atomically).
+        """Write one batch.json (atomically); the index entry follows when the run's queue
+        (tokens and requests the provider holds) changed.
 
         Raises:
             StateError: the run lock is not held.
         """
         self._check()
-        bs.save(self.batch_dir(bs))
+        bs._write(self.batch_dir(bs))
+        self._sync_entry()
 
     def add_batches(self, new: list[BatchState]) -> None:
-        """Take batches whose files and batch.json were just written (retry) into the run."""
+        """Take batches whose files were just written (retry) into the run: writes their
+        batch.json (status planned)."""
         self._check()
+        for bs in new:
+            bs._write(self.batch_dir(bs))
         self.batches.extend(new)
         self.batches.sort(key=lambda b: b.name)
+
+    def queue(self) -> tuple[int, int]:
+        """Queue tokens and requests of this run's batches that the provider holds now."""
+        active = [bs for bs in self.batches if bs.status in REMOTE_ACTIVE]
+        return sum(bs.tokens for bs in active), sum(bs.requests for bs in active)
+
+    def _entry_now(self) -> dict[str, Any] | None:
+        rs = self.state
+        if not rs.is_open:
+            return None
+        tokens, requests = self.queue()
+        return {
+            "kind": rs.kind,
+            "status": rs.status,
+            "model": rs.model,
+            "dataset": rs.dataset,
+            "queue_tokens": tokens,
+            "queue_requests": requests,
+            "retry_after": (rs.failure or {}).get("retry_after") if rs.kind == "batchapi" else None,
+        }
+
+    def _sync_entry(self) -> None:
+        entry = self._entry_now()
+        if entry == self._entry:
+            return
+        OpenRuns.write_entry(self.paths, entry)
+        self._entry = entry
 
     @property
     def finished(self) -> bool:
         """Every batch is final (ingested or cancelled), and a database sink, if any, is done."""
-        sink_done = (not self.state.pg_target or self.state.pg.get("status") == "done") and (
-            not self.state.libsql_target or self.state.libsql.get("status") == "done"
-        )
-        return sink_done and all(bs.status in FINAL for bs in self.batches)
+        return not self.state.sinks_pending and all(bs.status in FINAL for bs in self.batches)
 
     def settle(self) -> bool:
         """Derive ``active``/``finished`` from the batches (a run whose process died between
@@ -377,4 +272,123 @@ class Run:
             "failed": sum(bs.failed or 0 for bs in batches),
             "queue_tokens": sum(bs.tokens for bs in batches),
             "enqueued_tokens": sum(bs.tokens for bs in batches if bs.status in REMOTE_ACTIVE),
+            # Created → completed at the provider, seconds, per completed batch (the metrics
+            # histogram reads these here, so it never opens a finished run's batches).
+            "batch_seconds": [
+                float(r["completed_at"]) - float(r["created_at"])
+                for bs in batches
+                if (r := bs.remote or {}).get("completed_at") and r.get("created_at")
+            ],
         }
+
+
+@dataclass(frozen=True)
+class OpenEntry:
+    """One run of the open-runs index: where it is and what a pass needs without opening it.
+
+    Attributes:
+        queue_tokens / queue_requests: the run's batches the provider holds now (tokens by the
+            queue count, requests), as of the run's last save.
+        retry_after: ISO time before which poll leaves a run whose last pass failed alone.
+    """
+
+    paths: RunPaths
+    kind: str
+    status: str
+    model: str
+    dataset: str
+    queue_tokens: int = 0
+    queue_requests: int = 0
+    retry_after: str | None = None
+
+
+class OpenRuns:
+    """The workspace's open-runs index: ``batches/.active/{model}/{dataset}/{run_id}.json``.
+
+    One entry per run that :attr:`RunState.is_open`, written and removed by :class:`Run` under
+    the run's lock (so its owner is the run's owner). Readers list entries, which costs the
+    open runs only. A workspace written before the index existed is indexed once, on first
+    use (``batches/.active/.built`` marks it done).
+    """
+
+    BUILT = ".built"
+
+    @staticmethod
+    def write_entry(paths: RunPaths, entry: dict[str, Any] | None) -> None:
+        path = paths.index_entry
+        if entry is None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            return
+        atomic_write_json(path, entry)
+
+    @staticmethod
+    def read_entry(paths: RunPaths) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = read_json(paths.index_entry)
+        except StateError:
+            return None
+        return data
+
+    @classmethod
+    def entries(cls, ws: Workspace, model: str | None = None, dataset: str | None = None) -> list[OpenEntry]:
+        """The open runs of the workspace (or of one model, or one model's dataset), oldest
+        first. An entry whose run folder has no run.json yet (a plan in progress) or whose
+        file is unreadable is left out.
+
+        Cost: one small file per open run; finished runs cost nothing.
+        """
+        base = ws.open_runs_dir
+        if not (base / cls.BUILT).exists():
+            cls.build(ws)
+        if dataset is not None and model is not None:
+            pattern = f"{check_component(model, 'model')}/{check_component(dataset, 'dataset')}/run_*.json"
+        elif model is not None:
+            pattern = f"{check_component(model, 'model')}/*/run_*.json"
+        else:
+            pattern = "*/*/run_*.json"
+        out: list[OpenEntry] = []
+        for path in sorted(base.glob(pattern), key=lambda p: p.name):
+            paths = RunPaths(ws.root / "batches" / path.parent.parent.name / path.parent.name / path.stem)
+            try:
+                data = read_json(path)
+            except StateError:
+                continue
+            if not paths.run_json.exists():
+                continue
+            known = {f.name for f in fields(OpenEntry)} - {"paths"}
+            out.append(OpenEntry(paths=paths, **{k: v for k, v in data.items() if k in known}))
+        return out
+
+    @classmethod
+    def build(cls, ws: Workspace) -> int:
+        """Index the open runs of a workspace written before the index existed: every run is
+        read once; each open one is opened (which writes its entry), or left to the process
+        that holds it (which writes its own). Returns the runs indexed."""
+        from embedbatch.errors import LockedError
+
+        n = 0
+        with file_lock(ws.open_runs_dir / "build.lock", what="open-runs index", blocking=True, purpose="index"):
+            if (ws.open_runs_dir / cls.BUILT).exists():
+                return 0
+            for paths in ws.all_runs():
+                rs = Run.read_state(paths)
+                if rs is None or not rs.is_open:
+                    continue
+                try:
+                    with Run.open(paths, purpose="index open runs"):
+                        n += 1
+                except (LockedError, StateError):
+                    continue
+            atomic_write_json(ws.open_runs_dir / cls.BUILT, {"built_at": utc_now().isoformat()})
+        return n
+
+    @classmethod
+    def remove_dead(cls, ws: Workspace, model: str, dataset: str) -> None:
+        """Remove entries of runs that were never created (a plan killed before its rename);
+        call under the dataset lock, after removing the dead ``.partial`` folders."""
+        for path in (ws.open_runs_dir / model / dataset).glob("run_*.json"):
+            run_dir = ws.runs_dir(model, dataset) / path.stem
+            if not run_dir.exists():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()

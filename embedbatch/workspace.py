@@ -6,6 +6,7 @@ Layout (root: ``--workspace`` / EMBEDBATCH_WORKSPACE)::
         batches/batch_NNN/input.jsonl records.parquet batch.json output.jsonl errors.jsonl failed_ids.tsv
     embeddings/{model}/{dataset}/shard-NNNNN.parquet
     indexes/{model}/{dataset}/manifest.json, dataset.lock, ids/shard-NNNNN.parquet (id index)
+        .active/{model}/{dataset}/run_<stamp>.json (open-runs index)
     cache/  logs/  workspace.lock
 """
 
@@ -236,6 +237,15 @@ class RunPaths:
     def run_id(self) -> str:
         return self.root.name
 
+    @property
+    def index_entry(self) -> Path:
+        """This run's entry in the workspace's open-runs index:
+        ``batches/.active/{model}/{dataset}/{run_id}.json`` (see :class:`embedbatch.runs.OpenRuns`).
+        A run being planned in ``run_<stamp>.partial`` has the entry of its final name."""
+        name = self.root.name.removesuffix(".partial")
+        dataset, model = self.root.parent, self.root.parent.parent
+        return model.parent / ".active" / model.name / dataset.name / f"{name}.json"
+
     def batch_dir(self, name: str) -> Path:
         return self.root / "batches" / name
 
@@ -302,6 +312,11 @@ class Workspace:
     @property
     def lock(self) -> Path:
         return self.root / "workspace.lock"
+
+    @property
+    def open_runs_dir(self) -> Path:
+        """The open-runs index: ``batches/.active/`` (one small entry per run not yet done)."""
+        return self.root / "batches" / ".active"
 
     def resolve_run(self, run_dir: Path) -> RunPaths:
         """A run directory given by the user.

@@ -22,6 +22,7 @@ CORE = (
     "embedbatch.prepare",
     "embedbatch.records",
     "embedbatch.runs",
+    "embedbatch.runstate",
     "embedbatch.sampling",
     "embedbatch.sinks",
     "embedbatch.sources",

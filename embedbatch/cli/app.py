@@ -31,8 +31,11 @@ app.add_typer(db_app, name="db")
 
 @dataclass
 class _Globals:
+    """The app's context for one invocation: the global options every command reads."""
+
     workspace: Path | None = None
     log_format: str = "auto"
+    debug: bool = False  # --debug: re-raise errors with their traceback (see _fail)
 
 
 _G = _Globals()
@@ -74,8 +77,7 @@ def _main(
     ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (env EMBEDBATCH_DEBUG=1).")] = False,
 ) -> None:
-    if debug:
-        os.environ["EMBEDBATCH_DEBUG"] = "1"  # read by main() only, to re-raise with the traceback
+    _G.debug = debug
     if log_format not in LOG_FORMATS:
         raise UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
     if log_level.lower() not in LOG_LEVELS:
@@ -228,7 +230,7 @@ def _fail(raised: BaseException, error: EmbedbatchError | None) -> NoReturn:
     """Print one line for an error and exit with its code (``error`` None: an unexpected one,
     exit 1); with --debug, EMBEDBATCH_DEBUG=1 or EMBEDBATCH_RAISE_ERRORS=1 re-raise it instead,
     traceback and all."""
-    if os.environ.get("EMBEDBATCH_RAISE_ERRORS") == "1" or os.environ.get("EMBEDBATCH_DEBUG") == "1":
+    if _G.debug or "1" in (os.environ.get("EMBEDBATCH_RAISE_ERRORS"), os.environ.get("EMBEDBATCH_DEBUG")):
         raise raised
     if error is None:
         message = f"unexpected {type(raised).__name__}: {raised} (run with --debug for the traceback)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -47,6 +47,7 @@ from embedbatch.cli.render import (
     print_status_lines,
     status_table,
 )
+from embedbatch.cli.tool_options import DriveOptions
 from embedbatch.config import IngestConfig
 from embedbatch.errors import EmbedbatchError, UsageError
 
@@ -94,8 +95,6 @@ def _plan(source: str, resume: Path | None, o: _PlanOptions, *, dry_run: bool) -
         raise UsageError("OPENAI_API_KEY is not set (put it in the environment or .env); nothing was planned")
     target = o.sink.target(source, o.src)
     libsql_target = o.sink.libsql_target(source, o.src)
-    if (target is not None or libsql_target is not None) and not dry_run:
-        _check_sink_first(target, libsql_target, o, s)
     with RowProgress("planning") as progress:
         planned = plan_run(
             ws,
@@ -107,28 +106,11 @@ def _plan(source: str, resume: Path | None, o: _PlanOptions, *, dry_run: bool) -
             on_row=progress,
             pg_target=target,
             libsql_target=libsql_target,
+            dsn=o.sink.dsn(s, o.src) if target is not None else None,
+            libsql_auth_token=o.sink.libsql_token(s),
+            probe_dim=lambda: len(with_client(lambda c: c.embed(["dimension probe"], model=o.batch.model_name(s)))[0]),
         )
     return planned.run, planned
-
-
-def _check_sink_first(target: Any, libsql_target: Any, o: _PlanOptions, s: Any) -> None:
-    """The database targets must take the model's vectors before any upload: the dimension
-    comes from --dimensions, the model's documented one, or (unknown model) one small request."""
-    import anyio
-
-    from embedbatch.sinks import libsql
-    from embedbatch.sinks.pgvector import check_target
-    from embedbatch.tokens import MODEL_DIMENSIONS
-
-    model = o.batch.model_name(s)
-    dim = o.batch.dimensions or MODEL_DIMENSIONS.get(model)
-    if dim is None:
-        probe = with_client(lambda c: c.embed(["dimension probe"], model=model))
-        dim = len(probe[0])
-    if target is not None:
-        anyio.run(lambda: check_target(o.sink.dsn(s, o.src), target, dim=dim))
-    if libsql_target is not None:
-        libsql.check_target(libsql_target.url, o.sink.libsql_token(s), libsql_target, dim=dim)
 
 
 def _print_planned(run: Any, planned: Any, *, json_out: bool) -> None:
@@ -216,6 +198,7 @@ def run_cmd(
     submit: SubmitOptions,
     rt: RealtimeOptions,
     sink: SinkOptions,
+    drive: DriveOptions,
     source: SourceArg = "",
     resume: Resume = None,
     engine: Annotated[
@@ -224,14 +207,6 @@ def run_cmd(
     deadline: Annotated[
         str, typer.Option("--deadline", help="auto: realtime when the job fits in this (e.g. 1h, 30m).")
     ] = "1h",
-    poll_seconds: Annotated[float, typer.Option("--poll-seconds")] = 10.0,
-    max_attempts: Annotated[int, typer.Option("--max-attempts")] = 3,
-    delete_remote_files: Annotated[
-        bool,
-        typer.Option("--delete-remote-files", help="Delete ingested batches' files, remote and local."),
-    ] = False,
-    rows_per_shard: RowsPerShard = 100_000,
-    dtype: Dtype = "float32",
     json_out: JsonOut = False,
 ) -> None:
     """Submit, poll until every batch is terminal, ingest, retry failures; print a summary.
@@ -248,7 +223,7 @@ def run_cmd(
     if engine == "realtime":
         from embedbatch.cli.realtime import embed_realtime
 
-        embed_realtime(source, src, prep, sample, batch, rt, sink, submit.max_cost_usd, dtype, json_out=json_out)
+        embed_realtime(source, src, prep, sample, batch, rt, sink, submit.max_cost_usd, drive.dtype, json_out=json_out)
         return
 
     run, planned = _plan(source, resume, _PlanOptions(src, prep, sample, batch, submit, sink), dry_run=False)
@@ -256,21 +231,15 @@ def run_cmd(
         _print_planned(run, planned, json_out=False)
         console.print(f"run directory: {run.root}")
     ws = open_workspace()
-    cfg = IngestConfig(
-        rows_per_shard=rows_per_shard,
-        dtype=dtype,  # type: ignore[arg-type]
-        dsn=sink.dsn(settings(), src),
-        libsql_auth_token=sink.libsql_token(settings()),
-        delete_files=delete_remote_files,
-    )
+    cfg = drive.ingest(dsn=sink.dsn(settings(), src), libsql_auth_token=sink.libsql_token(settings()))
     with RunProgress(run) as progress:
         summary = with_client(
             lambda c: drive_run(
                 ws,
                 c,
                 run,
-                poll_s=poll_seconds,
-                max_attempts=max_attempts,
+                poll_s=drive.poll_seconds,
+                max_attempts=drive.max_attempts,
                 ingest_config=cfg,
                 max_enqueued_tokens=batch.max_enqueued_tokens,
                 on_pass=progress,
@@ -460,12 +429,9 @@ def poll(
     normal); ``--watch`` waits for the workspace lock instead. A run that fails is recorded on the
     run and retried with back-off on later passes; the others are served.
     """
-    import time as _t
-
-    import anyio
     import structlog
 
-    from embedbatch.engines.batchapi.poll import poll_pass
+    from embedbatch.engines.batchapi.poll import poll_every, poll_pass
     from embedbatch.errors import LockedError
 
     log = structlog.get_logger("embedbatch.poll")
@@ -486,27 +452,33 @@ def poll(
 
         serve_metrics(ws, metrics_port)
         log.info("serving metrics", url=f"http://127.0.0.1:{metrics_port}/metrics")
-    while True:
-        started = _t.monotonic()
+
+    def one_shot(c: Any) -> Any:
+        return poll_pass(ws, c, max_enqueued_tokens=max_enqueued_tokens, ingest=ingest, ingest_config=cfg)
+
+    if watch is None:
         try:
-            report = with_client(
-                lambda c: poll_pass(
-                    ws, c, max_enqueued_tokens=max_enqueued_tokens, ingest=ingest, ingest_config=cfg, wait_s=wait_s
-                )
-            )
+            report = with_client(one_shot)
         except LockedError as exc:
-            if watch is not None:
-                raise
             log.info("another poll pass is running; this one has nothing to do", detail=str(exc))
             return
         log.info("poll pass", **report.to_json())
-        if watch is None:
-            _exit_if_failed_rows([ws.resolve_run(Path(d)) for d in report.finished_with_failures])
-            return
-        for d in report.finished_with_failures:
-            log.warning("run finished with failures", run_dir=d)
-        # Sleep the interval minus the time the pass took.
-        anyio.run(anyio.sleep, max(0.0, watch - (_t.monotonic() - started)))
+        _exit_if_failed_rows([ws.resolve_run(Path(d)) for d in report.finished_with_failures])
+        return
+
+    async def watching(c: Any) -> None:
+        async def one_pass() -> Literal["done", "again", "wait"]:
+            report = await poll_pass(
+                ws, c, max_enqueued_tokens=max_enqueued_tokens, ingest=ingest, ingest_config=cfg, wait_s=wait_s
+            )
+            log.info("poll pass", **report.to_json())
+            for d in report.finished_with_failures:
+                log.warning("run finished with failures", run_dir=d)
+            return "wait"
+
+        await poll_every(watch, one_pass)
+
+    with_client(watching)
 
 
 @app.command()

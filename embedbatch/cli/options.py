@@ -472,8 +472,9 @@ def with_options(fn: F) -> F:
         flat[name] = []
         for f in dataclasses.fields(groups[name]):  # type: ignore[arg-type]
             flat[name].append(f.name)
+            default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default  # a required flag
             params.append(
-                inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+                inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hints[f.name])
             )
     names = [p.name for p in params]
     if len(names) != len(set(names)):

@@ -204,8 +204,8 @@ def status_table(rs: Any, batches: list[Any], totals: dict[str, Any]) -> Table:
         f"requests {totals['requests']:,} · succeeded {totals['succeeded']:,} · failed {totals['failed']:,}"
         f" · enqueued tokens {totals['enqueued_tokens']:,} · estimated cost {fmt_usd(est)}"
     )
-    if rs.pg.get("pending_indexes"):
-        names = ", ".join(d["name"] for d in rs.pg["pending_indexes"])
+    if rs.pg.pending_indexes:
+        names = ", ".join(d["name"] for d in rs.pg.pending_indexes)
         t.caption += f"\nindex rebuild pending: {names} (the next ingest of this run recreates it)"
     if rs.failure:
         f = rs.failure
@@ -234,8 +234,8 @@ def print_status_lines(run_dir: str, rs: Any, batches: list[Any], totals: dict[s
     if rs.failure:
         out.append(f"  failing: {rs.failure.get('error')} ({_failure_when(rs.failure)})")
     out += [f"  failed rows: {n} × {reason}" for reason, n in rs.failed_reasons.items()]
-    if rs.pg.get("pending_indexes"):
-        names = ", ".join(d["name"] for d in rs.pg["pending_indexes"])
+    if rs.pg.pending_indexes:
+        names = ", ".join(d["name"] for d in rs.pg.pending_indexes)
         out.append(f"  index rebuild pending: {names} (the next ingest of this run recreates it)")
     for bs in batches:
         out.append(

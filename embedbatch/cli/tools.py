@@ -12,11 +12,6 @@ from embedbatch._version import __version__
 from embedbatch.cli.app import (
     JsonOut,
     Model,
-    PgDsn,
-    PgIdColumn,
-    PgTable,
-    PgVectorColumn,
-    RowsPerShard,
     SourceArg,
     app,
     db_app,
@@ -42,7 +37,7 @@ from embedbatch.cli.render import (
     print_verify,
     print_workspace,
 )
-from embedbatch.config import IngestConfig
+from embedbatch.cli.tool_options import LibsqlSearchOptions, LocalOptions, PgSearchOptions, RayOptions, ShardOptions
 from embedbatch.errors import UsageError
 
 
@@ -54,71 +49,31 @@ def local(
     prep: PrepareOptions,
     sample: SampleOptions,
     sink: SinkOptions,
-    model: Annotated[str, typer.Option("--model", help="SentenceTransformer path or hub name.")],
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
-    devices: Annotated[str | None, typer.Option(help="e.g. cuda:0,cuda:1: one encoder process each.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16.")] = "auto",
-    tokens_per_batch: Annotated[int | None, typer.Option(help="Padded tokens/batch (GPU 131072, CPU 8192).")] = None,
-    bucket_min_tokens: Annotated[int, typer.Option()] = 128,
-    bucket_max_tokens: Annotated[int, typer.Option(help="Capped at the model's max length.")] = 32768,
-    pad_to: Annotated[str, typer.Option(help="longest or bucket.")] = "longest",
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile, warmed per bucket shape.")] = False,
-    backend: Annotated[
-        str, typer.Option("--backend", help="torch, onnx, openvino (CPU), or auto (the fastest measured here).")
-    ] = "torch",
-    quantize: Annotated[str | None, typer.Option("--quantize", help="int8 (onnx, openvino, auto).")] = None,
-    min_cosine: Annotated[
-        float | None, typer.Option("--min-cosine", help="Quality guard threshold (default 0.999; int8 0.98).")
-    ] = None,
-    ray_address: Annotated[
-        str | None,
-        typer.Option("--ray-address", help="Encode on Ray: auto (running cluster), local (start one), HOST:PORT."),
-    ] = None,
-    ray_actors: Annotated[int, typer.Option("--ray-actors", help="Encoder actors (each loads the model).")] = 1,
-    ray_gpus_per_actor: Annotated[float, typer.Option("--ray-gpus-per-actor", help="GPUs per actor (0: CPU).")] = 0.0,
-    rows_per_shard: RowsPerShard = 100_000,
-    shard_dtype: Annotated[str, typer.Option("--shard-dtype", help="float32 or float16 shards.")] = "float32",
+    worker: LocalOptions,
+    ray: RayOptions,
+    shards: ShardOptions,
     json_out: JsonOut = False,
 ) -> None:
     """Embed with a local SentenceTransformer (GPU or CPU, or a Ray cluster) into the same shards and sinks."""
-    from embedbatch.config import LocalConfig, RayConfig
     from embedbatch.engines.local.pipeline import run_local
 
-    if pad_to not in ("longest", "bucket"):
-        raise UsageError(f"--pad-to must be longest or bucket, got {pad_to!r}")
-    target = sink.target(source, src)
-    cfg = LocalConfig(
-        model=model,
-        device=device,
-        dtype=dtype,  # type: ignore[arg-type]
-        tokens_per_batch=tokens_per_batch,
-        bucket_min_tokens=bucket_min_tokens,
-        bucket_max_tokens=bucket_max_tokens,
-        pad_to=pad_to,  # type: ignore[arg-type]
-        compile=compile_,
-        devices=tuple(d.strip() for d in devices.split(",")) if devices else (),
-        backend=backend,  # type: ignore[arg-type]
-        quantize=quantize,  # type: ignore[arg-type]
-        min_cosine=min_cosine,
-    )
-    ray_cfg = None
-    if ray_address is not None:
-        ray_cfg = RayConfig(address=ray_address, actors=ray_actors, gpus_per_actor=ray_gpus_per_actor)
-    with RowProgress("embedding", log_every_s=settings().progress_log_s) as progress:
+    cfg = worker.build()
+    s = settings()
+    with RowProgress("embedding", log_every_s=s.progress_log_s) as progress:
         result = run_local(
             open_workspace(),
-            source=src.build(source, settings()),
+            source=src.build(source, s),
             prepare=prep.build(source, src),
             sample=sample.build(),
             local=cfg,
-            ingest=IngestConfig(rows_per_shard=rows_per_shard, dtype=shard_dtype),  # type: ignore[arg-type]
-            pg_target=target,
-            dsn=sink.dsn(settings(), src),
+            ingest=shards.build(),
+            pg_target=sink.target(source, src),
+            dsn=sink.dsn(s, src),
             libsql_target=sink.libsql_target(source, src),
-            libsql_auth_token=sink.libsql_token(settings()),
-            args=safe_args(source, src, prep, sample, sink, model=model),
+            libsql_auth_token=sink.libsql_token(s),
+            args=safe_args(source, src, prep, sample, sink, model=worker.model),
             on_rows=progress,
-            ray=ray_cfg,
+            ray=ray.build(),
         )
     if json_out:
         print_json(result.to_json())
@@ -232,7 +187,10 @@ def serve(
 
 
 @app.command()
+@with_options
 def search(
+    pg: PgSearchOptions,
+    lib: LibsqlSearchOptions,
     query_text: Annotated[str | None, typer.Argument(help="The query text (or --id).")] = None,
     record_id: Annotated[
         str | None, typer.Option("--id", help="Find the neighbours of this stored row (with --dataset).")
@@ -240,24 +198,13 @@ def search(
     dataset: Annotated[str | None, typer.Option("--dataset", help="Search the dataset's shards.")] = None,
     model: Model = None,
     k: Annotated[int, typer.Option("-k", "--k")] = 5,
-    pg_table: PgTable = None,
-    pg_dsn: PgDsn = None,
-    pg_id_column: PgIdColumn = "id",
-    pg_vector_column: PgVectorColumn = "embedding",
-    pg_text_column: Annotated[str, typer.Option("--pg-text-column")] = "content",
-    libsql_url: Annotated[str | None, typer.Option("--libsql-url", help="Search this libSQL database.")] = None,
-    libsql_table: Annotated[str, typer.Option("--libsql-table")] = "knowledge_chunks",
-    libsql_id_column: Annotated[str, typer.Option("--libsql-id-column")] = "id",
-    libsql_vector_column: Annotated[str, typer.Option("--libsql-vector-column")] = "embedding",
-    libsql_text_column: Annotated[str | None, typer.Option("--libsql-text-column")] = "content",
-    libsql_auth_token: Annotated[str | None, typer.Option("--libsql-auth-token")] = None,
     local_model: Annotated[str | None, typer.Option("--local-model", help="Embed the query locally.")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Exact search even when a vector index is current.")] = False,
     json_out: JsonOut = False,
 ) -> None:
     """Embed a query with the dataset's model and print the nearest rows (exact, streamed over
     the shards in bounded memory), or the neighbours of a stored row (--id)."""
-    from embedbatch.search.exact import search_by_id, search_pg, search_shards
+    from embedbatch.search.exact import search_by_id, search_libsql, search_pg, search_shards
 
     ws = open_workspace()
     s = settings()
@@ -269,31 +216,29 @@ def search(
         hits = search_by_id(ws, record_id, dataset=dataset, model=model, k=k)
     elif query_text is None:
         raise AssertionError("not reached")
-    elif pg_table:
+    elif pg.pg_table:
         hits = search_pg(
             s,
             query_text,
-            dsn=pg_dsn or s.database_url,
-            table=pg_table,
-            id_column=pg_id_column,
-            vector_column=pg_vector_column,
-            text_column=pg_text_column,
+            dsn=pg.pg_dsn or s.database_url,
+            table=pg.pg_table,
+            id_column=pg.pg_id_column,
+            vector_column=pg.pg_vector_column,
+            text_column=pg.pg_text_column,
             model=model,
             k=k,
             local_model=local_model,
         )
-    elif libsql_url:
-        from embedbatch.search.exact import search_libsql
-
+    elif lib.libsql_url:
         hits = search_libsql(
             s,
             query_text,
-            url=libsql_url,
-            auth_token=libsql_auth_token or s.turso_auth_token,
-            table=libsql_table,
-            id_column=libsql_id_column,
-            vector_column=libsql_vector_column,
-            text_column=libsql_text_column,
+            url=lib.libsql_url,
+            auth_token=lib.libsql_auth_token or s.turso_auth_token,
+            table=lib.libsql_table,
+            id_column=lib.libsql_id_column,
+            vector_column=lib.libsql_vector_column,
+            text_column=lib.libsql_text_column,
             model=model,
             k=k,
             local_model=local_model,

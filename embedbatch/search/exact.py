@@ -185,16 +185,16 @@ def _local_model_of(ws: Workspace, model: str, dataset: str, manifest: Manifest)
     """The model path a local run of this dataset used (from its run.json), if it still exists."""
     import os
 
-    from embedbatch.workspace import RunPaths, read_json
+    from embedbatch.runs import Run
+    from embedbatch.workspace import RunPaths
 
     for run_id, info in sorted(manifest.runs.items(), reverse=True):
         if info.get("kind") != "local":
             continue
-        run = RunPaths(ws.runs_dir(model, dataset) / run_id)
-        if run.run_json.exists():
-            path = read_json(run.run_json).get("args", {}).get("model")
-            if isinstance(path, str) and (os.path.isdir(path) or "/" in path):
-                return path
+        rs = Run.read_state(RunPaths(ws.runs_dir(model, dataset) / run_id))
+        path = rs.args.get("model") if rs is not None else None
+        if isinstance(path, str) and (os.path.isdir(path) or "/" in path):
+            return path
     return None
 
 
@@ -257,7 +257,7 @@ def search_libsql(
     Raises:
         DatabaseError: the table or column does not fit the query vector.
     """
-    from embedbatch.sinks.libsql import nearest
+    from embedbatch.search.libsql import nearest
 
     q = embed_query(
         settings, text, model=model or settings.openai_embed_model, dimensions=dimensions, local_model=local_model

@@ -27,10 +27,10 @@ import structlog
 from embedbatch.config import LibsqlTarget
 from embedbatch.db.sql import quote_ident
 from embedbatch.errors import DatabaseError, MissingExtraError, UsageError
-from embedbatch.store.shards import iter_run_chunks
-from embedbatch.workspace import crash_point, utc_now
+from embedbatch.sinks.progress import SinkProgress
+from embedbatch.workspace import utc_now
 
-__all__ = ["LibsqlInfo", "check_target", "connect", "nearest", "sink_run", "write_vectors"]
+__all__ = ["LibsqlInfo", "check_target", "connect", "inspect_table", "sink_run", "write_vectors"]
 
 log = structlog.get_logger(__name__)
 
@@ -38,7 +38,7 @@ log = structlog.get_logger(__name__)
 # The text column insert mode creates and fills (``search --libsql-text-column`` reads it).
 TEXT_COLUMN = "content"
 # What the writers take: ids, their (n, dim) float32 vectors and, optionally, their texts.
-Chunk = tuple[list[str], np.ndarray] | tuple[list[str], np.ndarray, list[str]]
+Chunk = tuple[list[str], np.ndarray] | tuple[list[str], np.ndarray, list[str] | None]
 
 
 def connect(url: str, auth_token: str | None = None) -> Any:
@@ -72,8 +72,8 @@ class LibsqlInfo:
     columns: frozenset[str] = frozenset()
 
 
-def _inspect(conn: Any, target: LibsqlTarget) -> LibsqlInfo | None:
-    """None when the table does not exist."""
+def inspect_table(conn: Any, target: LibsqlTarget) -> LibsqlInfo | None:
+    """The table's columns, vector dimension and vector indexes; None when it does not exist."""
     cols = {r[1]: str(r[2] or "") for r in conn.execute(f"PRAGMA table_info({quote_ident(target.table)})").fetchall()}
     if not cols:
         return None
@@ -105,7 +105,7 @@ def check_target(url: str, auth_token: str | None, target: LibsqlTarget, *, dim:
         raise DatabaseError(f"{target.table!r} is a name SQLite reserves for itself; choose another --libsql-table")
     conn = connect(url, auth_token)
     try:
-        info = _inspect(conn, target)
+        info = inspect_table(conn, target)
     finally:
         conn.close()
     if info is None:
@@ -203,14 +203,14 @@ def write_vectors(
     started = time.monotonic()
     conn = connect(url, auth_token)
     try:
-        info = _inspect(conn, target)
+        info = inspect_table(conn, target)
         if info is None and target.mode == "insert":
             conn.execute(
                 f"CREATE TABLE {quote_ident(target.table)} ({quote_ident(target.id_column)} TEXT PRIMARY KEY, "
                 f"{quote_ident(target.vector_column)} F32_BLOB({dim}), {TEXT_COLUMN} TEXT, model TEXT, created_at TEXT)"
             )
             conn.commit()
-            info = _inspect(conn, target)
+            info = inspect_table(conn, target)
         if info is None:
             raise DatabaseError(f"table {target.table!r} does not exist in {url}")
         if info.dim != dim:
@@ -333,60 +333,26 @@ def sink_run(ws: Any, run: Any, *, auth_token: str | None) -> dict[str, Any]:
     if manifest.dimensions is None:
         return {}
     target = LibsqlTarget(**rs.libsql_target)
-    progress: dict[str, int] = dict(rs.libsql.get("progress", {}))
-    pending: list[tuple[str, int]] = []
-
-    def chunks() -> Iterator[Chunk]:
-        for shard, end, ids, vecs, texts in iter_run_chunks(
-            ws, rs.model, rs.dataset, rs.run_id, chunk_rows=target.update_chunk_size, progress=progress
-        ):
-            pending.append((shard, end))
-            yield ids, vecs, texts
-
-    totals = rs.libsql.setdefault("totals", {"written": 0, "missing_ids": 0, "skipped_has_vector": 0, "refused": 0})
-    counted = 0
-
-    def committed(written: int) -> None:
-        # Rows written are counted with their chunk's progress (one run.json write): a crash and
-        # resume neither loses nor repeats them in the totals.
-        nonlocal counted
-        shard, end = pending.pop(0)
-        progress[shard] = end
-        rs.libsql["progress"] = dict(progress)
-        totals["written"] += written - counted
-        counted = written
-        run.save()
-        crash_point("libsql_after_chunk")
-
-    def dropping(indexes: list[tuple[str, str]]) -> None:
-        rs.libsql["pending_indexes"] = [{"name": n, "definition": d} for n, d in indexes]
-        run.save()
-
+    book = SinkProgress(ws, run, "libsql", chunk_rows=target.update_chunk_size)
     try:
-        if rs.libsql.get("pending_indexes"):  # a process died between dropping and recreating
-            _recreate(target, auth_token, rs.libsql["pending_indexes"])
-            rs.libsql["pending_indexes"] = []
+        if rs.libsql.pending_indexes:  # a process died between dropping and recreating
+            _recreate(target, auth_token, rs.libsql.pending_indexes)
+            book.indexes_rebuilt()
         report = write_vectors(
             target.url,
             auth_token,
             target,
-            chunks(),
+            book.chunks(),
             dim=manifest.dimensions,
             model=rs.model,
-            on_chunk=committed,
-            on_index_drop=dropping,
+            on_chunk=book.committed,
+            on_index_drop=lambda indexes: book.dropping([{"name": n, "definition": d} for n, d in indexes]),
         )
     except Exception as exc:
-        rs.libsql["status"] = "failed"
-        rs.libsql["error"] = f"{type(exc).__name__}: {exc}"
-        run.save()
+        book.failed(exc)
         raise
-    rs.libsql["pending_indexes"] = []
-    for key in ("missing_ids", "skipped_has_vector", "refused"):
-        totals[key] = totals.get(key, 0) + getattr(report, key)
-    rs.libsql["status"] = "done"
-    rs.libsql.pop("error", None)
-    run.save()
+    book.indexes_rebuilt()
+    book.done(report, ("missing_ids", "skipped_has_vector", "refused"))
     if report.missing_ids or report.refused:
         log.warning(
             "libsql: fewer rows written than embedded",
@@ -408,63 +374,6 @@ def _recreate(target: LibsqlTarget, auth_token: str | None, definitions: list[di
         conn.commit()
     finally:
         conn.close()
-
-
-def nearest(
-    url: str,
-    auth_token: str | None,
-    *,
-    table: str,
-    id_column: str,
-    vector_column: str,
-    text_column: str | None,
-    query: np.ndarray,
-    k: int,
-) -> tuple[list[dict[str, Any]], str]:
-    """The k rows nearest to ``query`` by cosine distance; score = 1 − distance.
-
-    Uses the column's ``libsql_vector_idx`` index through ``vector_top_k`` when there is one,
-    an exact scan with ``vector_distance_cos`` otherwise.
-
-    Returns:
-        ``(hits, how)`` where ``how`` is ``"index NAME"`` or ``"exact scan"``.
-
-    Raises:
-        DatabaseError: the table does not fit the query.
-    """
-    target = LibsqlTarget(url=url, table=table, id_column=id_column, vector_column=vector_column)
-    conn = connect(url, auth_token)
-    try:
-        info = _inspect(conn, target)
-        if info is None:
-            raise DatabaseError(f"table {table!r} does not exist in {url}")
-        if info.dim != len(query):
-            raise DatabaseError(f"{table}.{vector_column} is F32_BLOB({info.dim}) but the query has {len(query)} dims")
-        blob = query.astype("<f4").tobytes()
-        t, idc, vc = quote_ident(table), quote_ident(id_column), quote_ident(vector_column)
-        text = f"t.{quote_ident(text_column)}" if text_column else "NULL"
-        if info.indexes:
-            name = info.indexes[0][0]
-            sql = (
-                f"SELECT t.{idc}, {text}, vector_distance_cos(t.{vc}, ?) FROM vector_top_k(?, ?, ?) AS v "
-                f"JOIN {t} AS t ON t.rowid = v.id ORDER BY 3"
-            )
-            rows = conn.execute(sql, (blob, name, blob, k)).fetchall()
-            how = f"index {name}"
-        else:
-            sql = (
-                f"SELECT t.{idc}, {text}, vector_distance_cos(t.{vc}, ?) AS d FROM {t} AS t "
-                f"WHERE t.{vc} IS NOT NULL ORDER BY d LIMIT ?"
-            )
-            rows = conn.execute(sql, (blob, k)).fetchall()
-            how = "exact scan"
-    except DatabaseError:
-        raise
-    except Exception as exc:
-        raise DatabaseError(f"searching libSQL table {table!r}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        conn.close()
-    return [{"id": str(r[0]), "text": r[1], "score": 1.0 - float(r[2])} for r in rows], how
 
 
 def init_example(url: str, auth_token: str | None, *, table: str = "knowledge_chunks", dim: int = 1536) -> str:

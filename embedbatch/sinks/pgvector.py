@@ -28,7 +28,7 @@ import structlog
 from embedbatch.config import PgTarget
 from embedbatch.db.pg import connect, quote_ident, quote_table, translate_error
 from embedbatch.errors import DatabaseError, UsageError
-from embedbatch.store.shards import iter_run_chunks
+from embedbatch.sinks.progress import SinkProgress
 from embedbatch.workspace import crash_point
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "inspect_target",
     "recreate_missing_indexes",
     "sink_run",
-    "sync_run_to_pg",
     "write_vectors",
 ]
 
@@ -379,50 +378,6 @@ async def _insert(
             on_chunk(report.written)
 
 
-async def sync_run_to_pg(
-    ws: Any,
-    *,
-    model: str,
-    dataset: str,
-    run_id: str,
-    target: PgTarget,
-    dsn: str,
-    dim: int,
-    progress: dict[str, int],
-    save_progress: Callable[[dict[str, int], int], None],
-    on_index_drop: Callable[[list[VectorIndex]], None] | None = None,
-) -> WriteReport:
-    """Write every shard row of a run into the target, resuming after the last committed chunk.
-
-    ``progress`` maps shard file → rows committed; ``save_progress(progress, rows written so
-    far)`` is called after every committed chunk (atomically, by the caller) so a crash resumes
-    at the first uncommitted one.
-    """
-    pending: list[tuple[str, int]] = []
-    total = 0
-    from embedbatch.store.manifest import Manifest
-
-    for s in Manifest.load(ws, model, dataset).shards:
-        if any(src.startswith(f"{run_id}/") for src in s.get("sources", [])):
-            total += max(0, s["rows"] - progress.get(s["file"], 0))
-
-    def chunks() -> Iterator[tuple[list[str], np.ndarray, list[str] | None]]:
-        for shard, end, ids, vecs, texts in iter_run_chunks(
-            ws, model, dataset, run_id, chunk_rows=target.update_chunk_size, progress=progress
-        ):
-            pending.append((shard, end))
-            yield ids, vecs, texts
-
-    def committed(written: int) -> None:
-        shard, end = pending.pop(0)
-        progress[shard] = end
-        save_progress(progress, written)
-
-    return await write_vectors(
-        dsn, target, chunks(), dim=dim, total_rows=total, on_chunk=committed, on_index_drop=on_index_drop
-    )
-
-
 async def sink_run(ws: Any, run: Any, *, dsn: str | None) -> dict[str, Any]:
     """Write a run's shard rows into its pgvector target (``run.state.pg_target``).
 
@@ -451,9 +406,7 @@ async def sink_run(ws: Any, run: Any, *, dsn: str | None) -> dict[str, Any]:
     except Exception as exc:
         # Only the sink step failed: the shards are committed; the run stays active until a
         # later ingest (with corrected flags, or --no-pg) finishes it.
-        rs.pg["status"] = "failed"
-        rs.pg["error"] = f"{type(exc).__name__}: {exc}"
-        run.save()
+        SinkProgress(ws, run, "pg", chunk_rows=1).failed(exc)
         raise
 
 
@@ -461,49 +414,24 @@ async def _sink_run(ws: Any, run: Any, dsn: str, dim: int) -> dict[str, Any]:
     rs = run.state
     assert rs.pg_target is not None
     target = PgTarget(**rs.pg_target)
-    progress: dict[str, int] = dict(rs.pg.get("progress", {}))
-    if rs.pg.get("pending_indexes"):  # a process died between dropping and recreating them
-        created = await recreate_missing_indexes(dsn, rs.pg["pending_indexes"])
+    book = SinkProgress(ws, run, "pg", chunk_rows=target.update_chunk_size)
+    if rs.pg.pending_indexes:  # a process died between dropping and recreating them
+        created = await recreate_missing_indexes(dsn, rs.pg.pending_indexes)
         log.info("recreated vector indexes dropped by an interrupted write", indexes=created)
-        rs.pg["pending_indexes"] = []
+        book.indexes_rebuilt()
         run.save()
-
-    totals = rs.pg.setdefault("totals", {"written": 0, "missing_ids": 0, "skipped_has_vector": 0})
-    counted = 0
-
-    def save(p: dict[str, int], written: int) -> None:
-        # Rows written are counted with the chunk that wrote them (same run.json write), so a
-        # crash and resume neither loses nor repeats them in the totals.
-        nonlocal counted
-        rs.pg["progress"] = dict(p)
-        totals["written"] += written - counted
-        counted = written
-        run.save()
-        crash_point("pg_after_chunk")
-
-    def dropping(indexes: list[VectorIndex]) -> None:
-        rs.pg["pending_indexes"] = [{"name": i.name, "definition": i.definition} for i in indexes]
-        run.save()
-
-    report = await sync_run_to_pg(
-        ws,
-        model=rs.model,
-        dataset=rs.dataset,
-        run_id=rs.run_id,
-        target=target,
-        dsn=dsn,
+    report = await write_vectors(
+        dsn,
+        target,
+        book.chunks(),
         dim=dim,
-        progress=progress,
-        save_progress=save,
-        on_index_drop=dropping,
+        total_rows=book.remaining_rows(),
+        on_chunk=book.committed,
+        on_index_drop=lambda indexes: book.dropping([{"name": i.name, "definition": i.definition} for i in indexes]),
     )
     if report.index_rebuilt:
-        rs.pg["pending_indexes"] = []
-    rs.pg["status"] = "done"
-    rs.pg.pop("error", None)
-    for key in ("missing_ids", "skipped_has_vector"):
-        totals[key] += getattr(report, key)
-    run.save()
+        book.indexes_rebuilt()
+    book.done(report, ("missing_ids", "skipped_has_vector"))
     if report.chunks or report.index_rebuilt:  # a pass with nothing new to write logs nothing
         log.info(
             "pgvector",

@@ -5,29 +5,24 @@ targets at the end. When its process is killed, the committed rows are in the st
 run skips them) but not in the targets. The next run of the same engine, model and dataset
 calls :func:`finish_dead_runs` after its own sink step: every earlier run of the dataset whose
 sink step is not done and whose lock is free (its process is gone) writes its committed rows
-now, resumably, from the stored vectors; no provider call.
+now, resumably, from the stored vectors; no provider call. Such runs are open, so the
+open-runs index finds them without reading the dataset's finished runs.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import anyio
 import structlog
 
-from embedbatch.errors import LockedError, StateError
-from embedbatch.runs import Run, RunState
+from embedbatch.errors import LockedError
+from embedbatch.runs import OpenRuns, Run
+from embedbatch.sinks.runner import run_sinks_blocking
 from embedbatch.workspace import RunPaths, Workspace
 
 __all__ = ["finish_dead_runs"]
 
 log = structlog.get_logger(__name__)
-
-
-def _sink_pending(rs: RunState) -> bool:
-    pg = rs.pg_target is not None and rs.pg.get("status") != "done"
-    lib = rs.libsql_target is not None and rs.libsql.get("status") != "done"
-    return pg or lib
 
 
 def finish_dead_runs(
@@ -48,27 +43,16 @@ def finish_dead_runs(
         DatabaseError: a target still fails (the run records it and the next run tries again).
     """
     done: dict[str, dict[str, Any]] = {}
-    for run_json in sorted(current.root.parent.glob("run_*/run.json")):
-        paths = RunPaths(run_json.parent)
-        if paths.root == current.root:
+    model, dataset = current.root.parent.parent.name, current.root.parent.name
+    for entry in OpenRuns.entries(ws, model, dataset):
+        if entry.paths.root == current.root or entry.kind != kind:
+            continue
+        rs = Run.read_state(entry.paths)
+        if rs is None or not rs.sinks_pending:
             continue
         try:
-            rs = RunState.load(paths)
-        except (StateError, OSError):
-            continue
-        if rs.kind != kind or not _sink_pending(rs):
-            continue
-        try:
-            with Run.open(paths, purpose=f"{kind}: finish a dead run's sinks") as run:
-                out: dict[str, Any] = {}
-                if run.state.pg_target is not None and run.state.pg.get("status") != "done":
-                    from embedbatch.sinks.pgvector import sink_run as pg_sink
-
-                    out["pg"] = anyio.run(lambda: pg_sink(ws, run, dsn=dsn))
-                if run.state.libsql_target is not None and run.state.libsql.get("status") != "done":
-                    from embedbatch.sinks import libsql
-
-                    out["libsql"] = libsql.sink_run(ws, run, auth_token=libsql_auth_token)
+            with Run.open(entry.paths, purpose=f"{kind}: finish a dead run's sinks") as run:
+                out = run_sinks_blocking(ws, run, dsn=dsn, libsql_auth_token=libsql_auth_token)
                 done[rs.run_id] = out
                 log.info("finished a dead run's database writes", run=rs.run_id, **out)
         except LockedError:

@@ -94,6 +94,12 @@ class Manifest:
         """Rows in all shards (superseded rows included)."""
         return sum(int(s["rows"]) for s in self.shards)
 
+    @property
+    def current_rows(self) -> int:
+        """Rows in the current view: every shard row less those later shards replaced (each id
+        in a shard's ``supersedes`` replaced exactly one current row). No shard is opened."""
+        return self.rows - sum(len(s.get("supersedes", ())) for s in self.shards)
+
     def sources(self) -> set[str]:
         """Keys ``run_id/batch`` of every batch whose rows are in a shard."""
         return {src for s in self.shards for src in s.get("sources", [])}

@@ -59,28 +59,11 @@ def verify_dataset(ws: Workspace, model: str, dataset: str, *, repair: bool = Fa
                 rep.problems.append(f"{p.name}: file not listed in the manifest")
     index_dir = ws.index_dir(model, dataset)
     for s in manifest.shards:
-        path = base / s["file"]
         rep.shards += 1
-        if not path.exists():
-            rep.problems.append(f"{s['file']}: missing")
+        table = _read_shard(base / s["file"], s, rep.problems)
+        if table is None:
             continue
-        if path.stat().st_size != s["bytes"]:
-            rep.problems.append(f"{s['file']}: size {path.stat().st_size} != manifest {s['bytes']}")
-        if file_sha256(path) != s["sha256"]:
-            rep.problems.append(f"{s['file']}: sha256 differs from the manifest")
-        try:
-            table = pq.read_table(path, columns=["id", "text", "embedding"])
-        except Exception as exc:
-            rep.problems.append(f"{s['file']}: unreadable ({exc})")
-            continue
-        if len(table) != s["rows"]:
-            rep.problems.append(f"{s['file']}: {len(table)} rows != manifest {s['rows']}")
-        emb = table.column("embedding").combine_chunks()
-        dim = emb.type.list_size
-        dims.add(dim)
-        values = emb.values.to_numpy(zero_copy_only=False)
-        if not np.isfinite(values).all():
-            rep.problems.append(f"{s['file']}: NaN or inf in embeddings")
+        dims.add(table.column("embedding").type.list_size)
         rep.problems.extend(_check_index(index_dir / s["file"], table))
         drop = gone.get(s["file"], set())
         for rid in table.column("id").to_pylist():
@@ -96,6 +79,31 @@ def verify_dataset(ws: Workspace, model: str, dataset: str, *, repair: bool = Fa
     if manifest.dimensions is not None and dims and dims != {manifest.dimensions}:
         rep.problems.append(f"shard dimension {sorted(dims)} != manifest {manifest.dimensions}")
     return rep
+
+
+def _read_shard(path: Any, entry: dict[str, Any], problems: list[str]) -> Any:
+    """One shard against its manifest entry (present, size, sha256, rows, finite vectors); its
+    ``id``, ``text`` and ``embedding`` columns, or None when it cannot be read. Problems are
+    appended to ``problems``."""
+    name = entry["file"]
+    if not path.exists():
+        problems.append(f"{name}: missing")
+        return None
+    if path.stat().st_size != entry["bytes"]:
+        problems.append(f"{name}: size {path.stat().st_size} != manifest {entry['bytes']}")
+    if file_sha256(path) != entry["sha256"]:
+        problems.append(f"{name}: sha256 differs from the manifest")
+    try:
+        table = pq.read_table(path, columns=["id", "text", "embedding"])
+    except Exception as exc:
+        problems.append(f"{name}: unreadable ({exc})")
+        return None
+    if len(table) != entry["rows"]:
+        problems.append(f"{name}: {len(table)} rows != manifest {entry['rows']}")
+    values = table.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
+    if not np.isfinite(values).all():
+        problems.append(f"{name}: NaN or inf in embeddings")
+    return table
 
 
 def _check_index(path: Any, table: Any) -> list[str]:

@@ -369,7 +369,7 @@ def test_sink_failure_after_payment_leaves_other_runs_and_resumes(
         if Run.read(ws.resolve_run(healthy_run)).state.status == "finished":
             break
     state = Run.read(ws.resolve_run(broken_run)).state
-    assert ("active", "failed") == (state.status, state.pg["status"])
+    assert ("active", "failed") == (state.status, state.pg.status)
     assert state.failure is not None and "items" in state.failure["error"]
     assert {"ingested"} == {b.status for b in Run.read(ws.resolve_run(broken_run)).batches}
     asyncio.run(

@@ -81,6 +81,16 @@ def test_streaming_search_equals_brute_force(ws: Workspace, data: dict[str, np.n
     assert superseded["id"] == "a0" and superseded["text"] == "text of a0 (run_3)"
 
 
+def test_the_manifest_counts_current_rows_without_the_id_index(ws: Workspace, data: dict[str, np.ndarray]) -> None:
+    """78 rows written, 5 of them replaced later: the current view is 73 rows, from the
+    manifest alone, as the id index counts them."""
+    from embedbatch.store.index import IdIndex
+
+    manifest = Manifest.load(ws, "m", "d")
+    assert (78, 73, 73) == (manifest.rows, manifest.current_rows, len(IdIndex.load(ws, manifest)))
+    assert len(data) == manifest.current_rows
+
+
 def test_get_and_search_by_id(ws: Workspace, data: dict[str, np.ndarray]) -> None:
     store = DatasetStore(ws, "m", "d")
     rows = store.get(["b7", "a3", "nope"])

@@ -265,10 +265,10 @@ class BatchFileWriter:
         self._close()
 
     def finish(self) -> list[BatchState]:
-        """Close the files and write each ``batch.json`` (status planned)."""
+        """Close the files and return each batch's state (status planned), for the caller to
+        write through :mod:`embedbatch.runs` (:meth:`Run.create`, :meth:`Run.add_batches`)."""
         self._close()
         for bs, (requests, inputs, n_bytes, tokens) in zip(self.states, self.splitter.totals(), strict=True):
             bs.requests, bs.inputs, bs.bytes, bs.tokens = requests, inputs, n_bytes, tokens
             bs.history.append(["planned", utc_now().isoformat()])
-            bs.save(self.root / "batches" / bs.name)
         return self.states

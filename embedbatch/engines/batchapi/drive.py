@@ -5,15 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-import anyio
 import structlog
 
 from embedbatch.api.openai import BatchClient
 from embedbatch.config import IngestConfig
 from embedbatch.engines.batchapi.ingest import ingest_locked
-from embedbatch.engines.batchapi.poll import poll_pass
+from embedbatch.engines.batchapi.poll import poll_every, poll_pass
 from embedbatch.engines.batchapi.retry import plan_retry_locked
 from embedbatch.engines.batchapi.submit import submit_run
 from embedbatch.runs import Run
@@ -67,7 +66,8 @@ async def drive_run(
     cfg = ingest_config or IngestConfig()
     summary = RunSummary(str(paths.root))
     await submit_run(ws, client, paths, max_enqueued_tokens=max_enqueued_tokens, wait_s=wait_s)
-    while True:
+
+    async def one_pass() -> Literal["done", "again", "wait"]:
         await poll_pass(
             ws,
             client,
@@ -83,18 +83,16 @@ async def drive_run(
             on_pass(summary.passes)
         with Run.open(paths, wait_s=wait_s, purpose="run") as run:
             if run.state.status == "active":
-                requeued = 0
-            else:
-                plan = plan_retry_locked(ws, run, max_attempts=max_attempts)
-                if not plan.requeued:
-                    break
-                requeued = plan.requeued
-                summary.retries += plan.requeued
-                log.info("retrying failed ids", run=run.run_id, ids=plan.requeued, batches=plan.batches)
-        if requeued:
-            await submit_run(ws, client, paths, max_enqueued_tokens=max_enqueued_tokens, wait_s=wait_s)
-            continue
-        await anyio.sleep(poll_s)
+                return "wait"
+            plan = plan_retry_locked(ws, run, max_attempts=max_attempts)
+            if not plan.requeued:
+                return "done"
+            summary.retries += plan.requeued
+            log.info("retrying failed ids", run=run.run_id, ids=plan.requeued, batches=plan.batches)
+        await submit_run(ws, client, paths, max_enqueued_tokens=max_enqueued_tokens, wait_s=wait_s)
+        return "again"
+
+    await poll_every(poll_s, one_pass)
     with Run.open(paths, wait_s=wait_s, purpose="run") as run:
         await ingest_locked(ws, run, cfg)
         rs = run.state

@@ -26,7 +26,7 @@ from embedbatch.config import IngestConfig, LibsqlTarget, PgTarget
 from embedbatch.engines.batchapi.output import BatchReader
 from embedbatch.errors import StateError
 from embedbatch.failures import top_reasons, tsv_escape, tsv_unescape
-from embedbatch.runs import BatchState, Run, crash_point
+from embedbatch.runs import BatchState, Run, SinkState, crash_point
 from embedbatch.store.dataset import DatasetStore
 from embedbatch.store.index import IdIndex
 from embedbatch.store.manifest import Manifest
@@ -109,16 +109,16 @@ async def ingest_run(
         # Progress is per target: a new target starts from the first row.
         if libsql_target is not None:
             if run.state.libsql_target != libsql_target.to_json():  # (an index still to recreate stays noted)
-                run.state.libsql = {k: v for k, v in run.state.libsql.items() if k == "pending_indexes"}
+                run.state.libsql = SinkState(pending_indexes=run.state.libsql.pending_indexes)
             run.state.libsql_target = libsql_target.to_json()
-            run.state.libsql["status"] = "pending"
+            run.state.libsql.status = "pending"
             run.save()
         if pg_target is not None or no_pg:
             new_target = None if no_pg else pg_target.to_json()  # type: ignore[union-attr]
             if run.state.pg_target != new_target:
-                run.state.pg = {k: v for k, v in run.state.pg.items() if k == "pending_indexes"}
+                run.state.pg = SinkState(pending_indexes=run.state.pg.pending_indexes)
             run.state.pg_target = new_target
-            run.state.pg["status"] = "pending"
+            run.state.pg.status = "pending"
             run.save()
         return await ingest_locked(ws, run, config or IngestConfig(), dsn=dsn)
 
@@ -126,15 +126,12 @@ async def ingest_run(
 async def ingest_locked(ws: Workspace, run: Run, config: IngestConfig, *, dsn: str | None = None) -> IngestResult:
     """:func:`ingest_run` for a caller that holds the run (poll, drive)."""
     result = await anyio.to_thread.run_sync(_ingest_sync, ws, run, config)
-    if run.state.pg_target:
-        from embedbatch.sinks.pgvector import sink_run
+    if run.state.pg_target or run.state.libsql_target:
+        from embedbatch.sinks.runner import run_sinks
 
-        result.pg = await sink_run(ws, run, dsn=dsn or config.dsn)
-    if run.state.libsql_target:
-        from embedbatch.sinks import libsql
-
-        token = config.libsql_auth_token
-        result.libsql = await anyio.to_thread.run_sync(lambda: libsql.sink_run(ws, run, auth_token=token))
+        written = await run_sinks(ws, run, dsn=dsn or config.dsn, libsql_auth_token=config.libsql_auth_token)
+        result.pg = written.get("pg", result.pg)
+        result.libsql = written.get("libsql", result.libsql)
     run.state.failure = None  # whatever failed before is behind this run now
     run.settle()
     run.save()

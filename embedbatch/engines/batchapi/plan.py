@@ -20,7 +20,8 @@ from embedbatch.engines.batchapi.split import BatchSplitter, request_encoder
 from embedbatch.errors import InputError, LimitError, LockedError
 from embedbatch.intake import Intake, dataset_name, source_label
 from embedbatch.planned import skip_done_or_planned
-from embedbatch.runs import RunState, git_sha, lockfile_sha256, note_run
+from embedbatch.runs import OpenRuns, Run, RunState, git_sha, lockfile_sha256, note_run
+from embedbatch.sinks.runner import check_targets, target_dimension
 from embedbatch.store.dataset import DatasetStore
 from embedbatch.tokens import check_model_options, get_tokenizer
 from embedbatch.workspace import RunPaths, Workspace, crash_point
@@ -55,6 +56,9 @@ def plan_run(
     skip_existing: bool = True,
     pg_target: PgTarget | None = None,
     libsql_target: LibsqlTarget | None = None,
+    dsn: str | None = None,
+    libsql_auth_token: str | None = None,
+    probe_dim: Callable[[], int] | None = None,
 ) -> PlannedRun:
     """Read, prepare, sample and split into batch input files in a new run directory.
 
@@ -69,15 +73,29 @@ def plan_run(
     Args:
         pg_target: write the vectors into this pgvector column too (recorded in run.json).
         libsql_target: write the vectors into this libSQL table too (recorded in run.json).
+        dsn / libsql_auth_token: how to reach the targets, to check them before anything is
+            written or paid for (never stored).
+        probe_dim: for a model whose dimension is not known here (and no ``dimensions``):
+            returns it, e.g. from one tiny embedding request.
 
     Raises:
         LockedError: the dataset lock stayed busy past the workspace's ``lock_timeout_s``, or a
             realtime run of the dataset is in progress.
         InputError, DuplicateIdError: bad input (nothing is submitted).
         LimitError: the Batch-price estimate exceeds ``max_cost_usd``.
-        UsageError: bad model options.
+        UsageError: bad model options; a target without its DSN; a target and a model whose
+            dimension is unknown without ``probe_dim``.
+        DatabaseError: a target cannot take the model's vectors (nothing was written).
     """
     check_model_options(submit.model, submit.dimensions)
+    if (pg_target is not None or libsql_target is not None) and not submit.dry_run:
+        check_targets(
+            dim=target_dimension(submit.model, submit.dimensions, probe_dim),
+            pg_target=pg_target,
+            libsql_target=libsql_target,
+            dsn=dsn,
+            libsql_auth_token=libsql_auth_token,
+        )
     dataset = dataset_name(source)
     store = DatasetStore(ws, submit.model, dataset)
     with store.locked("plan"):
@@ -89,6 +107,7 @@ def plan_run(
         # Under this lock no other plan of the dataset runs: any .partial folder is a dead one's.
         for stale in ws.runs_dir(submit.model, dataset).glob("run_*.partial"):
             shutil.rmtree(stale, ignore_errors=True)
+        OpenRuns.remove_dead(ws, submit.model, dataset)
         run = ws.new_run(submit.model, dataset)
         partial = run.root.with_name(run.root.name + ".partial")
         partial.mkdir(parents=True)
@@ -175,11 +194,9 @@ def plan_run(
         )
         if source.is_postgres and source.pg_table:
             rs.args.setdefault("pg_source", {"table": source.pg_table, "id_column": source.pg_id_column})
-        rs.save(RunPaths(partial))
-        if not states:
-            # Nothing to embed: keep the record of the run, but as finished.
-            rs.status = "finished" if not submit.dry_run else rs.status
-            rs.save(RunPaths(partial))
+        if not states and not submit.dry_run:
+            rs.status = "finished"  # nothing to embed: keep the record of the run, as finished
+        Run.create(run, rs, batches=states, staging=partial)
         partial.rename(run.root)
         note_run(run, "batchapi")
         crash_point("plan_before_unlock")

@@ -11,18 +11,21 @@ again when the model's enqueued tokens leave room.
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
+import anyio
 import structlog
 
 from embedbatch.api.openai import BatchClient
 from embedbatch.config import IngestConfig
 from embedbatch.engines.batchapi.ingest import ingest_locked
 from embedbatch.engines.batchapi.submit import adopt_pending, submit_locked
-from embedbatch.errors import EmbedbatchError, LockedError, ProviderError, StateError
-from embedbatch.runs import REMOTE_TERMINAL, BatchState, Run, RunState
+from embedbatch.errors import EmbedbatchError, LockedError, ProviderError
+from embedbatch.runs import REMOTE_TERMINAL, BatchState, OpenRuns, Run
 from embedbatch.workspace import RunPaths, Workspace, crash_point, file_lock, utc_now
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "cancel_run",
     "download_batch",
     "download_run",
+    "poll_every",
     "poll_pass",
     "redownload_run",
     "refresh_batch",
@@ -217,11 +221,17 @@ async def poll_run(
     ingest_config: IngestConfig | None,
     concurrency: int = 4,
     wait_s: float | None = None,
-) -> None:
-    """One pass over one run under its lock (see :func:`poll_pass`): the run is loaded once."""
+    queue_of_others: tuple[int, int] | None = None,
+) -> tuple[int, int]:
+    """One pass over one run under its lock (see :func:`poll_pass`): the run is loaded once.
+
+    Returns:
+        The run's queue after the pass (tokens, requests the provider holds), which the pass
+        counts for the runs after it.
+    """
     with Run.open(paths, wait_s=wait_s, purpose="poll") as run:
         if run.state.kind != "batchapi" or run.state.status != "active":
-            return
+            return run.queue()
         report.runs += 1
         for bs in run.batches:
             if bs.pending is not None or bs.is_remote_active:
@@ -230,7 +240,12 @@ async def poll_run(
             if bs.status in REMOTE_TERMINAL:
                 report.downloaded += await download_batch(client, run, bs)
         submitted = await submit_locked(
-            ws, client, run, concurrency=concurrency, max_enqueued_tokens=max_enqueued_tokens
+            ws,
+            client,
+            run,
+            concurrency=concurrency,
+            max_enqueued_tokens=max_enqueued_tokens,
+            queue_of_others=queue_of_others,
         )
         report.submitted += len(submitted)
         if ingest:
@@ -244,7 +259,6 @@ async def poll_run(
                 for bs in run.batches:
                     await clean_batch(client, run, bs, cleaned)
         crash_point("poll_before_save")
-        run.state.actual["status_totals"] = run.totals()
         run.state.failure = None
         run.settle()
         if run.state.status == "active":
@@ -252,6 +266,7 @@ async def poll_run(
         elif run.state.failed_rows:
             report.finished_with_failures.append(str(run.paths.root))
         run.save()
+        return run.queue()
 
 
 async def poll_pass(
@@ -265,7 +280,8 @@ async def poll_pass(
     wait_s: float | None = None,
     isolate: bool = True,
 ) -> PassReport:
-    """One cron pass over every active run of the workspace.
+    """One cron pass over every active run of the workspace, found in the open-runs index:
+    each active run's state is read once (under its lock), finished runs not at all.
 
     Args:
         runs: only these runs (``embedbatch run``); default every run.
@@ -278,19 +294,22 @@ async def poll_pass(
     """
     report = PassReport()
     with file_lock(ws.lock, what="workspace", timeout_s=wait_s, purpose="poll"):
-        for paths in runs if runs is not None else ws.all_runs():
-            try:
-                state = RunState.load(paths)  # one small file: finished runs cost no more
-            except StateError as exc:
-                log.warning("unreadable run skipped", run=paths.run_id, error=str(exc))
-                continue
-            if state.kind != "batchapi" or state.status != "active":
-                continue
-            if isolate and state.failure and state.failure.get("retry_after", "") > utc_now().isoformat():
+        # The open-runs index, read once: finished runs are never opened, and each model's
+        # queue is summed once here and kept up to date as the pass changes it.
+        index = OpenRuns.entries(ws)
+        entries = [e for e in index if e.kind == "batchapi" and e.status == "active"]
+        if runs is not None:
+            wanted = {r.root for r in runs}
+            entries = [e for e in entries if e.paths.root in wanted]
+        queue = {e.paths.root: (e.model, e.queue_tokens, e.queue_requests) for e in index}
+        for entry in entries:
+            paths = entry.paths
+            if isolate and entry.retry_after and entry.retry_after > utc_now().isoformat():
                 report.backed_off.append(paths.run_id)
                 continue
+            others = [(t, r) for root, (m, t, r) in queue.items() if m == entry.model and root != paths.root]
             try:
-                await poll_run(
+                tokens, requests = await poll_run(
                     ws,
                     client,
                     paths,
@@ -299,7 +318,9 @@ async def poll_pass(
                     ingest=ingest,
                     ingest_config=ingest_config,
                     wait_s=wait_s,
+                    queue_of_others=(sum(t for t, _ in others), sum(r for _, r in others)),
                 )
+                queue[paths.root] = (entry.model, tokens, requests)
             except LockedError:
                 report.skipped_locked.append(paths.run_id)
                 log.info("run locked by another process; skipped", run=paths.run_id)
@@ -310,6 +331,19 @@ async def poll_pass(
                 report.failed_runs.append(paths.run_id)
                 _record_failure(paths, exc)
     return report
+
+
+async def poll_every(interval_s: float, one_pass: Callable[[], Awaitable[Literal["done", "again", "wait"]]]) -> None:
+    """Call ``one_pass`` until it returns ``done``: after ``wait``, sleep what is left of
+    ``interval_s`` seconds once the pass's own time is taken off; after ``again``, go on at once.
+    The one loop behind ``poll --watch`` and :func:`embedbatch.engines.batchapi.drive.drive_run`."""
+    while True:
+        started = time.monotonic()
+        outcome = await one_pass()
+        if outcome == "done":
+            return
+        if outcome == "wait":
+            await anyio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
 
 
 def _record_failure(paths: RunPaths, exc: Exception) -> None:

@@ -62,50 +62,14 @@ def plan_retry_locked(ws: Workspace, run: Run, *, max_attempts: int = 3, force: 
     plan = RetryPlan()
     if not run.paths.failed_ids.exists():
         return plan
-    failed = read_failed_ids(run.paths.failed_ids)
-    if not force:
-        for rid, reason in list(failed.items()):
-            if is_permanent(reason):
-                plan.permanent[reason[:200]] = plan.permanent.get(reason[:200], 0) + 1
-                del failed[rid]
+    failed = _retryable(read_failed_ids(run.paths.failed_ids), plan, force=force)
     if not failed:
         return plan
-    index = DatasetStore(ws, rs.model, rs.dataset).id_index()
-    in_flight: set[str] = set()
-    for bs in run.batches:
-        if bs.status != "ingested" and bs.name.startswith("retry_"):
-            in_flight.update(read_record_ids(run.batch_dir(bs)))
     limits = BatchLimits(**{k: v for k, v in rs.limits.items() if v is not None}) if rs.limits else BatchLimits()
     n_retry = sum(1 for b in run.batches if b.name.startswith("retry_"))
     writer = BatchFileWriter(run.paths.root, BatchSplitter(limits), prefix="retry", first_number=n_retry + 1)
-    chosen: list[str] = []
-    chosen_set: set[str] = set()
-    given_up: set[str] = set()
     try:
-        for bs in run.batches:
-            d = run.batch_dir(bs)
-            if not (d / "input.jsonl").exists():  # cleaned: it had no failed rows left
-                continue
-            records = BatchRecords.read(d)
-            with open(d / "input.jsonl", "rb") as inf:
-                for i, iline in enumerate(inf):
-                    rid = records.ids[i]
-                    if rid not in failed or rid in in_flight or rid in chosen_set:
-                        continue
-                    text = orjson.loads(iline)["body"]["input"]
-                    if index.contains(rid, text_sha256(text)):
-                        plan.already_embedded += 1
-                        continue
-                    if rs.attempts.get(rid, 1) >= max_attempts:
-                        if rid not in given_up:  # an id is in every batch that tried it
-                            given_up.add(rid)
-                            plan.given_up.append(rid)
-                        continue
-                    row = records.row(i)
-                    n_tokens = int(row["n_tokens"] or 0)
-                    writer.add_row(iline, row, queue_tokens(n_tokens, len(text.encode("utf-8"))))
-                    chosen.append(rid)
-                    chosen_set.add(rid)
+        chosen = _write_rows(ws, run, writer, failed, plan, max_attempts=max_attempts)
         if chosen:
             rs.status = "active"  # before the batches appear: poll must visit this run again
             run.save()
@@ -125,3 +89,59 @@ def plan_retry_locked(ws: Workspace, run: Run, *, max_attempts: int = 3, force: 
     plan.batches = [bs.name for bs in states]
     plan.requeued = len(chosen)
     return plan
+
+
+def _retryable(failed: dict[str, str], plan: RetryPlan, *, force: bool) -> dict[str, str]:
+    """The failed ids worth sending again: without ``force``, those whose failure cannot change
+    are counted in ``plan.permanent`` and left out."""
+    if force:
+        return failed
+    out: dict[str, str] = {}
+    for rid, reason in failed.items():
+        if is_permanent(reason):
+            plan.permanent[reason[:200]] = plan.permanent.get(reason[:200], 0) + 1
+        else:
+            out[rid] = reason
+    return out
+
+
+def _write_rows(
+    ws: Workspace, run: Run, writer: BatchFileWriter, failed: dict[str, str], plan: RetryPlan, *, max_attempts: int
+) -> list[str]:
+    """Copy the request line of every failed id (once) into the retry batches, skipping ids in
+    flight in an earlier retry batch, already embedded with the same text, or over
+    ``max_attempts`` (given up). Returns the ids written, in order."""
+    rs = run.state
+    index = DatasetStore(ws, rs.model, rs.dataset).id_index()
+    in_flight: set[str] = set()
+    for bs in run.batches:
+        if bs.status != "ingested" and bs.name.startswith("retry_"):
+            in_flight.update(read_record_ids(run.batch_dir(bs)))
+    chosen: list[str] = []
+    seen: set[str] = set()
+    given_up: set[str] = set()
+    for bs in run.batches:
+        d = run.batch_dir(bs)
+        if not (d / "input.jsonl").exists():  # cleaned: it had no failed rows left
+            continue
+        records = BatchRecords.read(d)
+        with open(d / "input.jsonl", "rb") as inf:
+            for i, iline in enumerate(inf):
+                rid = records.ids[i]
+                if rid not in failed or rid in in_flight or rid in seen:
+                    continue
+                text = orjson.loads(iline)["body"]["input"]
+                if index.contains(rid, text_sha256(text)):
+                    plan.already_embedded += 1
+                    continue
+                if rs.attempts.get(rid, 1) >= max_attempts:
+                    if rid not in given_up:  # an id is in every batch that tried it
+                        given_up.add(rid)
+                        plan.given_up.append(rid)
+                    continue
+                row = records.row(i)
+                n_tokens = int(row["n_tokens"] or 0)
+                writer.add_row(iline, row, queue_tokens(n_tokens, len(text.encode("utf-8"))))
+                chosen.append(rid)
+                seen.add(rid)
+    return chosen

@@ -17,8 +17,8 @@ import anyio
 import structlog
 
 from embedbatch.api.openai import BatchClient
-from embedbatch.runs import REMOTE_ACTIVE, BatchState, Run, RunState, crash_point, load_batches
-from embedbatch.workspace import RunPaths, Workspace, read_json, utc_now
+from embedbatch.runs import BatchState, OpenRuns, Run, RunState, crash_point
+from embedbatch.workspace import RunPaths, Workspace, utc_now
 
 __all__ = [
     "MAX_ENQUEUED_REQUESTS",
@@ -64,20 +64,18 @@ def batch_metadata(rs: RunState, bs: BatchState) -> dict[str, str]:
 MAX_ENQUEUED_REQUESTS = 1_000_000
 
 
-def enqueued(ws: Workspace, model: str) -> tuple[int, int]:
+def enqueued(ws: Workspace, model: str, *, exclude: RunPaths | None = None) -> tuple[int, int]:
     """Queue tokens and requests of this model's batches that the provider holds now,
-    workspace-wide: ``(tokens, requests)``."""
+    workspace-wide, from the open-runs index (finished runs hold none): ``(tokens, requests)``.
+
+    Args:
+        exclude: leave this run out (its caller counts it from the batches it holds).
+    """
     tokens = requests = 0
-    for run in ws.all_runs():
-        try:
-            if read_json(run.run_json).get("model") != model:
-                continue
-        except Exception:
-            continue
-        for bs in load_batches(run):
-            if bs.status in REMOTE_ACTIVE:
-                tokens += bs.tokens
-                requests += bs.requests
+    for e in OpenRuns.entries(ws, model):
+        if e.kind == "batchapi" and (exclude is None or e.paths.root != exclude.root):
+            tokens += e.queue_tokens
+            requests += e.queue_requests
     return tokens, requests
 
 
@@ -188,16 +186,26 @@ async def submit_locked(
     concurrency: int = 4,
     max_enqueued_tokens: int | None = None,
     on_batch: Callable[[BatchState], None] | None = None,
+    queue_of_others: tuple[int, int] | None = None,
 ) -> list[BatchState]:
-    """:func:`submit_run` for a caller that holds the run (poll)."""
+    """:func:`submit_run` for a caller that holds the run (poll).
+
+    Args:
+        queue_of_others: queue tokens and requests of this model's other runs (a poll pass
+            computes them once for all runs); None reads them from the open-runs index.
+    """
     rs = run.state
     if rs.status != "active":
         return []
     budget = max_enqueued_tokens if max_enqueued_tokens is not None else rs.max_enqueued_tokens
     now = utc_now().isoformat()
     todo = [bs for bs in run.batches if bs.status in ("planned", "uploaded") and (bs.not_before or "") <= now]
-    # Batches with a pending create may already exist remotely and count against the queue.
-    in_queue, requests_in_queue = enqueued(ws, rs.model)
+    if not todo:
+        return []
+    # The other runs' queue (a poll pass reads it once and passes it down), and this run's own.
+    others = enqueued(ws, rs.model, exclude=run.paths) if queue_of_others is None else queue_of_others
+    own = run.queue()
+    in_queue, requests_in_queue = others[0] + own[0], others[1] + own[1]
     chosen: list[BatchState] = []
     for bs in todo:
         if budget is not None and in_queue + bs.tokens > budget and (in_queue > 0 or chosen):

@@ -42,6 +42,7 @@ from embedbatch.engines.local.stages import (
 from embedbatch.errors import UsageError
 from embedbatch.intake import Intake, dataset_name, source_label
 from embedbatch.runs import Run, RunState, git_sha, lockfile_sha256
+from embedbatch.sinks.runner import check_targets, run_sinks_blocking
 from embedbatch.store.dataset import DatasetStore
 from embedbatch.workspace import Workspace
 
@@ -136,18 +137,11 @@ def run_local(
     pad_to = "bucket" if local.compile else local.pad_to
     bucketer = Bucketer(edges, tokens_per_batch, pad_to)  # type: ignore[arg-type]
     max_content = min(prepare.max_tokens, enc.max_length - enc.special_tokens(enc.new_tokenizer()))
-    if pg_target is not None:  # before any work: the column must take this model's vectors
-        import anyio
-
-        from embedbatch.sinks.pgvector import check_target
-
-        anyio.run(lambda: check_target(dsn, pg_target, dim=enc.dim))
-    if libsql_target is not None:
-        from embedbatch.sinks import libsql
-
-        libsql.check_target(libsql_target.url, libsql_auth_token, libsql_target, dim=enc.dim)
+    # Before any work: the targets must take this model's vectors.
+    check_targets(
+        dim=enc.dim, pg_target=pg_target, libsql_target=libsql_target, dsn=dsn, libsql_auth_token=libsql_auth_token
+    )
     run = ws.new_run(label, dataset)
-    run.root.mkdir(parents=True)
     result = LocalResult(str(run.root), label, enc.device, enc.dtype if not local.devices else local.dtype)
     result.backend = enc.backend
     result.quality = quality
@@ -166,14 +160,26 @@ def run_local(
         pg_target=pg_target.to_json() if pg_target else None,
         libsql_target=libsql_target.to_json() if libsql_target else None,
     )
-    rs.save(run)
+    Run.create(run, rs)
     store = DatasetStore(ws, label, dataset)
     # The run lock is held for the whole run: poll and status leave a running local run alone.
     with Run.open(run, purpose="local") as state:
         job = LocalJob(
-            store, state, enc, source, prepare, sample, local, ingest, result,
-            tokens_per_batch, edges, max_content, cache_dir, on_rows,
-        )  # fmt: skip
+            store=store,
+            run=state,
+            enc=enc,
+            source=source,
+            prepare=prepare,
+            sample=sample,
+            local=local,
+            ingest=ingest,
+            result=result,
+            tokens_per_batch=tokens_per_batch,
+            edges=edges,
+            max_content=max_content,
+            cache_dir=cache_dir,
+            on_rows=on_rows,
+        )
         if ray is not None:
             from embedbatch.engines.local.raydata import run_ray
 
@@ -182,16 +188,9 @@ def run_local(
             finish(job, run_ray(job, ray, owns_cluster), started)
         else:
             _run_locked(job, bucketer)
-        if pg_target is not None:
-            import anyio
-
-            from embedbatch.sinks.pgvector import sink_run
-
-            result.pg = anyio.run(lambda: sink_run(ws, state, dsn=dsn))
-        if libsql_target is not None:
-            from embedbatch.sinks import libsql
-
-            result.libsql = libsql.sink_run(ws, state, auth_token=libsql_auth_token)
+        written = run_sinks_blocking(ws, state, dsn=dsn, libsql_auth_token=libsql_auth_token)
+        result.pg = written.get("pg", result.pg)
+        result.libsql = written.get("libsql", result.libsql)
         from embedbatch.sinks.resume import finish_dead_runs
 
         finish_dead_runs(ws, run, result, kind="local", dsn=dsn, libsql_auth_token=libsql_auth_token)

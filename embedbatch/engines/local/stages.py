@@ -110,7 +110,7 @@ class LocalResult:
         return out
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LocalJob:
     """What one local run works with, from :func:`~.pipeline.run_local` to the engine that
     embeds (the single process, or :mod:`.raydata`).

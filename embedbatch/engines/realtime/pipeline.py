@@ -46,10 +46,11 @@ from embedbatch.failures import is_permanent, read_failed_ids, top_reasons, tsv_
 from embedbatch.intake import Intake, dataset_name, source_label
 from embedbatch.planned import skip_done_or_planned
 from embedbatch.records import Record
-from embedbatch.runs import Run, RunState, git_sha, lockfile_sha256
+from embedbatch.runs import OpenRuns, Run, RunState, git_sha, lockfile_sha256
+from embedbatch.sinks.runner import check_targets, run_sinks_blocking, target_dimension
 from embedbatch.store.dataset import DatasetStore
 from embedbatch.store.stream import StreamCommitter
-from embedbatch.tokens import MODEL_DIMENSIONS, check_model_options, cost_usd, get_tokenizer
+from embedbatch.tokens import check_model_options, cost_usd, get_tokenizer
 from embedbatch.workspace import RunPaths, Workspace, atomic_write_bytes
 
 __all__ = ["RealtimeResult", "retry_realtime", "run_realtime"]
@@ -151,7 +152,6 @@ def run_realtime(
     store = DatasetStore(ws, realtime.model, dataset)
     with store.engine_lock("realtime"):
         run = ws.new_run(realtime.model, dataset)
-        run.root.mkdir(parents=True)
         result = RealtimeResult(str(run.root), realtime.model, dataset)
         rs = RunState(
             run_id=run.run_id,
@@ -168,7 +168,7 @@ def run_realtime(
             pg_target=pg_target.to_json() if pg_target else None,
             libsql_target=libsql_target.to_json() if libsql_target else None,
         )
-        rs.save(run)
+        Run.create(run, rs)
         with Run.open(run, purpose="realtime") as state:
             result.interrupted_runs = _mark_interrupted(ws, realtime.model, dataset, run)
             _intake(ws, store, state, source, prepare, sample, result)
@@ -267,12 +267,12 @@ def _mark_interrupted(ws: Workspace, model: str, dataset: str, current: RunPaths
     become ``interrupted`` and name the run that resumes them (called under the engine lock, so
     no live run is among them)."""
     marked = []
-    for paths in ws.all_runs():
-        if paths.root.parent != current.root.parent or paths.root == current.root:
+    for entry in OpenRuns.entries(ws, model, dataset):
+        paths = entry.paths
+        if paths.root == current.root or entry.kind != "realtime":
             continue
-        try:
-            rs = RunState.load(paths)
-        except (StateError, OSError):
+        rs = Run.read_state(paths)
+        if rs is None:
             continue
         resumable = rs.status == "running" or (rs.status == "interrupted" and not (rs.failure or {}).get("resumed_by"))
         if rs.kind == "realtime" and resumable:
@@ -343,25 +343,24 @@ def _check_sinks(
     unknown model's dimension costs one tiny request."""
     if pg_target is None and libsql_target is None:
         return
-    dim = cfg.dimensions or MODEL_DIMENSIONS.get(cfg.model)
-    if dim is None:
 
-        async def probe() -> EmbeddingAnswer:
+    def probe() -> int:
+        async def once() -> EmbeddingAnswer:
             client = new_sdk_client(key, settings)
             try:
                 return await embeddings_once(client, ["dimension probe"], model=cfg.model)
             finally:
                 await client.close()
 
-        dim = int(anyio.run(probe).vectors.shape[1])
-    if pg_target is not None:
-        from embedbatch.sinks.pgvector import check_target
+        return int(anyio.run(once).vectors.shape[1])
 
-        anyio.run(lambda: check_target(ingest.dsn, pg_target, dim=dim))
-    if libsql_target is not None:
-        from embedbatch.sinks import libsql
-
-        libsql.check_target(libsql_target.url, ingest.libsql_auth_token, libsql_target, dim=dim)
+    check_targets(
+        dim=target_dimension(cfg.model, cfg.dimensions, probe),
+        pg_target=pg_target,
+        libsql_target=libsql_target,
+        dsn=ingest.dsn,
+        libsql_auth_token=ingest.libsql_auth_token,
+    )
 
 
 def _embed(
@@ -447,14 +446,9 @@ def _embed(
 
 def _sinks(ws: Workspace, run: Run, ingest: IngestConfig, result: RealtimeResult) -> None:
     rs = run.state
-    if rs.pg_target is not None:
-        from embedbatch.sinks.pgvector import sink_run
-
-        result.pg = anyio.run(lambda: sink_run(ws, run, dsn=ingest.dsn))
-    if rs.libsql_target is not None:
-        from embedbatch.sinks import libsql
-
-        result.libsql = libsql.sink_run(ws, run, auth_token=ingest.libsql_auth_token)
+    written = run_sinks_blocking(ws, run, dsn=ingest.dsn, libsql_auth_token=ingest.libsql_auth_token)
+    result.pg = written.get("pg", result.pg)
+    result.libsql = written.get("libsql", result.libsql)
     from embedbatch.sinks.resume import finish_dead_runs
 
     finish_dead_runs(ws, run.paths, result, kind="realtime", dsn=ingest.dsn, libsql_auth_token=ingest.libsql_auth_token)
