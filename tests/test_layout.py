@@ -7,6 +7,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "embedbatch"
 CORE = (
@@ -122,3 +124,33 @@ def test_long_modules_are_explained() -> None:
         if len(f.read_text(encoding="utf-8").splitlines()) > MAX_LINES
     }
     assert (set(), set()) == (long - listed, listed - long)
+
+
+def test_every_public_name_of_the_package_resolves() -> None:
+    """The package root imports its names lazily; each one named in __all__ is there."""
+    import embedbatch
+
+    assert [] == [n for n in embedbatch.__all__ if getattr(embedbatch, n, None) is None]
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["status"], ["list"], ["list-datasets"]])
+def test_quick_commands_load_no_heavy_library(args: list[str], tmp_path: Path) -> None:
+    """`--version`, `--help`, `status` on an empty workspace, `list` and `list-datasets` start
+    without the openai SDK, torch, Faiss, DuckDB or pyarrow's dataset machinery (they cost
+    0.5-2 s to import and none of these commands needs them)."""
+    import subprocess
+    import sys
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "EMBEDBATCH_WORKSPACE": str(tmp_path / "ws")}
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "embedbatch", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert 0 == done.returncode, done.stderr[-2000:]
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    heavy = {"openai", "torch", "faiss", "duckdb", "pyarrow.dataset", "sentence_transformers"}
+    assert set() == heavy & loaded

@@ -349,7 +349,6 @@ def status(
     """Show every run (or one run / one batch) with fresh status from the API."""
     from dataclasses import asdict
 
-    from embedbatch.engines.batchapi.poll import refresh_for_status
     from embedbatch.runs import Run
 
     ws = open_workspace()
@@ -360,21 +359,22 @@ def status(
         runs = [ws.resolve_run(run_dir)] if run_dir else ws.all_runs()
         only = None
 
+    snapshots = [Run.read(paths) for paths in runs]
+    remote = (
+        []
+        if offline
+        else [i for i, r in enumerate(snapshots) if any(b.pending or b.is_remote_active for b in r.batches)]
+    )
+
     async def go(client: Any) -> list[tuple[Any, bool]]:
-        out = []
-        for paths in runs:
-            if offline:
-                out.append((Run.read(paths), False))
-            else:
-                out.append(await refresh_for_status(client, paths, update=update_json))
+        from embedbatch.engines.batchapi.poll import refresh_for_status
+
+        out: list[tuple[Any, bool]] = [(r, False) for r in snapshots]
+        for i in remote:  # only runs the provider still holds need a call (and the SDK loaded)
+            out[i] = await refresh_for_status(client, runs[i], update=update_json)
         return out
 
-    if offline:
-        import anyio
-
-        results = anyio.run(go, None)
-    else:
-        results = with_client(go)
+    results = with_client(go) if remote else [(r, False) for r in snapshots]
     payload = []
     for run, written in results:
         batches = [b for b in run.batches if b.name == only] if only else run.batches

@@ -251,6 +251,9 @@ class DatasetStore:
         if sampling and sampling not in manifest.sampling:
             manifest.sampling.append(sampling)
         manifest.save()
+        crash_point("store_before_id_db")
+        if entries:  # the point-look-up index follows the manifest (a lag is covered by readers)
+            IdIndex.catch_up(self.ws, manifest)
         return entries
 
     def record_run(self, run_id: str, run_info: dict[str, Any], *, sampling: dict[str, Any] | None) -> None:
@@ -263,8 +266,8 @@ class DatasetStore:
             manifest.save()
 
     def repair_index(self) -> int:
-        """Rebuild every shard's id index file from the shards (``verify --repair``), under the
-        lock. Returns the number of files written."""
+        """Rebuild every shard's id index file from the shards and the look-up database from
+        them (``verify --repair``), under the lock. Returns the number of files written."""
         from embedbatch.store.index import build_shard_index
 
         with self.locked("repair index"):
@@ -272,6 +275,7 @@ class DatasetStore:
             self.remove_orphans(manifest)
             for s in manifest.shards:
                 build_shard_index(self.shards_dir / s["file"], self.index_dir / s["file"])
+            IdIndex.catch_up(self.ws, manifest, rebuild=True)
             return len(manifest.shards)
 
 

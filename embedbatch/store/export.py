@@ -23,7 +23,6 @@ import pyarrow as pa
 
 from embedbatch.errors import StateError, UsageError
 from embedbatch.failures import tsv_escape
-from embedbatch.store.index import IdIndex
 from embedbatch.store.manifest import Manifest, file_sha256
 from embedbatch.store.shards import iter_vector_chunks
 from embedbatch.workspace import Workspace, atomic_write_json, fsync_dir
@@ -48,7 +47,7 @@ def export_dataset(
         raise UsageError(f"--dtype must be float32 or float16, got {dtype!r}")
     np_dtype = np.dtype("<f2") if fmt == "f16" or dtype == "float16" else np.dtype("<f4")
     manifest = Manifest.load(ws, model, dataset)
-    n = len(IdIndex.load(ws, manifest))
+    n = manifest.current_rows
     dim = manifest.dimensions or 0
     if not n:
         raise UsageError(f"dataset {model}/{dataset} has no rows to export")

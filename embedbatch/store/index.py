@@ -1,20 +1,30 @@
 """The id index of a dataset: id → content hash → (shard, row), so that "is this row already
-embedded with this text?" never re-reads and re-hashes the shards' texts.
+embedded with this text?" never re-reads and re-hashes the shards' texts, and never loads every
+id of the dataset either.
 
-On disk, one small Parquet file per shard, ``indexes/{model}/{dataset}/ids/shard-NNNNN.parquet``,
-with the columns ``id`` (string), ``id_key`` (uint64: the first 8 bytes of blake2b(id)) and
-``text_key`` (uint64: the first 8 bytes of sha256(text)), row for row as in the shard. The store
-writes it at commit, beside the shard, before the manifest lists the shard; a lost file is
-rebuilt from its shard (``verify --repair`` rebuilds all of them).
+Two layers on disk, both under ``indexes/{model}/{dataset}/``:
 
-In memory, :class:`IdIndex` holds four arrays sorted by ``id_key`` (24 bytes a row): a
-500,000-row dataset costs ~12 MB and a look-up is a binary search.
+- ``ids/shard-NNNNN.parquet``, one per shard: ``id`` (string), ``id_key`` (uint64: the first 8
+  bytes of blake2b(id)) and ``text_key`` (uint64: the first 8 bytes of sha256(text)), row for
+  row as in the shard. The store writes it at commit, beside the shard, before the manifest
+  lists the shard: it is the durable record (a lost file is rebuilt from its shard).
+- ``ids.sqlite``, the point-look-up index derived from them: one row per current id
+  (``id_key`` primary key → ``text_key``, shard position, row), and how many of the manifest's
+  shards it has taken in. The dataset's writer brings it up to date under the dataset lock after
+  each commit (:meth:`IdIndex.catch_up`, one transaction); ``verify --repair`` rebuilds it.
+
+:class:`IdIndex` answers from the database, plus an in-memory overlay (:class:`ShardKeys`) of
+the shards the database has not taken in yet (a process killed between the manifest and the
+database, or a dataset written before the database existed): a look-up costs one indexed read,
+whatever the dataset's size, and opening it reads no id.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+import sqlite3
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +35,7 @@ import pyarrow.parquet as pq
 from embedbatch.store.manifest import Manifest
 from embedbatch.workspace import Workspace, atomic_open
 
-__all__ = ["INDEX_SCHEMA", "IdIndex", "build_shard_index", "id_key", "text_key", "write_shard_index"]
+__all__ = ["INDEX_SCHEMA", "IdIndex", "ShardKeys", "build_shard_index", "id_key", "text_key", "write_shard_index"]
 
 INDEX_SCHEMA = pa.schema([("id", pa.string()), ("id_key", pa.uint64()), ("text_key", pa.uint64())])
 
@@ -71,8 +81,10 @@ def build_shard_index(shard: Path, path: Path) -> None:
 
 
 @dataclass
-class IdIndex:
-    """The current rows of a dataset by id (a superseded row is replaced by its newer one).
+class ShardKeys:
+    """The current rows of some of a dataset's shards by id, in memory (a superseded row is
+    replaced by its newer one): the overlay of :class:`IdIndex` for shards its database has not
+    taken in yet.
 
     Attributes:
         id_keys: ``(n,)`` uint64, sorted.
@@ -89,21 +101,23 @@ class IdIndex:
     files: list[str]
 
     @classmethod
-    def empty(cls) -> IdIndex:
+    def empty(cls) -> ShardKeys:
         z = np.empty(0, np.uint64)
         return cls(z, z, np.empty(0, np.int32), np.empty(0, np.int32), [])
 
     @classmethod
-    def load(cls, ws: Workspace, manifest: Manifest) -> IdIndex:
-        """Read the index files of every shard the manifest lists; a missing one is rebuilt from
-        its shard first. Cost: 16 bytes read per row, no text is touched."""
-        if not manifest.shards:
+    def load(cls, ws: Workspace, manifest: Manifest, *, start: int = 0) -> ShardKeys:
+        """Read the index files of the manifest's shards from position ``start`` on; a missing
+        one is rebuilt from its shard first. Cost: 16 bytes read per row, no text is touched."""
+        if len(manifest.shards) <= start:
             return cls.empty()
         base = ws.index_dir(manifest.model, manifest.dataset)
         shards = ws.shards_dir(manifest.model, manifest.dataset)
         ik, tk, sh, rw = [], [], [], []
         files = [s["file"] for s in manifest.shards]
         for n, name in enumerate(files):
+            if n < start:
+                continue
             path = base / name
             if not path.exists():
                 build_shard_index(shards / name, path)
@@ -136,15 +150,188 @@ class IdIndex:
         keys = np.fromiter((id_key(r) for r in ids), np.uint64, count=len(ids))
         return self._find(keys) >= 0
 
+    def find(self, key: int) -> tuple[int, int, int] | None:
+        """``(text_key, shard position, row)`` of the id with this 64-bit key, or None."""
+        if not len(self.id_keys):
+            return None
+        k = np.uint64(key)
+        i = int(np.searchsorted(self.id_keys, k))
+        if i >= len(self.id_keys) or self.id_keys[i] != k:
+            return None
+        return int(self.text_keys[i]), int(self.shard[i]), int(self.row[i])
+
+
+_LOOKUP_CHUNK = 500  # ids per "IN (...)" query (SQLite's default limit is 32,766 variables)
+
+
+def _signed(key: int) -> int:
+    """A uint64 key as SQLite's signed 64-bit INTEGER."""
+    return key - (1 << 64) if key >= (1 << 63) else key
+
+
+def _files_digest(files: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(files).encode()).hexdigest()
+
+
+def db_path(ws: Workspace, model: str, dataset: str) -> Path:
+    """``indexes/{model}/{dataset}/ids.sqlite``."""
+    return ws.index_dir(model, dataset).with_name("ids.sqlite")
+
+
+@contextlib.contextmanager
+def _connect(path: Path, *, write: bool) -> Iterator[sqlite3.Connection]:
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=600)
+        conn.execute("PRAGMA journal_mode=WAL")  # readers are never blocked by a commit
+        conn.execute("PRAGMA synchronous=NORMAL")  # derived data: a lost last commit is redone
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS ids (id_key INTEGER PRIMARY KEY, text_key INTEGER NOT NULL, "
+            "shard INTEGER NOT NULL, row INTEGER NOT NULL) WITHOUT ROWID"
+        )
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+    else:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=600)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _applied(conn: sqlite3.Connection, files: Sequence[str]) -> int:
+    """How many of the manifest's first shards the database holds (0 when it disagrees)."""
+    try:
+        meta = dict(conn.execute("SELECT k, v FROM meta").fetchall())
+    except sqlite3.DatabaseError:
+        return 0
+    n = int(meta.get("shards", 0))
+    if n > len(files) or meta.get("files_sha256") != _files_digest(files[:n]):
+        return 0
+    return n
+
+
+class IdIndex:
+    """The current rows of a dataset by id, answered on disk (module doc): ``ids.sqlite`` for
+    the shards it has taken in, an in-memory :class:`ShardKeys` for the rest.
+
+    Opening costs one small read (and the overlay's shards, normally none); each look-up is one
+    indexed read. ``len()`` is the manifest's count of current rows.
+    """
+
+    def __init__(self, conn: sqlite3.Connection | None, overlay: ShardKeys, files: list[str], rows: int) -> None:
+        self._conn = conn
+        self._overlay = overlay
+        self.files = files
+        self._rows = rows
+
+    @classmethod
+    def empty(cls) -> IdIndex:
+        return cls(None, ShardKeys.empty(), [], 0)
+
+    @classmethod
+    def load(cls, ws: Workspace, manifest: Manifest) -> IdIndex:
+        """The index of ``manifest``'s shards (a snapshot: shards committed later are not seen)."""
+        files = [s["file"] for s in manifest.shards]
+        if not files:
+            return cls.empty()
+        path = db_path(ws, manifest.model, manifest.dataset)
+        conn = None
+        applied = 0
+        if path.exists():
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=600, check_same_thread=False)
+            applied = _applied(conn, files)
+            if not applied:
+                conn.close()
+                conn = None
+        return cls(conn, ShardKeys.load(ws, manifest, start=applied), files, manifest.current_rows)
+
+    @staticmethod
+    def catch_up(ws: Workspace, manifest: Manifest, *, rebuild: bool = False) -> int:
+        """Take the manifest's shards the database lacks into it, oldest first (a newer row of an
+        id replaces the older one), in one transaction. Call under the dataset lock (the only
+        writer). Returns the shards taken in.
+
+        Args:
+            rebuild: start from an empty database (``verify --repair``).
+        """
+        files = [s["file"] for s in manifest.shards]
+        path = db_path(ws, manifest.model, manifest.dataset)
+        if rebuild:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+        if not files and not path.exists():
+            return 0
+        base = ws.index_dir(manifest.model, manifest.dataset)
+        shards = ws.shards_dir(manifest.model, manifest.dataset)
+        with _connect(path, write=True) as conn:
+            start = _applied(conn, files)
+            if start == 0:
+                conn.execute("DELETE FROM ids")
+            with conn:  # one transaction: the rows and the count of shards move together
+                for n in range(start, len(files)):
+                    idx = base / files[n]
+                    if not idx.exists():
+                        build_shard_index(shards / files[n], idx)
+                    t = pq.read_table(idx, columns=["id_key", "text_key"])
+                    keys = t.column("id_key").to_numpy().view(np.int64).tolist()
+                    tks = t.column("text_key").to_numpy().view(np.int64).tolist()
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO ids VALUES (?, ?, ?, ?)",
+                        zip(keys, tks, [n] * len(keys), range(len(keys)), strict=True),
+                    )
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('shards', ?), ('files_sha256', ?)",
+                    (str(len(files)), _files_digest(files)),
+                )
+        return len(files) - start
+
+    def db_rows(self) -> int | None:
+        """Ids in the database when it covers every shard of the snapshot (``verify``), else None.
+
+        Raises:
+            sqlite3.DatabaseError: the database is damaged.
+        """
+        if self._conn is None or len(self._overlay):
+            return None
+        (n,) = self._conn.execute("SELECT count(*) FROM ids").fetchone()
+        return int(n)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def _find(self, key: int) -> tuple[int, int, int] | None:
+        """``(text_key, shard position, row)`` of the current row of the id with this key."""
+        hit = self._overlay.find(key)
+        if hit is not None or self._conn is None:
+            return hit
+        row = self._conn.execute("SELECT text_key, shard, row FROM ids WHERE id_key = ?", (_signed(key),)).fetchone()
+        return None if row is None else (row[0] & 0xFFFFFFFFFFFFFFFF, row[1], row[2])
+
+    def has_ids(self, ids: Sequence[str]) -> np.ndarray:
+        """``(len(ids),)`` bool: which ids have a current row."""
+        keys = np.fromiter((id_key(r) for r in ids), np.uint64, count=len(ids))
+        out = self._overlay._find(keys) >= 0
+        if self._conn is not None:
+            rest = np.flatnonzero(~out)
+            for lo in range(0, len(rest), _LOOKUP_CHUNK):
+                part = rest[lo : lo + _LOOKUP_CHUNK]
+                signed = keys[part].view(np.int64).tolist()
+                marks = ",".join("?" * len(signed))
+                found = {r[0] for r in self._conn.execute(f"SELECT id_key FROM ids WHERE id_key IN ({marks})", signed)}
+                out[part] = [k in found for k in signed]
+        return out
+
     def contains(self, record_id: str, text_sha256_hex: str) -> bool:
         """True when ``record_id`` has a current row whose text has this sha256."""
-        if not len(self.id_keys):
-            return False
-        k = np.uint64(id_key(record_id))
-        i = int(np.searchsorted(self.id_keys, k))
-        return i < len(self.id_keys) and self.id_keys[i] == k and int(self.text_keys[i]) == text_key(text_sha256_hex)
+        hit = self._find(id_key(record_id))
+        return hit is not None and hit[0] == text_key(text_sha256_hex)
 
     def locate(self, record_id: str) -> tuple[str, int] | None:
         """(shard file, row) of the id's current row, or None."""
-        i = int(self._find(np.asarray([id_key(record_id)], np.uint64))[0])
-        return None if i < 0 else (self.files[int(self.shard[i])], int(self.row[i]))
+        hit = self._find(id_key(record_id))
+        return None if hit is None else (self.files[hit[1]], hit[2])

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from embedbatch.runs import RunState, load_batches
 from embedbatch.store.dataset import DatasetStore
-from embedbatch.store.index import id_key, text_keys
+from embedbatch.store.index import IdIndex, id_key, text_keys
 from embedbatch.store.manifest import Manifest, file_sha256, superseded_ids
 from embedbatch.workspace import Workspace
 
@@ -74,6 +74,7 @@ def verify_dataset(ws: Workspace, model: str, dataset: str, *, repair: bool = Fa
             else:
                 seen[rid] = s["file"]
         rep.rows += len(table) - len(drop & set(table.column("id").to_pylist()))
+    rep.problems.extend(_check_id_db(ws, manifest))
     if len(dims) > 1:
         rep.problems.append(f"dimensions differ across shards: {sorted(dims)}")
     if manifest.dimensions is not None and dims and dims != {manifest.dimensions}:
@@ -104,6 +105,27 @@ def _read_shard(path: Any, entry: dict[str, Any], problems: list[str]) -> Any:
     if not np.isfinite(values).all():
         problems.append(f"{name}: NaN or inf in embeddings")
     return table
+
+
+def _check_id_db(ws: Workspace, manifest: Manifest) -> list[str]:
+    """The look-up database holds one row per current id of the shards it has taken in."""
+    import sqlite3
+
+    from embedbatch.store.index import db_path
+
+    path = db_path(ws, manifest.model, manifest.dataset)
+    if not path.exists() or not manifest.shards:
+        return []
+    index = IdIndex.load(ws, manifest)
+    try:
+        n = index.db_rows()
+        if n is not None and n != manifest.current_rows:
+            return [f"{path.name}: {n} ids != {manifest.current_rows} current rows (run verify --repair)"]
+    except sqlite3.DatabaseError as exc:
+        return [f"{path.name}: unreadable ({exc}; run verify --repair)"]
+    finally:
+        index.close()
+    return []
 
 
 def _check_index(path: Any, table: Any) -> list[str]:

@@ -86,14 +86,16 @@ def test_dimension_mismatch_is_refused_at_commit(ws: Workspace) -> None:
 
 
 def test_lost_or_wrong_index_is_found_and_repaired(ws: Workspace) -> None:
-    """A missing index file is rebuilt on load; verify flags an index that disagrees with its
-    shard, and verify --repair rebuilds it."""
+    """A missing index file does not stop look-ups (the look-up database answers) and verify
+    reports it; verify flags an index that disagrees with its shard, and verify --repair
+    rebuilds both."""
     store = DatasetStore(ws, "m", "d")
     _write(store, ["a", "b"], ["alpha", "beta"])
     path = store.index_dir / "shard-00001.parquet"
     path.unlink()
     assert store.id_index().contains("a", text_sha256("alpha"))
-    assert path.exists()
+    assert ["shard-00001.parquet: id index file missing (run verify --repair)"] == verify_dataset(ws, "m", "d").problems
+    assert verify_dataset(ws, "m", "d", repair=True).ok
     table = pq.read_table(path)
     pq.write_table(table.slice(0, 1), path)
     rep = verify_dataset(ws, "m", "d")

@@ -10,12 +10,15 @@ that ``retry`` would read from it. State (``batch.json``), ``records.parquet`` a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
-from embedbatch.api.openai import BatchClient
 from embedbatch.runs import BatchState, Run
 from embedbatch.workspace import RunPaths
+
+if TYPE_CHECKING:  # the SDK is imported only by the commands that call the provider
+    from embedbatch.api.openai import BatchClient
 
 __all__ = ["CleanReport", "clean_batch", "clean_run"]
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
-from embedbatch.api.openai import BatchClient
 from embedbatch.config import IngestConfig
 from embedbatch.engines.batchapi.ingest import ingest_locked
 from embedbatch.engines.batchapi.poll import poll_every, poll_pass
@@ -18,6 +17,9 @@ from embedbatch.engines.batchapi.submit import submit_run
 from embedbatch.runs import Run
 from embedbatch.store.manifest import Manifest
 from embedbatch.workspace import RunPaths, Workspace
+
+if TYPE_CHECKING:  # the SDK is imported only by the commands that call the provider
+    from embedbatch.api.openai import BatchClient
 
 __all__ = ["RunSummary", "drive_run"]
 

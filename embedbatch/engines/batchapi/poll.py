@@ -15,18 +15,20 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import structlog
 
-from embedbatch.api.openai import BatchClient
 from embedbatch.config import IngestConfig
 from embedbatch.engines.batchapi.ingest import ingest_locked
 from embedbatch.engines.batchapi.submit import adopt_pending, submit_locked
 from embedbatch.errors import EmbedbatchError, LockedError, ProviderError
 from embedbatch.runs import REMOTE_TERMINAL, BatchState, OpenRuns, Run
 from embedbatch.workspace import RunPaths, Workspace, crash_point, file_lock, utc_now
+
+if TYPE_CHECKING:  # the SDK is imported only by the commands that call the provider
+    from embedbatch.api.openai import BatchClient
 
 __all__ = [
     "PassReport",

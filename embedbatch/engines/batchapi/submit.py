@@ -11,14 +11,16 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
 
-from embedbatch.api.openai import BatchClient
 from embedbatch.runs import BatchState, OpenRuns, Run, RunState, crash_point
 from embedbatch.workspace import RunPaths, Workspace, utc_now
+
+if TYPE_CHECKING:  # the SDK is imported only by the commands that call the provider
+    from embedbatch.api.openai import BatchClient
 
 __all__ = [
     "MAX_ENQUEUED_REQUESTS",
