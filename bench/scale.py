@@ -1,19 +1,24 @@
-"""Cost proportional to the run: plan 1,000 new rows into a dataset that already holds 500,000
-embedded rows, against planning the same rows into an empty dataset, in the same run.
+"""Cost proportional to the work: every command at 300 thousand rows and at 10× or 100× that.
 
-The rows are real PyPI package summaries (shared data): 500,000 of them are committed through
-the dataset store (8-d random vectors: planning never reads vectors, only the id index), and
-1,000 others are planned (``submit --dry-run``: files written, nothing sent). Each plan runs in
-a fresh process, so peak RSS is that plan's own. Targets: time ratio <= 1.5, RSS ratio <= 1.3.
+For each size, a workspace gets one dataset built through ``embedbatch import`` (ids
+``doc-000000042``, 8-d random vectors, 100,000-row shards) and a flat Faiss index; then each
+command runs in a fresh process, and its wall time and peak RSS (``wait4``) are recorded:
+``--version``, ``list``, ``list-datasets``, ``status``, ``get``, ``search --id`` (through the
+flat index), ``submit --dry-run`` of 1,000 new rows, one ``poll`` pass with nothing to do, and
+``verify``. The ratios of the largest size against the smallest are printed, same run.
+Targets: time ≤ 1.5× and peak RSS ≤ 1.3× for every command but ``verify`` (linear in time, flat
+in memory: ≤ 1 GB); ``--version`` under 0.5 s; ``status`` on an empty workspace under 1 s.
 
-Usage: python bench/scale.py [--repeat 5] [--rows 500000]
+Usage: python bench/scale.py [--rows 300000 3000000] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,93 +26,105 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import DATA, PEAK_RSS, run_child
-
-from embedbatch.store.dataset import DatasetStore
-from embedbatch.workspace import Workspace
-
-MODEL = "text-embedding-3-small"
-PLAN = (
-    PEAK_RSS
-    + """
-import json, sys, time
-from pathlib import Path
-from embedbatch.config import PrepareConfig, SampleConfig, SourceConfig, SubmitConfig
-from embedbatch.engines.batchapi.plan import plan_run
-from embedbatch.workspace import Workspace
-t = time.perf_counter()
-p = plan_run(Workspace(Path(sys.argv[1])), source=SourceConfig(path=sys.argv[2], id_field="name"),
-             prepare=PrepareConfig(fields=("summary",)), sample=SampleConfig(),
-             submit=SubmitConfig(model="text-embedding-3-small", dry_run=True))
-assert p.state.counts["planned"] == 1000, p.state.counts
-print(json.dumps({"s": time.perf_counter() - t, "rss": _rss()}))
-"""
-)
+MODEL = "m"
+TIME = shutil.which("time", path="/usr/bin:/bin") or "/usr/bin/time"  # GNU time (Debian: apt-get install time)
+COMMANDS: dict[str, list[str]] = {
+    "--version": ["--version"],
+    "list": ["list"],
+    "list-datasets": ["list-datasets"],
+    "status": ["status"],
+    "get": ["get", "doc-000000042", "--dataset", "scale", "--model", MODEL, "--json"],
+    "search --id": ["search", "--id", "doc-000000042", "--dataset", "scale", "--model", MODEL, "-k", "5", "--json"],
+    "submit --dry-run": ["submit", "{new}", "--fields", "text", "--dataset", "scale", "--model", MODEL, "--dry-run"],
+    "poll": ["poll"],
+    "verify": ["verify", "--dataset", "scale"],
+}
 
 
-def build_dataset(ws: Workspace, names: list[str], texts: list[str]) -> float:
-    """Commit ``names``/``texts`` into dataset ``scale`` through the store; returns seconds."""
+def run(ws: Path, args: list[str], cwd: Path) -> tuple[float, float]:
+    """One command in a fresh process: (seconds, peak RSS MiB). GNU time measures the RSS: a
+    child forked from this (large) process would count its pages too."""
+    env = {**os.environ, "EMBEDBATCH_WORKSPACE": str(ws), "OPENAI_API_KEY": "sk-bench", "EMBEDBATCH_LOG_FORMAT": "json"}
+    env["OPENAI_BASE_URL"] = "http://127.0.0.1:9/v1"  # nothing to call: a pass with nothing to do calls nobody
+    out = cwd / "time.txt"
     started = time.perf_counter()
-    store = DatasetStore(ws, MODEL, "scale")
+    done = subprocess.run(
+        [TIME, "-f", "%M", "-o", str(out), sys.executable, "-m", "embedbatch", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        check=False,
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.decode()[-1500:]}")
+    return seconds, int(out.read_text().split()[-1]) / 1024
+
+
+def build(ws: Path, rows: int, tmp: Path) -> float:
+    """A Parquet source of ``rows`` rows, imported; then a flat index. Returns the import's seconds."""
+    src = tmp / f"src-{rows}"
+    src.mkdir()
     rng = np.random.default_rng(0)
-    step = 100_000
-    for start in range(0, len(names), step):
-        writer = store.writer(dim=8, rows_per_shard=step)
-        ids, part = names[start : start + step], texts[start : start + step]
-        writer.write(
-            ids=ids,
-            texts=part,
-            metadata=["{}"] * len(ids),
-            splits=[None] * len(ids),
-            vectors=rng.standard_normal((len(ids), 8)).astype(np.float32),
-            source="file",
-            dataset="scale",
-            model=MODEL,
-            run_id="run_bench",
+    step = 1_000_000
+    for n, lo in enumerate(range(0, rows, step)):
+        hi = min(rows, lo + step)
+        vecs = rng.standard_normal((hi - lo, 8)).astype(np.float32)
+        table = pa.table(
+            {
+                "id": pa.array([f"doc-{i:09d}" for i in range(lo, hi)], pa.string()),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), 8),
+            }
         )
-        writer.add_source(f"run_bench/batch_{start // step:03d}")
-        store.commit(writer, run_id="run_bench", run_info={"kind": "bench"})
-    return time.perf_counter() - started
-
-
-def plan_once(ws_root: Path, source: Path) -> dict[str, float]:
-    result: dict[str, float] = run_child(PLAN, str(ws_root), str(source))
-    runs = ws_root / "batches"
-    if runs.exists():
-        shutil.rmtree(runs)  # each plan starts from the same state
-    return result
+        pq.write_table(table, src / f"part-{n:04d}.parquet")
+    started = time.perf_counter()
+    run(ws, ["import", str(src), "--dataset", "scale", "--model", MODEL], tmp)
+    seconds = time.perf_counter() - started
+    run(ws, ["index", "build", "--dataset", "scale", "--model", MODEL, "--kind", "flat"], tmp)
+    shutil.rmtree(src)
+    return seconds
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeat", type=int, default=5, help="plans per workspace; medians are reported")
-    ap.add_argument("--rows", type=int, default=500_000, help="rows already embedded")
+    ap.add_argument("--rows", type=int, nargs="+", default=[300_000, 3_000_000])
+    ap.add_argument("--repeat", type=int, default=3, help="runs per command; medians are reported")
     args = ap.parse_args()
-    table = pq.read_table(DATA / "pypi_package_summaries.parquet", columns=["name", "summary"])
-    pairs = [(n, s) for n, s in zip(table["name"].to_pylist(), table["summary"].to_pylist(), strict=True) if s]
-    embedded, new = pairs[: args.rows], pairs[args.rows : args.rows + 1000]
     tmp = Path(tempfile.mkdtemp(prefix="embedbatch-scale-"))
     try:
-        source = tmp / "scale.jsonl"
-        source.write_bytes(b"".join(orjson.dumps({"name": n, "summary": s}) + b"\n" for n, s in new))
-        empty, full = Workspace(tmp / "empty"), Workspace(tmp / "full")
-        built = build_dataset(full, [n for n, _ in embedded], [s for _, s in embedded])
-        print(f"dataset: {len(embedded):,} rows committed in {built:.1f} s")
-        plan_once(full.root, source)  # warm the page cache for both sides alike
-        plan_once(empty.root, source)
-        runs: dict[str, list[dict[str, float]]] = {"empty": [], "full": []}
-        for _ in range(args.repeat):  # interleaved, so machine noise hits both sides
-            runs["empty"].append(plan_once(empty.root, source))
-            runs["full"].append(plan_once(full.root, source))
-        med = {k: {m: statistics.median(r[m] for r in v) for m in ("s", "rss")} for k, v in runs.items()}
-        for k in ("empty", "full"):
-            print(f"plan 1,000 rows into {k:5} dataset: {med[k]['s']:.3f} s, peak RSS {med[k]['rss']:.0f} MiB")
-        t_ratio = med["full"]["s"] / med["empty"]["s"]
-        r_ratio = med["full"]["rss"] / med["empty"]["rss"]
-        print(f"time ratio {t_ratio:.2f} (target <= 1.5), peak RSS ratio {r_ratio:.2f} (target <= 1.3)")
+        new = tmp / "new.jsonl"
+        new.write_bytes(
+            b"".join(orjson.dumps({"id": f"new-{i}", "text": f"a new row {i}"}) + b"\n" for i in range(1000))
+        )
+        empty = tmp / "empty"
+        t, _ = run(empty, ["status"], tmp)
+        print(f"status on an empty workspace: {t:.2f} s (target < 1 s)")
+        results: dict[int, dict[str, tuple[float, float]]] = {}
+        for rows in args.rows:
+            ws = tmp / f"ws-{rows}"
+            took = build(ws, rows, tmp)
+            print(f"{rows:,} rows imported in {took:.1f} s ({rows / took:,.0f} rows/s)")
+            per: dict[str, list[tuple[float, float]]] = {name: [] for name in COMMANDS}
+            for _ in range(args.repeat):
+                for name, cmd in COMMANDS.items():
+                    per[name].append(run(ws, [str(new) if a == "{new}" else a for a in cmd], tmp))
+                    if name == "submit --dry-run":
+                        for d in (ws / "batches").glob(f"{MODEL}/scale/run_*"):
+                            shutil.rmtree(d)  # the next dry run starts from the same state
+            results[rows] = {
+                n: (statistics.median(s for s, _ in v), statistics.median(r for _, r in v)) for n, v in per.items()
+            }
+        small, large = min(results), max(results)
+        print(f"\n{'command':18} " + " ".join(f"{f'{r:,} rows':>22}" for r in sorted(results)) + "   time ×   RSS ×")
+        for name in COMMANDS:
+            cells = " ".join(f"{results[r][name][0]:>9.2f} s {results[r][name][1]:>6.0f} MiB" for r in sorted(results))
+            t_ratio = results[large][name][0] / results[small][name][0]
+            r_ratio = results[large][name][1] / results[small][name][1]
+            print(f"{name:18} {cells}   {t_ratio:6.2f} {r_ratio:6.2f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,5 +1,6 @@
 """Commands that use the stored embeddings: ``index build`` (Faiss), ``get`` (a row by id),
-``export`` (vectors for other tools) and ``sql`` (DuckDB over shards, manifests and runs)."""
+``export`` (vectors for other tools), ``import`` (vectors from other tools) and ``sql`` (DuckDB
+over shards, manifests and runs)."""
 
 from __future__ import annotations
 
@@ -110,6 +111,49 @@ def export(
         print_json(report)
     else:
         console.print(f"exported {report['count']:,} × {report['dimensions']} to {out}", markup=False)
+
+
+@app.command("import")
+def import_cmd(
+    source: Annotated[Path, typer.Argument(help="Parquet file or folder, or vectors.npy + ids.txt (export's layout).")],
+    dataset: Annotated[str, typer.Option("--dataset", help="The dataset to import into.")],
+    model: Annotated[str, typer.Option("--model", help="The model the vectors come from.")],
+    id_field: Annotated[str, typer.Option("--id-field")] = "id",
+    text_field: Annotated[str, typer.Option("--text-field", help="Optional: rows without it get no text.")] = "text",
+    vector_field: Annotated[str, typer.Option("--vector-field")] = "embedding",
+    rows_per_shard: Annotated[int, typer.Option("--rows-per-shard")] = 100_000,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16 shards.")] = "float32",
+    json_out: JsonOut = False,
+) -> None:
+    """Bring your own vectors: stream them into shards, manifest and id index, checking dimension,
+    NaN and duplicate ids; a killed import, run again, goes on where it stopped."""
+    from embedbatch.cli.render import RowProgress
+    from embedbatch.store.importer import import_vectors
+    from embedbatch.workspace import check_component
+
+    ws = open_workspace()
+    with RowProgress("importing") as progress:
+        result = import_vectors(
+            ws,
+            source,
+            model=check_component(model, "model"),
+            dataset=check_component(dataset, "dataset"),
+            id_field=id_field,
+            text_field=text_field,
+            vector_field=vector_field,
+            rows_per_part=rows_per_shard,
+            dtype=dtype,
+            on_rows=progress,
+        )
+    if json_out:
+        print_json(result.to_json())
+    else:
+        again = f" ({result.skipped_rows:,} imported before)" if result.skipped_rows else ""
+        console.print(
+            f"imported {result.rows:,} rows × {result.dim} into {model}/{dataset}{again}; "
+            f"{len(result.shards)} new shard(s)",
+            markup=False,
+        )
 
 
 @app.command()

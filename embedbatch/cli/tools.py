@@ -88,6 +88,10 @@ def verify(
     dataset: Annotated[str | None, typer.Option("--dataset")] = None,
     model: Annotated[str | None, typer.Option("--model")] = None,
     repair: Annotated[bool, typer.Option("--repair", help="Rebuild the id index from the shards first.")] = False,
+    quick: Annotated[
+        int | None,
+        typer.Option("--quick", help="Only the manifest and the size and sha256 of the last N shards (cron)."),
+    ] = None,
     json_out: JsonOut = False,
 ) -> None:
     """Re-read every shard and check it against the manifest and id index (and vector indexes'
@@ -100,7 +104,7 @@ def verify(
         raise UsageError(f"no dataset matches (have: {', '.join(f'{m}/{d}' for m, d in ws.datasets()) or 'none'})")
     from embedbatch.search.index import check_index_files
 
-    reports = [verify_dataset(ws, m, d, repair=repair) for m, d in pairs]
+    reports = [verify_dataset(ws, m, d, repair=repair, quick=quick) for m, d in pairs]
     for r in reports:  # the vector indexes beside the dataset: their files against index.json
         for folder in sorted(ws.manifest_path(r.model, r.dataset).parent.glob("faiss/*/")):
             r.problems += check_index_files(folder)

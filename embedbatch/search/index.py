@@ -379,17 +379,32 @@ def check_index_files(folder: Path) -> list[str]:
     if problems:
         return problems
     index_path, rows_path = _files(folder, meta)
-    rows = pq.read_table(rows_path, columns=["dataset", "shard", "row"])
-    distinct = len(rows.group_by(["dataset", "shard", "row"]).aggregate([]))
+    # 8 bytes a row map row (dataset, shard as dictionary codes; row), not the strings.
+    rows = pq.read_table(rows_path, columns=["dataset", "shard", "row"], read_dictionary=["dataset", "shard"])
+    rows = rows.unify_dictionaries().combine_chunks()  # one dictionary per column: codes compare
+    keys = np.zeros(len(rows), np.uint64)
+    for name, shift in (("dataset", 48), ("shard", 32)):
+        codes = rows.column(name).chunk(0).indices if len(rows) else pa.array([], pa.int32())
+        keys |= codes.to_numpy(zero_copy_only=False).astype(np.uint64) << np.uint64(shift)
+    keys |= rows.column("row").to_numpy().astype(np.uint64)
+    distinct = len(np.unique(keys))
+    n_rows = len(rows)
+    del rows, keys
     try:
-        vectors: int | None = int(_faiss().read_index(str(index_path)).ntotal)
+        faiss = _faiss()
+        try:  # mapped, not read: only the header is touched
+            vectors: int | None = int(
+                faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY).ntotal
+            )
+        except RuntimeError:  # an index type that cannot be mapped
+            vectors = int(faiss.read_index(str(index_path)).ntotal)
     except MissingExtraError:
         vectors = None  # faiss is not installed: the row map and the count are still checked
-    counts = {"index.json count": int(meta["count"]), "row map rows": len(rows)}
+    counts = {"index.json count": int(meta["count"]), "row map rows": n_rows}
     if vectors is not None:
         counts["index vectors"] = vectors
     if len(set(counts.values())) != 1:
         problems.append(f"{folder}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + " differ")
-    if distinct != len(rows):
-        problems.append(f"{folder}: {len(rows) - distinct:,} shard rows are in the index twice")
+    if distinct != n_rows:
+        problems.append(f"{folder}: {n_rows - distinct:,} shard rows are in the index twice")
     return problems

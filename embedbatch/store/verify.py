@@ -32,15 +32,23 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_dataset(ws: Workspace, model: str, dataset: str, *, repair: bool = False) -> VerifyReport:
+def verify_dataset(
+    ws: Workspace, model: str, dataset: str, *, repair: bool = False, quick: int | None = None
+) -> VerifyReport:
     """Re-read every shard: sha256 and size match the manifest, row counts match, one constant
     dimension, no NaN/inf, ids unique across shards (a row replaced by a later shard's
     ``supersedes`` is not a duplicate), no unlisted shard files, and each shard's id index file
     agrees with it (ids, id keys and text keys, row for row).
 
+    Memory: one shard at a time, plus 8 bytes per current row for the uniqueness check.
+
     Args:
         repair: first rebuild every id index file from the shards (under the dataset lock).
+        quick: only the manifest, unlisted files, and the size and sha256 of the last ``quick``
+            shards (for cron: cost bounded by ``quick``, not by the dataset).
     """
+    if quick is not None:
+        return _quick(ws, model, dataset, quick)
     if repair:
         DatasetStore(ws, model, dataset).repair_index()
     manifest = Manifest.load(ws, model, dataset)
@@ -50,7 +58,7 @@ def verify_dataset(ws: Workspace, model: str, dataset: str, *, repair: bool = Fa
         rep.problems.append(f"no manifest at {manifest.path}")
         return rep
     gone = superseded_ids(manifest)
-    seen: dict[str, str] = {}
+    keys: list[np.ndarray] = []  # the current ids' 64-bit keys, per shard: 8 bytes a row
     dims: set[int] = set()
     listed = {s["file"] for s in manifest.shards}
     if base.is_dir():
@@ -66,14 +74,10 @@ def verify_dataset(ws: Workspace, model: str, dataset: str, *, repair: bool = Fa
         dims.add(table.column("embedding").type.list_size)
         rep.problems.extend(_check_index(index_dir / s["file"], table))
         drop = gone.get(s["file"], set())
-        for rid in table.column("id").to_pylist():
-            if rid in drop:
-                continue
-            if rid in seen:
-                rep.problems.append(f"id {rid!r} in both {seen[rid]} and {s['file']}")
-            else:
-                seen[rid] = s["file"]
-        rep.rows += len(table) - len(drop & set(table.column("id").to_pylist()))
+        current = [rid for rid in table.column("id").to_pylist() if rid not in drop]
+        keys.append(np.fromiter((id_key(r) for r in current), np.uint64, count=len(current)))
+        rep.rows += len(current)
+    rep.problems.extend(_duplicates(ws, manifest, keys, gone))
     rep.problems.extend(_check_id_db(ws, manifest))
     if len(dims) > 1:
         rep.problems.append(f"dimensions differ across shards: {sorted(dims)}")
@@ -105,6 +109,55 @@ def _read_shard(path: Any, entry: dict[str, Any], problems: list[str]) -> Any:
     if not np.isfinite(values).all():
         problems.append(f"{name}: NaN or inf in embeddings")
     return table
+
+
+def _quick(ws: Workspace, model: str, dataset: str, last: int) -> VerifyReport:
+    manifest = Manifest.load(ws, model, dataset)
+    rep = VerifyReport(model, dataset)
+    if not manifest.path.exists():
+        rep.problems.append(f"no manifest at {manifest.path}")
+        return rep
+    base = ws.shards_dir(model, dataset)
+    for s in manifest.shards[-last:] if last > 0 else []:
+        rep.shards += 1
+        path = base / s["file"]
+        if not path.exists():
+            rep.problems.append(f"{s['file']}: missing")
+        elif path.stat().st_size != s["bytes"]:
+            rep.problems.append(f"{s['file']}: size {path.stat().st_size} != manifest {s['bytes']}")
+        elif file_sha256(path) != s["sha256"]:
+            rep.problems.append(f"{s['file']}: sha256 differs from the manifest")
+        rep.rows += int(s["rows"])
+    return rep
+
+
+def _duplicates(ws: Workspace, manifest: Manifest, keys: list[np.ndarray], gone: dict[str, set[str]]) -> list[str]:
+    """Current ids found in two shards. Memory: the keys (8 bytes a row) and one sort; the
+    shards are read again only when there is a duplicate to name."""
+    if not keys:
+        return []
+    every = np.concatenate(keys)
+    ordered = np.sort(every)
+    dup = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+    if not dup:
+        return []
+    first: dict[int, str] = {}
+    problems: list[str] = []
+    base = ws.shards_dir(manifest.model, manifest.dataset)
+    for s in manifest.shards:
+        path = base / s["file"]
+        if not path.exists():
+            continue
+        drop = gone.get(s["file"], set())
+        for rid in pq.read_table(path, columns=["id"]).column("id").to_pylist():
+            k = id_key(rid)
+            if rid in drop or k not in dup:
+                continue
+            if k in first:
+                problems.append(f"id {rid!r} in both {first[k]} and {s['file']}")
+            else:
+                first[k] = s["file"]
+    return problems
 
 
 def _check_id_db(ws: Workspace, manifest: Manifest) -> list[str]:

@@ -118,3 +118,18 @@ def test_a_damaged_database_falls_back_to_the_shard_files(ws: Workspace, damage:
     path.write_bytes(b"" if damage == "truncate" else b"not a database" * 100)
     index = IdIndex.load(ws, Manifest.load(ws, "m", "d"))
     _agrees(ws, index)
+
+
+def test_verify_names_an_id_in_two_shards_and_quick_checks_only_the_last(ws: Workspace) -> None:
+    _dataset(ws)
+    manifest = Manifest.load(ws, "m", "d")
+    del manifest.shards[2]["supersedes"]  # as if the third shard's replacements were never recorded
+    manifest.save()
+    problems = verify_dataset(ws, "m", "d").problems
+    assert "id 'a0' in both shard-00001.parquet and shard-00003.parquet" in problems
+    assert 20 == sum("in both" in p for p in problems)
+    first = ws.shards_dir("m", "d") / "shard-00001.parquet"
+    first.write_bytes(first.read_bytes()[:-1] + b"\0")  # damage the oldest shard
+    assert verify_dataset(ws, "m", "d", quick=2).ok  # the last two shards are fine
+    quick = verify_dataset(ws, "m", "d", quick=3)
+    assert ["shard-00001.parquet: sha256 differs from the manifest"] == quick.problems

@@ -171,6 +171,28 @@ def test_flat_index_is_exact_and_drops_superseded_rows(ws: Workspace, data: dict
     assert check_index_files(Path(info.path)) == []
 
 
+def test_verify_finds_a_shard_row_twice_in_an_index(ws: Workspace, data: dict[str, np.ndarray]) -> None:
+    """The row map's (dataset, shard, row) triples are compared as integer codes: one row
+    listed twice is found (the files' checksums made to agree, as a buggy build would)."""
+    pytest.importorskip("faiss", reason="faiss-cpu (the index extra) is not installed")
+    import orjson
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embedbatch.store.manifest import file_sha256
+
+    folder = Path(build_index(ws, "m", ["d"], kind="flat").path)
+    meta = orjson.loads((folder / "index.json").read_bytes())
+    rows_path = folder / meta["generation"] / "rows.parquet" if meta.get("generation") else folder / "rows.parquet"
+    rows = pq.read_table(rows_path)
+    rows = pa.concat_tables([rows.slice(0, 77), rows.slice(3, 1)])  # row 77 replaced by a copy of row 3
+    pq.write_table(rows, rows_path)
+    name = str(rows_path.relative_to(folder))
+    meta["files"][name] = file_sha256(rows_path)
+    (folder / "index.json").write_bytes(orjson.dumps(meta))
+    assert [f"{folder}: 1 shard rows are in the index twice"] == check_index_files(folder)
+
+
 def test_index_grows_with_new_shards_and_merges(ws: Workspace, data: dict[str, np.ndarray]) -> None:
     pytest.importorskip("faiss", reason="faiss-cpu (the index extra) is not installed")
     build_index(ws, "m", ["d"], kind="hnsw")
