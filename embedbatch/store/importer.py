@@ -167,8 +167,12 @@ def _parts(files: list[Path], rows: int, id_field: str, text_field: str | None, 
             yield from _parquet_parts(f, rows, id_field, text_field, vector_field)
 
 
-def _check(part: _Part, dim: int | None, seen: list[np.ndarray], id_field: str) -> np.ndarray:
-    """Raise on a bad row of the part; return its ids' keys."""
+def _check(part: _Part, dim: int | None, earlier: np.ndarray, id_field: str) -> None:
+    """Raise on the part's first bad row.
+
+    Args:
+        earlier: ``(n,)`` bool, the ids an earlier part of this import holds already.
+    """
     for i, rid in enumerate(part.ids):
         if not rid:
             raise InputError(f"field {id_field!r} is missing or empty", path=part.file, line=part.first_row + i + 1)
@@ -185,16 +189,30 @@ def _check(part: _Part, dim: int | None, seen: list[np.ndarray], id_field: str) 
     if len(dup):
         i = int(order[dup[0] + 1])
         raise InputError(f"duplicate id {part.ids[i]!r} in the import", path=part.file, line=part.first_row + i + 1)
-    for earlier in seen:
-        hit = np.flatnonzero(np.isin(keys, earlier))
-        if len(hit):
-            i = int(hit[0])
-            raise InputError(
-                f"duplicate id {part.ids[i]!r}: an earlier row of the import has it",
-                path=part.file,
-                line=part.first_row + i + 1,
-            )
-    return np.sort(keys)
+    hit = np.flatnonzero(earlier)
+    if len(hit):
+        i = int(hit[0])
+        raise InputError(
+            f"duplicate id {part.ids[i]!r}: an earlier row of the import has it",
+            path=part.file,
+            line=part.first_row + i + 1,
+        )
+
+
+def _earlier(store: DatasetStore, import_id: str, ids: list[str]) -> np.ndarray:
+    """Which ids a shard this import committed holds (the id index answers, 500 ids a query:
+    no id of the import is kept in memory)."""
+    manifest = store.manifest()
+    mine = [
+        n for n, s in enumerate(manifest.shards) if any(x.startswith(f"{import_id}/") for x in s.get("sources", []))
+    ]
+    if not mine:
+        return np.zeros(len(ids), bool)
+    index = store.id_index(manifest)
+    try:
+        return np.isin(index.shard_positions(ids), np.asarray(mine, np.int32))
+    finally:
+        index.close()
 
 
 def import_vectors(
@@ -239,16 +257,16 @@ def import_vectors(
         manifest = store.manifest()
         done = manifest.sources()
         dim = manifest.dimensions
-        seen: list[np.ndarray] = []
         for k, part in enumerate(_parts(files, rows_per_part, id_field, text_field, vector_field)):
             result.parts += 1
             key = f"{import_id}/part-{k:06d}"
-            seen.append(_check(part, dim, seen, id_field))
-            dim = int(part.vectors.shape[1])
-            result.dim = dim
-            if key in done:
+            if key in done:  # committed by an earlier (killed) call: checked then
+                dim = int(part.vectors.shape[1])
                 result.skipped_rows += len(part.ids)
                 continue
+            _check(part, dim, _earlier(store, import_id, part.ids), id_field)
+            dim = int(part.vectors.shape[1])
+            result.dim = dim
             writer = store.writer(dim=dim, dtype=dtype, rows_per_shard=len(part.ids) + 1)
             writer.write(
                 ids=part.ids,

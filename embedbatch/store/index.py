@@ -312,19 +312,28 @@ class IdIndex:
         row = self._conn.execute("SELECT text_key, shard, row FROM ids WHERE id_key = ?", (_signed(key),)).fetchone()
         return None if row is None else (row[0] & 0xFFFFFFFFFFFFFFFF, row[1], row[2])
 
-    def has_ids(self, ids: Sequence[str]) -> np.ndarray:
-        """``(len(ids),)`` bool: which ids have a current row."""
+    def shard_positions(self, ids: Sequence[str]) -> np.ndarray:
+        """``(len(ids),)`` int32: the manifest position of the shard holding each id's current
+        row, -1 where absent. Batched: one query per 500 ids."""
         keys = np.fromiter((id_key(r) for r in ids), np.uint64, count=len(ids))
-        out = self._overlay._find(keys) >= 0
+        found = self._overlay._find(keys)
+        out = np.full(len(keys), -1, np.int32)
+        hit = found >= 0
+        out[hit] = self._overlay.shard[found[hit]]
         if self._conn is not None:
-            rest = np.flatnonzero(~out)
+            rest = np.flatnonzero(found < 0)
             for lo in range(0, len(rest), _LOOKUP_CHUNK):
                 part = rest[lo : lo + _LOOKUP_CHUNK]
                 signed = keys[part].view(np.int64).tolist()
                 marks = ",".join("?" * len(signed))
-                found = {r[0] for r in self._conn.execute(f"SELECT id_key FROM ids WHERE id_key IN ({marks})", signed)}
-                out[part] = [k in found for k in signed]
+                query = f"SELECT id_key, shard FROM ids WHERE id_key IN ({marks})"
+                where = dict(self._conn.execute(query, signed).fetchall())
+                out[part] = [where.get(k, -1) for k in signed]
         return out
+
+    def has_ids(self, ids: Sequence[str]) -> np.ndarray:
+        """``(len(ids),)`` bool: which ids have a current row."""
+        return self.shard_positions(ids) >= 0
 
     def contains(self, record_id: str, text_sha256_hex: str) -> bool:
         """True when ``record_id`` has a current row whose text has this sha256."""

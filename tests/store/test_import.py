@@ -134,3 +134,15 @@ def test_cli_import(ws: Workspace, tmp_path: Path) -> None:
     done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
     assert done.returncode != 0
     assert "d.parquet" in done.stderr and "duplicate id 'c0'" in done.stderr
+
+
+def test_a_duplicate_across_parts_is_refused_and_the_dataset_keeps_its_own_ids(ws: Workspace, tmp_path: Path) -> None:
+    """An id in two parts of one import is refused (found through the id index, not kept in
+    memory); an id the dataset held before the import is not a duplicate: it is replaced."""
+    commit(DatasetStore(ws, "m", "d"), ["z1"], np.ones((1, DIM), np.float32), run="run_1")
+    ids = ["z0", "z1", "z2", "z3", "z4", "z5", "z2", "z7"]
+    path = _parquet(tmp_path / "two.parquet", ids, np.ones((8, DIM), np.float32))
+    with pytest.raises(InputError, match="duplicate id 'z2': an earlier row of the import has it") as info:
+        import_vectors(ws, path, model="m", dataset="d", rows_per_part=4)
+    assert (str(path), 7) == (info.value.path, info.value.line)
+    assert 4 == Manifest.load(ws, "m", "d").current_rows  # the first part: z0, z1 (replaced), z2, z3
