@@ -9,7 +9,11 @@ flat index), ``submit --dry-run`` of 1,000 new rows, one ``poll`` pass with noth
 Targets: time ≤ 1.5× and peak RSS ≤ 1.3× for every command but ``verify`` (linear in time, flat
 in memory: ≤ 1 GB); ``--version`` under 0.5 s; ``status`` on an empty workspace under 1 s.
 
-Usage: python bench/scale.py [--rows 300000 3000000] [--repeat 3]
+Then one ``poll`` pass with nothing to do in a workspace with 10 finished runs and in one with
+1,000 (each of 3 ingested batches, written through ``Run.create`` as an engine writes them, plus
+one active run): target ≤ 1.5× in time.
+
+Usage: python bench/scale.py [--rows 300000 3000000] [--repeat 3] [--runs 10 1000]
 """
 
 from __future__ import annotations
@@ -89,10 +93,31 @@ def build(ws: Path, rows: int, tmp: Path) -> float:
     return seconds
 
 
+def finished_runs(ws: Path, n: int) -> None:
+    """``n`` finished Batch API runs of 3 ingested batches, and one active run with a planned
+    batch held back until tomorrow (so the pass opens it and has nothing to send)."""
+    from datetime import timedelta
+
+    from embedbatch.runs import BatchState, Run, RunState
+    from embedbatch.workspace import Workspace, utc_now
+
+    w = Workspace(ws)
+    for _ in range(n):
+        paths = w.new_run(MODEL, "old")
+        state = RunState(run_id=paths.run_id, model=MODEL, dataset="old", source="file", source_path="x")
+        state.status = "finished"
+        Run.create(paths, state, batches=[BatchState(name=f"batch_{i:03d}", status="ingested") for i in range(3)])
+    paths = w.new_run(MODEL, "live")
+    state = RunState(run_id=paths.run_id, model=MODEL, dataset="live", source="file", source_path="x")
+    later = (utc_now() + timedelta(days=1)).isoformat()
+    Run.create(paths, state, batches=[BatchState(name="batch_001", status="uploaded", not_before=later)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[300_000, 3_000_000])
     ap.add_argument("--repeat", type=int, default=3, help="runs per command; medians are reported")
+    ap.add_argument("--runs", type=int, nargs=2, default=[10, 1000], help="finished runs, fewer and more")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="embedbatch-scale-"))
     try:
@@ -125,6 +150,17 @@ def main() -> None:
             t_ratio = results[large][name][0] / results[small][name][0]
             r_ratio = results[large][name][1] / results[small][name][1]
             print(f"{name:18} {cells}   {t_ratio:6.2f} {r_ratio:6.2f}")
+        polls: dict[int, float] = {}
+        for n in args.runs:
+            ws = tmp / f"runs-{n}"
+            finished_runs(ws, n)
+            run(ws, ["poll"], tmp)  # a workspace written before the index is indexed once, here
+            polls[n] = statistics.median(run(ws, ["poll"], tmp)[0] for _ in range(args.repeat))
+        few, many = args.runs
+        print(
+            f"\npoll pass, nothing to do: {polls[few]:.2f} s with {few:,} finished runs, {polls[many]:.2f} s with "
+            f"{many:,}: {polls[many] / polls[few]:.2f}× (target <= 1.5)"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
