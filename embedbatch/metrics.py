@@ -13,9 +13,11 @@ Families (``prometheus-client``, the ``metrics`` extra):
 - ``embedbatch_errors_total{kind}``: rows failed (``failed_rows``), rows rejected at intake
   (``rejected_rows``), runs whose last pass failed (``run_failures``).
 
-:func:`write_metrics` writes them to ``workspace/metrics/embedbatch.prom`` for node_exporter's
-textfile collector (after every command, for cron); :func:`serve_metrics` serves ``/metrics``
-(``poll --watch --metrics-port``).
+Each run's contribution is cached in ``workspace/metrics/runs-cache.json`` by its run.json's
+modification time, size and inode, so the metrics step after every command costs a ``stat`` per
+finished run. :func:`write_metrics` writes them to ``workspace/metrics/embedbatch.prom`` for
+node_exporter's textfile collector (after every command, for cron); :func:`serve_metrics`
+serves ``/metrics`` (``poll --watch --metrics-port``).
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from embedbatch.errors import MissingExtraError, StateError
-from embedbatch.runs import Run, RunState
+import orjson
+
+from embedbatch.errors import MissingExtraError
+from embedbatch.runs import Run
 from embedbatch.store.manifest import Manifest
-from embedbatch.workspace import Workspace
+from embedbatch.workspace import RunPaths, Workspace, atomic_write_json
 
 __all__ = ["BATCH_SECONDS_BUCKETS", "WorkspaceCollector", "metrics_path", "serve_metrics", "write_metrics"]
 
@@ -74,32 +78,20 @@ class WorkspaceCollector:
         by_run: dict[tuple[str, str], int] = {}
         by_state: dict[str, int] = {}
         err = {"failed_rows": 0, "rejected_rows": 0, "run_failures": 0}
-        durations: list[float] = []
-        for paths in ws.all_runs():
-            try:
-                rs = RunState.load(paths)
-            except (StateError, OSError, ValueError):
-                continue
-            key = (rs.model, rs.dataset, rs.kind)
-            tok[key] = tok.get(key, 0.0) + float(rs.actual.get("usage_tokens") or 0)
-            usd[key] = usd.get(key, 0.0) + float(
-                rs.actual.get("cost_batch_usd") or rs.actual.get("cost_standard_usd") or 0.0
-            )
-            by_run[(rs.kind, rs.status)] = by_run.get((rs.kind, rs.status), 0) + 1
-            err["failed_rows"] += int(rs.counts.get("failed") or 0)
-            err["rejected_rows"] += int(rs.counts.get("rejected") or 0)
-            err["run_failures"] += 1 if rs.failure and rs.status in ("active", "failed") else 0
-            if rs.kind != "batchapi":
-                continue
-            # What the last pass stored; only a run that has none yet (just planned, or written
-            # by an older version) has its batches read.
-            totals = rs.actual.get("status_totals")
-            if not totals or "batch_seconds" not in totals:
-                run = Run.read(paths)
-                totals = run.totals()
-            for state, n in totals["by_status"].items():
-                by_state[state] = by_state.get(state, 0) + int(n)
-            durations += totals["batch_seconds"]
+        buckets = [0] * len(BATCH_SECONDS_BUCKETS)
+        n_batches, seconds = 0, 0.0
+        for r in run_summaries(ws):
+            key = (r["model"], r["dataset"], r["kind"])
+            tok[key] = tok.get(key, 0.0) + r["tokens"]
+            usd[key] = usd.get(key, 0.0) + r["usd"]
+            by_run[(r["kind"], r["status"])] = by_run.get((r["kind"], r["status"]), 0) + 1
+            for k in err:
+                err[k] += r[k]
+            for state, n in r["by_status"].items():
+                by_state[state] = by_state.get(state, 0) + n
+            buckets = [a + b for a, b in zip(buckets, r["buckets"], strict=True)]
+            n_batches += r["batches_timed"]
+            seconds += r["seconds"]
         for key, value in tok.items():
             tokens.add_metric(list(key), value)
         for key, value in usd.items():
@@ -111,9 +103,66 @@ class WorkspaceCollector:
         for kind, n in err.items():
             errors.add_metric([kind], n)
         hist = HistogramMetricFamily("embedbatch_batch_seconds", "Batch created → completed, seconds")
-        cumulative = [(str(b), float(sum(1 for d in durations if d <= b))) for b in BATCH_SECONDS_BUCKETS]
-        hist.add_metric([], [*cumulative, ("+Inf", float(len(durations)))], sum_value=float(sum(durations)))
+        cumulative = [(str(b), float(n)) for b, n in zip(BATCH_SECONDS_BUCKETS, buckets, strict=True)]
+        hist.add_metric([], [*cumulative, ("+Inf", float(n_batches))], sum_value=seconds)
         yield from (records, tokens, cost, runs, batches, errors, hist)
+
+
+def _summary(paths: RunPaths) -> dict[str, Any] | None:
+    """What one run adds to the metrics (from run.json; a run without stored batch totals, just
+    planned or written by an older version, has its batches read)."""
+    rs = Run.read_state(paths)
+    if rs is None:
+        return None
+    totals: dict[str, Any] = {"by_status": {}, "batch_seconds": []}
+    if rs.kind == "batchapi":
+        stored = rs.actual.get("status_totals")
+        totals = stored if stored and "batch_seconds" in stored else Run.read(paths).totals()
+    durations = [float(d) for d in totals["batch_seconds"]]
+    return {
+        "model": rs.model,
+        "dataset": rs.dataset,
+        "kind": rs.kind,
+        "status": rs.status,
+        "tokens": float(rs.actual.get("usage_tokens") or 0),
+        "usd": float(rs.actual.get("cost_batch_usd") or rs.actual.get("cost_standard_usd") or 0.0),
+        "failed_rows": int(rs.counts.get("failed") or 0),
+        "rejected_rows": int(rs.counts.get("rejected") or 0),
+        "run_failures": 1 if rs.failure and rs.status in ("active", "failed") else 0,
+        "by_status": {k: int(v) for k, v in totals["by_status"].items()},
+        "buckets": [sum(1 for d in durations if d <= b) for b in BATCH_SECONDS_BUCKETS],
+        "batches_timed": len(durations),
+        "seconds": sum(durations),
+    }
+
+
+def run_summaries(ws: Workspace) -> list[dict[str, Any]]:
+    """Every run's contribution to the metrics. A run whose run.json is unchanged since the last
+    call (same modification time, size and inode: every save writes a new file) is taken from
+    ``metrics/runs-cache.json``, so thousands of finished runs cost a ``stat`` each, not a read
+    and a parse."""
+    path = ws.root / "metrics" / "runs-cache.json"
+    try:
+        cache: dict[str, Any] = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        cache = {}
+    fresh: dict[str, Any] = {}
+    out: list[dict[str, Any]] = []
+    for paths in ws.all_runs():
+        try:
+            st = paths.run_json.stat()
+        except OSError:
+            continue
+        key, stamp = str(paths.root.relative_to(ws.root)), [st.st_mtime_ns, st.st_size, st.st_ino]
+        hit = cache.get(key)
+        summary = hit["summary"] if hit and hit.get("stamp") == stamp else _summary(paths)
+        if summary is None:
+            continue
+        fresh[key] = {"stamp": stamp, "summary": summary}
+        out.append(summary)
+    if fresh != cache:
+        atomic_write_json(path, fresh)
+    return out
 
 
 def _registry(ws: Workspace) -> Any:

@@ -119,6 +119,9 @@ def test_the_metrics_step_opens_no_batch_and_counts_rows_from_the_manifest(
     assert f'embedbatch_records_total{{dataset="old",model="{MODEL}"}} 10.0' in text
     assert 0 == sum(n for p, n in reads.items() if p.name == "batch.json")
     assert [] == loaded
+    reads.clear()
+    write_metrics(ws)  # unchanged runs come from the cache: no run.json is read again
+    assert (text, 0) == ((ws.root / "metrics" / "embedbatch.prom").read_text(), sum(reads.values()))
 
 
 def test_the_index_is_rebuilt_for_a_workspace_written_before_it(ws: Workspace) -> None:
