@@ -10,11 +10,11 @@ and, to embed a list of strings directly, the :class:`Embedder` protocol with
 :class:`OpenAIEmbedder` and :class:`LocalEmbedder`.
 """
 
-from typing import TYPE_CHECKING
+import typing as _typing
 
 from embedbatch._version import __version__
 
-if TYPE_CHECKING:  # the names below, typed; at run time each is imported on first use
+if _typing.TYPE_CHECKING:  # the names below, typed; at run time each is imported on first use
     from embedbatch.api.openai import BatchClient, RetryPolicy
     from embedbatch.config import (
         BatchLimits,
@@ -79,6 +79,10 @@ _LAZY = {
     "submit_run": "embedbatch.engines.batchapi.submit",
     "verify_dataset": "embedbatch.store.verify",
 }
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 def __getattr__(name: str) -> object:
