@@ -105,7 +105,7 @@ def verify(
     from embedbatch.search.index import check_index_files
 
     reports = [verify_dataset(ws, m, d, repair=repair, quick=quick) for m, d in pairs]
-    for r in reports:  # the vector indexes beside the dataset: their files against index.json
+    for r in [] if quick is not None else reports:  # the vector indexes: their files against index.json
         for folder in sorted(ws.manifest_path(r.model, r.dataset).parent.glob("faiss/*/")):
             r.problems += check_index_files(folder)
     if json_out:

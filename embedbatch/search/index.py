@@ -207,7 +207,8 @@ def build_index(
         gen_dir = folder / generation
         gen_dir.mkdir()
         faiss.write_index(index, str(gen_dir / "index.faiss"))
-        pq.write_table(rows, gen_dir / "rows.parquet", compression="zstd")
+        # Row groups of 1M rows: verify reads the row map a group at a time.
+        pq.write_table(rows, gen_dir / "rows.parquet", compression="zstd", row_group_size=1 << 20)
         for f in (gen_dir / "index.faiss", gen_dir / "rows.parquet"):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -364,6 +365,17 @@ def search_index(
     ]
 
 
+def _ntotal(path: Path) -> int | None:
+    """The vector count a Faiss index file declares, read from its header (four-character code,
+    ``d`` int32, ``ntotal`` int64: every index type Faiss writes starts so), without loading the
+    index: a flat index of 30M 8-d vectors would cost ~1 GB of memory. None when unreadable."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if len(head) < 16 or not head[:4].isascii():
+        return None
+    return int(np.frombuffer(head[8:16], "<i8")[0])
+
+
 def check_index_files(folder: Path) -> list[str]:
     """Problems with an index folder's files (verify): checksums against index.json; the
     vectors in the index, the rows of its row map and index.json's count all equal; and no
@@ -379,27 +391,28 @@ def check_index_files(folder: Path) -> list[str]:
     if problems:
         return problems
     index_path, rows_path = _files(folder, meta)
-    # 8 bytes a row map row (dataset, shard as dictionary codes; row), not the strings.
-    rows = pq.read_table(rows_path, columns=["dataset", "shard", "row"], read_dictionary=["dataset", "shard"])
-    rows = rows.unify_dictionaries().combine_chunks()  # one dictionary per column: codes compare
-    keys = np.zeros(len(rows), np.uint64)
-    for name, shift in (("dataset", 48), ("shard", 32)):
-        codes = rows.column(name).chunk(0).indices if len(rows) else pa.array([], pa.int32())
-        keys |= codes.to_numpy(zero_copy_only=False).astype(np.uint64) << np.uint64(shift)
-    keys |= rows.column("row").to_numpy().astype(np.uint64)
-    distinct = len(np.unique(keys))
-    n_rows = len(rows)
-    del rows, keys
-    try:
-        faiss = _faiss()
-        try:  # mapped, not read: only the header is touched
-            vectors: int | None = int(
-                faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY).ntotal
-            )
-        except RuntimeError:  # an index type that cannot be mapped
-            vectors = int(faiss.read_index(str(index_path)).ntotal)
-    except MissingExtraError:
-        vectors = None  # faiss is not installed: the row map and the count are still checked
+    # 8 bytes a row map row (dataset and shard as codes, row), read in batches: never the
+    # strings of every row at once.
+    codes: dict[str, dict[str, int]] = {"dataset": {}, "shard": {}}
+    source = pq.ParquetFile(rows_path)
+    keys = np.empty(source.metadata.num_rows, np.uint64)  # filled in place, one row group at a time
+    at = 0
+    for g in range(source.metadata.num_row_groups):
+        batch = source.read_row_group(g, columns=["dataset", "shard", "row"], use_threads=False)
+        key = batch.column("row").to_numpy().astype(np.uint64)
+        for name, shift in (("dataset", 48), ("shard", 32)):
+            col = batch.column(name).combine_chunks().dictionary_encode()
+            known = codes[name]
+            mapping = np.array([known.setdefault(v, len(known)) for v in col.dictionary.to_pylist()], np.uint64)
+            key |= mapping[col.indices.to_numpy(zero_copy_only=False)] << np.uint64(shift)
+        keys[at : at + len(key)] = key
+        at += len(key)
+        del batch, key
+    keys.sort()
+    n_rows = len(keys)
+    distinct = int(np.count_nonzero(keys[1:] != keys[:-1])) + 1 if n_rows else 0
+    del keys
+    vectors = _ntotal(index_path)
     counts = {"index.json count": int(meta["count"]), "row map rows": n_rows}
     if vectors is not None:
         counts["index vectors"] = vectors

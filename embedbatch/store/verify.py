@@ -136,9 +136,11 @@ def _duplicates(ws: Workspace, manifest: Manifest, keys: list[np.ndarray], gone:
     shards are read again only when there is a duplicate to name."""
     if not keys:
         return []
-    every = np.concatenate(keys)
-    ordered = np.sort(every)
+    ordered = np.concatenate(keys)
+    keys.clear()  # one copy of the keys at a time, sorted in place
+    ordered.sort()
     dup = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+    del ordered
     if not dup:
         return []
     first: dict[int, str] = {}
