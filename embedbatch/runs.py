@@ -81,6 +81,7 @@ __all__ = [
     "note_run",
     "read_record_ids",
     "read_records_table",
+    "shown_runs",
 ]
 
 
@@ -392,3 +393,28 @@ class OpenRuns:
             if not run_dir.exists():
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+
+
+def shown_runs(ws: Workspace, *, last: int | None) -> tuple[list[RunPaths], int]:
+    """The runs a listing (``list``, ``status``) shows, oldest first: every open run (from the
+    open-runs index) and the newest ``last`` others (every run when ``last`` is None); and how
+    many older runs were left out.
+
+    Cost: one directory listing per dataset, then only the runs shown are read: a workspace
+    with 10,000 finished runs lists as fast as one with 10.
+    """
+    if last is None:
+        return ws.all_runs(), 0
+    base = ws.root / "batches"
+    folders = sorted(base.glob("*/*/run_*"), key=lambda p: p.name) if base.is_dir() else []
+    open_roots = {e.paths.root for e in OpenRuns.entries(ws)}
+    picked: list[RunPaths] = []
+    others = 0
+    for folder in reversed(folders):
+        if folder in open_roots or folder.suffix == ".partial" or not folder.is_dir():
+            continue
+        others += 1
+        if len(picked) < last and (folder / "run.json").is_file():
+            picked.append(RunPaths(folder))
+    shown = sorted([*picked, *(RunPaths(r) for r in open_roots)], key=lambda r: r.root.name)
+    return shown, max(0, others - len(picked))

@@ -43,6 +43,10 @@ _G = _Globals()
 SourceArg = Annotated[str, typer.Argument(help="File, directory, glob, or 'postgres'.")]
 Model = Annotated[str | None, typer.Option("--model", help="Embedding model (env OPENAI_EMBED_MODEL).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+LastRuns = Annotated[
+    int, typer.Option("--last", min=0, help="Show every open run and the newest N others (see --all).")
+]
+AllRuns = Annotated[bool, typer.Option("--all", help="Show every run of the workspace (reads each one).")]
 Resume = Annotated[Path | None, typer.Option("--resume", help="Resume this run directory.")]
 RowsPerShard = Annotated[int, typer.Option("--rows-per-shard")]
 Dtype = Annotated[str, typer.Option("--dtype", help="float32 or float16 shards.")]

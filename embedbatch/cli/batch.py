@@ -11,8 +11,10 @@ import typer
 
 from embedbatch.cli.app import (
     EXIT_FAILED_ROWS,
+    AllRuns,
     Dtype,
     JsonOut,
+    LastRuns,
     Overwrite,
     Resume,
     RowsPerShard,
@@ -344,19 +346,22 @@ def status(
     batch_file: Annotated[Path | None, typer.Option("--batch-file", help="One batch.json.")] = None,
     update_json: Annotated[bool, typer.Option("--update-json", help="Write refreshed state to disk.")] = False,
     offline: Annotated[bool, typer.Option("--offline", help="Show what is on disk; no API calls.")] = False,
+    last: LastRuns = 20,
+    all_runs: AllRuns = False,
     json_out: JsonOut = False,
 ) -> None:
-    """Show every run (or one run / one batch) with fresh status from the API."""
+    """Show runs (every open run and the newest 20 others: --last N, --all; or one run or one
+    batch) with fresh status from the API."""
     from dataclasses import asdict
 
-    from embedbatch.runs import Run
+    from embedbatch.runs import Run, shown_runs
 
     ws = open_workspace()
     if batch_file is not None:
-        runs = [ws.resolve_run(batch_file.parent.parent.parent)]
+        runs, hidden = [ws.resolve_run(batch_file.parent.parent.parent)], 0
         only = batch_file.parent.name
     else:
-        runs = [ws.resolve_run(run_dir)] if run_dir else ws.all_runs()
+        runs, hidden = ([ws.resolve_run(run_dir)], 0) if run_dir else shown_runs(ws, last=None if all_runs else last)
         only = None
 
     snapshots = [Run.read(paths) for paths in runs]
@@ -406,6 +411,8 @@ def status(
         print_json(payload)
     elif not results:
         console.print("no runs in the workspace")
+    if hidden and not json_out:
+        err_console.print(f"{hidden:,} older finished run(s) not shown (--last N, --all)")
 
 
 @app.command()

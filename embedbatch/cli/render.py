@@ -419,6 +419,8 @@ def print_workspace(data: dict[str, Any]) -> None:
             ", ".join(f"{k}: {v}" for k, v in r.get("batches", {}).items()),
         )
     console.print(t)
+    if data.get("runs_not_shown"):
+        console.print(f"{data['runs_not_shown']:,} older finished run(s) not shown (--last N, --all)")
 
 
 def print_hits(query: str, hits: list[dict[str, Any]]) -> None:
@@ -429,5 +431,6 @@ def print_hits(query: str, hits: list[dict[str, Any]]) -> None:
     for h in hits:
         t.add_row(f"{h['score']:.4f}", Text(str(h["id"])), Text((h.get("text") or "")[:160].replace("\n", " ")))
     console.print(t)
-    if hits and hits[0].get("via"):
-        err_console.print(f"searched with: {hits[0]['via']}", markup=False, highlight=False)
+    via = next((h["via"] for h in hits if h.get("via")), None)  # search --id: the row itself has none
+    if via:
+        err_console.print(f"searched with: {via}", markup=False, highlight=False)

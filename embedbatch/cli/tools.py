@@ -10,7 +10,9 @@ import typer
 
 from embedbatch._version import __version__
 from embedbatch.cli.app import (
+    AllRuns,
     JsonOut,
+    LastRuns,
     Model,
     SourceArg,
     app,
@@ -117,11 +119,12 @@ def verify(
 
 
 @app.command("list")
-def list_cmd(json_out: JsonOut = False) -> None:
-    """Datasets, models, row counts, runs and their states in the workspace."""
+def list_cmd(last: LastRuns = 20, all_runs: AllRuns = False, json_out: JsonOut = False) -> None:
+    """Datasets, models, row counts, and runs with their states: every open run and the newest
+    20 others (--last N, --all)."""
     from embedbatch.store.verify import list_workspace
 
-    data = list_workspace(open_workspace())
+    data = list_workspace(open_workspace(), last=None if all_runs else last)
     if json_out:
         print_json(data)
     else:
@@ -217,7 +220,7 @@ def search(
     if record_id is not None:
         if not dataset:
             raise UsageError("--id needs --dataset")
-        hits = search_by_id(ws, record_id, dataset=dataset, model=model, k=k)
+        hits = search_by_id(ws, record_id, dataset=dataset, model=model, k=k, exact=exact)
     elif query_text is None:
         raise AssertionError("not reached")
     elif pg.pg_table:

@@ -76,7 +76,10 @@ def search_shards(
     dims = manifest.dimensions if manifest.dimensions and m.startswith("text-embedding-3") else None
     q = embed_query(settings, text, model=m, dimensions=dims, local_model=local_model)
     if loaded is not None:
-        return [{**h, "via": loaded.label} for h in search_index(ws, loaded, q, k=k)]
+        try:
+            return [{**h, "via": loaded.label} for h in search_index(ws, loaded, q, k=k)]
+        finally:
+            loaded.close()
     return [{**h, "via": f"exact ({why})"} for h in nearest(ws, manifest, q, k=k)]
 
 
@@ -160,14 +163,20 @@ def nearest(
     return [{"id": rid, "score": score, "text": texts[(file, r)]} for score, file, r, rid in hits]
 
 
-def search_by_id(ws: Workspace, record_id: str, *, dataset: str, model: str | None, k: int = 5) -> list[dict[str, Any]]:
+def search_by_id(
+    ws: Workspace, record_id: str, *, dataset: str, model: str | None, k: int = 5, exact: bool = False
+) -> list[dict[str, Any]]:
     """A stored row and its nearest rows: the row itself first (whatever ties it has: another
-    row with the same vector comes after it), then the ``k - 1`` nearest other rows.
+    row with the same vector comes after it), then the ``k - 1`` nearest other rows, through
+    the dataset's vector index when one is current (each neighbour says which in ``via``),
+    else (or with ``exact``) by an exact scan of the shards. The row is found by one id-index
+    look-up and one row-group read.
 
     Raises:
         UsageError: no such dataset.
         NotFoundError: no such id in the dataset.
     """
+    from embedbatch.search.index import load_index, search_index
     from embedbatch.store.dataset import DatasetStore
 
     m, d = find_dataset(ws, dataset, model)
@@ -177,8 +186,17 @@ def search_by_id(ws: Workspace, record_id: str, *, dataset: str, model: str | No
     vec = np.asarray(row["embedding"], np.float32)
     self_score = 1.0 if np.linalg.norm(vec) > 0 else 0.0
     first = {"id": record_id, "score": self_score, "text": row["text"]}
-    others = nearest(ws, Manifest.load(ws, m, d), vec, k=k - 1, exclude=record_id) if k > 1 else []
-    return [first, *others]
+    if k <= 1:
+        return [first]
+    loaded, why = (None, "--exact") if exact else load_index(ws, m, d)
+    if loaded is not None:
+        try:
+            others = [{**h, "via": loaded.label} for h in search_index(ws, loaded, vec, k=k - 1, exclude=record_id)]
+        finally:
+            loaded.close()
+        return [first, *others]
+    hits = nearest(ws, Manifest.load(ws, m, d), vec, k=k - 1, exclude=record_id)
+    return [first, *({**h, "via": f"exact ({why})"} for h in hits)]
 
 
 def _local_model_of(ws: Workspace, model: str, dataset: str, manifest: Manifest) -> str | None:

@@ -38,7 +38,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedbatch.errors import MissingExtraError, StateError, UsageError
-from embedbatch.store.manifest import Manifest, file_sha256, superseded_ids
+from embedbatch.search.files import FlatFile, RowMap
+from embedbatch.store.index import IdIndex
+from embedbatch.store.manifest import Manifest, file_sha256
 from embedbatch.store.shards import read_rows_at, vectors_of
 from embedbatch.workspace import Workspace, atomic_write_json, crash_point, file_lock, fsync_dir
 
@@ -50,6 +52,7 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 128
 IVF_TRAIN_ROWS = 100_000
+ROW_MAP_GROUP_ROWS = 1 << 16  # a search reads the row groups of its hits; verify reads them all, one at a time
 ROWS_SCHEMA = pa.schema([("dataset", pa.string()), ("shard", pa.string()), ("row", pa.int32()), ("id", pa.string())])
 
 
@@ -207,8 +210,7 @@ def build_index(
         gen_dir = folder / generation
         gen_dir.mkdir()
         faiss.write_index(index, str(gen_dir / "index.faiss"))
-        # Row groups of 1M rows: verify reads the row map a group at a time.
-        pq.write_table(rows, gen_dir / "rows.parquet", compression="zstd", row_group_size=1 << 20)
+        pq.write_table(rows, gen_dir / "rows.parquet", compression="zstd", row_group_size=ROW_MAP_GROUP_ROWS)
         for f in (gen_dir / "index.faiss", gen_dir / "rows.parquet"):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -277,22 +279,29 @@ def _read_meta(folder: Path) -> dict[str, Any] | None:
 
 @dataclass
 class LoadedIndex:
-    """An index ready to query: the Faiss object, its rows, and its manifest."""
+    """An index ready to query: the Faiss object (or a :class:`FlatFile`), its row map, its
+    manifest, and each dataset's id index (a hit whose id's current row is elsewhere was
+    superseded after the build and is skipped)."""
 
     folder: Path
     meta: dict[str, Any]
     index: Any
-    rows: pa.Table
-    superseded: dict[str, dict[str, set[str]]]
+    rows: RowMap
+    ids: dict[str, IdIndex]
 
     @property
     def label(self) -> str:
         return f"{self.meta['kind']}-{self.meta['metric']} index ({self.meta['count']:,} rows)"
 
+    def close(self) -> None:
+        for idx in self.ids.values():
+            idx.close()
+
 
 def load_index(ws: Workspace, model: str, name: str, *, kind: str | None = None) -> tuple[LoadedIndex | None, str]:
     """The current index of ``name`` (the best kind when several: hnsw, ivfpq, flat), or None
-    and why not (none built; stale: shards it does not cover)."""
+    and why not (none built; stale: shards it does not cover). A flat index is not loaded: it
+    is scanned from its file (:class:`FlatFile`), so it needs neither faiss nor its size in memory."""
     base = ws.manifest_path(model, name).parent / "faiss"
     found = sorted(base.glob("*/index.json")) if base.is_dir() else []
     if kind is not None:
@@ -304,20 +313,22 @@ def load_index(ws: Workspace, model: str, name: str, *, kind: str | None = None)
     reasons = []
     for path in found:
         meta = orjson.loads(path.read_bytes())
+        manifests = {d: Manifest.load(ws, model, d) for d in meta["datasets"]}
         have = {(c["dataset"], c["file"]): c["sha256"] for c in meta["shards"]}
-        now = {(d, s["file"]): s["sha256"] for d in meta["datasets"] for s in Manifest.load(ws, model, d).shards}
+        now = {(d, s["file"]): s["sha256"] for d, m in manifests.items() for s in m.shards}
         if have != now:
             reasons.append(f"{path.parent.name} is stale ({len(set(now) - set(have))} new shards; index build)")
             continue
-        faiss = _faiss()
         index_path, rows_path = _files(path.parent, meta)
-        index = faiss.read_index(str(index_path))
-        if meta["kind"] == "hnsw":
-            index.hnsw.efSearch = HNSW_EF_SEARCH
-        elif meta["kind"] == "ivfpq":
-            index.nprobe = meta["params"]["nprobe"]
-        gone = {d: superseded_ids(Manifest.load(ws, model, d)) for d in meta["datasets"]}
-        return LoadedIndex(path.parent, meta, index, pq.read_table(rows_path), gone), ""
+        index = FlatFile.open(index_path) if meta["kind"] == "flat" else None
+        if index is None:
+            index = _faiss().read_index(str(index_path))
+            if meta["kind"] == "hnsw":
+                index.hnsw.efSearch = HNSW_EF_SEARCH
+            elif meta["kind"] == "ivfpq":
+                index.nprobe = meta["params"]["nprobe"]
+        ids = {d: IdIndex.load(ws, m) for d, m in manifests.items()}
+        return LoadedIndex(path.parent, meta, index, RowMap(rows_path), ids), ""
     return None, "; ".join(reasons)
 
 
@@ -325,7 +336,8 @@ def search_index(
     ws: Workspace, loaded: LoadedIndex, query: np.ndarray, *, k: int, exclude: str | None = None
 ) -> list[dict[str, Any]]:
     """Top-k through the index; rows superseded since the build are skipped (more candidates
-    are asked for until k remain).
+    are asked for until k remain). Reads the row-map groups and shard row groups of the hits
+    and looks each candidate up in the id index: work grows with k, not with the dataset.
 
     Returns:
         ``{"id", "score", "text", "dataset"}`` best first; the score is the cosine or inner
@@ -333,10 +345,9 @@ def search_index(
     """
     meta = loaded.meta
     model = meta["model"]
-    gone = loaded.superseded
     q = _prepared(np.asarray(query, np.float32)[None, :], meta["metric"])
-    want = k + 1 + sum(len(v) for g in gone.values() for v in g.values())
-    ask = min(int(loaded.index.ntotal), max(2 * want, 10))
+    ntotal = int(loaded.index.ntotal)
+    ask = min(ntotal, max(2 * (k + 1), 10))
     while True:
         dist, pos = loaded.index.search(q, ask)
         hits = []
@@ -344,16 +355,16 @@ def search_index(
         for score, p in zip(dist[0].tolist(), pos[0].tolist(), strict=True):
             if p < 0:
                 continue
-            d, file, row, rid = (loaded.rows.column(c)[p].as_py() for c in ("dataset", "shard", "row", "id"))
-            if rid == exclude or rid in gone[d].get(file, ()) or rid in seen:
-                continue
-            seen.add(rid)  # an id once, whatever the index holds
+            d, file, row, rid = loaded.rows.at(p)
+            if rid == exclude or rid in seen or loaded.ids[d].locate(rid) != (file, row):
+                continue  # the query row, an id twice, or a row superseded after the build
+            seen.add(rid)
             hits.append((-score if meta["metric"] == "l2" else score, d, file, row, rid))
             if len(hits) == k:
                 break
-        if len(hits) == k or ask >= loaded.index.ntotal:
+        if len(hits) == k or ask >= ntotal:
             break
-        ask = min(int(loaded.index.ntotal), ask * 4)
+        ask = min(ntotal, ask * 4)
     texts: dict[tuple[str, str, int], str] = {}
     for d, file in {(h[1], h[2]) for h in hits}:
         rows = [h[3] for h in hits if (h[1], h[2]) == (d, file)]

@@ -10,7 +10,8 @@ Views:
 - ``runs``: one row per run.json (run_id, model, dataset, kind, status, created_at,
   updated_at, planned, succeeded, failed, tokens, cost_usd, run_dir).
 
-Nothing is copied: the Parquet shards are read in place, manifests and run.json once per query.
+Nothing is copied: the Parquet shards are read in place, manifests once per query, and every
+run.json once per query that names ``runs`` (a query that does not costs no run read).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ __all__ = ["run_sql"]
 _SHARD_COLUMNS = ("rows", "bytes", "dim", "dtype", "min_norm", "max_norm", "created_at", "sha256")
 
 
-def _tables(ws: Workspace) -> tuple[list[str], pa.Table, pa.Table, pa.Table]:
+def _tables(ws: Workspace, *, with_runs: bool) -> tuple[list[str], pa.Table, pa.Table, pa.Table]:
     files: list[str] = []
     shards: list[dict[str, Any]] = []
     gone: list[dict[str, str]] = []
@@ -45,7 +46,7 @@ def _tables(ws: Workspace) -> tuple[list[str], pa.Table, pa.Table, pa.Table]:
             )
             gone += [{"path": path, "id": rid} for rid in drop.get(s["file"], ())]
     runs = []
-    for paths in ws.all_runs():
+    for paths in ws.all_runs() if with_runs else []:
         try:
             rs = RunState.load(paths)
         except (StateError, OSError):
@@ -100,7 +101,10 @@ def run_sql(ws: Workspace, query: str) -> tuple[list[str], list[tuple[Any, ...]]
         from embedbatch.errors import MissingExtraError
 
         raise MissingExtraError("duckdb", "sql") from exc
-    files, shards, runs, gone = _tables(ws)
+    import re
+
+    # The runs view reads every run.json: only for a query that names it.
+    files, shards, runs, gone = _tables(ws, with_runs=re.search(r"\bruns\b", query, re.IGNORECASE) is not None)
     con = duckdb.connect()
     try:
         con.register("shards_t", shards)

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from embedbatch.runs import RunState, load_batches
+from embedbatch.runs import RunState, load_batches, shown_runs
 from embedbatch.store.dataset import DatasetStore
 from embedbatch.store.index import IdIndex, id_key, text_keys
 from embedbatch.store.manifest import Manifest, file_sha256, superseded_ids
-from embedbatch.workspace import Workspace
+from embedbatch.workspace import RunPaths, Workspace
 
-__all__ = ["VerifyReport", "list_workspace", "verify_dataset"]
+__all__ = ["VerifyReport", "list_workspace", "run_row", "verify_dataset"]
 
 
 @dataclass
@@ -212,8 +213,48 @@ def _mtime(path: Any) -> str | None:
         return None
 
 
-def list_workspace(ws: Workspace) -> dict[str, Any]:
-    """Datasets (model, rows, shards) and runs (status, batch states) in the workspace."""
+def run_row(run: RunPaths) -> dict[str, Any]:
+    """One run as ``list``, ``status`` and ``report`` show it: ids, kind, status as people read it
+    (:attr:`RunState.outcome`), failed rows and reasons, batch states, rows planned and
+    stored, usage tokens, cost in USD estimated at planning and from the usage (Batch API
+    prices for batch runs, standard prices for realtime runs, None for local runs), and the
+    seconds from creation to the last save. ``{"run_dir", "error"}`` for an unreadable run."""
+    try:
+        rs = RunState.load(run)
+    except Exception as exc:
+        return {"run_dir": str(run.root), "error": str(exc)}
+    states: dict[str, int] = {}
+    for bs in load_batches(run):
+        states[bs.status] = states.get(bs.status, 0) + 1
+    price = "cost_batch_usd" if rs.kind == "batchapi" else "cost_standard_usd"
+    wall = None
+    if rs.updated_at:
+        wall = (datetime.fromisoformat(rs.updated_at) - datetime.fromisoformat(rs.created_at)).total_seconds()
+    return {
+        "run_id": rs.run_id,
+        "model": rs.model,
+        "dataset": rs.dataset,
+        "kind": rs.kind,
+        "status": rs.outcome + (" (failing)" if rs.failure and rs.status == "active" else ""),
+        "failure": rs.failure,
+        "failed": rs.failed_rows,
+        "failed_reasons": rs.failed_reasons,
+        "batches": states,
+        "planned": rs.counts.get("planned", 0),
+        "rows": rs.counts.get("succeeded", rs.local.get("rows", 0)),
+        "tokens": rs.actual.get("usage_tokens", rs.local.get("real_tokens")),
+        "cost_estimated_usd": rs.estimate.get(price) if rs.kind != "local" else None,
+        "cost_usd": rs.actual.get(price) if rs.kind != "local" else None,
+        "created_at": rs.created_at,
+        "wall_s": wall,
+        "run_dir": str(run.root),
+    }
+
+
+def list_workspace(ws: Workspace, *, last: int | None = 20) -> dict[str, Any]:
+    """Datasets (model, rows, shards) and runs (status, batch states) in the workspace: every
+    open run and the newest ``last`` others (all when None); ``runs_not_shown`` counts the
+    older ones left out (see :func:`embedbatch.runs.shown_runs`)."""
     datasets = []
     for model, dataset in ws.datasets():
         m = Manifest.load(ws, model, dataset)
@@ -228,29 +269,6 @@ def list_workspace(ws: Workspace) -> dict[str, Any]:
                 "updated_at": _mtime(ws.manifest_path(model, dataset)),
             }
         )
-    runs: list[dict[str, Any]] = []
-    for run in ws.all_runs():
-        try:
-            rs = RunState.load(run)
-        except Exception as exc:
-            runs.append({"run_dir": str(run.root), "error": str(exc)})
-            continue
-        states: dict[str, int] = {}
-        for bs in load_batches(run):
-            states[bs.status] = states.get(bs.status, 0) + 1
-        runs.append(
-            {
-                "run_id": rs.run_id,
-                "model": rs.model,
-                "dataset": rs.dataset,
-                "kind": rs.kind,
-                "status": rs.outcome + (" (failing)" if rs.failure and rs.status == "active" else ""),
-                "failure": rs.failure,
-                "failed": rs.failed_rows,
-                "failed_reasons": rs.failed_reasons,
-                "batches": states,
-                "planned": rs.counts.get("planned", 0),
-                "run_dir": str(run.root),
-            }
-        )
-    return {"datasets": datasets, "runs": runs}
+    shown, hidden = shown_runs(ws, last=last)
+    runs = [run_row(run) for run in shown]
+    return {"datasets": datasets, "runs": runs, "runs_not_shown": hidden}

@@ -171,6 +171,59 @@ def test_flat_index_is_exact_and_drops_superseded_rows(ws: Workspace, data: dict
     assert check_index_files(Path(info.path)) == []
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_a_flat_index_scanned_from_its_file_answers_as_faiss_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metric: str
+) -> None:
+    """The file scan (blocks of 7 vectors here, so the running top-k crosses blocks) returns
+    Faiss's own positions and scores, k past ntotal included."""
+    faiss = pytest.importorskip("faiss", reason="faiss-cpu (the index extra) is not installed")
+    from embedbatch.search import files as index_mod
+
+    monkeypatch.setattr(index_mod, "FLAT_BLOCK_BYTES", 7 * DIM * 4)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((200, DIM)).astype(np.float32)
+    ref = faiss.IndexFlat(DIM, faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
+    ref.add(x)
+    faiss.write_index(ref, str(tmp_path / "index.faiss"))
+    flat = index_mod.FlatFile.open(tmp_path / "index.faiss")
+    assert flat is not None and (flat.ntotal, flat.d, flat.l2) == (200, DIM, metric == "l2")
+    for q in rng.standard_normal((6, DIM)).astype(np.float32):
+        for k in (1, 10, 250):
+            want_d, want_p = ref.search(q[None, :], k)
+            got_d, got_p = flat.search(q[None, :], k)
+            live = want_p[0] >= 0
+            np.testing.assert_array_equal(got_p[0], want_p[0][live])
+            np.testing.assert_allclose(got_d[0], want_d[0][live], rtol=1e-4, atol=1e-4)
+    (tmp_path / "hnsw.faiss").write_bytes(b"IHNf" + bytes(40))
+    assert index_mod.FlatFile.open(tmp_path / "hnsw.faiss") is None  # not flat: Faiss reads it
+
+
+def test_search_by_id_goes_through_a_current_index_and_reads_few_row_groups(
+    ws: Workspace, data: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a current flat index, ``search --id`` answers what the exact scan answers (the
+    superseded rows of the index skipped), says so, and reads only the row-map groups of its
+    candidates (groups of 2 rows here: 39 groups; 10 candidates are asked for)."""
+    pytest.importorskip("faiss", reason="faiss-cpu (the index extra) is not installed")
+    from embedbatch.search import index as index_mod
+
+    monkeypatch.setattr(index_mod, "ROW_MAP_GROUP_ROWS", 2)
+    build_index(ws, "m", ["d"], kind="flat")
+    for rid in ("b7", "a0", "a30"):
+        hits = search_by_id(ws, rid, dataset="d", model=None, k=4)
+        assert [h["id"] for h in hits] == [rid, *brute(data, data[rid], 3, exclude=rid)]
+        assert all("flat-cosine index" in h["via"] for h in hits[1:])
+        exact = search_by_id(ws, rid, dataset="d", model=None, k=4, exact=True)
+        assert [h["id"] for h in exact] == [h["id"] for h in hits]
+    loaded, _ = index_mod.load_index(ws, "m", "d")
+    assert loaded is not None and len(loaded.rows) == 78
+    hits = search_index(ws, loaded, data["b7"], k=3)
+    groups_read = len(loaded.rows._groups)
+    assert [h["id"] for h in hits] == brute(data, data["b7"], 3) and groups_read <= 10 < 78 // 2
+    loaded.close()
+
+
 def test_verify_finds_a_shard_row_twice_in_an_index(ws: Workspace, data: dict[str, np.ndarray]) -> None:
     """The row map's (dataset, shard, row) triples are compared as integer codes: one row
     listed twice is found (the files' checksums made to agree, as a buggy build would)."""

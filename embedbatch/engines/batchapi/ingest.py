@@ -37,6 +37,10 @@ __all__ = ["IngestResult", "ingest_locked", "ingest_run", "rebuild_failed_ids"]
 
 log = structlog.get_logger(__name__)
 
+# An ingest commits (and marks its batches ingested) at the first batch boundary past this many
+# rows, so its memory does not grow with the run (2M rows in one commit: +240 MiB of ids).
+COMMIT_ROWS = 500_000
+
 
 @dataclass
 class IngestResult:
@@ -164,6 +168,95 @@ def _ingest_sync(ws: Workspace, run: Run, config: IngestConfig) -> IngestResult:
     return res
 
 
+class _GroupWriter:
+    """Writes downloaded batches into staged shards on one writer thread and commits them a
+    group at a time (at the first batch boundary past :data:`COMMIT_ROWS`): what one ingest
+    keeps in memory (the staged shards' ids) is bounded by COMMIT_ROWS, not by the run.
+
+    pyarrow releases the GIL while it encodes and writes, so chunk k is written while chunk k+1
+    is parsed; at most two chunks are in flight.
+    """
+
+    def __init__(self, store: DatasetStore, run: Run, config: IngestConfig, res: IngestResult) -> None:
+        self.store, self.run, self.config, self.res = store, run, config, res
+        rs = run.state
+        self.writer = store.writer(
+            dim=None, dtype=config.dtype, rows_per_shard=config.rows_per_shard, git_sha=rs.git_sha
+        )
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedbatch-shard-writer")
+        self.in_flight: list[Future[None]] = []
+        self.group: list[BatchState] = []
+
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        self.in_flight.append(self.pool.submit(fn, *args, **kwargs))
+        while len(self.in_flight) > 2:
+            self.in_flight.pop(0).result()
+
+    def drain(self) -> None:
+        while self.in_flight:
+            self.in_flight.pop(0).result()
+
+    def close_shard_if(self, full: bool) -> None:
+        if full:
+            self.drain()
+            self.writer.close_shard()
+
+    def write_rows(self, ids: list[str], texts: list[str], metas: list[str], splits: list[Any], vecs: Any) -> None:
+        rs, per_shard = self.run.state, self.config.rows_per_shard
+        start = 0
+        while start < len(ids):
+            self.close_shard_if(self.writer.rows_in_open_shard >= per_shard)
+            end = start + per_shard - self.writer.rows_in_open_shard
+            # Count the rows now, on this thread; the write itself happens on the writer thread.
+            self.writer.reserve(len(ids[start:end]))
+            self.submit(
+                self.writer.write,
+                ids=ids[start:end],
+                texts=texts[start:end],
+                metadata=metas[start:end],
+                splits=splits[start:end],
+                vectors=vecs[start:end],
+                source=rs.source,
+                dataset=rs.dataset,
+                model=rs.model,
+                run_id=rs.run_id,
+            )
+            start = end
+
+    def batch_done(self, bs: BatchState) -> None:
+        self.writer.add_source(f"{self.run.state.run_id}/{bs.name}")
+        self.group.append(bs)
+        if sum(b.succeeded or 0 for b in self.group) >= COMMIT_ROWS:
+            self.commit()
+
+    def commit(self) -> None:
+        """Commit the batches written since the last commit, then mark them ingested."""
+        if not self.group:
+            return
+        rs = self.run.state
+        self.drain()
+        crash_point("before_manifest")
+        entries = self.store.commit(
+            self.writer,
+            run_id=rs.run_id,
+            run_info={"created_at": rs.created_at, "kind": rs.kind},
+            sampling=rs.sampling or None,
+        )
+        self.res.shards += [e["file"] for e in entries]
+        crash_point("after_manifest")
+        for b in self.group:
+            b.set_status("ingested")
+            self.run.save_batch(b)
+        self.res.batches += len(self.group)
+        self.group.clear()
+
+    def abort(self) -> None:
+        for f in self.in_flight:
+            f.cancel()
+        self.pool.shutdown(wait=True)
+        self.writer.abort()
+
+
 def _write_batches(
     store: DatasetStore,
     run: Run,
@@ -174,58 +267,19 @@ def _write_batches(
 ) -> None:
     rs = run.state
     expected = _expected_dim(rs.model, rs.dimensions, manifest)
-    writer = store.writer(dim=None, dtype=config.dtype, rows_per_shard=config.rows_per_shard, git_sha=rs.git_sha)
-    group: list[BatchState] = []
-    # One writer thread: pyarrow releases the GIL while it encodes and writes, so chunk k is
-    # written while chunk k+1 is parsed. At most two chunks are in flight.
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedbatch-shard-writer")
-    in_flight: list[Future[None]] = []
-
-    def submit(fn: Any, *args: Any, **kwargs: Any) -> None:
-        in_flight.append(pool.submit(fn, *args, **kwargs))
-        while len(in_flight) > 2:
-            in_flight.pop(0).result()
-
-    def drain() -> None:
-        while in_flight:
-            in_flight.pop(0).result()
-
+    out = _GroupWriter(store, run, config, res)
     try:
         for bs in todo:
             d = run.batch_dir(bs)
             reader = BatchReader(d, expected_dim=expected, remote_status=bs.remote_status, missing_reason=bs.error)
-            if writer.rows_in_open_shard and writer.rows_in_open_shard + bs.requests > config.rows_per_shard:
-                drain()
-                writer.close_shard()
+            rows_open = out.writer.rows_in_open_shard
+            out.close_shard_if(rows_open > 0 and rows_open + bs.requests > config.rows_per_shard)
             for positions, vecs in reader.chunks():
                 if reader.dim is not None and manifest.dimensions is not None and reader.dim != manifest.dimensions:
                     raise StateError(
                         f"batch {bs.name} has {reader.dim}-d vectors but the dataset has {manifest.dimensions}-d shards"
                     )
-                ids, texts, metas, splits = reader.rows_at(positions)
-                start = 0
-                while start < len(ids):
-                    if writer.rows_in_open_shard >= config.rows_per_shard:
-                        drain()
-                        writer.close_shard()
-                    room = config.rows_per_shard - writer.rows_in_open_shard
-                    end = start + room
-                    part_ids = ids[start:end]
-                    # Count the rows now, on this thread; the write itself happens on the writer thread.
-                    writer.reserve(len(part_ids))
-                    submit(
-                        writer.write,
-                        ids=part_ids,
-                        texts=texts[start:end],
-                        metadata=metas[start:end],
-                        splits=splits[start:end],
-                        vectors=vecs[start:end],
-                        source=rs.source,
-                        dataset=rs.dataset,
-                        model=rs.model,
-                        run_id=rs.run_id,
-                    )
-                    start = end
+                out.write_rows(*reader.rows_at(positions), vecs)
             if reader.dim is not None:
                 expected = reader.dim
             failed_rows = b"".join(
@@ -235,35 +289,18 @@ def _write_batches(
             # The batch's results are recorded before the commit, so a process that dies after
             # the manifest write leaves nothing for the next one to rebuild.
             atomic_write_bytes(d / "failed_ids.tsv", b"id\treason\tbatch\tline\n" + failed_rows)
-            writer.add_source(f"{rs.run_id}/{bs.name}")
             bs.usage_tokens = reader.usage_tokens
             bs.succeeded, bs.failed = reader.n_ok, len(reader.failed)
             run.save_batch(bs)
-            group.append(bs)
             res.rows += reader.n_ok
             res.failed += len(reader.failed)
             res.usage_tokens += reader.usage_tokens
-        drain()
-        crash_point("before_manifest")
-        entries = store.commit(
-            writer,
-            run_id=rs.run_id,
-            run_info={"created_at": rs.created_at, "kind": rs.kind},
-            sampling=rs.sampling or None,
-        )
-        res.shards = [e["file"] for e in entries]
-        crash_point("after_manifest")
+            out.batch_done(bs)
+        out.commit()
     except BaseException:
-        for f in in_flight:
-            f.cancel()
-        pool.shutdown(wait=True)
-        writer.abort()
+        out.abort()
         raise
-    pool.shutdown(wait=True)
-    for bs in group:
-        bs.set_status("ingested")
-        run.save_batch(bs)
-    res.batches = len(group)
+    out.pool.shutdown(wait=True)
 
 
 def _update_run_costs(run: Run) -> None:

@@ -186,3 +186,50 @@ def test_plan_run_checks_its_targets_before_anything_is_written_or_paid(
     assert [] == ws.all_runs()
     assert not ws.runs_dir(MODEL, "d").exists() or [] == list(ws.runs_dir(MODEL, "d").iterdir())
     assert 0 == server.state.counts()["files"]
+
+
+def test_list_and_status_read_the_open_runs_and_the_newest_finished_ones(
+    ws: Workspace, tmp_path: Path, reads: Counter[Path]
+) -> None:
+    """30 finished runs and one open one (the oldest of all): ``list`` and ``status`` show the
+    open run and the newest ``--last`` finished runs, say how many older ones they left out,
+    and read no other run; ``--all`` shows every run."""
+    import orjson
+
+    from embedbatch.store.verify import list_workspace
+    from tests.conftest import run_cli
+
+    paths = ws.new_run(MODEL, "live")
+    live = RunState(run_id=paths.run_id, model=MODEL, dataset="live", source="file", source_path="x")
+    live.status = "active"
+    Run.create(paths, live, batches=[BatchState(name="batch_001", status="planned", requests=5, tokens=50)])
+    _finished_runs(ws, 30, batches=1)
+    newest = sorted(p.name for p in (ws.root / "batches" / MODEL / "old").glob("run_*"))[-5:]
+    OpenRuns.entries(ws)
+    reads.clear()
+    data = list_workspace(ws, last=5)
+    assert [r["run_id"] for r in data["runs"]] == [paths.run_id, *newest]
+    assert (data["runs_not_shown"], sum(1 for p in reads if p.name == "run.json")) == (25, 6)
+    read_runs = {next(a.name for a in p.parents if a.name.startswith("run_")) for p in reads}
+    assert read_runs == {paths.run_id, *newest}
+
+    env = {"EMBEDBATCH_WORKSPACE": str(ws.root), "PATH": "/usr/bin:/bin"}
+    shown = run_cli(["status", "--offline", "--last", "5", "--json"], env, tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert [r["run_id"] for r in orjson.loads(shown.stdout)] == [paths.run_id, *newest]
+    plain = run_cli(["status", "--offline", "--last", "5"], env, tmp_path)
+    assert "25 older finished run(s) not shown" in plain.stderr
+    every = run_cli(["list", "--all", "--json"], env, tmp_path)
+    assert (len(orjson.loads(every.stdout)["runs"]), orjson.loads(every.stdout)["runs_not_shown"]) == (31, 0)
+
+
+def test_sql_reads_the_runs_only_for_a_query_that_names_them(ws: Workspace, reads: Counter[Path]) -> None:
+    pytest.importorskip("duckdb", reason="duckdb (the sql extra) runs embedbatch sql")
+    from embedbatch.store.catalog import run_sql
+
+    _finished_runs(ws, 12, batches=1)
+    reads.clear()
+    assert [(0,)] == run_sql(ws, "SELECT count(*) AS n FROM shards")[1]
+    assert 0 == sum(reads.values())
+    assert [(12,)] == run_sql(ws, "SELECT count(*) FROM Runs")[1]
+    assert 12 == sum(1 for p in reads if p.name == "run.json")

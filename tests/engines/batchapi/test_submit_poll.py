@@ -277,3 +277,45 @@ async def test_enqueued_requests_stay_under_the_provider_limit(
     await drain(ws, client, server)
     assert {"downloaded"} == {b.status for b in load_batches(run)}
     assert 3 == len(server.state.batches)
+
+
+async def test_ingest_commits_every_commit_rows_and_a_crash_between_commits_resumes(
+    tmp_path: Path, ws: Workspace, client: BatchClient, server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ingest commits at the first batch boundary past COMMIT_ROWS (so its memory does not
+    grow with the run): 5 batches of 10 rows with COMMIT_ROWS=20 give three commits. A crash
+    just after the second commit (its batches not yet marked ingested) is resumed by the next
+    ingest: every row once, every batch ingested."""
+    from embedbatch.engines.batchapi import ingest as ingest_mod
+    from embedbatch.engines.batchapi.ingest import ingest_run
+    from embedbatch.store.dataset import DatasetStore
+    from embedbatch.store.manifest import Manifest
+
+    path = write_jsonl(tmp_path / "d.jsonl", sample_rows(50))
+    run = plan(ws, path, limits=BatchLimits(max_requests=10)).run
+    await submit_run(ws, client, run)
+    await drain(ws, client, server)
+    monkeypatch.setattr(ingest_mod, "COMMIT_ROWS", 20)
+    commits: list[str] = []
+
+    def crash_after_second_commit(name: str) -> None:
+        if name == "after_manifest":
+            commits.append(name)
+            if len(commits) == 2:
+                raise KeyboardInterrupt("killed between commits")
+
+    monkeypatch.setattr(ingest_mod, "crash_point", crash_after_second_commit)
+    with pytest.raises(KeyboardInterrupt):
+        await ingest_run(ws, run)
+    assert ["ingested"] * 2 + ["downloaded"] * 3 == [b.status for b in load_batches(run)]
+    monkeypatch.setattr(ingest_mod, "crash_point", lambda name: None)
+    result = await ingest_run(ws, run)
+    assert (result.batches, result.rows) == (1, 10)  # the second commit's two batches are only marked
+    assert {"ingested"} == {b.status for b in load_batches(run)}
+    state = RunState.load(run)
+    manifest = Manifest.load(ws, state.model, state.dataset)
+    sources = [src for s in manifest.shards for src in s["sources"]]
+    assert sorted(sources) == sorted(f"{run.run_id}/batch_{i:03d}" for i in range(1, 6))
+    assert 3 == len(manifest.shards) and 50 == manifest.current_rows == manifest.rows
+    (got,) = DatasetStore(ws, state.model, state.dataset).get(["doc-49"], columns=["id"])
+    assert got is not None
