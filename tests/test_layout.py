@@ -32,7 +32,7 @@ CORE = (
     "embedbatch.tokens",
     "embedbatch.workspace",
 )
-UPPER = ("embedbatch.engines", "embedbatch.cli", "embedbatch.server", "embedbatch.search")
+UPPER = ("embedbatch.engines", "embedbatch.cli", "embedbatch.server", "embedbatch.search", "embedbatch.report")
 MAX_LINES = 450
 
 

@@ -429,6 +429,15 @@ def poll(
     metrics_port: Annotated[
         int | None, typer.Option("--metrics-port", help="With --watch: serve Prometheus /metrics on this port.")
     ] = None,
+    ui_port: Annotated[
+        int | None, typer.Option("--ui-port", help="With --watch: serve the live report page at / on this port.")
+    ] = None,
+    ui_host: Annotated[str, typer.Option("--ui-host", help="Bind address of --ui-port (loopback by default).")] = (
+        "127.0.0.1"
+    ),
+    ui_key: Annotated[
+        str | None, typer.Option("--ui-key", help="Key the page asks for (Bearer or ?key=); needed off loopback.")
+    ] = None,
 ) -> None:
     """One pass over every active run (the cron entry point).
 
@@ -459,6 +468,14 @@ def poll(
 
         serve_metrics(ws, metrics_port)
         log.info("serving metrics", url=f"http://127.0.0.1:{metrics_port}/metrics")
+    if ui_port is not None:
+        if watch is None:
+            raise UsageError("--ui-port needs --watch (or write the page once: embedbatch report --out FILE)")
+        from embedbatch.report.live import LivePage, check_bind, start_ui
+
+        check_bind(ui_host, ui_key, flag="--ui-host")
+        server = start_ui(LivePage(ws, refresh_s=max(watch, 2.0), keys=[ui_key] if ui_key else None), ui_host, ui_port)
+        log.info("serving the live report", url=f"http://{ui_host}:{server.server_address[1]}/")
 
     def one_shot(c: Any) -> Any:
         return poll_pass(ws, c, max_enqueued_tokens=max_enqueued_tokens, ingest=ingest, ingest_config=cfg)

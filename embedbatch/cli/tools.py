@@ -132,6 +132,25 @@ def list_cmd(last: LastRuns = 20, all_runs: AllRuns = False, json_out: JsonOut =
 
 
 @app.command()
+def report(
+    out: Annotated[Path, typer.Option("--out", help="The HTML file to write.")],
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Only this dataset and its runs.")] = None,
+    run: Annotated[str | None, typer.Option("--run", help="Only this run (id or folder) and its dataset.")] = None,
+    last: Annotated[int, typer.Option("--last", min=0, help="Open runs and the newest N others.")] = 200,
+    sample: Annotated[int, typer.Option("--sample", min=0, help="Rows sampled per dataset for the map.")] = 2000,
+) -> None:
+    """Write one self-contained HTML page (opens offline): runs, cost, batch timeline, failures,
+    datasets (norms, a 2-D map of a sample), local runs."""
+    from embedbatch.report.data import collect
+    from embedbatch.report.page import render
+    from embedbatch.workspace import atomic_write_bytes
+
+    page = render(collect(open_workspace(), dataset=dataset, run=run, last=last, sample=sample))
+    atomic_write_bytes(out, page.encode())
+    console.print(f"report written to {out} ({len(page) / 1e6:.1f} MB)")
+
+
+@app.command()
 def serve(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8765,
     host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
@@ -146,6 +165,7 @@ def serve(
     step_s: Annotated[float, typer.Option("--step-s", help="Seconds per batch status step.")] = 0.2,
     rpm: Annotated[int | None, typer.Option("--rpm", help="/v1/embeddings requests per minute, per key.")] = None,
     tpm: Annotated[int | None, typer.Option("--tpm", help="/v1/embeddings tokens per minute, per key.")] = None,
+    ui: Annotated[bool, typer.Option("--ui", help="Also serve the workspace's live report page at /.")] = False,
 ) -> None:
     """Run an OpenAI-compatible server (files, batches, embeddings) for tests and local models."""
     import ipaddress
@@ -190,7 +210,14 @@ def serve(
     )
     limits = f", {rpm or '∞'} RPM / {tpm or '∞'} TPM per key" if rpm or tpm else ""
     err_console.print(f"embedbatch serve on http://{host}:{port}/v1 (model: {model or 'hash'}{limits})")
-    web.run_app(build_app(state), host=host, port=port, print=None, access_log=None)
+    page = None
+    if ui:
+        from embedbatch.report.live import LivePage
+
+        keys = [k.strip() for k in api_key.split(",") if k.strip()] if api_key else None
+        page = LivePage(open_workspace(), keys=keys)
+        err_console.print(f"live report on http://{host}:{port}/")
+    web.run_app(build_app(state, ui=page), host=host, port=port, print=None, access_log=None)
 
 
 @app.command()

@@ -22,7 +22,7 @@ class AdminMixin(EmbeddingsMixin):
     ) -> web.StreamResponse:
         auth = request.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ").strip()
-        if request.path == "/metrics":  # scraped without a key, like any exporter
+        if request.path in ("/metrics", "/"):  # scraped without a key; the report page checks its own
             return await handler(request)
         if request.path.startswith("/_admin"):  # with --api-key, the admin endpoints need it too
             if self.api_keys is not None and token not in self.api_keys:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -25,6 +26,9 @@ from embedbatch.server.batches import BatchesMixin
 from embedbatch.server.faults import FaultConfig
 from embedbatch.server.files import FilesMixin
 from embedbatch.server.state import MAX_FILE_BYTES, TERMINAL
+
+if TYPE_CHECKING:
+    from embedbatch.report.live import LivePage
 
 __all__ = ["EmbeddingBackend", "FakeOpenAI", "FaultConfig", "HashBackend", "ServerThread", "build_app"]
 
@@ -41,8 +45,9 @@ class FakeOpenAI(FilesMixin, BatchesMixin, AdminMixin):
     """
 
 
-def build_app(state: FakeOpenAI) -> web.Application:
-    """The aiohttp application serving ``state`` under ``/v1``."""
+def build_app(state: FakeOpenAI, *, ui: LivePage | None = None) -> web.Application:
+    """The aiohttp application serving ``state`` under ``/v1`` (and, with ``ui``, the live
+    report page at ``/``, read-only, behind the same keys as the API)."""
     app = web.Application(middlewares=[state.middleware], client_max_size=MAX_FILE_BYTES + (1 << 20))
     r = app.router
     r.add_post("/v1/files", state.create_file)
@@ -58,6 +63,16 @@ def build_app(state: FakeOpenAI) -> web.Application:
     r.add_get("/_admin/counts", state.admin_counts)
     r.add_get("/_admin/keys", state.admin_keys)
     r.add_get("/metrics", state.metrics)
+    if ui is not None:
+        page = ui
+
+        async def report_page(request: web.Request) -> web.Response:
+            if not page.allowed(request.headers, request.query_string):
+                return web.Response(status=401, text="give the key: Authorization: Bearer KEY, or ?key=KEY")
+            body = await asyncio.to_thread(page.html)
+            return web.Response(body=body, content_type="text/html", charset="utf-8")
+
+        r.add_get("/", report_page)
     return app
 
 
