@@ -44,7 +44,8 @@ class ReportData:
             retry batch), and ``phases``: ``[state, ISO time]`` in order (batch.json history).
         failures: reason → rows still failed, over the runs shown.
         datasets: model, dataset, rows (current), shards, dimensions, dtype, bytes,
-            superseded (rows replaced by later shards), ``shard_norms`` (file, rows,
+            superseded (rows replaced by later shards), skipped_existing (rows the runs shown
+            did not send again: already stored), ``shard_norms`` (file, rows,
             min_norm, max_norm) and the sample: ``norm_hist`` (edges, counts) and ``map``
             (x, y, id, text (≤ 200 characters), split, source, run_id; PCA of the sample).
         local_runs: run_id, rows_per_s, tokens_per_s, padding_ratio and each stage's busy and
@@ -131,12 +132,7 @@ def _sample(ws: Workspace, manifest: Manifest, n: int, seed: int) -> dict[str, A
         return {}
     vecs = vectors_of(table.column("embedding"))
     norms = np.linalg.norm(vecs, axis=1)
-    centred = vecs - vecs.mean(axis=0)
-    if len(vecs) >= 2:
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        xy = centred @ vt[:2].T
-    else:
-        xy = np.zeros((len(vecs), 2), np.float32)
+    xy, method = _project(vecs)
     lo, hi = float(norms.min()), float(norms.max())
     span = (lo - 0.01, hi + 0.01) if hi - lo < 1e-6 else (lo, hi)  # unit vectors: every norm is 1
     counts, edges = np.histogram(norms, bins=min(40, max(1, len(norms) // 5)), range=span)
@@ -154,9 +150,27 @@ def _sample(ws: Workspace, manifest: Manifest, n: int, seed: int) -> dict[str, A
             "split": col("split"),
             "source": col("source"),
             "run_id": col("run_id"),
-            "method": "PCA",
+            "method": method,
         },
     }
+
+
+def _project(vecs: np.ndarray) -> tuple[np.ndarray, str]:
+    """``(n, 2)`` coordinates of ``(n, dim)`` vectors: UMAP (cosine) when ``umap-learn`` is
+    installed and there are enough rows, else PCA (an SVD of the centred sample)."""
+    if len(vecs) >= 50:
+        try:
+            import umap
+
+            xy: np.ndarray = umap.UMAP(n_components=2, metric="cosine", random_state=0).fit_transform(vecs)
+            return xy, "UMAP"
+        except ImportError:
+            pass
+    centred = vecs - vecs.mean(axis=0)
+    if len(vecs) < 2:
+        return np.zeros((len(vecs), 2), np.float32), "PCA"
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:2].T, "PCA"
 
 
 def _dataset(ws: Workspace, model: str, dataset: str, sample: int) -> dict[str, Any]:
@@ -230,6 +244,12 @@ def collect(
     if dataset is not None and not named:
         raise UsageError(f"no dataset {dataset!r} in the workspace (see `embedbatch list`)")
     data.datasets = [_dataset(ws, m, d, sample) for m, d in named]
+    for d in data.datasets:  # duplicates not sent again, over the runs shown
+        d["skipped_existing"] = sum(
+            int(r.get("skipped_existing") or 0)
+            for r in rows
+            if "error" not in r and (r["model"], r["dataset"]) == (d["model"], d["dataset"])
+        )
     return data
 
 

@@ -33,7 +33,7 @@ RUN_COLUMNS = [
     "cost (USD)",
     "wall",
 ]
-DATASET_COLUMNS = ("model", "dataset", "rows", "dim", "dtype", "shards", "MB", "replaced rows")
+DATASET_COLUMNS = ("model", "dataset", "rows", "dim", "dtype", "shards", "MB", "replaced rows", "skipped (stored)")
 
 CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #1d2330; }
@@ -196,7 +196,7 @@ def _datasets(data: ReportData) -> str:
         f'<td>{html.escape(d["dataset"])}</td><td class="num rows">{d["rows"]:,}</td>'
         f'<td class="num">{d["dimensions"]}</td>'
         f'<td>{d["dtype"]}</td><td class="num">{d["shards"]}</td><td class="num">{d["bytes"] / 1e6:,.1f}</td>'
-        f'<td class="num">{d["superseded"]:,}</td></tr>'
+        f'<td class="num">{d["superseded"]:,}</td><td class="num skipped">{d["skipped_existing"]:,}</td></tr>'
         for d in data.datasets
     )
     parts = [f'<table id="datasets"><tr>{head}</tr>{rows}</table>']

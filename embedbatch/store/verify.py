@@ -215,8 +215,8 @@ def _mtime(path: Any) -> str | None:
 
 def run_row(run: RunPaths) -> dict[str, Any]:
     """One run as ``list``, ``status`` and ``report`` show it: ids, kind, status as people read it
-    (:attr:`RunState.outcome`), failed rows and reasons, batch states, rows planned and
-    stored, usage tokens, cost in USD estimated at planning and from the usage (Batch API
+    (:attr:`RunState.outcome`), failed rows and reasons, batch states, rows planned, skipped
+    (already stored) and stored, usage tokens, cost in USD estimated at planning and from the usage (Batch API
     prices for batch runs, standard prices for realtime runs, None for local runs), and the
     seconds from creation to the last save. ``{"run_dir", "error"}`` for an unreadable run."""
     try:
@@ -241,6 +241,7 @@ def run_row(run: RunPaths) -> dict[str, Any]:
         "failed_reasons": rs.failed_reasons,
         "batches": states,
         "planned": rs.counts.get("planned", 0),
+        "skipped_existing": rs.counts.get("skipped_existing", rs.local.get("skipped_existing", 0)),
         "rows": rs.counts.get("succeeded", rs.local.get("rows", 0)),
         "tokens": rs.actual.get("usage_tokens", rs.local.get("real_tokens")),
         "cost_estimated_usd": rs.estimate.get(price) if rs.kind != "local" else None,
