@@ -4,11 +4,37 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TIME = shutil.which("time", path="/usr/bin:/bin") or "/usr/bin/time"  # GNU time (Debian: apt-get install time)
+
+
+def timed_cli(args: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, str]:
+    """One ``embedbatch`` command in a fresh process: (seconds, peak RSS MiB, stdout). GNU time
+    measures the RSS: a child forked from a large bench process would count its pages too.
+
+    Raises:
+        SystemExit: the command failed (its stderr's tail).
+    """
+    out = cwd / "time.txt"
+    started = time.perf_counter()
+    done = subprocess.run(
+        [TIME, "-f", "%M", "-o", str(out), sys.executable, "-m", "embedbatch", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return seconds, int(out.read_text().split()[-1]) / 1024, done.stdout
 
 
 def run_child(code: str, *args: str) -> dict[str, float]:

@@ -39,10 +39,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import DATA
+from _util import DATA, timed_cli
 
 MODEL = "text-embedding-3-small"
-TIME = shutil.which("time", path="/usr/bin:/bin") or "/usr/bin/time"  # GNU time (Debian: apt-get install time)
 
 
 def build_source(path: Path, rows: int) -> int:
@@ -67,24 +66,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def timed(args: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, str]:
-    """One CLI command in a fresh process: (seconds, peak RSS MiB, stdout)."""
-    out = cwd / "time.txt"
-    started = time.perf_counter()
-    done = subprocess.run(
-        [TIME, "-f", "%M", "-o", str(out), sys.executable, "-m", "embedbatch", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return seconds, int(out.read_text().split()[-1]) / 1024, done.stdout
 
 
 def du(path: Path, pattern: str = "**/*") -> int:
@@ -127,16 +108,16 @@ def main() -> None:
         submit = ["submit", str(src), "--fields", "summary", "--dataset", "e2e", "--model", MODEL]
         submit += ["--dimensions", str(args.dimensions)]
         scratch = {**base, "EMBEDBATCH_WORKSPACE": str(tmp / "ws-plan")}
-        s, rss, _ = timed([*submit, "--dry-run"], scratch, tmp)
+        s, rss, _ = timed_cli([*submit, "--dry-run"], scratch, tmp)
         figures["plan"] = (s, rss)
         shutil.rmtree(tmp / "ws-plan", ignore_errors=True)
         env = {**base, "EMBEDBATCH_WORKSPACE": str(tmp / "ws")}
-        figures["submit"] = timed(submit, env, tmp)[:2]
+        figures["submit"] = timed_cli(submit, env, tmp)[:2]
         (run_dir,) = [p.parent for p in (tmp / "ws" / "batches").glob("*/*/run_*/run.json")]
         batch_bytes = du(run_dir, "batches/*/input.jsonl")
         started, passes, peak = time.perf_counter(), 0, 0.0
         while True:
-            s, rss, _ = timed(["poll"], env, tmp)
+            s, rss, _ = timed_cli(["poll"], env, tmp)
             passes, peak = passes + 1, max(peak, rss)
             states = [orjson.loads(p.read_bytes())["status"] for p in run_dir.glob("batches/*/batch.json")]
             if states and all(st == "downloaded" for st in states):
@@ -146,9 +127,9 @@ def main() -> None:
             time.sleep(2)
         figures["wait (poll passes)"] = (time.perf_counter() - started, peak)
         output_bytes = du(run_dir, "batches/*/output.jsonl")
-        figures["ingest"] = timed(["ingest", "--run-dir", str(run_dir)], env, tmp)[:2]
-        figures["verify --quick 3"] = timed(["verify", "--quick", "3"], env, tmp)[:2]
-        listed = orjson.loads(timed(["list-datasets", "--json"], env, tmp)[2])
+        figures["ingest"] = timed_cli(["ingest", "--run-dir", str(run_dir)], env, tmp)[:2]
+        figures["verify --quick 3"] = timed_cli(["verify", "--quick", "3"], env, tmp)[:2]
+        listed = orjson.loads(timed_cli(["list-datasets", "--json"], env, tmp)[2])
     finally:
         server.terminate()
         server.wait()

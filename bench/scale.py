@@ -22,7 +22,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +32,10 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import timed_cli
+
 MODEL = "m"
-TIME = shutil.which("time", path="/usr/bin:/bin") or "/usr/bin/time"  # GNU time (Debian: apt-get install time)
 COMMANDS: dict[str, list[str]] = {
     "--version": ["--version"],
     "list": ["list"],
@@ -49,24 +50,11 @@ COMMANDS: dict[str, list[str]] = {
 
 
 def run(ws: Path, args: list[str], cwd: Path) -> tuple[float, float]:
-    """One command in a fresh process: (seconds, peak RSS MiB). GNU time measures the RSS: a
-    child forked from this (large) process would count its pages too."""
+    """One command in a fresh process: (seconds, peak RSS MiB)."""
     env = {**os.environ, "EMBEDBATCH_WORKSPACE": str(ws), "OPENAI_API_KEY": "sk-bench", "EMBEDBATCH_LOG_FORMAT": "json"}
     env["OPENAI_BASE_URL"] = "http://127.0.0.1:9/v1"  # nothing to call: a pass with nothing to do calls nobody
-    out = cwd / "time.txt"
-    started = time.perf_counter()
-    done = subprocess.run(
-        [TIME, "-f", "%M", "-o", str(out), sys.executable, "-m", "embedbatch", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        check=False,
-    )
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.decode()[-1500:]}")
-    return seconds, int(out.read_text().split()[-1]) / 1024
+    seconds, rss, _ = timed_cli(args, env, cwd)
+    return seconds, rss
 
 
 def build(ws: Path, rows: int, tmp: Path) -> float:

@@ -200,9 +200,10 @@ def test_the_live_page_of_poll_watch_and_serve_ui(
 def test_the_report_is_bounded_and_says_what_it_left_out(ws: Workspace) -> None:
     """Without a browser: the page lists the open runs and the newest ``last`` others, says how
     many it left out, refuses an unknown dataset, and the live page's key rule holds."""
+    from embedbatch.cli.app import check_bind
     from embedbatch.errors import UsageError
     from embedbatch.report.data import collect
-    from embedbatch.report.live import LivePage, check_bind
+    from embedbatch.report.live import LivePage
     from embedbatch.report.page import render
     from tests.engines.batchapi.test_state_layer import _finished_runs
 
@@ -223,4 +224,4 @@ def test_the_report_is_bounded_and_says_what_it_left_out(ws: Workspace) -> None:
     )
     assert LivePage(ws).allowed({}, "")
     with pytest.raises(UsageError, match="reachable from other machines"):
-        check_bind("0.0.0.0", None, flag="--ui-host")
+        check_bind("0.0.0.0", None, flag="--ui-host", key_flag="--ui-key")

@@ -243,3 +243,19 @@ def _fail(raised: BaseException, error: EmbedbatchError | None) -> NoReturn:
         message, code = str(error), error.exit_code
     err_console.print(Text("error: ", style="bold red") + Text(scrub(message)), soft_wrap=True)
     sys.exit(code)
+
+
+def check_bind(host: str, key: str | None, *, flag: str, key_flag: str) -> None:
+    """Refuse a non-loopback ``host`` without a key (``serve``, the live report page).
+
+    Raises:
+        UsageError: ``host`` is reachable from other machines and no key was given.
+    """
+    import ipaddress
+
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not key:
+        raise UsageError(f"{flag} {host} is reachable from other machines: give {key_flag} too")

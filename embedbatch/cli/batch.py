@@ -20,6 +20,7 @@ from embedbatch.cli.app import (
     RowsPerShard,
     SourceArg,
     app,
+    check_bind,
     open_workspace,
     safe_args,
     settings,
@@ -471,9 +472,9 @@ def poll(
     if ui_port is not None:
         if watch is None:
             raise UsageError("--ui-port needs --watch (or write the page once: embedbatch report --out FILE)")
-        from embedbatch.report.live import LivePage, check_bind, start_ui
+        from embedbatch.report.live import LivePage, start_ui
 
-        check_bind(ui_host, ui_key, flag="--ui-host")
+        check_bind(ui_host, ui_key, flag="--ui-host", key_flag="--ui-key")
         server = start_ui(LivePage(ws, refresh_s=max(watch, 2.0), keys=[ui_key] if ui_key else None), ui_host, ui_port)
         log.info("serving the live report", url=f"http://{ui_host}:{server.server_address[1]}/")
 

@@ -16,6 +16,7 @@ from embedbatch.cli.app import (
     Model,
     SourceArg,
     app,
+    check_bind,
     db_app,
     open_workspace,
     safe_args,
@@ -168,7 +169,6 @@ def serve(
     ui: Annotated[bool, typer.Option("--ui", help="Also serve the workspace's live report page at /.")] = False,
 ) -> None:
     """Run an OpenAI-compatible server (files, batches, embeddings) for tests and local models."""
-    import ipaddress
     import tempfile
 
     from aiohttp import web
@@ -176,12 +176,7 @@ def serve(
     from embedbatch.server.app import FakeOpenAI, FaultConfig, build_app
     from embedbatch.server.ratelimit import ProviderLimits
 
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and not api_key:
-        raise UsageError(f"serve --host {host} is reachable from other machines: give --api-key too")
+    check_bind(host, api_key, flag="serve --host", key_flag="--api-key")
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be 0-65535 (0: any free port), got {port}")
     if api_key is not None and not any(k.strip() for k in api_key.split(",")):

@@ -6,31 +6,15 @@ or ``?key=``), as ``serve`` requires one for its API."""
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from embedbatch.errors import UsageError
 from embedbatch.workspace import Workspace
 
-__all__ = ["LivePage", "check_bind", "start_ui"]
-
-
-def check_bind(host: str, key: str | None, *, flag: str) -> None:
-    """Refuse a non-loopback ``host`` without a key.
-
-    Raises:
-        UsageError: ``host`` is reachable from other machines and no key was given.
-    """
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and not key:
-        raise UsageError(f"{flag} {host} is reachable from other machines: give a key too")
+__all__ = ["LivePage", "start_ui"]
 
 
 class LivePage:

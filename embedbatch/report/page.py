@@ -20,6 +20,7 @@ from embedbatch.report.data import ReportData, to_json
 
 __all__ = ["render"]
 
+# the runs table's columns, and the datasets table's
 RUN_COLUMNS = [
     "run",
     "engine",
@@ -69,22 +70,7 @@ def _num(value: Any, fmt: str = "{:,}") -> str:
 
 
 def _runs_table(data: ReportData) -> str:
-    head = "".join(
-        f"<th>{h}</th>"
-        for h in (
-            "run",
-            "engine",
-            "model",
-            "dataset",
-            "status",
-            "rows",
-            "failed",
-            "tokens",
-            "cost est. (USD)",
-            "cost (USD)",
-            "wall",
-        )
-    )
+    head = "".join(f"<th>{h}</th>" for h in RUN_COLUMNS)
     rows = []
     for r in data.runs:
         if "error" in r:
