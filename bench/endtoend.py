@@ -15,9 +15,9 @@ fresh process timed by GNU time (wall seconds, peak RSS):
 5. ``verify --quick 3`` and the row count of the dataset (every row once).
 
 Prints rows/s and peak RSS per stage, the bytes on disk per row (batch files, shards, id
-index), and an extrapolation to 100M rows (linear in rows for time and disk; memory as
-measured, since every stage streams). Model ``text-embedding-3-small`` with ``--dimensions``
-(64 by default) so the output stays small.
+index), and an extrapolation to 100M rows (linear in rows for time and disk; memory is the
+measured size's: run two sizes to see what grows; planning does, ~50 bytes a row). Model
+``text-embedding-3-small`` with ``--dimensions`` (64 by default) so the output stays small.
 
 Usage: python bench/endtoend.py [--rows 2000000] [--dimensions 64] [--keep DIR]
 """
@@ -150,13 +150,13 @@ def main() -> None:
     print("\nbytes per row: " + ", ".join(f"{k} {v / n:,.0f}" for k, v in per_row.items()))
     scale = 100_000_000 / n
     ours = figures["submit"][0] + figures["ingest"][0]
-    print(f"\nextrapolated to 100M rows (x{scale:.0f}, linear in rows; memory as measured, every stage streams):")
+    print(f"\nextrapolated to 100M rows (x{scale:.0f}; time and disk linear in rows):")
     hours = {k: figures[k][0] * scale / 3600 for k in ("submit", "ingest")}
     print(f"  plan + upload + create: {hours['submit']:.1f} h; ingest: {hours['ingest']:.1f} h")
     print(f"  ours in all (submit + ingest): {ours * scale / 3600:.1f} h")
     kept, cleaned = sum(per_row.values()) * scale / 1e9, (shard_bytes + index_bytes) * scale / 1e9
     print(f"  disk: {kept:,.0f} GB with batch files kept, {cleaned:,.0f} GB after clean")
-    print(f"  peak RSS: {max(r for _, r in figures.values()):,.0f} MiB (largest stage)")
+    print(f"  peak RSS at this size: {max(r for _, r in figures.values()):,.0f} MiB (run two sizes to see growth)")
     print(f"  batches: {len(states) * scale:,.0f} (at 50,000 requests each)")
     if args.keep is None:
         shutil.rmtree(tmp, ignore_errors=True)

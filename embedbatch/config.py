@@ -248,6 +248,13 @@ class PrepareConfig:
             template (``{role}``, ``{content}``, ``{index}``), only ``roles`` are kept (empty:
             all), the last ``max_messages``; ``unit`` ``conversation`` gives one record per
             conversation, ``message`` one per kept message (id ``{conversation id}/{index}``).
+        chunk_tokens: split each prepared text into chunks of at most this many tokens of the
+            model's tokenizer, one record each (None: no chunking; a text longer than
+            ``max_tokens`` is cut, as before); see :mod:`embedbatch.chunking`.
+        chunk_overlap: tokens shared by consecutive chunks, at most.
+        chunker: ``recursive`` (paragraph, then sentence, then word boundaries), ``markdown``
+            (headings and code blocks too) or ``tokens`` (token boundaries).
+        chunk_id_template: a chunk's id from ``{parent_id}`` and ``{k}`` (0-based).
     """
 
     fields: tuple[str, ...] = ("text",)
@@ -265,11 +272,16 @@ class PrepareConfig:
     roles: tuple[str, ...] = ()
     unit: Literal["conversation", "message"] = "conversation"
     max_messages: int | None = None
+    chunk_tokens: int | None = None
+    chunk_overlap: int = 0
+    chunker: Literal["tokens", "recursive", "markdown"] = "recursive"
+    chunk_id_template: str = "{parent_id}#{k}"
 
     @classmethod
     def from_file(cls, path: Path, **overrides: Any) -> PrepareConfig:
-        """Read keys fields, template, prefix, suffix, delimiter, lowercase, truncate (and
-        max_tokens) from a YAML, JSON or TOML file; ``overrides`` (non-None) win.
+        """Read keys fields, template, prefix, suffix, delimiter, lowercase, truncate,
+        max_tokens and the chunking keys (chunk_tokens, chunk_overlap, chunker,
+        chunk_id_template) from a YAML, JSON or TOML file; ``overrides`` (non-None) win.
 
         Raises:
             UsageError: unreadable file, unknown key, or wrong type.
@@ -306,6 +318,10 @@ class PrepareConfig:
             "lowercase",
             "truncate",
             "max_tokens",
+            "chunk_tokens",
+            "chunk_overlap",
+            "chunker",
+            "chunk_id_template",
         }
         unknown = set(data) - allowed
         if unknown:

@@ -20,6 +20,7 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
+from embedbatch.chunking import Chunker, chunk_records
 from embedbatch.config import PrepareConfig, SampleConfig, SourceConfig
 from embedbatch.conversations import CONVERSATION_FIELD, Conversations, find_messages_field
 from embedbatch.errors import DuplicateIdError, InputError, UsageError
@@ -76,6 +77,9 @@ class IntakeStats:
     tokens_max: int = 0
     truncated: int = 0
     bytes_total: int = 0
+    documents: int = 0
+    chunks: int = 0
+    stale_chunks: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     missing_fields: dict[str, int] = field(default_factory=dict)
     ids: str = ""
@@ -98,6 +102,9 @@ class IntakeStats:
             "tokens_max": self.tokens_max,
             "truncated": self.truncated,
             "bytes_total": self.bytes_total,
+            "documents": self.documents,
+            "chunks": self.chunks,
+            "stale_chunks": self.stale_chunks,
             "reasons": self.reasons,
             "missing_fields": self.missing_fields,
             "ids": self.ids,
@@ -132,6 +139,14 @@ class Intake:
             embedded with that text, or planned in an unfinished run).
         strict_fields: rows that lack a field stop the run (unless ``allow_missing_fields``);
             False only counts them (``estimate``). A field no row has always stops it.
+        stored: ``(ids) -> (n,) bool`` of ids the dataset holds now; with chunking, a document
+            whose chunk count shrank has its old chunks past the new count listed in
+            :attr:`stale` (the engine commits them as deletions with its first rows).
+        chunk_tokenizer: counts chunk tokens (default: ``tokenizer``; the local engine passes
+            its model's, since it counts the rest later in batches).
+
+    Attributes:
+        stale: ids of chunks no longer current (see ``stored``), after :meth:`records` ends.
     """
 
     def __init__(
@@ -145,10 +160,17 @@ class Intake:
         on_row: Callable[[int], None] | None = None,
         exclude: Callable[[str, str], bool] | None = None,
         strict_fields: bool = True,
+        stored: Callable[[list[str]], Any] | None = None,
+        chunk_tokenizer: Tokenizer | None = None,
     ) -> None:
         self.source = source
         self.prepare = prepare
-        self.preparer = Preparer(prepare, tokenizer)
+        self.chunker = Chunker.for_prepare(prepare, chunk_tokenizer or tokenizer)
+        if self.chunker is not None:
+            tokenizer = None  # the whole document is kept; each chunk is counted by the chunker
+        self.stored = stored
+        self.stale: list[str] = []
+        self.preparer = Preparer(prepare, tokenizer)  # no tokenizer with chunking: nothing is cut
         self.id_template = source.id_template
         self.conversations: Conversations | None = None
         self.sampler = Sampler(sample)
@@ -353,17 +375,12 @@ class Intake:
         """
         id_keys: array[int] = array("Q")
         try:
-            for rec in self.sampler.select(self._records(id_keys)):
-                if self.exclude is not None and self.exclude(rec.id, rec.sha256):
-                    self.skipped_existing += 1
-                    continue
-                self.stats.sampled += 1
-                self.stats.tokens_total += rec.n_tokens
-                self.stats.tokens_max = max(self.stats.tokens_max, rec.n_tokens)
-                self.stats.bytes_total += len(rec.text.encode("utf-8"))
-                if rec.metadata.get("truncated"):
-                    self.stats.truncated += 1
-                yield rec
+            for doc in self.sampler.select(self._records(id_keys)):
+                for rec in self._chunks(doc) if self.chunker is not None else (doc,):
+                    if self.exclude is not None and self.exclude(rec.id, rec.sha256):
+                        self.skipped_existing += 1
+                        continue
+                    yield self._count_chosen(rec)
             self.stats.missing_fields = {f: n for f, n in self.preparer.missing.items() if n}
             self.preparer.check_fields(source_label(self.source), strict=self.strict_fields)
             self._check_duplicates(id_keys)
@@ -371,6 +388,25 @@ class Intake:
             if self._rejected_fh is not None:
                 self._rejected_fh.close()
                 self._rejected_fh = None
+
+    def _count_chosen(self, rec: Record) -> Record:
+        self.stats.sampled += 1
+        self.stats.tokens_total += rec.n_tokens
+        self.stats.tokens_max = max(self.stats.tokens_max, rec.n_tokens)
+        self.stats.bytes_total += len(rec.text.encode("utf-8"))
+        if rec.metadata.get("truncated"):
+            self.stats.truncated += 1
+        return rec
+
+    def _chunks(self, doc: Record) -> list[Record]:
+        """One document's chunk records; its stale old chunks go to :attr:`stale`."""
+        assert self.chunker is not None
+        out, stale = chunk_records(doc, self.chunker, self.prepare.chunk_id_template, self.stored)
+        self.stats.documents += 1
+        self.stats.chunks += len(out)
+        self.stats.stale_chunks += len(stale)
+        self.stale += stale
+        return out
 
     def _check_duplicates(self, id_keys: array[int]) -> None:
         keys = np.frombuffer(id_keys, dtype=np.uint64) if len(id_keys) else np.empty(0, np.uint64)

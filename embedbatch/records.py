@@ -46,7 +46,10 @@ class Record:
         id: the record id, the batch ``custom_id``.
         text: exactly the text that is embedded (after preparation and truncation).
         n_tokens: tokens of ``text`` with the model's tokenizer.
-        metadata: provenance (file, line), fields used, truncation; JSON-serialisable.
+        metadata: provenance (file, line), fields used, truncation; JSON-serialisable; a
+            chunk's ``chunk`` (parent id, index, start/end character offsets into the prepared
+            parent text, count, policy).
+        parent_id / chunk_index: the document and position of a chunk (None: not chunked).
     """
 
     id: str
@@ -57,6 +60,8 @@ class Record:
     n_tokens: int
     metadata: dict[str, Any] = field(default_factory=dict)
     stratum: str | None = None
+    parent_id: str | None = None
+    chunk_index: int | None = None
 
     @property
     def sha256(self) -> str:

@@ -7,6 +7,7 @@ table, 2026); we load it offline from ``bpe-openai``, which ships the ranks.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -117,6 +118,20 @@ class _Cl100k:
     def encode(self, text: str) -> list[int]:
         return list(self._enc.encode_ordinary(text))
 
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """``(start, end)`` character span of each token (tokens that share a character, the
+        bytes of one emoji, are one span), in windows the tokenizer accepts."""
+        spans: list[tuple[int, int]] = []
+        for base in range(0, len(text), 40_000):
+            window = text[base : base + 40_000]
+            decoded, starts = self._enc.decode_with_offsets(self._enc.encode_ordinary(window))
+            if decoded != window:  # not expected for ordinary text; fall back to one span
+                spans.append((base, base + len(window)))
+                continue
+            bounds = [*sorted(set(starts)), len(window)]
+            spans += [(base + a, base + b) for a, b in itertools.pairwise(bounds) if b > a]
+        return spans
+
     def cut(self, text: str, max_tokens: int) -> str:
         tokens = self.encode(text)
         if len(tokens) <= max_tokens:
@@ -153,6 +168,11 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """``(start, end)`` character span of each token."""
+        enc = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [(int(a), int(b)) for a, b in enc["offset_mapping"] if b > a]
 
     def cut(self, text: str, max_tokens: int) -> str:
         # Cut at the character offset where the last kept token ends, so the text keeps its

@@ -176,6 +176,14 @@ class PrepareOptions(OptionGroup):
         str, typer.Option("--unit", help="conversation (a row each) or message (id {conversation id}/{index}).")
     ] = "conversation"
     max_messages: Annotated[int | None, typer.Option("--max-messages", help="Keep the last N messages.")] = None
+    chunk_tokens: Annotated[
+        int | None, typer.Option("--chunk-tokens", help="Split each text into chunks of at most N tokens.")
+    ] = None
+    chunk_overlap: Annotated[int | None, typer.Option("--chunk-overlap", help="Tokens shared by neighbours.")] = None
+    chunker: Annotated[str | None, typer.Option("--chunker", help="recursive (default), markdown or tokens.")] = None
+    chunk_id_template: Annotated[
+        str | None, typer.Option("--chunk-id-template", help="A chunk's id (default '{parent_id}#{k}').")
+    ] = None
 
     def build(self, source: str, src: SourceOptions) -> PrepareConfig:
         """Preparation from flags, or from ``--config`` with flags winning.
@@ -199,7 +207,14 @@ class PrepareOptions(OptionGroup):
             "roles": tuple(r.strip() for r in self.roles.split(",") if r.strip()) if self.roles else None,
             "unit": self.unit,
             "max_messages": self.max_messages,
+            "chunk_tokens": self.chunk_tokens,
+            "chunk_overlap": self.chunk_overlap,
+            "chunker": self.chunker,
+            "chunk_id_template": self.chunk_id_template,
         }
+        chunk_flags = (self.chunk_overlap, self.chunker, self.chunk_id_template)
+        if self.chunk_tokens is None and self.config is None and chunk_flags != (None, None, None):
+            raise UsageError("--chunk-overlap, --chunker and --chunk-id-template need --chunk-tokens")
         if self.unit not in ("conversation", "message"):
             raise UsageError(f"--unit must be conversation or message, got {self.unit!r}")
         if self.config is not None:

@@ -54,7 +54,8 @@ def print_estimate(est: Any) -> None:
         ("rows read", f"{s.rows_read:,}"),
         ("rejected", f"{s.rejected:,} ({s.rejected_empty:,} empty text)"),
         ("records prepared (rows, or messages with --unit message)", f"{s.prepared:,}"),
-        ("records sampled", f"{s.sampled:,}"),
+        ("records sampled (chunks, when chunking)", f"{s.sampled:,}"),
+        *([("documents chunked / chunks", f"{s.documents:,} / {s.chunks:,}")] if s.documents else []),
         ("tokens total", f"{s.tokens_total:,}"),
         ("tokens mean / max", f"{s.tokens_mean:,.1f} / {s.tokens_max:,}"),
         ("truncated rows", f"{s.truncated:,}"),
@@ -423,13 +424,26 @@ def print_workspace(data: dict[str, Any]) -> None:
         console.print(f"{data['runs_not_shown']:,} older finished run(s) not shown (--last N, --all)")
 
 
+def print_chunks(parent: str, chunks: list[dict[str, Any]]) -> None:
+    """``get PARENT --chunks``: index, id, character span in the document, the text's start."""
+    t = Table(title=Text(f"{parent}: {len(chunks)} chunks"))
+    for name in ("k", "id", "chars", "text"):
+        t.add_column(name)
+    for c in chunks:
+        t.add_row(
+            str(c["chunk_index"]), Text(c["id"]), f"{c['start']}-{c['end']}", Text(c["text"][:100].replace("\n", " "))
+        )
+    console.print(t)
+
+
 def print_hits(query: str, hits: list[dict[str, Any]]) -> None:
     """Search results: score, id, the text's first 160 characters."""
     t = Table(title=Text(f"nearest to {query!r}"))
     for c in ("score", "id", "text"):
         t.add_column(c)
     for h in hits:
-        t.add_row(f"{h['score']:.4f}", Text(str(h["id"])), Text((h.get("text") or "")[:160].replace("\n", " ")))
+        label = f"{h['id']} #{h['chunk']}" if h.get("chunk") is not None else str(h["id"])
+        t.add_row(f"{h['score']:.4f}", Text(label), Text((h.get("text") or "")[:160].replace("\n", " ")))
     console.print(t)
     via = next((h["via"] for h in hits if h.get("via")), None)  # search --id: the row itself has none
     if via:

@@ -1,6 +1,6 @@
-"""Commands that use the stored embeddings: ``index build`` (Faiss), ``get`` (a row by id),
-``export`` (vectors for other tools), ``import`` (vectors from other tools) and ``sql`` (DuckDB
-over shards, manifests and runs)."""
+"""Commands that use the stored embeddings: ``index build`` (Faiss), ``get`` (a row by id, or
+a document's chunks), ``delete`` (tombstones), ``export`` (vectors for other tools), ``import``
+(vectors from other tools) and ``sql`` (DuckDB over shards, manifests and runs)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from embedbatch.cli.app import JsonOut, Model, app, open_workspace
-from embedbatch.cli.render import console, print_json, print_kv
+from embedbatch.cli.render import console, print_chunks, print_json, print_kv
 from embedbatch.errors import NotFoundError, UsageError
 
 index_app = typer.Typer(no_args_is_help=True, help="Vector indexes (Faiss) beside the shards.")
@@ -65,14 +65,28 @@ def get(
     record_id: Annotated[str, typer.Argument(help="The row's id.")],
     dataset: Annotated[str, typer.Option("--dataset", help="The dataset (see `embedbatch list`).")],
     model: Model = None,
+    chunks: Annotated[bool, typer.Option("--chunks", help="List the chunks of this document instead.")] = False,
+    chunk_id_template: Annotated[
+        str, typer.Option("--chunk-id-template", help="With --chunks: the chunk ids' template.")
+    ] = "{parent_id}#{k}",
     json_out: JsonOut = False,
 ) -> None:
-    """A stored row by id: text, metadata and vector, through the id index (one row group read)."""
+    """A stored row by id: text, metadata and vector, through the id index (one row group read);
+    with --chunks, a document's chunks (index, id, characters, tokens, text)."""
     from embedbatch.search.exact import find_dataset
     from embedbatch.store.dataset import DatasetStore
 
     ws = open_workspace()
     m, d = find_dataset(ws, dataset, model)
+    if chunks:
+        found = DatasetStore(ws, m, d).chunks_of(record_id, template=chunk_id_template)
+        if not found:
+            raise NotFoundError(f"no chunks of {record_id!r} in dataset {m}/{d} (ids {chunk_id_template})")
+        if json_out:
+            print_json(found)
+        else:
+            print_chunks(record_id, found)
+        return
     (row,) = DatasetStore(ws, m, d).get([record_id])
     if row is None:
         raise NotFoundError(f"no id {record_id!r} in dataset {m}/{d}")
@@ -85,6 +99,42 @@ def get(
     print_kv(
         f"{m}/{d}: {record_id}", [(k, str(v)) for k, v in _plain(row).items()] + [("embedding", f"[{preview}, …]")]
     )
+
+
+@app.command()
+def delete(
+    dataset: Annotated[str, typer.Option("--dataset", help="The dataset to delete rows from.")],
+    ids: Annotated[str | None, typer.Option("--ids", help="Comma-separated ids.")] = None,
+    ids_file: Annotated[Path | None, typer.Option("--ids-file", help="A file of ids, one a line.")] = None,
+    model: Model = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Take rows out of the dataset's current view (search, get, sql, export, verify): a
+    tombstone commit, exactly once. Ids the dataset does not hold are reported, not an error."""
+    from embedbatch.search.exact import find_dataset
+    from embedbatch.store.dataset import DatasetStore
+    from embedbatch.workspace import utc_stamp
+
+    if (ids is None) == (ids_file is None):
+        raise UsageError("give --ids a,b,c or --ids-file FILE")
+    if ids_file is not None:
+        try:
+            wanted = [line.rstrip("\r") for line in ids_file.read_text(encoding="utf-8").split("\n") if line.strip()]
+        except OSError as exc:
+            raise UsageError(f"--ids-file {ids_file}: {exc.strerror or exc}") from exc
+    else:
+        wanted = [i.strip() for i in (ids or "").split(",") if i.strip()]
+    ws = open_workspace()
+    m, d = find_dataset(ws, dataset, model)
+    key = f"delete_{utc_stamp()}"
+    gone = DatasetStore(ws, m, d).delete(wanted, key=key, run_id=key, run_info={"kind": "delete"})
+    missing = len(set(wanted) - set(gone))
+    if json_out:
+        print_json({"deleted": len(gone), "not_found": missing, "key": key})
+    else:
+        console.print(
+            f"deleted {len(gone):,} row(s) from {m}/{d}" + (f"; {missing:,} id(s) not found" if missing else "")
+        )
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:

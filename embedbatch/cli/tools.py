@@ -229,6 +229,9 @@ def search(
     k: Annotated[int, typer.Option("-k", "--k")] = 5,
     local_model: Annotated[str | None, typer.Option("--local-model", help="Embed the query locally.")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Exact search even when a vector index is current.")] = False,
+    group_by_parent: Annotated[
+        bool, typer.Option("--group-by-parent", help="The best chunk of each document (chunked datasets).")
+    ] = False,
     json_out: JsonOut = False,
 ) -> None:
     """Embed a query with the dataset's model and print the nearest rows (exact, streamed over
@@ -239,6 +242,9 @@ def search(
     s = settings()
     if (query_text is None) == (record_id is None):
         raise UsageError("give a query text or --id ID (not both)")
+    if group_by_parent and (pg.pg_table or lib.libsql_url or not dataset):
+        raise UsageError("--group-by-parent searches a dataset's shards: give --dataset")
+    wanted, k = k, k * 8 if group_by_parent else k  # chunks of one document crowd each other out
     if record_id is not None:
         if not dataset:
             raise UsageError("--id needs --dataset")
@@ -276,6 +282,11 @@ def search(
         hits = search_shards(ws, s, query_text, dataset=dataset, model=model, k=k, local_model=local_model, exact=exact)
     else:
         raise UsageError("give --dataset (Parquet shards), --pg-table (PostgreSQL) or --libsql-url (libSQL)")
+    if group_by_parent and dataset:
+        from embedbatch.search.exact import best_per_parent, find_dataset
+
+        m, d = find_dataset(ws, dataset, model)
+        hits = best_per_parent(ws, m, d, hits, wanted)
     if json_out:
         print_json(hits)
     else:

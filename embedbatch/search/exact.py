@@ -13,7 +13,16 @@ from embedbatch.errors import NotFoundError, UsageError
 from embedbatch.store.manifest import Manifest
 from embedbatch.workspace import Workspace
 
-__all__ = ["embed_query", "find_dataset", "nearest", "search_by_id", "search_libsql", "search_pg", "search_shards"]
+__all__ = [
+    "best_per_parent",
+    "embed_query",
+    "find_dataset",
+    "nearest",
+    "search_by_id",
+    "search_libsql",
+    "search_pg",
+    "search_shards",
+]
 
 
 def embed_query(
@@ -81,6 +90,33 @@ def search_shards(
         finally:
             loaded.close()
     return [{**h, "via": f"exact ({why})"} for h in nearest(ws, manifest, q, k=k)]
+
+
+def best_per_parent(
+    ws: Workspace, model: str, dataset: str, hits: list[dict[str, Any]], k: int
+) -> list[dict[str, Any]]:
+    """The best chunk of each document among ``hits`` (best first), the first ``k`` documents:
+    ``{"id": parent id, "chunk": chunk index, "chunk_id", "score", "text" (the chunk's), ...}``.
+    A row that is not a chunk is its own document (chunk None). The parents come from each hit's
+    ``metadata.chunk`` (one id-index look-up and one row group per shard)."""
+    import orjson
+
+    from embedbatch.store.dataset import DatasetStore
+
+    rows = DatasetStore(ws, model, dataset).get([h["id"] for h in hits], columns=["metadata"])
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for h, row in zip(hits, rows, strict=True):
+        chunk = orjson.loads(row["metadata"] or "{}").get("chunk") if row is not None else None
+        parent = chunk["parent_id"] if isinstance(chunk, dict) else h["id"]
+        if parent in seen:
+            continue
+        seen.add(parent)
+        index = chunk["index"] if isinstance(chunk, dict) else None
+        out.append({**h, "id": parent, "chunk": index, "chunk_id": h["id"]})
+        if len(out) == k:
+            break
+    return out
 
 
 def _resolve(ws: Workspace, name: str, model: str | None) -> tuple[str, str, bool]:

@@ -25,18 +25,20 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import structlog
 
+from embedbatch._version import __version__
 from embedbatch.errors import StateError
 from embedbatch.store.index import IdIndex, write_shard_index
-from embedbatch.store.manifest import Manifest
-from embedbatch.store.shards import ShardWriter, StagedShard
-from embedbatch.workspace import Workspace, crash_point, file_lock, fsync_dir
+from embedbatch.store.manifest import Manifest, file_sha256
+from embedbatch.store.shards import ShardWriter, StagedShard, embedding_schema
+from embedbatch.workspace import Workspace, atomic_open, crash_point, file_lock, fsync_dir, utc_now
 
 __all__ = ["ALL_COLUMNS", "DatasetStore"]
 
@@ -145,6 +147,37 @@ class DatasetStore:
                 out[i] = row
         return out
 
+    def chunks_of(self, parent: str, *, template: str = "{parent_id}#{k}") -> list[dict[str, Any]]:
+        """A document's current chunks, in order (ids from ``template``, numbered from 0 without
+        gaps): ``{"chunk_index", "id", "start", "end", "count", "text"}``; empty when none.
+        Cost: one id-index look-up per chunk and one row group read per shard."""
+        import orjson
+
+        out: list[dict[str, Any]] = []
+        index = self.id_index()
+        try:
+            k = 0
+            while True:
+                ids = [template.format(parent_id=parent, k=j) for j in range(k, k + 16)]
+                rows = self.get(ids, columns=["text", "metadata"], index=index)
+                for j, row in enumerate(rows, start=k):
+                    if row is None:
+                        return out
+                    chunk = orjson.loads(row["metadata"] or "{}").get("chunk") or {}
+                    out.append(
+                        {
+                            "chunk_index": j,
+                            "id": row["id"],
+                            "start": chunk.get("start"),
+                            "end": chunk.get("end"),
+                            "count": chunk.get("count"),
+                            "text": row["text"],
+                        }
+                    )
+                k += 16
+        finally:
+            index.close()
+
     def writer(
         self, *, dim: int | None, dtype: str = "float32", rows_per_shard: int = 100_000, git_sha: str | None = None
     ) -> ShardWriter:
@@ -183,12 +216,19 @@ class DatasetStore:
         run_id: str,
         run_info: dict[str, Any],
         sampling: dict[str, Any] | None = None,
+        deletes: Sequence[str] = (),
+        deletes_key: str | None = None,
     ) -> list[dict[str, Any]]:
         """List the writer's staged shards in the manifest, under the dataset lock (module doc).
 
         Args:
             run_info: recorded under ``runs[run_id]`` (``created_at``, ``kind``).
             sampling: the run's sampling description, recorded once per distinct value.
+            deletes: ids to take out of the current view with this commit (tombstones): those
+                the dataset holds (and this commit does not write) are listed under the last new
+                entry's ``deletes``, or a zero-row shard's when no rows come with them.
+            deletes_key: recorded in that entry's ``sources``, so a caller can tell its
+                deletions were committed (exactly once, like a batch).
 
         Returns:
             The new manifest entries (may be empty: the run is still recorded).
@@ -201,7 +241,15 @@ class DatasetStore:
         staged = writer.take_staged()
         try:
             with self.locked(f"commit {run_id}"):
-                return self._commit_locked(staged, writer, run_id=run_id, run_info=run_info, sampling=sampling)
+                return self._commit_locked(
+                    staged,
+                    writer,
+                    run_id=run_id,
+                    run_info=run_info,
+                    sampling=sampling,
+                    deletes=deletes,
+                    deletes_key=deletes_key,
+                )
         finally:
             for st in staged:
                 st.release()
@@ -214,6 +262,8 @@ class DatasetStore:
         run_id: str,
         run_info: dict[str, Any],
         sampling: dict[str, Any] | None,
+        deletes: Sequence[str] = (),
+        deletes_key: str | None = None,
     ) -> list[dict[str, Any]]:
         manifest = self.manifest()
         self.remove_orphans(manifest)
@@ -222,7 +272,7 @@ class DatasetStore:
                 f"{writer.dim}-d vectors cannot join dataset {self.model}/{self.dataset}, "
                 f"whose shards are {manifest.dimensions}-d"
             )
-        index = self.id_index(manifest) if staged and manifest.shards else IdIndex.empty()
+        index = self.id_index(manifest) if (staged or deletes) and manifest.shards else IdIndex.empty()
         used = [int(s["file"][6:11]) for s in manifest.shards]
         number = (max(used) + 1) if used else 1
         entries: list[dict[str, Any]] = []
@@ -240,11 +290,19 @@ class DatasetStore:
             if supersedes:
                 entry["supersedes"] = supersedes
             entries.append(entry)
-        if staged:
+        gone = [r for r, held in zip(deletes, index.has_ids(list(deletes)).tolist(), strict=True) if held]
+        gone = [r for r in dict.fromkeys(gone) if r not in new_ids]
+        if gone:
+            if not entries:
+                entries.append(self._empty_shard(f"shard-{number:05d}.parquet", manifest))
+            entries[-1]["deletes"] = gone
+            if deletes_key:
+                entries[-1]["sources"] = [*entries[-1].get("sources", []), deletes_key]
+        if entries:
             fsync_dir(self.shards_dir)
         crash_point("store_before_manifest")
         manifest.shards.extend(entries)
-        if entries:
+        if staged:
             manifest.dimensions = writer.dim
             manifest.dtype = writer.dtype
         manifest.runs.setdefault(run_id, run_info)
@@ -255,6 +313,46 @@ class DatasetStore:
         if entries:  # the point-look-up index follows the manifest (a lag is covered by readers)
             IdIndex.catch_up(self.ws, manifest)
         return entries
+
+    def delete(self, ids: Sequence[str], *, key: str, run_id: str, run_info: dict[str, Any]) -> list[str]:
+        """Take ``ids`` out of the current view (tombstones, a zero-row shard's ``deletes``),
+        exactly once per ``key``: a key the manifest already lists deletes nothing again.
+        Ids the dataset does not hold are ignored. Returns the ids deleted.
+
+        Raises:
+            LockedError: the dataset lock stayed busy past the timeout.
+        """
+        if not ids:
+            return []
+        with self.locked(f"delete {key}"):
+            if key in self.manifest().sources():
+                return []
+            writer = self.writer(dim=None)
+            entries = self._commit_locked(
+                [], writer, run_id=run_id, run_info=run_info, sampling=None, deletes=ids, deletes_key=key
+            )
+        return list(entries[-1].get("deletes", [])) if entries else []
+
+    def _empty_shard(self, name: str, manifest: Manifest) -> dict[str, Any]:
+        """A zero-row shard (the dataset's schema) to carry deletions alone; its entry."""
+        path = self.shards_dir / name
+        empty = embedding_schema(int(manifest.dimensions or 1), manifest.dtype).empty_table()
+        with atomic_open(path) as fh:
+            pq.write_table(empty, fh)
+        write_shard_index(self.index_dir / name, [], np.empty(0, np.uint64))
+        return {
+            "file": name,
+            "sha256": file_sha256(path),
+            "bytes": path.stat().st_size,
+            "rows": 0,
+            "dim": manifest.dimensions,
+            "dtype": manifest.dtype,
+            "min_norm": None,
+            "max_norm": None,
+            "created_at": utc_now().isoformat(),
+            "tool_version": __version__,
+            "sources": [],
+        }
 
     def record_run(self, run_id: str, run_info: dict[str, Any], *, sampling: dict[str, Any] | None) -> None:
         """Record a run and its sampling in the manifest without adding shards."""
@@ -292,3 +390,35 @@ def _unlocked(path: Path) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+def stored_ids(store: DatasetStore) -> Any:
+    """``(ids) -> (n,) bool`` of ids the dataset holds now, or None for an empty dataset (an
+    intake then probes nothing)."""
+    index = store.id_index()
+    return index.has_ids if len(index) else None
+
+
+DELETES_FILE = "deletes.json"  # a run's stale chunk ids, written at intake, committed at its end
+
+
+def save_run_deletes(run_dir: Path, ids: Sequence[str]) -> None:
+    """Keep a run's ids to delete (its documents' chunks past their new count) in its folder."""
+    if ids:
+        import orjson
+
+        from embedbatch.workspace import atomic_write_bytes
+
+        atomic_write_bytes(run_dir / DELETES_FILE, orjson.dumps(list(ids)))
+
+
+def commit_run_deletes(store: DatasetStore, run_dir: Path, *, run_id: str, run_info: dict[str, Any]) -> int:
+    """Commit the ids a run saved with :func:`save_run_deletes`, exactly once (key
+    ``{run_id}/deletes``); returns how many were deleted now."""
+    path = run_dir / DELETES_FILE
+    if not path.exists():
+        return 0
+    import orjson
+
+    ids = orjson.loads(path.read_bytes())
+    return len(store.delete(ids, key=f"{run_id}/deletes", run_id=run_id, run_info=run_info))

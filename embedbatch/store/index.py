@@ -126,6 +126,12 @@ class ShardKeys:
             tk.append(t.column("text_key").to_numpy())
             sh.append(np.full(len(t), n, np.int32))
             rw.append(np.arange(len(t), dtype=np.int32))
+            gone = manifest.shards[n].get("deletes", [])
+            if gone:  # tombstones, after the shard's rows: shard -1 hides older rows of the id
+                ik.append(np.fromiter((id_key(r) for r in gone), np.uint64, count=len(gone)))
+                tk.append(np.zeros(len(gone), np.uint64))
+                sh.append(np.full(len(gone), -1, np.int32))
+                rw.append(np.full(len(gone), -1, np.int32))
         keys = np.concatenate(ik)
         order = np.argsort(keys, kind="stable")  # equal keys stay in manifest order: newest last
         keys = keys[order]
@@ -133,6 +139,9 @@ class ShardKeys:
         keep[:-1] = keys[:-1] != keys[1:]  # the newest row of each id
         sel = order[keep]
         return cls(keys[keep], np.concatenate(tk)[sel], np.concatenate(sh)[sel], np.concatenate(rw)[sel], files)
+
+    # An id whose newest entry here is a tombstone (shard -1) is absent, whatever older shards
+    # (or the database) hold.
 
     def __len__(self) -> int:
         return len(self.id_keys)
@@ -146,12 +155,14 @@ class ShardKeys:
         return np.where(self.id_keys[pos] == keys, pos, -1)
 
     def has_ids(self, ids: Sequence[str]) -> np.ndarray:
-        """``(len(ids),)`` bool: which ids have a current row."""
+        """``(len(ids),)`` bool: which ids have a current row (here)."""
         keys = np.fromiter((id_key(r) for r in ids), np.uint64, count=len(ids))
-        return self._find(keys) >= 0
+        pos = self._find(keys)
+        return (pos >= 0) & (self.shard[np.maximum(pos, 0)] >= 0) if len(self.shard) else pos >= 0
 
     def find(self, key: int) -> tuple[int, int, int] | None:
-        """``(text_key, shard position, row)`` of the id with this 64-bit key, or None."""
+        """``(text_key, shard position, row)`` of the id with this 64-bit key, or None; a deleted
+        id gives shard position -1."""
         if not len(self.id_keys):
             return None
         k = np.uint64(key)
@@ -279,6 +290,8 @@ class IdIndex:
                         "INSERT OR REPLACE INTO ids VALUES (?, ?, ?, ?)",
                         zip(keys, tks, [n] * len(keys), range(len(keys)), strict=True),
                     )
+                    gone = manifest.shards[n].get("deletes", [])
+                    conn.executemany("DELETE FROM ids WHERE id_key = ?", [(_signed(id_key(r)),) for r in gone])
                 conn.execute(
                     "INSERT OR REPLACE INTO meta VALUES ('shards', ?), ('files_sha256', ?)",
                     (str(len(files)), _files_digest(files)),
@@ -308,7 +321,7 @@ class IdIndex:
         """``(text_key, shard position, row)`` of the current row of the id with this key."""
         hit = self._overlay.find(key)
         if hit is not None or self._conn is None:
-            return hit
+            return None if hit is None or hit[1] < 0 else hit  # shard -1: deleted after the database
         row = self._conn.execute("SELECT text_key, shard, row FROM ids WHERE id_key = ?", (_signed(key),)).fetchone()
         return None if row is None else (row[0] & 0xFFFFFFFFFFFFFFFF, row[1], row[2])
 
@@ -319,7 +332,7 @@ class IdIndex:
         found = self._overlay._find(keys)
         out = np.full(len(keys), -1, np.int32)
         hit = found >= 0
-        out[hit] = self._overlay.shard[found[hit]]
+        out[hit] = self._overlay.shard[found[hit]]  # -1 for a tombstone: absent, the database not asked
         if self._conn is not None:
             rest = np.flatnonzero(found < 0)
             for lo in range(0, len(rest), _LOOKUP_CHUNK):

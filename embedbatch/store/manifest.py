@@ -35,7 +35,10 @@ class Manifest:
         shards: one entry per committed shard, oldest first: ``file``, ``sha256``, ``bytes``,
             ``rows``, ``dim``, ``dtype``, ``min_norm``/``max_norm`` (L2), ``created_at``,
             ``tool_version``, ``git_sha``, ``sources`` (``run_id/batch`` keys whose rows it
-            holds) and ``supersedes`` (ids whose older rows it replaces).
+            holds), ``supersedes`` (ids whose older rows it replaces) and ``deletes`` (ids it
+            removes from the current view: tombstones, e.g. a re-chunked document's chunks
+            past its new count, or ``embedbatch delete``; a commit of deletions alone is a
+            zero-row shard).
         runs: run id → ``{"created_at", "kind"}`` of every run that committed rows.
         sampling: the distinct sampling descriptions of those runs.
     """
@@ -96,9 +99,10 @@ class Manifest:
 
     @property
     def current_rows(self) -> int:
-        """Rows in the current view: every shard row less those later shards replaced (each id
-        in a shard's ``supersedes`` replaced exactly one current row). No shard is opened."""
-        return self.rows - sum(len(s.get("supersedes", ())) for s in self.shards)
+        """Rows in the current view: every shard row less those later shards replaced or deleted
+        (each id in a shard's ``supersedes`` or ``deletes`` took exactly one current row out).
+        No shard is opened."""
+        return self.rows - sum(len(s.get("supersedes", ())) + len(s.get("deletes", ())) for s in self.shards)
 
     def sources(self) -> set[str]:
         """Keys ``run_id/batch`` of every batch whose rows are in a shard."""
@@ -110,10 +114,12 @@ class Manifest:
 
 
 def superseded_ids(manifest: Manifest) -> dict[str, set[str]]:
-    """shard file → ids whose rows in that shard later shards replaced (readers drop them)."""
+    """shard file → ids whose rows in that shard later shards replaced or deleted (readers drop
+    them)."""
     out: dict[str, set[str]] = {}
     later: set[str] = set()
     for s in reversed(manifest.shards):
         out[s["file"]] = set(later)
         later.update(s.get("supersedes", []))
+        later.update(s.get("deletes", []))
     return out

@@ -48,15 +48,19 @@ __all__ = [
 # most of the shard-writing time), and min/max statistics on them serve no query; both are kept
 # for the other columns.
 _COMPRESSION = {
-    name: "zstd" for name in ("id", "source", "dataset", "split", "text", "metadata", "model", "created_at", "run_id")
-} | {"embedding": "none"}
+    name: "zstd"
+    for name in ("id", "source", "dataset", "split", "text", "metadata", "model", "created_at", "run_id", "parent_id")
+} | {"embedding": "none", "chunk_index": "zstd"}
 _STATS_COLUMNS = ["id", "source", "dataset", "split", "model", "created_at", "run_id"]
 
 
 def embedding_schema(dim: int, dtype: str = "float32") -> pa.Schema:
-    """The data model: id, source, dataset, split, text, metadata, embedding, model, created_at, run_id.
+    """The data model: id, source, dataset, split, text, metadata, embedding, model, created_at,
+    run_id, parent_id, chunk_index.
 
-    ``embedding`` is ``fixed_size_list<float32|float16>[dim]``.
+    ``embedding`` is ``fixed_size_list<float32|float16>[dim]``; ``parent_id`` (string) and
+    ``chunk_index`` (int32) are set for chunk rows and null otherwise (shards written before
+    chunking existed lack both columns: readers treat them as null).
     """
     value = pa.float16() if dtype == "float16" else pa.float32()
     return pa.schema(
@@ -71,8 +75,23 @@ def embedding_schema(dim: int, dtype: str = "float32") -> pa.Schema:
             ("model", pa.string()),
             ("created_at", pa.timestamp("us", tz="UTC")),
             ("run_id", pa.string()),
+            ("parent_id", pa.string()),
+            ("chunk_index", pa.int32()),
         ]
     )
+
+
+def _chunk_columns(metadata: list[str]) -> tuple[pa.Array, pa.Array]:
+    """``parent_id`` and ``chunk_index`` from each row's metadata JSON (its ``chunk``), null
+    for rows that are not chunks (their metadata is not parsed)."""
+    parents: list[str | None] = [None] * len(metadata)
+    index: list[int | None] = [None] * len(metadata)
+    for i, m in enumerate(metadata):
+        if '"chunk"' in m:
+            chunk = orjson.loads(m).get("chunk")
+            if isinstance(chunk, dict):
+                parents[i], index[i] = chunk.get("parent_id"), chunk.get("index")
+    return pa.array(parents, pa.string()), pa.array(index, pa.int32())
 
 
 class _HashingFile:
@@ -268,6 +287,7 @@ class ShardWriter:
                 pa.array([model] * n, pa.string()),
                 ts,
                 pa.array([run_id] * n, pa.string()),
+                *_chunk_columns(metadata),
             ],
             schema=embedding_schema(self.dim, self.dtype),
         )

@@ -383,3 +383,44 @@ def test_index_build_killed_anywhere_then_rebuilt_stays_exact(
     (folder / "index.json").write_bytes(orjson.dumps(meta))
     problems = check_index_files(folder)
     assert any("differ" in p for p in problems) and any("twice" in p for p in problems), problems
+
+
+def test_deletes_leave_every_view_and_survive_verify(
+    ws: Workspace, data: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """Tombstones: ids taken out with a commit of rows, and alone (a zero-row shard), are gone
+    from the id index (database and overlay), the current row count, the readers, `sql` and
+    `verify`; an id written again later is back; deleting an id the dataset does not hold
+    records nothing."""
+    from embedbatch.store.index import IdIndex, db_path
+    from embedbatch.store.shards import iter_live_rows
+    from embedbatch.store.verify import verify_dataset
+
+    store = DatasetStore(ws, "m", "d")
+    writer = store.writer(dim=DIM, dtype="float32", rows_per_shard=1000)
+    store.commit(writer, run_id="del_1", run_info={"kind": "delete"}, deletes=["b1", "b2", "nope"], deletes_key="del_1")
+    manifest = Manifest.load(ws, "m", "d")
+    assert (manifest.shards[-1]["rows"], manifest.shards[-1]["deletes"]) == (0, ["b1", "b2"])
+    assert "del_1" in manifest.sources() and manifest.current_rows == len(data) - 2
+    commit(store, ["b1", "c1"], np.ones((2, DIM), np.float32), run="run_again")  # b1 comes back
+    rows = [r for part in iter_live_rows(ws, Manifest.load(ws, "m", "d"), ["id"]) for r in part["id"]]
+    assert sorted(rows) == sorted([*(set(data) - {"b1", "b2"}), "b1", "c1"])
+    for fresh in (False, True):  # the overlay (no database), then the database
+        if fresh:
+            IdIndex.catch_up(ws, Manifest.load(ws, "m", "d"), rebuild=True)
+        else:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db_path(ws, 'm', 'd')}{suffix}").unlink(missing_ok=True)
+        index = IdIndex.load(ws, Manifest.load(ws, "m", "d"))
+        assert index.has_ids(["b1", "b2", "c1", "a7"]).tolist() == [True, False, True, True]
+        assert index.locate("b2") is None
+        index.close()
+    report = verify_dataset(ws, "m", "d")
+    assert report.problems == [] and report.rows == len(data) - 2 + 2
+    env = {"EMBEDBATCH_WORKSPACE": str(ws.root), "PATH": "/usr/bin:/bin"}
+    r = run_cli(["sql", "SELECT count(*) FROM embeddings WHERE id IN ('b1','b2')", "--csv"], env, tmp_path)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "1", r.stderr
+    assert DatasetStore(ws, "m", "d").get(["b2"])[0] is None
+    before = len(Manifest.load(ws, "m", "d").shards)
+    store.commit(store.writer(dim=DIM, rows_per_shard=1000), run_id="del_2", run_info={}, deletes=["b2", "zz"])
+    assert before == len(Manifest.load(ws, "m", "d").shards)

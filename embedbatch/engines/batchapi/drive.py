@@ -106,7 +106,7 @@ async def drive_run(
         summary.cost_batch_usd = rs.actual.get("cost_batch_usd")
         summary.estimated_cost_batch_usd = rs.estimate.get("cost_batch_usd")
         summary.wall_s = round(time.monotonic() - started, 2)
-        summary.extra = {"shards": len(manifest.shards), "dataset_rows": manifest.rows}
+        summary.extra = {"shards": len(manifest.shards), "dataset_rows": manifest.current_rows}
         rs.timings["run_wall_s"] = summary.wall_s
         run.save()
     return summary

@@ -27,7 +27,7 @@ from embedbatch.engines.batchapi.output import BatchReader
 from embedbatch.errors import StateError
 from embedbatch.failures import top_reasons, tsv_escape, tsv_unescape
 from embedbatch.runs import BatchState, Run, SinkState, crash_point
-from embedbatch.store.dataset import DatasetStore
+from embedbatch.store.dataset import DatasetStore, commit_run_deletes
 from embedbatch.store.index import IdIndex
 from embedbatch.store.manifest import Manifest
 from embedbatch.tokens import MODEL_DIMENSIONS, cost_usd
@@ -160,6 +160,10 @@ def _ingest_sync(ws: Workspace, run: Run, config: IngestConfig) -> IngestResult:
         todo.append(bs)
     if todo:
         _write_batches(store, run, todo, config, manifest, res)
+    # Chunks of re-chunked documents past their new count leave the current view (once).
+    deleted = commit_run_deletes(store, run.paths.root, run_id=rs.run_id, run_info={"kind": rs.kind})
+    if deleted:
+        rs.counts["deleted"] = rs.counts.get("deleted", 0) + deleted
     rebuild_failed_ids(run, store.id_index())
     _update_run_costs(run)
     res.seconds = time.monotonic() - started

@@ -22,7 +22,7 @@ from embedbatch.intake import Intake, dataset_name, source_label
 from embedbatch.planned import skip_done_or_planned
 from embedbatch.runs import OpenRuns, Run, RunState, git_sha, lockfile_sha256, note_run
 from embedbatch.sinks.runner import check_targets, target_dimension
-from embedbatch.store.dataset import DatasetStore
+from embedbatch.store.dataset import DatasetStore, commit_run_deletes, save_run_deletes, stored_ids
 from embedbatch.tokens import check_model_options, get_tokenizer
 from embedbatch.workspace import RunPaths, Workspace, crash_point
 
@@ -121,12 +121,14 @@ def plan_run(
             rejected_path=partial / "rejected.jsonl",
             on_row=on_row,
             exclude=exclude,
+            stored=stored_ids(store) if prepare.chunk_tokens else None,
         )
         writer = BatchFileWriter(partial, BatchSplitter(submit.limits))
         encode = request_encoder(model=submit.model, dimensions=submit.dimensions)
         try:
             writer.add_all(intake.records(), encode)
             states = writer.finish()
+            save_run_deletes(partial, intake.stale)
             if intake.stats.rows_read == 0 and source.kind == "file":  # (a table may rightly select none)
                 raise InputError(f"{source_label(source)}: no rows to embed (the input is empty)")
         except BaseException:
@@ -181,6 +183,7 @@ def plan_run(
                 "batches": len(states),
                 "rejected": intake.stats.rejected,
                 "skipped_existing": intake.skipped_existing,
+                "stale_chunks": len(intake.stale),
             },
             estimate={
                 "tokens": intake.stats.tokens_total,
@@ -200,4 +203,7 @@ def plan_run(
         partial.rename(run.root)
         note_run(run, "batchapi")
         crash_point("plan_before_unlock")
-        return PlannedRun(run, rs, est, intake.skipped_existing, already_planned)
+        planned = PlannedRun(run, rs, est, intake.skipped_existing, already_planned)
+    if rs.status == "finished" and intake.stale:  # nothing to embed, stale chunks to take out
+        commit_run_deletes(store, run.root, run_id=rs.run_id, run_info={"kind": rs.kind})
+    return planned

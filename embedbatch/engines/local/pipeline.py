@@ -35,6 +35,7 @@ from embedbatch.engines.local.stages import (
     WRITE_QUEUE,
     LocalJob,
     LocalResult,
+    chunk_tokenizer,
     encode,
     load,
     write,
@@ -43,7 +44,7 @@ from embedbatch.errors import UsageError
 from embedbatch.intake import Intake, dataset_name, source_label
 from embedbatch.runs import Run, RunState, git_sha, lockfile_sha256
 from embedbatch.sinks.runner import check_targets, run_sinks_blocking
-from embedbatch.store.dataset import DatasetStore
+from embedbatch.store.dataset import DatasetStore, commit_run_deletes, save_run_deletes
 from embedbatch.workspace import Workspace
 
 __all__ = ["LocalResult", "run_local"]
@@ -211,7 +212,13 @@ def _run_locked(job: LocalJob, bucketer: Bucketer) -> None:
         # No tokenizer here: the loader counts and cuts in batches. Already-embedded rows are
         # dropped after the cut (their shard text is the cut text), so resume compares like with like.
         intake = Intake(
-            source=job.source, prepare=job.prepare, sample=job.sample, tokenizer=None, rejected_path=run.paths.rejected
+            source=job.source,
+            prepare=job.prepare,
+            sample=job.sample,
+            tokenizer=None,
+            rejected_path=run.paths.rejected,
+            stored=embedded.has_ids if job.prepare.chunk_tokens else None,
+            chunk_tokenizer=chunk_tokenizer(job),
         )
         if local.compile:
             # One forward per bucket shape before the run, so compilation is not timed as work.
@@ -253,6 +260,8 @@ def finish(job: LocalJob, intake: Intake, started: float) -> None:
     result.rejected = intake.stats.rejected
     result.skipped_existing += intake.skipped_existing  # dropped before the cut (the Ray engine)
     rs.status = "finished"
+    save_run_deletes(run.paths.root, intake.stale)  # stale chunks of re-chunked documents, out once
+    deleted = commit_run_deletes(store, run.paths.root, run_id=rs.run_id, run_info={"kind": "local"})
     rs.sampling = intake.sampler.describe()  # counts are final only now
     if result.shards:
         store.record_run(rs.run_id, {"created_at": rs.created_at, "kind": "local"}, sampling=rs.sampling)
@@ -263,6 +272,7 @@ def finish(job: LocalJob, intake: Intake, started: float) -> None:
         "failed": 0,
         "rejected": intake.stats.rejected,
         "skipped_existing": result.skipped_existing,
+        "deleted": deleted,
     }
     rs.local = result.to_json()
     rs.timings = {"wall_s": round(result.wall_s, 3)}

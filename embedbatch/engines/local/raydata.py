@@ -45,7 +45,7 @@ import orjson
 from embedbatch.config import RayConfig
 from embedbatch.engines.local.bucketing import Bucketer, Item
 from embedbatch.engines.local.model import LocalEncoder
-from embedbatch.engines.local.stages import LocalJob, cut
+from embedbatch.engines.local.stages import LocalJob, chunk_tokenizer, cut
 from embedbatch.errors import MissingExtraError, UsageError
 from embedbatch.intake import Intake
 from embedbatch.records import Record, text_sha256
@@ -277,6 +277,8 @@ def run_ray(job: LocalJob, ray_cfg: RayConfig, owns_cluster: bool) -> Intake:
                 tokenizer=None,
                 rejected_path=run.paths.rejected,
                 exclude=embedded.contains,  # committed with this text: not spooled again
+                stored=embedded.has_ids if job.prepare.chunk_tokens else None,
+                chunk_tokenizer=chunk_tokenizer(job),
             )
             t = time.perf_counter()
             spooled, spool_bytes = _spool(intake, spool)

@@ -29,7 +29,7 @@ from embedbatch.store.dataset import DatasetStore
 from embedbatch.store.index import IdIndex
 from embedbatch.store.stream import StreamCommitter
 
-__all__ = ["END", "LocalJob", "LocalResult", "StageClock", "cut", "encode", "load", "write"]
+__all__ = ["END", "LocalJob", "LocalResult", "StageClock", "chunk_tokenizer", "cut", "encode", "load", "write"]
 
 LOAD_CHUNK = 256  # records tokenized per batch call
 QUEUE_CHUNKS = 8  # loader → encoder queue depth (chunks)
@@ -306,3 +306,12 @@ def write(
         errors.append(exc)
     finally:
         clock.busy(t)
+
+
+def chunk_tokenizer(job: LocalJob) -> Any:
+    """The local model's own tokenizer for chunking (None without ``--chunk-tokens``)."""
+    if not job.prepare.chunk_tokens:
+        return None
+    from embedbatch.tokens import HFTokenizer
+
+    return HFTokenizer(job.enc.model.tokenizer.name_or_path)

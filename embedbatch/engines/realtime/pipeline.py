@@ -48,7 +48,7 @@ from embedbatch.planned import skip_done_or_planned
 from embedbatch.records import Record
 from embedbatch.runs import OpenRuns, Run, RunState, git_sha, lockfile_sha256
 from embedbatch.sinks.runner import check_targets, run_sinks_blocking, target_dimension
-from embedbatch.store.dataset import DatasetStore
+from embedbatch.store.dataset import DatasetStore, commit_run_deletes, save_run_deletes, stored_ids
 from embedbatch.store.stream import StreamCommitter
 from embedbatch.tokens import check_model_options, cost_usd, get_tokenizer
 from embedbatch.workspace import RunPaths, Workspace, atomic_write_bytes
@@ -308,9 +308,11 @@ def _intake(
         tokenizer=get_tokenizer(rs.model),
         rejected_path=run.paths.rejected,
         exclude=exclude,
+        stored=stored_ids(store) if prepare.chunk_tokens else None,
     )
     try:
         write_rows(run.paths.rows, intake.records())
+        save_run_deletes(run.paths.root, intake.stale)
     except BaseException:
         run.paths.rows.unlink(missing_ok=True)
         rs.status = "failed"
@@ -439,6 +441,8 @@ def _embed(
         rs.timings = {"intake_s": result.intake_s, "wall_s": result.wall_s}
         if ok:
             run.paths.rows.unlink(missing_ok=True)
+            info = {"created_at": rs.created_at, "kind": "realtime"}
+            rs.counts["deleted"] = commit_run_deletes(store, run.paths.root, run_id=rs.run_id, run_info=info)
             if rs.sampling:
                 store.record_run(rs.run_id, {"created_at": rs.created_at, "kind": "realtime"}, sampling=rs.sampling)
         run.save()

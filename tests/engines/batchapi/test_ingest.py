@@ -186,7 +186,10 @@ def test_float16_and_footer_stats(tmp_path: Path, ws: Workspace, server: ServerT
         "model",
         "created_at",
         "run_id",
+        "parent_id",
+        "chunk_index",
     ] == pf.schema_arrow.names
+    assert pf.read(columns=["parent_id", "chunk_index"]).to_pylist()[0] == {"parent_id": None, "chunk_index": None}
 
 
 def test_verify_catches_corruption(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:

