@@ -179,31 +179,16 @@ def build_index(
             index = _new_index(faiss, kind, metric, dim, n_total)
             rows = ROWS_SCHEMA.empty_table()
         by_dataset = {m.dataset: m for m in manifests}
-        parts = [rows]
-        added = 0
         chunks = []
         for d, s in todo:
             chunks += [(d, *c) for c in _shard_chunks(ws, by_dataset[d], [s])]
         if kind == "ivfpq" and not index.is_trained:
-            sample = np.concatenate([c[3] for c in chunks])[:IVF_TRAIN_ROWS]
+            sample = np.concatenate([c[3] for c in chunks if c[2]])[:IVF_TRAIN_ROWS]
             if len(sample) < 39 * index.nlist:
                 raise UsageError(f"ivfpq needs at least {39 * index.nlist} rows to train; use flat or hnsw")
             index.train(_prepared(sample, metric))
-        for d, file, ids, vecs in chunks:
-            index.add(_prepared(vecs, metric))
-            parts.append(
-                pa.table(
-                    [
-                        pa.array([d] * len(ids), pa.string()),
-                        pa.array([file] * len(ids), pa.string()),
-                        pa.array(np.arange(len(ids), dtype=np.int32)),
-                        pa.array(ids, pa.string()),
-                    ],
-                    schema=ROWS_SCHEMA,
-                )
-            )
-            added += len(ids)
-        rows = pa.concat_tables(parts)
+        new_rows, added = _add(index, chunks, metric)
+        rows = pa.concat_tables([rows, *new_rows])
         if len(rows) != int(index.ntotal):
             raise StateError(f"{folder}: the index holds {int(index.ntotal)} vectors for {len(rows)} rows")
         generation = f"gen-{time.time_ns()}"
@@ -241,6 +226,30 @@ def build_index(
         crash_point("index_after_switch")
         _drop_other_generations(folder, generation)
     return IndexInfo(str(folder), kind, metric, datasets, meta["count"], added, dim, time.monotonic() - started, False)
+
+
+def _add(index: Any, chunks: list[tuple[str, str, list[str], np.ndarray]], metric: str) -> tuple[list[pa.Table], int]:
+    """Add each shard's vectors to ``index``; their row-map tables and the rows added. A
+    zero-row shard (deletions alone) adds nothing."""
+    tables = []
+    added = 0
+    for d, file, ids, vecs in chunks:
+        if not ids:
+            continue
+        index.add(_prepared(vecs, metric))
+        tables.append(
+            pa.table(
+                [
+                    pa.array([d] * len(ids), pa.string()),
+                    pa.array([file] * len(ids), pa.string()),
+                    pa.array(np.arange(len(ids), dtype=np.int32)),
+                    pa.array(ids, pa.string()),
+                ],
+                schema=ROWS_SCHEMA,
+            )
+        )
+        added += len(ids)
+    return tables, added
 
 
 def _files(folder: Path, meta: dict[str, Any]) -> tuple[Path, Path]:

@@ -424,3 +424,17 @@ def test_deletes_leave_every_view_and_survive_verify(
     before = len(Manifest.load(ws, "m", "d").shards)
     store.commit(store.writer(dim=DIM, rows_per_shard=1000), run_id="del_2", run_info={}, deletes=["b2", "zz"])
     assert before == len(Manifest.load(ws, "m", "d").shards)
+
+
+def test_an_index_over_deletions_builds_and_leaves_them_out(ws: Workspace, data: dict[str, np.ndarray]) -> None:
+    """A zero-row shard (deletions alone) neither breaks an index build nor lets a deleted
+    row back into its results (a build once failed on the empty shard's vectors)."""
+    pytest.importorskip("faiss", reason="faiss-cpu (the index extra) is not installed")
+    DatasetStore(ws, "m", "d").delete(["b3", "a9"], key="del", run_id="del", run_info={})
+    for kind in ("flat", "hnsw"):
+        build_index(ws, "m", ["d"], kind=kind)
+        loaded, why = load_index(ws, "m", "d", kind=kind)
+        assert loaded is not None, why
+        hits = search_index(ws, loaded, data["b1"], k=len(data))
+        assert {h["id"] for h in hits} == set(data) - {"b3", "a9"}
+        loaded.close()
