@@ -66,7 +66,7 @@ def _check_page(page: Any, ws: Workspace, *, allowed: str) -> None:
     for paths in ws.all_runs():
         rs = RunState.load(paths)
         row = page.locator(f'#runs tr[data-run-id="{rs.run_id}"]')
-        assert 1 == row.count()
+        assert row.count() == 1, f"run {rs.run_id} is not in the runs table once"
         shown = {c: row.locator(f"td.{c}").inner_text().strip() for c in ("rows", "failed", "cost")}
         want = {
             "rows": f"{rs.counts['succeeded']:,}",
