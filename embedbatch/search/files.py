@@ -11,9 +11,20 @@ import pyarrow.parquet as pq
 
 from embedbatch.errors import StateError
 
-__all__ = ["FLAT_BLOCK_BYTES", "FlatFile", "RowMap"]
+__all__ = ["FLAT_BLOCK_BYTES", "FlatFile", "RowMap", "read_header"]
 
 FLAT_BLOCK_BYTES = 8 << 20  # a flat index is scanned from its file this many bytes at a time
+
+
+def read_header(path: Path) -> tuple[bytes, int, int] | None:
+    """A Faiss index file's header without loading the index: four-character code, ``d``
+    (int32) and ``ntotal`` (int64), which every index type Faiss writes starts with. None when
+    the file is too short or not a Faiss index."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if len(head) < 16 or not head[:4].isascii():
+        return None
+    return head[:4], int(np.frombuffer(head[4:8], "<i4")[0]), int(np.frombuffer(head[8:16], "<i8")[0])
 
 
 class RowMap:
@@ -59,20 +70,18 @@ class FlatFile:
     def open(cls, path: Path) -> FlatFile | None:
         """The file as a :class:`FlatFile`, or None when it is not a flat index laid out as
         above (then Faiss reads it)."""
+        header = read_header(path)
+        if header is None or header[0] not in (b"IxFI", b"IxF2"):
+            return None
+        code, d, ntotal = header
         with open(path, "rb") as fh:
-            head = fh.read(16)
-            size = os.fstat(fh.fileno()).st_size
-            if len(head) < 16 or head[:4] not in (b"IxFI", b"IxF2"):
-                return None
-            d = int(np.frombuffer(head[4:8], "<i4")[0])
-            ntotal = int(np.frombuffer(head[8:16], "<i8")[0])
-            offset = size - ntotal * d * 4
+            offset = os.fstat(fh.fileno()).st_size - ntotal * d * 4
             if d <= 0 or ntotal < 0 or offset < 24:
                 return None
             fh.seek(offset - 8)
             if int(np.frombuffer(fh.read(8), "<u8")[0]) != ntotal * d:
                 return None
-        return cls(path, l2=head[:4] == b"IxF2", d=d, ntotal=ntotal, offset=offset)
+        return cls(path, l2=code == b"IxF2", d=d, ntotal=ntotal, offset=offset)
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Faiss's ``search`` for one query ``(1, d)`` float32: ``((1, k) float32, (1, k) int64)``,

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedbatch.errors import MissingExtraError, StateError, UsageError
-from embedbatch.search.files import FlatFile, RowMap
+from embedbatch.search.files import FlatFile, RowMap, read_header
 from embedbatch.store.index import IdIndex
 from embedbatch.store.manifest import Manifest, file_sha256
 from embedbatch.store.shards import read_rows_at, vectors_of
@@ -385,17 +385,6 @@ def search_index(
     ]
 
 
-def _ntotal(path: Path) -> int | None:
-    """The vector count a Faiss index file declares, read from its header (four-character code,
-    ``d`` int32, ``ntotal`` int64: every index type Faiss writes starts so), without loading the
-    index: a flat index of 30M 8-d vectors would cost ~1 GB of memory. None when unreadable."""
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-    if len(head) < 16 or not head[:4].isascii():
-        return None
-    return int(np.frombuffer(head[8:16], "<i8")[0])
-
-
 def check_index_files(folder: Path) -> list[str]:
     """Problems with an index folder's files (verify): checksums against index.json; the
     vectors in the index, the rows of its row map and index.json's count all equal; and no
@@ -432,7 +421,8 @@ def check_index_files(folder: Path) -> list[str]:
     n_rows = len(keys)
     distinct = int(np.count_nonzero(keys[1:] != keys[:-1])) + 1 if n_rows else 0
     del keys
-    vectors = _ntotal(index_path)
+    header = read_header(index_path)  # the count without loading the index (30M 8-d flat: ~1 GB)
+    vectors = header[2] if header is not None else None
     counts = {"index.json count": int(meta["count"]), "row map rows": n_rows}
     if vectors is not None:
         counts["index vectors"] = vectors

@@ -399,6 +399,11 @@ def stored_ids(store: DatasetStore) -> Any:
     return index.has_ids if len(index) else None
 
 
+def run_deletes_key(run_id: str) -> str:
+    """The manifest source key of a run's stale-chunk deletions (committed once per run)."""
+    return f"{run_id}/deletes"
+
+
 DELETES_FILE = "deletes.json"  # a run's stale chunk ids, written at intake, committed at its end
 
 
@@ -421,4 +426,6 @@ def commit_run_deletes(store: DatasetStore, run_dir: Path, *, run_id: str, run_i
     import orjson
 
     ids = orjson.loads(path.read_bytes())
-    return len(store.delete(ids, key=f"{run_id}/deletes", run_id=run_id, run_info=run_info))
+    return len(
+        store.delete(ids, key=f"{run_id}/deletes", run_id=run_id, run_info=run_info)
+    )  # the local engine's key too

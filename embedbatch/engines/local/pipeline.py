@@ -44,7 +44,7 @@ from embedbatch.errors import UsageError
 from embedbatch.intake import Intake, dataset_name, source_label
 from embedbatch.runs import Run, RunState, git_sha, lockfile_sha256
 from embedbatch.sinks.runner import check_targets, run_sinks_blocking
-from embedbatch.store.dataset import DatasetStore, commit_run_deletes, save_run_deletes
+from embedbatch.store.dataset import DatasetStore, run_deletes_key
 from embedbatch.workspace import Workspace
 
 __all__ = ["LocalResult", "run_local"]
@@ -260,8 +260,9 @@ def finish(job: LocalJob, intake: Intake, started: float) -> None:
     result.rejected = intake.stats.rejected
     result.skipped_existing += intake.skipped_existing  # dropped before the cut (the Ray engine)
     rs.status = "finished"
-    save_run_deletes(run.paths.root, intake.stale)  # stale chunks of re-chunked documents, out once
-    deleted = commit_run_deletes(store, run.paths.root, run_id=rs.run_id, run_info={"kind": "local"})
+    # Stale chunks of re-chunked documents leave the current view, once per run.
+    key = run_deletes_key(rs.run_id)
+    deleted = len(store.delete(intake.stale, key=key, run_id=rs.run_id, run_info={"kind": "local"}))
     rs.sampling = intake.sampler.describe()  # counts are final only now
     if result.shards:
         store.record_run(rs.run_id, {"created_at": rs.created_at, "kind": "local"}, sampling=rs.sampling)
