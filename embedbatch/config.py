@@ -17,6 +17,7 @@ from embedbatch.errors import UsageError
 from embedbatch.workspace import Workspace
 
 __all__ = [
+    "CHUNK_COLUMNS",
     "BatchLimits",
     "IngestConfig",
     "LibsqlTarget",
@@ -430,7 +431,10 @@ class PgTarget:
 
     Attributes:
         mode: ``update`` fills existing rows by id; ``insert`` loads rows by binary COPY into the
-            table, created when missing as (id text primary key, vector(dim)[, text_column text]).
+            table, created when missing as (id text primary key, vector(dim)[, text_column text]);
+            ``chunks`` (``--pg-chunks-table``) upserts one row per chunk into a chunks table
+            (id, parent_id, chunk_index, chunk, vector) and deletes a re-chunked parent's stale
+            chunks in the same transaction (:data:`CHUNK_COLUMNS`).
         text_column: insert mode: also store each row's text here (when the table has it).
         update_chunk_size: rows per transaction.
     """
@@ -441,13 +445,18 @@ class PgTarget:
     text_column: str | None = None
     overwrite: bool = False
     update_chunk_size: int = 1000
-    mode: Literal["update", "insert"] = "update"
+    mode: Literal["update", "insert", "chunks"] = "update"
     rebuild_index: bool = False
     concurrently: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form stored in run.json (no DSN)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# The columns of a chunks table besides its id and vector columns (``db init --chunks-table``
+# creates them; the sinks' chunk mode writes them).
+CHUNK_COLUMNS = ("parent_id", "chunk_index", "chunk")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -459,7 +468,8 @@ class LibsqlTarget:
     Attributes:
         url: a file path, ``file:PATH``, or ``libsql://…`` / ``https://…`` for a remote database.
         mode: ``update`` fills existing rows by id (NULL only unless ``overwrite``); ``insert``
-            writes rows (id, vector, model, created_at) into the table, created if missing.
+            writes rows (id, vector, model, created_at) into the table, created if missing;
+            ``chunks`` (``--libsql-chunks-table``) as for :class:`PgTarget`.
         update_chunk_size: rows per transaction. Each commit syncs the file, so chunks are larger
             than for PostgreSQL: 5,000 rows reach the speed of one single transaction
             (bench/libsql_sink.py: 1.00x at 5,000 rows, 0.74x at 1,000).
@@ -473,7 +483,7 @@ class LibsqlTarget:
     vector_column: str = "embedding"
     overwrite: bool = False
     update_chunk_size: int = 5000
-    mode: Literal["update", "insert"] = "update"
+    mode: Literal["update", "insert", "chunks"] = "update"
     index: bool = False
 
     def to_json(self) -> dict[str, Any]:

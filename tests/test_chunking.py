@@ -119,16 +119,36 @@ def _current(ws: Workspace, dataset: str, model: str = MODEL) -> dict[str, dict[
     return {r[0]: {"parent_id": r[1], "chunk_index": r[2], "text": r[3]} for r in rows}
 
 
+def _sink_chunks(pg_dsn: str | None, libsql_db: Path | None, table: str = "chunks") -> dict[str, dict[str, Any]]:
+    """id → {parent_id, chunk_index, text} of a chunks table in PostgreSQL or libSQL."""
+    if pg_dsn is not None:
+        import asyncio
+
+        from tests.conftest import pg_exec
+
+        (rows,) = asyncio.run(pg_exec(pg_dsn, f"SELECT id, parent_id, chunk_index, chunk FROM {table}"))
+    else:
+        import sqlite3
+
+        with sqlite3.connect(str(libsql_db)) as conn:
+            rows = [list(r) for r in conn.execute(f"SELECT id, parent_id, chunk_index, chunk FROM {table}")]
+    return {r[0]: {"parent_id": r[1], "chunk_index": r[2], "text": r[3]} for r in rows}
+
+
 def test_a_rechunked_document_keeps_only_its_new_chunks_through_the_batch_api(
-    tmp_path: Path, ws: Workspace, server: ServerThread
+    tmp_path: Path, ws: Workspace, server: ServerThread, pg_dsn: str
 ) -> None:
     """Through `run` against `serve`: chunk rows with parent_id/chunk_index and offsets; a
     document that shrinks leaves exactly its new chunks current (shards, sql, get --chunks,
-    verify), unchanged chunks are not sent again, and a `delete` survives `verify`."""
+    verify, the pgvector and libSQL chunks tables), unchanged chunks are not sent again, and a
+    `delete` survives `verify`."""
     pytest.importorskip("duckdb", reason="duckdb (the sql extra) reads the current view")
+    pytest.importorskip("libsql", reason="libsql is the libSQL sink")
     docs = dict(zip(["a", "b", "c"], _arxiv_docs(3, 8), strict=True))
     env = cli_env(server, ws)
-    flags = ["--dataset", "docs", "--chunk-tokens", "300", "--chunk-overlap", "30"]
+    lib = tmp_path / "chunks.db"
+    sinks = ["--pg-chunks-table", "chunks", "--pg-dsn", pg_dsn, "--libsql-url", str(lib), "--libsql-chunks-table", "c"]
+    flags = ["--dataset", "docs", "--chunk-tokens", "300", "--chunk-overlap", "30", *sinks]
     r = run_cli(["run", str(_write_docs(tmp_path / "d1.jsonl", docs)), *flags], env, tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     first = _current(ws, "docs")
@@ -140,6 +160,8 @@ def test_a_rechunked_document_keeps_only_its_new_chunks_through_the_batch_api(
     chunk = orjson.loads(row["metadata"])["chunk"]
     assert docs["a"][chunk["start"] : chunk["end"]] == row["text"] and chunk["count"] == counts["a"]
     assert chunk["tokenizer"] == "cl100k_base" and (chunk["tokens"], chunk["overlap"]) == (300, 30)
+    assert _sink_chunks(pg_dsn, None) == first, "the pgvector chunks table holds the current chunks"
+    assert _sink_chunks(None, lib, "c") == first, "the libSQL chunks table holds the current chunks"
 
     shrunk = {**docs, "a": docs["a"][: len(docs["a"]) // 3]}  # 'a' loses two thirds; b, c unchanged
     r = run_cli(["run", str(_write_docs(tmp_path / "d2.jsonl", shrunk)), *flags], env, tmp_path, timeout=300)
@@ -157,6 +179,8 @@ def test_a_rechunked_document_keeps_only_its_new_chunks_through_the_batch_api(
     assert sent <= len(new_a) and second["counts"]["skipped_existing"] == counts["b"] + counts["c"] + len(new_a) - sent
     assert second["counts"]["stale_chunks"] == counts["a"] - len(new_a)
     assert [c["id"] for c in store.chunks_of("a")] == [f"a#{k}" for k in range(len(new_a))]
+    assert _sink_chunks(pg_dsn, None) == now, "a#k past the new count left the pgvector table"
+    assert _sink_chunks(None, lib, "c") == now, "a#k past the new count left the libSQL table"
 
     got = run_cli(
         ["search", "neural networks", "--dataset", "docs", "--group-by-parent", "-k", "3", "--json"], env, tmp_path
@@ -166,19 +190,28 @@ def test_a_rechunked_document_keeps_only_its_new_chunks_through_the_batch_api(
     assert sorted(h["id"] for h in hits) == ["a", "b", "c"]  # distinct parents
     assert all(h["chunk_id"] == f"{h['id']}#{h['chunk']}" for h in hits)
 
-    gone = run_cli(["delete", "--dataset", "docs", "--ids", "b#0,b#1", "--json"], env, tmp_path)
-    assert orjson.loads(gone.stdout)["deleted"] == 2
+    gone = run_cli(["delete", "--dataset", "docs", "--ids", "b#0,b#1", *sinks, "--json"], env, tmp_path)
+    assert gone.returncode == 0, gone.stderr
+    report = orjson.loads(gone.stdout)
+    assert report["deleted"] == 2 and report["tables"] == {"postgres:chunks": 2, "libsql:c": 2}
     assert not {"b#0", "b#1"} & set(_current(ws, "docs"))
+    assert _sink_chunks(pg_dsn, None) == _current(ws, "docs") == _sink_chunks(None, lib, "c")
     verify = run_cli(["verify", "--json"], env, tmp_path)
     assert verify.returncode == 0, verify.stdout
     assert orjson.loads(verify.stdout)[0]["rows"] == len(_current(ws, "docs"))
 
 
-def test_embed_chunks_with_the_same_ids_and_deletes(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+def test_embed_chunks_with_the_same_ids_and_deletes(
+    tmp_path: Path, ws: Workspace, server: ServerThread, pg_dsn: str
+) -> None:
+    """`embed` (realtime) with --chunker tokens into a pgvector chunks table made by `db init`."""
     pytest.importorskip("duckdb", reason="duckdb (the sql extra) reads the current view")
     docs = dict(zip(["x", "y"], _arxiv_docs(2, 6), strict=True))
     env = cli_env(server, ws)
-    flags = ["--dataset", "rt", "--chunk-tokens", "200", "--chunker", "tokens"]
+    init = run_cli(["db", "init", "--dsn", pg_dsn, "--chunks-table", "kb", "--dim", "1536"], env, tmp_path)
+    assert init.returncode == 0, init.stderr
+    flags = ["--dataset", "rt", "--chunk-tokens", "200", "--chunker", "tokens", "--pg-chunks-table", "kb"]
+    flags += ["--pg-dsn", pg_dsn]
     assert 0 == run_cli(["embed", str(_write_docs(tmp_path / "e1.jsonl", docs)), *flags], env, tmp_path).returncode
     first = _current(ws, "rt")
     want = Chunker(get_tokenizer(MODEL), tokens=200, chunker="tokens").split(docs["x"])
@@ -187,6 +220,7 @@ def test_embed_chunks_with_the_same_ids_and_deletes(tmp_path: Path, ws: Workspac
     r = run_cli(["embed", str(_write_docs(tmp_path / "e2.jsonl", short)), *flags], env, tmp_path)
     assert r.returncode == 0, r.stderr
     assert sorted(k for k in _current(ws, "rt") if k.startswith("x#")) == ["x#0"]
+    assert _sink_chunks(pg_dsn, None, "kb") == _current(ws, "rt")
 
 
 def test_local_chunks_with_the_models_own_tokenizer(tmp_path: Path, ws: Workspace) -> None:
@@ -199,9 +233,13 @@ def test_local_chunks_with_the_models_own_tokenizer(tmp_path: Path, ws: Workspac
     docs = dict(zip(["p", "q"], _arxiv_docs(2, 4), strict=True))
     env = {"EMBEDBATCH_WORKSPACE": str(ws.root), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     src = _write_docs(tmp_path / "l.jsonl", docs)
-    r = run_cli(["local", str(src), "--model", model, "--dataset", "loc", "--chunk-tokens", "128"], env, tmp_path, 600)
+    pytest.importorskip("libsql", reason="libsql is the libSQL sink")
+    lib = tmp_path / "loc.db"
+    args = ["local", str(src), "--model", model, "--dataset", "loc", "--chunk-tokens", "128"]
+    r = run_cli([*args, "--libsql-url", str(lib), "--libsql-chunks-table", "kb"], env, tmp_path, 600)
     assert r.returncode == 0, r.stderr
     rows = _current(ws, "loc", model=Manifest.load(ws, *next(iter(ws.datasets()))).model)
+    assert _sink_chunks(None, lib, "kb") == rows, "the libSQL chunks table holds the local run's chunks"
     tok = AutoTokenizer.from_pretrained(model)
     assert rows and all(len(tok.encode(v["text"], add_special_tokens=False)) <= 128 for v in rows.values())
     assert {v["parent_id"] for v in rows.values()} == {"p", "q"}

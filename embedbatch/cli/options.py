@@ -373,6 +373,14 @@ class SinkOptions(OptionGroup):
     """The database sinks: pgvector and libSQL."""
 
     pg_table: Annotated[str | None, typer.Option("--pg-table", help="Write vectors into this table.")] = None
+    pg_chunks_table: Annotated[
+        str | None,
+        typer.Option(
+            "--pg-chunks-table",
+            help="Chunk mode: one row per chunk (id, parent_id, chunk_index, chunk, embedding) in this table; a "
+            "re-chunked parent's stale chunks are deleted in the same transaction. Created if missing.",
+        ),
+    ] = None
     pg_id_column: Annotated[str, typer.Option("--pg-id-column")] = "id"
     pg_vector_column: Annotated[str, typer.Option("--pg-vector-column")] = "embedding"
     update_chunk_size: Annotated[
@@ -392,6 +400,10 @@ class SinkOptions(OptionGroup):
         str | None, typer.Option("--libsql-auth-token", help="Remote libSQL token (env TURSO_AUTH_TOKEN).")
     ] = None
     libsql_table: Annotated[str | None, typer.Option("--libsql-table", help="Write vectors into this table.")] = None
+    libsql_chunks_table: Annotated[
+        str | None,
+        typer.Option("--libsql-chunks-table", help="Chunk mode (as --pg-chunks-table) into this libSQL table."),
+    ] = None
     libsql_id_column: Annotated[str, typer.Option("--libsql-id-column")] = "id"
     libsql_vector_column: Annotated[str, typer.Option("--libsql-vector-column")] = "embedding"
     libsql_mode: Annotated[str, typer.Option("--libsql-mode", help="update (fill rows by id) or insert.")] = "update"
@@ -416,6 +428,20 @@ class SinkOptions(OptionGroup):
 
         url, table = self.libsql_url, self.libsql_table
         id_column, vector_column = self.libsql_id_column, self.libsql_vector_column
+        if self.libsql_chunks_table:
+            if table:
+                raise UsageError("give --libsql-table or --libsql-chunks-table, not both")
+            if url is None:
+                raise UsageError("--libsql-chunks-table needs --libsql-url")
+            return LibsqlTarget(
+                url=url,
+                table=self.libsql_chunks_table,
+                id_column=id_column,
+                vector_column=vector_column,
+                update_chunk_size=self.update_chunk_size or 5000,
+                mode="chunks",
+                index=self.libsql_index,
+            )
         if url is None and source and src and src.table and src.vector_column and is_sqlite_source(source):
             url, table = str(sqlite_path(source)), src.table
             id_column, vector_column = src.id_column, src.vector_column
@@ -449,6 +475,18 @@ class SinkOptions(OptionGroup):
             UsageError: a bad ``--pg-mode``.
         """
         table, id_column, vector_column = self.pg_table, self.pg_id_column, self.pg_vector_column
+        if self.pg_chunks_table:
+            if table:
+                raise UsageError("give --pg-table or --pg-chunks-table, not both")
+            return PgTarget(
+                table=self.pg_chunks_table,
+                id_column=id_column,
+                vector_column=vector_column,
+                update_chunk_size=self.update_chunk_size or 1000,
+                mode="chunks",
+                rebuild_index=self.rebuild_index,
+                concurrently=self.concurrently,
+            )
         if table is None and source == "postgres" and src and src.table and src.vector_column:
             table, id_column, vector_column = src.table, src.id_column, src.vector_column
         if not table:

@@ -9,7 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
-from embedbatch.cli.app import JsonOut, Model, app, open_workspace
+from embedbatch.cli.app import JsonOut, Model, app, open_workspace, settings
+from embedbatch.cli.options import SinkOptions, with_options
 from embedbatch.cli.render import console, print_chunks, print_json, print_kv
 from embedbatch.errors import NotFoundError, UsageError
 
@@ -102,7 +103,9 @@ def get(
 
 
 @app.command()
+@with_options
 def delete(
+    sink: SinkOptions,
     dataset: Annotated[str, typer.Option("--dataset", help="The dataset to delete rows from.")],
     ids: Annotated[str | None, typer.Option("--ids", help="Comma-separated ids.")] = None,
     ids_file: Annotated[Path | None, typer.Option("--ids-file", help="A file of ids, one a line.")] = None,
@@ -110,7 +113,10 @@ def delete(
     json_out: JsonOut = False,
 ) -> None:
     """Take rows out of the dataset's current view (search, get, sql, export, verify): a
-    tombstone commit, exactly once. Ids the dataset does not hold are reported, not an error."""
+    tombstone commit, exactly once. Ids the dataset does not hold are reported, not an error.
+    With sink flags (--pg-table/--pg-chunks-table, --libsql-url with --libsql-table or
+    --libsql-chunks-table) the same ids leave those tables too (in a chunks table, a parent id
+    also deletes its chunks)."""
     from embedbatch.search.exact import find_dataset
     from embedbatch.store.dataset import DatasetStore
     from embedbatch.workspace import utc_stamp
@@ -129,12 +135,41 @@ def delete(
     key = f"delete_{utc_stamp()}"
     gone = DatasetStore(ws, m, d).delete(wanted, key=key, run_id=key, run_info={"kind": "delete"})
     missing = len(set(wanted) - set(gone))
+    tables = _delete_from_sinks(sink, wanted)
     if json_out:
-        print_json({"deleted": len(gone), "not_found": missing, "key": key})
+        print_json({"deleted": len(gone), "not_found": missing, "key": key, "tables": tables})
     else:
         console.print(
             f"deleted {len(gone):,} row(s) from {m}/{d}" + (f"; {missing:,} id(s) not found" if missing else "")
         )
+        for table, n in tables.items():
+            console.print(f"deleted {n:,} row(s) from {table}")
+
+
+def _delete_from_sinks(sink: SinkOptions, ids: list[str]) -> dict[str, int]:
+    """The ids out of the database targets the flags name; table → rows deleted."""
+    import anyio
+
+    from embedbatch.sinks import chunks
+
+    out: dict[str, int] = {}
+    cfg = settings()
+    pg = sink.target()
+    if pg is not None:
+        dsn = sink.dsn(cfg)
+        if not dsn:
+            raise UsageError("--pg-table/--pg-chunks-table need a database: set DATABASE_URL or pass --pg-dsn")
+        out[f"postgres:{pg.table}"] = anyio.run(chunks.delete_pg, dsn, pg, ids)
+    lib = sink.libsql_target()
+    if lib is not None:
+        from embedbatch.sinks.libsql import connect
+
+        conn = connect(lib.url, sink.libsql_token(cfg))
+        try:
+            out[f"libsql:{lib.table}"] = chunks.delete_libsql(conn, lib, ids)
+        finally:
+            conn.close()
+    return out
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:

@@ -299,14 +299,26 @@ def db_init(
     migrations: Annotated[Path | None, typer.Option("--migrations", help="Folder of *.sql files.")] = None,
     libsql_url: Annotated[str | None, typer.Option("--libsql-url", help="Create the example table here.")] = None,
     libsql_auth_token: Annotated[str | None, typer.Option("--libsql-auth-token")] = None,
-    dim: Annotated[int, typer.Option("--dim", help="libSQL: the F32_BLOB dimension.")] = 1536,
+    dim: Annotated[int, typer.Option("--dim", help="The vector dimension (libSQL, --chunks-table).")] = 1536,
+    chunks_table: Annotated[
+        str | None,
+        typer.Option(
+            "--chunks-table",
+            help="Create a chunks table (id, parent_id, chunk_index, chunk, embedding) for "
+            "--pg-chunks-table / --libsql-chunks-table instead.",
+        ),
+    ] = None,
 ) -> None:
     """Apply the SQL migrations (pgvector extension, example knowledge_chunks table), or with
-    --libsql-url create the example knowledge_chunks table (F32_BLOB) in a libSQL database."""
+    --libsql-url create the example knowledge_chunks table (F32_BLOB) in a libSQL database; with
+    --chunks-table create a chunks table (in PostgreSQL, or in libSQL with --libsql-url)."""
     import anyio
 
     from embedbatch.db.pg import MIGRATIONS, apply_migrations
 
+    if chunks_table:
+        _init_chunks_table(chunks_table, dim, dsn=dsn, libsql_url=libsql_url, libsql_auth_token=libsql_auth_token)
+        return
     if libsql_url:
         from embedbatch.sinks.libsql import init_example
 
@@ -320,6 +332,31 @@ def db_init(
     folder = migrations or MIGRATIONS
     applied = anyio.run(apply_migrations, dsn, folder)
     console.print(f"applied {', '.join(applied)}")
+
+
+def _init_chunks_table(
+    table: str, dim: int, *, dsn: str | None, libsql_url: str | None, libsql_auth_token: str | None
+) -> None:
+    import anyio
+
+    if libsql_url:
+        from embedbatch.sinks.chunks import create_libsql_table
+        from embedbatch.sinks.libsql import connect
+
+        conn = connect(libsql_url, libsql_auth_token or settings().turso_auth_token)
+        try:
+            create_libsql_table(conn, table, dim)
+        finally:
+            conn.close()
+        console.print(f"created chunks table {table} (F32_BLOB({dim})) in {libsql_url}")
+        return
+    from embedbatch.sinks.chunks import init_pg_table
+
+    dsn = dsn or settings().database_url
+    if not dsn:
+        raise UsageError("db init needs --dsn or DATABASE_URL")
+    anyio.run(init_pg_table, dsn, table, dim)
+    console.print(f"created chunks table {table} (vector({dim}))")
 
 
 PgDataDir = Annotated[

@@ -27,14 +27,23 @@ import structlog
 from embedbatch.config import LibsqlTarget
 from embedbatch.db.sql import quote_ident
 from embedbatch.errors import DatabaseError, MissingExtraError, UsageError
+from embedbatch.sinks import chunks as chunk_mode
 from embedbatch.sinks.progress import SinkProgress
 from embedbatch.workspace import utc_now
 
-__all__ = ["LibsqlInfo", "check_target", "connect", "inspect_table", "sink_run", "write_vectors"]
+__all__ = [
+    "LibsqlInfo",
+    "check_target",
+    "connect",
+    "inspect_table",
+    "sink_run",
+    "write_vectors",
+]
 
 log = structlog.get_logger(__name__)
 
 
+LIBSQL_HINT = "embedbatch db init --libsql-url … --chunks-table"
 # The text column insert mode creates and fills (``search --libsql-text-column`` reads it).
 TEXT_COLUMN = "content"
 # What the writers take: ids, their (n, dim) float32 vectors and, optionally, their texts.
@@ -109,9 +118,11 @@ def check_target(url: str, auth_token: str | None, target: LibsqlTarget, *, dim:
     finally:
         conn.close()
     if info is None:
-        if target.mode == "insert":
+        if target.mode in ("insert", "chunks"):
             return None
         raise DatabaseError(f"table {target.table!r} does not exist in {url}")
+    if target.mode == "chunks":
+        chunk_mode.check_chunk_columns(target.table, info.columns, hint=LIBSQL_HINT)
     if info.dim != dim:
         raise DatabaseError(
             f"{target.table}.{target.vector_column} is F32_BLOB({info.dim}) but the model gives {dim}-d vectors "
@@ -171,6 +182,7 @@ class LibsqlReport:
     missing_ids: int = 0
     skipped_has_vector: int = 0
     refused: int = 0
+    stale_deleted: int = 0
     chunks: int = 0
     index_built: bool = False
     seconds: float = 0.0
@@ -183,7 +195,7 @@ def write_vectors(
     url: str,
     auth_token: str | None,
     target: LibsqlTarget,
-    chunks: Iterator[Chunk],
+    chunks: Iterator[Any],
     *,
     dim: int,
     model: str = "",
@@ -191,8 +203,9 @@ def write_vectors(
     on_index_drop: Callable[[list[tuple[str, str]]], None] | None = None,
 ) -> LibsqlReport:
     """Write ``(ids, (n, dim) float32[, texts])`` chunks into the target, one transaction per
-    chunk. Insert mode creates a missing table as (id, vector, ``content`` text, model,
-    created_at) and stores each row's text when the table has a ``content`` column.
+    chunk (chunk mode: ``(ids, vectors, texts, ChunkColumns)``, see :mod:`embedbatch.store.shards`).
+    Insert mode creates a missing table as (id, vector, ``content`` text, model, created_at)
+    and stores each row's text when the table has a ``content`` column.
 
     A vector of another dimension or with NaN/inf is refused (counted, never written).
 
@@ -211,8 +224,15 @@ def write_vectors(
             )
             conn.commit()
             info = inspect_table(conn, target)
+        elif info is None and target.mode == "chunks":
+            chunk_mode.create_libsql_table(
+                conn, target.table, dim, id_column=target.id_column, vector_column=target.vector_column
+            )
+            info = inspect_table(conn, target)
         if info is None:
             raise DatabaseError(f"table {target.table!r} does not exist in {url}")
+        if target.mode == "chunks":
+            chunk_mode.check_chunk_columns(target.table, info.columns, hint=LIBSQL_HINT)
         if info.dim != dim:
             raise DatabaseError(f"{target.table}.{target.vector_column} is F32_BLOB({info.dim}), vectors are {dim}-d")
         if target.index and info.indexes:
@@ -221,7 +241,10 @@ def write_vectors(
             for name, _ in info.indexes:
                 conn.execute(f"DROP INDEX IF EXISTS {quote_ident(name)}")
             conn.commit()
-        _write_chunks(conn, target, info, chunks, dim, model, report, on_chunk)
+        if target.mode == "chunks":
+            chunk_mode.upsert_libsql(conn, target, chunks, report, on_chunk)
+        else:
+            _write_chunks(conn, target, info, chunks, dim, model, report, on_chunk)
         if target.index:
             for sql in [s for _, s in info.indexes] or [_index_sql(target)]:
                 conn.execute(sql.replace("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ", 1))
@@ -342,7 +365,7 @@ def sink_run(ws: Any, run: Any, *, auth_token: str | None) -> dict[str, Any]:
             target.url,
             auth_token,
             target,
-            book.chunks(),
+            book.chunk_rows_with_parents() if target.mode == "chunks" else book.chunks(),
             dim=manifest.dimensions,
             model=rs.model,
             on_chunk=book.committed,

@@ -6,16 +6,15 @@ measured ~30× slower here. Update mode fills existing rows by id with a binary 
 transaction per chunk, only where the column is still NULL unless ``overwrite``. Insert mode
 loads a fresh table by binary COPY. Identifiers are always quoted, never interpolated raw.
 
-An HNSW or IVFFlat index on the target column makes every write a graph insert (80–100 rows/s
-measured here instead of ~26k); it is detected before writing and, with ``rebuild_index``,
-dropped and recreated with the same definition after the write.
+Chunk mode (one row per chunk, stale chunks deleted with the new ones) is
+:mod:`embedbatch.sinks.chunks`; vector indexes around a bulk write are
+:mod:`embedbatch.sinks.pgindex`.
 
 Connections, quoting and error translation come from :mod:`embedbatch.db.pg`.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -28,37 +27,30 @@ import structlog
 from embedbatch.config import PgTarget
 from embedbatch.db.pg import connect, quote_ident, quote_table, translate_error
 from embedbatch.errors import DatabaseError, UsageError
+from embedbatch.sinks import chunks as chunk_mode
+from embedbatch.sinks.pgindex import (
+    INDEXED_ROWS_PER_S,
+    REBUILD_WORTH_FRACTION,
+    VectorIndex,
+    index_schema,
+    rebuild,
+    recreate_missing_indexes,
+)
 from embedbatch.sinks.progress import SinkProgress
 from embedbatch.workspace import crash_point
 
 __all__ = [
     "TargetInfo",
-    "VectorIndex",
     "WriteReport",
     "check_target",
     "inspect_target",
-    "recreate_missing_indexes",
     "sink_run",
     "write_vectors",
 ]
 
 log = structlog.get_logger(__name__)
 
-# Measured on this machine (2 cores, PostgreSQL 18, pgvector 0.8.6, 1536-d): rows/s written
-# into a column that carries an HNSW index; used only to print the expected time.
-INDEXED_ROWS_PER_S = 90
-# Rebuilding is worth it once more than this share of the table's rows is written (pgvector
-# build vs. insert cost measured here).
-REBUILD_WORTH_FRACTION = 0.15
-
-
-@dataclass(frozen=True)
-class VectorIndex:
-    """An HNSW/IVFFlat index on the target column: name, access method, ``CREATE INDEX`` text."""
-
-    name: str
-    method: str
-    definition: str
+PG_HINT = "embedbatch db init --chunks-table"
 
 
 @dataclass(frozen=True)
@@ -145,6 +137,7 @@ class WriteReport:
     written: int = 0
     skipped_has_vector: int = 0
     missing_ids: int = 0
+    stale_deleted: int = 0
     chunks: int = 0
     seconds: float = 0.0
     index_rebuilt: list[str] = field(default_factory=list)
@@ -154,29 +147,6 @@ class WriteReport:
         return dict(self.__dict__)
 
 
-def _maintenance_work_mem_kb(rows: int, dim: int) -> int:
-    """pgvector's rule of thumb for index builds: rows × (8 + 4·dims) × 1.3 bytes, in kB."""
-    return max(65_536, int(rows * (8 + 4 * dim) * 1.3 / 1024))
-
-
-async def _rebuild(conn: Any, target: PgTarget, info: TargetInfo, rows: int) -> list[str]:
-    """Recreate dropped indexes with their original definitions (CONCURRENTLY if asked)."""
-    done = []
-    workers = max(1, min(8, (os.cpu_count() or 2) - 1))
-    await conn.execute(f"SET maintenance_work_mem = '{_maintenance_work_mem_kb(rows, info.dim)}kB'")
-    await conn.execute(f"SET max_parallel_maintenance_workers = {workers}")
-    # Postgres plans build workers from the heap size, which stays tiny because vectors are
-    # stored out of line (TOAST), so set parallel_workers on the table explicitly.
-    await conn.execute(f"ALTER TABLE {quote_table(target.table)} SET (parallel_workers = {workers})")
-    for idx in info.indexes:
-        sql = idx.definition
-        if target.concurrently:
-            sql = sql.replace("CREATE INDEX ", "CREATE INDEX CONCURRENTLY ", 1)
-        await conn.execute(sql)
-        done.append(idx.name)
-    return done
-
-
 def _id_param(id_type: str) -> str:
     """The SQL that turns the text-form id parameter back into the column's type."""
     if id_type in ("text", "character varying") or id_type.startswith("character varying"):
@@ -184,17 +154,42 @@ def _id_param(id_type: str) -> str:
     return f"($1::text)::{id_type}"
 
 
+async def _ready_target(conn: Any, target: PgTarget, dim: int) -> TargetInfo:
+    """Create a missing table (insert and chunk modes), then check it takes ``dim``-d vectors.
+
+    Raises:
+        DatabaseError: the target does not fit.
+    """
+    if target.mode != "update" and not await _table_exists(conn, target):
+        create = _create_insert_table if target.mode == "insert" else chunk_mode.create_pg_table
+        await create(conn, target, dim)
+    info = await inspect_target(conn, target)
+    _check_fits(target, info, dim)
+    return info
+
+
+def _check_fits(target: PgTarget, info: TargetInfo, dim: int) -> None:
+    if target.mode == "chunks":
+        chunk_mode.check_chunk_columns(target.table, info.columns, hint=PG_HINT)
+    if info.dim != dim:
+        raise DatabaseError(
+            f"{target.table}.{target.vector_column} is {info.kind}({info.dim}) but the model gives {dim}-d vectors; "
+            f"change the column, pick another --pg-vector-column, or set --dimensions (nothing was uploaded)"
+        )
+
+
 async def write_vectors(
     dsn: str,
     target: PgTarget,
-    chunks: Iterator[tuple[list[str], np.ndarray, list[str] | None]],
+    chunks: Iterator[Any],
     *,
     dim: int,
     total_rows: int | None = None,
     on_chunk: Callable[[int], None] | None = None,
     on_index_drop: Callable[[list[VectorIndex]], None] | None = None,
 ) -> WriteReport:
-    """Write ``(ids, (n, dim) float32 vectors, texts or None)`` chunks into the target.
+    """Write ``(ids, (n, dim) float32 vectors, texts or None)`` chunks into the target (chunk
+    mode: ``(ids, vectors, texts, ChunkColumns)``, see :mod:`embedbatch.store.shards`).
 
     Each chunk is one transaction, so a crash resumes at the first uncommitted chunk; in the
     default NULL-only mode, repeating a write changes nothing.
@@ -213,14 +208,8 @@ async def write_vectors(
     report = WriteReport()
     started = time.monotonic()
     async with connect(dsn) as conn:
-        if target.mode == "insert" and not await _table_exists(conn, target):
-            await _create_insert_table(conn, target, dim)
-        info = await inspect_target(conn, target)
-        if info.dim != dim:
-            raise DatabaseError(
-                f"column {target.vector_column!r} is {info.kind}({info.dim}) but the embeddings have {dim} dims"
-            )
-        rebuild = False
+        info = await _ready_target(conn, target, dim)
+        dropped = False
         if info.indexes:
             n = total_rows or 0
             report.expected_indexed_s = n / INDEXED_ROWS_PER_S
@@ -237,14 +226,16 @@ async def write_vectors(
                 if on_index_drop is not None:
                     on_index_drop(info.indexes)
                 for idx in info.indexes:
-                    await conn.execute(f"DROP INDEX IF EXISTS {quote_table(_index_schema(idx, target))}")
-                rebuild = True
+                    await conn.execute(f"DROP INDEX IF EXISTS {quote_table(index_schema(idx, target))}")
+                dropped = True
                 crash_point("pg_after_index_drop")
         table = quote_table(target.table)
         idc, vc = quote_ident(target.id_column), quote_ident(target.vector_column)
         try:
             if target.mode == "insert":
                 await _insert(conn, target, info, chunks, report, on_chunk)
+            elif target.mode == "chunks":
+                await chunk_mode.upsert_pg(conn, target, chunks, report, on_chunk)
             else:
                 null_only = "" if target.overwrite else f" AND {vc} IS NULL"
                 update = f"UPDATE {table} SET {vc} = $2 WHERE {idc} = {_id_param(info.id_type)}{null_only}"
@@ -273,8 +264,10 @@ async def write_vectors(
         except Exception as exc:
             raise translate_error(exc, f"writing into {target.table!r}") from exc
         finally:
-            if rebuild:
-                report.index_rebuilt = await _rebuild(conn, target, info, max(info.rows_estimate, report.written))
+            if dropped:
+                report.index_rebuilt = await rebuild(
+                    conn, target, info.indexes, info.dim, max(info.rows_estimate, report.written)
+                )
     report.seconds = time.monotonic() - started
     return report
 
@@ -282,8 +275,8 @@ async def write_vectors(
 async def check_target(dsn: str | None, target: PgTarget, *, dim: int) -> TargetInfo | None:
     """Check, before anything is paid for, that ``target`` can take ``dim``-dimensional vectors:
     the table, id column and vector column exist, the column is ``vector``/``halfvec`` of that
-    dimension, and the id column's type is one we can map ids to. In insert mode a missing table
-    is fine (the write creates it): None.
+    dimension, and the id column's type is one we can map ids to. In insert and chunk modes a
+    missing table is fine (the write creates it): None.
 
     Raises:
         UsageError: no DSN.
@@ -292,40 +285,11 @@ async def check_target(dsn: str | None, target: PgTarget, *, dim: int) -> Target
     if not dsn:
         raise UsageError("--pg-table needs a database: set DATABASE_URL or pass --pg-dsn")
     async with connect(dsn) as conn:
-        if target.mode == "insert" and not await _table_exists(conn, target):
+        if target.mode != "update" and not await _table_exists(conn, target):
             return None
         info = await inspect_target(conn, target)
-    if info.dim != dim:
-        raise DatabaseError(
-            f"{target.table}.{target.vector_column} is {info.kind}({info.dim}) but the model gives {dim}-d vectors; "
-            f"change the column, pick another --pg-vector-column, or set --dimensions (nothing was uploaded)"
-        )
+    _check_fits(target, info, dim)
     return info
-
-
-async def recreate_missing_indexes(dsn: str, definitions: list[dict[str, str]]) -> list[str]:
-    """Recreate the saved indexes (``name``, ``definition``) that do not exist; returns their names.
-
-    Raises:
-        DatabaseError: PostgreSQL fails.
-    """
-    created = []
-    async with connect(dsn) as conn:
-        for d in definitions:
-            exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", quote_ident(d["name"]))
-            if not exists:
-                try:
-                    await conn.execute(d["definition"])
-                except Exception as exc:
-                    raise translate_error(exc, f"recreating index {d['name']!r}") from exc
-                created.append(d["name"])
-    return created
-
-
-def _index_schema(idx: VectorIndex, target: PgTarget) -> str:
-    """The index name, schema-qualified like the table when the table is."""
-    parts = target.table.split(".")
-    return f"{parts[0]}.{idx.name}" if len(parts) == 2 else idx.name
 
 
 def _convert_ids(ids: list[str], id_type: str) -> list[Any]:
@@ -423,7 +387,7 @@ async def _sink_run(ws: Any, run: Any, dsn: str, dim: int) -> dict[str, Any]:
     report = await write_vectors(
         dsn,
         target,
-        book.chunks(),
+        book.chunk_rows_with_parents() if target.mode == "chunks" else book.chunks(),
         dim=dim,
         total_rows=book.remaining_rows(),
         on_chunk=book.committed,

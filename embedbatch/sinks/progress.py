@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from embedbatch.runs import Run, SinkState
-from embedbatch.store.shards import iter_run_chunks
+from embedbatch.store.shards import ChunkColumns, iter_run_chunks
 from embedbatch.workspace import Workspace, crash_point
 
 __all__ = ["SinkProgress"]
@@ -54,12 +54,26 @@ class SinkProgress:
 
     def chunks(self) -> Iterator[tuple[list[str], np.ndarray, list[str] | None]]:
         """``(ids, (n, dim) float32 vectors, texts or None)`` from the first row not written."""
+        for ids, vecs, texts, _ in self.chunk_rows_with_parents(with_chunks=False):
+            yield ids, vecs, texts
+
+    def chunk_rows_with_parents(
+        self, *, with_chunks: bool = True
+    ) -> Iterator[tuple[list[str], np.ndarray, list[str], ChunkColumns | None]]:
+        """:meth:`chunks` with each row's parent, chunk index and the parent's chunk count (the
+        sinks' chunk mode)."""
         rs = self.run.state
-        for shard, end, ids, vecs, texts in iter_run_chunks(
-            self.ws, rs.model, rs.dataset, rs.run_id, chunk_rows=self.chunk_rows, progress=self.progress
+        for shard, end, ids, vecs, texts, cols in iter_run_chunks(
+            self.ws,
+            rs.model,
+            rs.dataset,
+            rs.run_id,
+            chunk_rows=self.chunk_rows,
+            progress=self.progress,
+            with_chunks=with_chunks,
         ):
             self._pending.append((shard, end))
-            yield ids, vecs, texts
+            yield ids, vecs, texts, cols
 
     def committed(self, written: int) -> None:
         """The oldest chunk handed out is committed; ``written``: rows written so far in this

@@ -31,6 +31,7 @@ from embedbatch.store.manifest import Manifest, superseded_ids
 from embedbatch.workspace import Workspace, utc_now
 
 __all__ = [
+    "ChunkColumns",
     "ShardWriter",
     "StagedShard",
     "embedding_schema",
@@ -464,21 +465,44 @@ def read_rows_at(path: Path, rows: list[int], columns: list[str]) -> list[dict[s
     return [out[r] for r in rows]
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkColumns:
+    """Per row of a sink chunk: ``parent_id`` (the row's own id for a row that is not a chunk),
+    ``chunk_index`` (0 for such a row) and ``count``, the parent's chunk count when the row was
+    made (from ``metadata.chunk``; 1 for a row that is not a chunk)."""
+
+    parents: list[str]
+    index: list[int]
+    counts: list[int]
+
+
 def iter_run_chunks(
-    ws: Workspace, model: str, dataset: str, run_id: str, *, chunk_rows: int, progress: dict[str, int]
-) -> Iterator[tuple[str, int, list[str], np.ndarray, list[str]]]:
+    ws: Workspace,
+    model: str,
+    dataset: str,
+    run_id: str,
+    *,
+    chunk_rows: int,
+    progress: dict[str, int],
+    with_chunks: bool = False,
+) -> Iterator[tuple[str, int, list[str], np.ndarray, list[str], ChunkColumns | None]]:
     """Rows of ``run_id`` in the dataset's shards, current rows only, in shard order, as
-    ``(shard, end_offset, ids, (n, dim) float32, texts)`` chunks; rows before
-    ``progress[shard]`` (already committed) are skipped."""
+    ``(shard, end_offset, ids, (n, dim) float32, texts, chunk columns or None)`` chunks; rows
+    before ``progress[shard]`` (already committed) are skipped. ``with_chunks`` also reads the
+    rows' :class:`ChunkColumns` (the sinks' chunk mode)."""
     import pyarrow.compute as pc
 
     manifest = Manifest.load(ws, model, dataset)
     gone = superseded_ids(manifest)
     base = ws.shards_dir(model, dataset)
+    columns = ["id", "text", "embedding", "run_id"] + (["metadata", "parent_id", "chunk_index"] if with_chunks else [])
     for s in manifest.shards:
         if not any(src.startswith(f"{run_id}/") for src in s.get("sources", [])) and s.get("run_id") != run_id:
             continue
-        table = pq.read_table(base / s["file"], columns=["id", "text", "embedding", "run_id"])
+        if not s.get("rows"):
+            continue  # deletions alone
+        names = set(pq.read_schema(base / s["file"]).names)
+        table = pq.read_table(base / s["file"], columns=[c for c in columns if c in names])
         table = table.filter(pc.equal(table["run_id"], run_id))
         drop = gone.get(s["file"], set())
         if drop:
@@ -488,4 +512,31 @@ def iter_run_chunks(
             part = table.slice(start, chunk_rows)
             emb = part["embedding"].combine_chunks()
             vecs = emb.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(part), -1)
-            yield s["file"], start + len(part), part["id"].to_pylist(), vecs, part["text"].to_pylist()
+            ids = part["id"].to_pylist()
+            cols = _chunk_columns_of(part, ids) if with_chunks else None
+            yield s["file"], start + len(part), ids, vecs, part["text"].to_pylist(), cols
+
+
+def _chunk_columns_of(part: pa.Table, ids: list[str]) -> ChunkColumns:
+    parents: list[str] = []
+    index: list[int] = []
+    counts: list[int] = []
+    none = [None] * len(ids)
+    have = set(part.column_names)  # a shard written before the chunk columns existed has none
+    for rid, parent, k, meta in zip(
+        ids,
+        part["parent_id"].to_pylist() if "parent_id" in have else none,
+        part["chunk_index"].to_pylist() if "chunk_index" in have else none,
+        part["metadata"].to_pylist(),
+        strict=True,
+    ):
+        if parent is None:
+            parents.append(rid)
+            index.append(0)
+            counts.append(1)
+            continue
+        chunk = orjson.loads(meta or "{}").get("chunk") or {}
+        parents.append(parent)
+        index.append(int(k or 0))
+        counts.append(int(chunk.get("count", int(k or 0) + 1)))
+    return ChunkColumns(parents, index, counts)

@@ -78,7 +78,7 @@ async def test_dimension_mismatch_writes_nothing(pg_dsn: str) -> None:
     await pg_exec(
         pg_dsn, "CREATE TABLE items (id bigint PRIMARY KEY, embedding vector(4))", "INSERT INTO items VALUES (1, NULL)"
     )
-    with pytest.raises(DatabaseError, match=r"vector\(4\) but the embeddings have 8"):
+    with pytest.raises(DatabaseError, match=r"vector\(4\) but the model gives 8-d"):
         await write(pg_dsn, PgTarget(table="items"), ["1"], vecs(1))
     (rows,) = await pg_exec(pg_dsn, "SELECT count(embedding) FROM items")
     assert [[0]] == rows
