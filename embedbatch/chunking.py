@@ -87,6 +87,8 @@ class Chunker:
                 f"{prepare.max_tokens})"
             )
         check_chunk_template(prepare.chunk_id_template)
+        if prepare.chunk_aggregate not in (None, "mean"):
+            raise UsageError(f"--chunk-aggregate must be mean, got {prepare.chunk_aggregate!r}")
         return cls(tokenizer, tokens=prepare.chunk_tokens, overlap=prepare.chunk_overlap, chunker=prepare.chunker)
 
     @property
@@ -182,13 +184,20 @@ def check_chunk_template(template: str) -> None:
 
 
 def chunk_records(
-    doc: Record, chunker: Chunker, template: str, stored: Callable[[list[str]], Any] | None
+    doc: Record,
+    chunker: Chunker,
+    template: str,
+    stored: Callable[[list[str]], Any] | None,
+    *,
+    with_parent_text: bool = False,
 ) -> tuple[list[Record], list[str]]:
     """A prepared document as chunk records (ids from ``template``; ``metadata.chunk`` holds
-    parent id, index, start/end character offsets into ``doc.text``, count and the policy),
-    and the ids of its old chunks past the new count that the dataset still holds (``stored``:
-    ``(ids) -> (n,) bool``; old chunks are numbered from 0 without gaps, so probing stops at
-    the first absent one)."""
+    parent id, index, start/end character offsets into ``doc.text``, count, the chunk's token
+    count ``n_tokens`` and the policy), and the ids of its old chunks past the new count that
+    the dataset still holds (``stored``: ``(ids) -> (n,) bool``; old chunks are numbered from 0
+    without gaps, so probing stops at the first absent one). ``with_parent_text``
+    (``--chunk-aggregate mean``): every chunk says ``aggregate: "mean"`` and the first one also
+    carries ``doc.text`` as ``parent_text`` (see :mod:`embedbatch.aggregate`)."""
     pieces = chunker.split(doc.text)
     policy = chunker.policy
     out = []
@@ -200,8 +209,13 @@ def chunk_records(
             "start": piece.start,
             "end": piece.end,
             "count": len(pieces),
+            "n_tokens": piece.n_tokens,
             **policy,
         }
+        if with_parent_text:
+            meta["chunk"]["aggregate"] = "mean"  # every consumer can tell, row by row
+            if k == 0:
+                meta["chunk"]["parent_text"] = doc.text
         out.append(
             Record(
                 id=template.format(parent_id=doc.id, k=k),

@@ -256,6 +256,9 @@ class PrepareConfig:
         chunker: ``recursive`` (paragraph, then sentence, then word boundaries), ``markdown``
             (headings and code blocks too) or ``tokens`` (token boundaries).
         chunk_id_template: a chunk's id from ``{parent_id}`` and ``{k}`` (0-based).
+        chunk_aggregate: ``mean``: store one row per document, the token-weighted mean of its
+            chunk vectors, L2-normalised (see :mod:`embedbatch.aggregate`); None: one row per
+            chunk.
     """
 
     fields: tuple[str, ...] = ("text",)
@@ -277,12 +280,13 @@ class PrepareConfig:
     chunk_overlap: int = 0
     chunker: Literal["tokens", "recursive", "markdown"] = "recursive"
     chunk_id_template: str = "{parent_id}#{k}"
+    chunk_aggregate: Literal["mean"] | None = None
 
     @classmethod
     def from_file(cls, path: Path, **overrides: Any) -> PrepareConfig:
         """Read keys fields, template, prefix, suffix, delimiter, lowercase, truncate,
         max_tokens and the chunking keys (chunk_tokens, chunk_overlap, chunker,
-        chunk_id_template) from a YAML, JSON or TOML file; ``overrides`` (non-None) win.
+        chunk_id_template, chunk_aggregate) from a YAML, JSON or TOML file; ``overrides`` (non-None) win.
 
         Raises:
             UsageError: unreadable file, unknown key, or wrong type.
@@ -323,6 +327,7 @@ class PrepareConfig:
             "chunk_overlap",
             "chunker",
             "chunk_id_template",
+            "chunk_aggregate",
         }
         unknown = set(data) - allowed
         if unknown:

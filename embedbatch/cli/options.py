@@ -184,6 +184,13 @@ class PrepareOptions(OptionGroup):
     chunk_id_template: Annotated[
         str | None, typer.Option("--chunk-id-template", help="A chunk's id (default '{parent_id}#{k}').")
     ] = None
+    chunk_aggregate: Annotated[
+        str | None,
+        typer.Option(
+            "--chunk-aggregate",
+            help="mean: store one row per document (token-weighted mean of its chunk vectors, L2-normalised).",
+        ),
+    ] = None
 
     def build(self, source: str, src: SourceOptions) -> PrepareConfig:
         """Preparation from flags, or from ``--config`` with flags winning.
@@ -211,10 +218,13 @@ class PrepareOptions(OptionGroup):
             "chunk_overlap": self.chunk_overlap,
             "chunker": self.chunker,
             "chunk_id_template": self.chunk_id_template,
+            "chunk_aggregate": self.chunk_aggregate,
         }
-        chunk_flags = (self.chunk_overlap, self.chunker, self.chunk_id_template)
-        if self.chunk_tokens is None and self.config is None and chunk_flags != (None, None, None):
-            raise UsageError("--chunk-overlap, --chunker and --chunk-id-template need --chunk-tokens")
+        chunk_flags = (self.chunk_overlap, self.chunker, self.chunk_id_template, self.chunk_aggregate)
+        if self.chunk_tokens is None and self.config is None and chunk_flags != (None,) * 4:
+            raise UsageError(
+                "--chunk-overlap, --chunker, --chunk-id-template and --chunk-aggregate need --chunk-tokens"
+            )
         if self.unit not in ("conversation", "message"):
             raise UsageError(f"--unit must be conversation or message, got {self.unit!r}")
         if self.config is not None:

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import orjson
 
+from embedbatch.aggregate import ChunkAggregator, is_aggregated
+from embedbatch.errors import StateError
 from embedbatch.records import Record
 from embedbatch.runs import RunState
 from embedbatch.store.dataset import DatasetStore
@@ -58,13 +60,57 @@ class StreamCommitter:
         self.commits = 0
         self.shards: list[str] = []
         self.last_commit = time.monotonic()
+        self.aggregator = ChunkAggregator()
+        self._held: dict[str, list[Record]] = {}  # document id → its chunks received so far
 
     def add(self, records: Sequence[Record], vectors: np.ndarray) -> None:
         """Write ``records`` with their ``(n, dim) float32`` vectors, committing every full shard.
+        Chunks of ``--chunk-aggregate`` are held until their document is complete, then
+        written as one row (see :mod:`embedbatch.aggregate`).
 
         Raises:
             StateError: the vectors' dimension differs from the dataset's (at commit).
         """
+        if any(is_aggregated(r.metadata) for r in records):
+            records, vectors = self._aggregate(records, vectors)
+        self._write(records, vectors)
+
+    def _aggregate(self, records: Sequence[Record], vectors: np.ndarray) -> tuple[list[Record], np.ndarray]:
+        """Ordinary rows as they are, then the documents these chunks completed."""
+        chunk = [i for i, r in enumerate(records) if is_aggregated(r.metadata)]
+        plain = [i for i, r in enumerate(records) if not is_aggregated(r.metadata)]
+        for i in chunk:
+            self._held.setdefault(str(records[i].metadata["chunk"]["parent_id"]), []).append(records[i])
+        ids, texts, metas, splits, vecs = self.aggregator.add(
+            [records[i].id for i in chunk],
+            [records[i].metadata for i in chunk],
+            [records[i].split for i in chunk],
+            np.asarray(vectors, np.float32)[chunk],
+        )
+        rs = self.state
+        out = [records[i] for i in plain]
+        for pid, text, meta, split in zip(ids, texts, metas, splits, strict=True):
+            self._held.pop(pid, None)
+            out.append(Record(pid, rs.source, rs.dataset, split, text, 0, meta))
+        return out, np.concatenate([np.asarray(vectors, np.float32)[plain], vecs]) if plain else vecs
+
+    def incomplete(self) -> list[Record]:
+        """The chunks held for documents that are still partial (a chunk of theirs failed or
+        never came): the caller reports them failed, so a retry sends the whole document."""
+        return [r for held in self._held.values() for r in held]
+
+    def check_complete(self) -> None:
+        """For an engine whose every row is embedded or the run fails (local): no document may
+        be left partial.
+
+        Raises:
+            StateError: documents whose chunks did not all arrive (named, up to 5).
+        """
+        if self._held:
+            names = ", ".join(list(self._held)[:5])
+            raise StateError(f"{len(self._held)} document(s) lack chunk vectors at the end of the run: {names}")
+
+    def _write(self, records: Sequence[Record], vectors: np.ndarray) -> None:
         rs = self.state
         start = 0
         while start < len(records):

@@ -15,6 +15,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedbatch.aggregate import is_aggregated
 from embedbatch.engines.batchapi.split import BatchSplitter
 from embedbatch.records import Record
 from embedbatch.runs import RECORDS_FILE, BatchState, read_record_ids, read_records_table
@@ -176,6 +177,8 @@ class BatchFileWriter:
         self.records = BatchRecords()
         self._dir: Path | None = None
         self._write_inp: Callable[[bytes], object] | None = None
+        self._group: list[tuple[Any, ...]] = []  # a document's rows held together (--chunk-aggregate)
+        self._group_parent: Any = None
 
     def add_record(self, rec: Record, line: bytes) -> None:
         """Add one prepared record and its request line (see :func:`plan.request_encoder`)."""
@@ -214,6 +217,39 @@ class BatchFileWriter:
         self._add([line], [tokens], [row["id"]], [row.get("split")], [row.get("metadata") or {}], [n_tokens])
 
     def _add(
+        self,
+        lines: Sequence[bytes],
+        queue: list[int],
+        ids: list[str],
+        splits: list[str | None],
+        metadata: list[dict[str, Any]],
+        n_tokens: list[int],
+    ) -> None:
+        if self._group or (metadata and is_aggregated(metadata[0])):
+            self._add_grouped(list(zip(lines, queue, ids, splits, metadata, n_tokens, strict=True)))
+        else:
+            self._place(lines, queue, ids, splits, metadata, n_tokens)
+
+    def _add_grouped(self, rows: list[tuple[Any, ...]]) -> None:
+        """``--chunk-aggregate``: a document's chunk requests go into one batch, so one batch's
+        output completes the document. Rows are held until their document's last row is seen
+        (its successor belongs to another document, or :meth:`finish`)."""
+        for row in rows:
+            parent = row[4].get("chunk", {}).get("parent_id")
+            if self._group and parent != self._group_parent:
+                self._flush_group()
+            self._group.append(row)
+            self._group_parent = parent
+
+    def _flush_group(self) -> None:
+        if not self._group:
+            return
+        lines, queue, ids, splits, metadata, n_tokens = (list(col) for col in zip(*self._group, strict=True))
+        self._group = []
+        self.splitter.keep_together(len(lines), sum(len(line) for line in lines), len(lines), sum(queue))
+        self._place(lines, queue, ids, splits, metadata, n_tokens)
+
+    def _place(
         self,
         lines: Sequence[bytes],
         queue: list[int],
@@ -267,6 +303,7 @@ class BatchFileWriter:
     def finish(self) -> list[BatchState]:
         """Close the files and return each batch's state (status planned), for the caller to
         write through :mod:`embedbatch.runs` (:meth:`Run.create`, :meth:`Run.add_batches`)."""
+        self._flush_group()
         self._close()
         for bs, (requests, inputs, n_bytes, tokens) in zip(self.states, self.splitter.totals(), strict=True):
             bs.requests, bs.inputs, bs.bytes, bs.tokens = requests, inputs, n_bytes, tokens

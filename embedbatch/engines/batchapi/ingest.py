@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import orjson
 import structlog
 
+from embedbatch.aggregate import INCOMPLETE_DOCUMENT, ChunkAggregator, is_aggregated, parent_of_chunk
 from embedbatch.config import IngestConfig, LibsqlTarget, PgTarget
 from embedbatch.engines.batchapi.output import BatchReader
 from embedbatch.errors import StateError
@@ -76,7 +78,12 @@ def rebuild_failed_ids(run: Run, index: IdIndex) -> int:
             for row in p.read_bytes().splitlines(keepends=True)[1:]:
                 latest[row.split(b"\t", 1)[0]] = row
     ids = [tsv_unescape(k.decode()) for k in latest]
-    embedded: list[bool] = index.has_ids(ids).tolist() if ids else []
+    aggregate = run.state.args.get("chunk_aggregate")
+    if aggregate:  # a chunk is done once its document is stored
+        parent = parent_of_chunk(aggregate["chunk_id_template"])
+        embedded: list[bool] = index.has_ids([parent(i) or i for i in ids]).tolist() if ids else []
+    else:
+        embedded = index.has_ids(ids).tolist() if ids else []
     rows = [row for row, done in zip(latest.values(), embedded, strict=True) if not done]
     atomic_write_bytes(run.paths.failed_ids, b"".join([b"id\treason\tbatch\tline\n", *rows]))
     run.state.counts["failed"] = len(rows)
@@ -272,6 +279,7 @@ def _write_batches(
     rs = run.state
     expected = _expected_dim(rs.model, rs.dimensions, manifest)
     out = _GroupWriter(store, run, config, res)
+    agg = ChunkAggregator()  # --chunk-aggregate: a document's chunks are all in one batch
     try:
         for bs in todo:
             d = run.batch_dir(bs)
@@ -283,21 +291,26 @@ def _write_batches(
                     raise StateError(
                         f"batch {bs.name} has {reader.dim}-d vectors but the dataset has {manifest.dimensions}-d shards"
                     )
-                out.write_rows(*reader.rows_at(positions), vecs)
+                ids, texts, metas, splits = reader.rows_at(positions)
+                if metas and is_aggregated(metas[0]):
+                    ids, texts, metas, splits, vecs = _aggregate(agg, ids, metas, splits, vecs)
+                out.write_rows(ids, texts, metas, splits, vecs)
             if reader.dim is not None:
                 expected = reader.dim
+            # A document with a chunk that failed is failed whole: its other chunks go with it.
+            partial = [(cid, INCOMPLETE_DOCUMENT, "") for cids in agg.drop().values() for cid in cids]
             failed_rows = b"".join(
                 f"{tsv_escape(rid)}\t{tsv_escape(reason)}\t{bs.name}\t{line}\n".encode()
-                for rid, reason, line in reader.failed
+                for rid, reason, line in [*reader.failed, *partial]
             )
             # The batch's results are recorded before the commit, so a process that dies after
             # the manifest write leaves nothing for the next one to rebuild.
             atomic_write_bytes(d / "failed_ids.tsv", b"id\treason\tbatch\tline\n" + failed_rows)
             bs.usage_tokens = reader.usage_tokens
-            bs.succeeded, bs.failed = reader.n_ok, len(reader.failed)
+            bs.succeeded, bs.failed = reader.n_ok - len(partial), len(reader.failed) + len(partial)
             run.save_batch(bs)
-            res.rows += reader.n_ok
-            res.failed += len(reader.failed)
+            res.rows += bs.succeeded
+            res.failed += bs.failed
             res.usage_tokens += reader.usage_tokens
             out.batch_done(bs)
         out.commit()
@@ -305,6 +318,14 @@ def _write_batches(
         out.abort()
         raise
     out.pool.shutdown(wait=True)
+
+
+def _aggregate(
+    agg: ChunkAggregator, ids: list[str], metas: list[str], splits: list[Any], vecs: Any
+) -> tuple[list[str], list[str], list[str], list[Any], Any]:
+    """Chunk rows of ``--chunk-aggregate`` → the documents they complete (metadata as JSON)."""
+    ids, texts, meta_dicts, splits, vecs = agg.add(ids, [orjson.loads(m) for m in metas], splits, vecs)
+    return ids, texts, [orjson.dumps(m).decode() for m in meta_dicts], splits, vecs
 
 
 def _update_run_costs(run: Run) -> None:

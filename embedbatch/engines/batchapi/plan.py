@@ -195,6 +195,11 @@ def plan_run(
             pg_target=pg_target.to_json() if pg_target else None,
             libsql_target=libsql_target.to_json() if libsql_target else None,
         )
+        if prepare.chunk_aggregate:  # ingest and retry map chunk ids to their documents
+            rs.args["chunk_aggregate"] = {
+                "mode": prepare.chunk_aggregate,
+                "chunk_id_template": prepare.chunk_id_template,
+            }
         if source.is_postgres and source.pg_table:
             rs.args.setdefault("pg_source", {"table": source.pg_table, "id_column": source.pg_id_column})
         if not states and not submit.dry_run:

@@ -10,6 +10,7 @@ batches that poll submits, whose ids are in flight, so a second retry does not p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -120,6 +121,20 @@ def _write_rows(
     chosen: list[str] = []
     seen: set[str] = set()
     given_up: set[str] = set()
+    aggregate = rs.args.get("chunk_aggregate") is not None
+    parent_done: dict[str, bool] = {}
+
+    def embedded(rid: str, text: str, meta: dict[str, Any] | None) -> bool:
+        if meta is None:
+            return index.contains(rid, text_sha256(text))
+        # --chunk-aggregate: a chunk is done when its document is stored with the same text (the
+        # first chunk carries it and comes first: a document's chunks are kept in order).
+        chunk = meta.get("chunk") or {}
+        pid = str(chunk.get("parent_id"))
+        if "parent_text" in chunk:
+            parent_done[pid] = index.contains(pid, text_sha256(chunk["parent_text"]))
+        return parent_done.get(pid, False)
+
     for bs in run.batches:
         d = run.batch_dir(bs)
         if not (d / "input.jsonl").exists():  # cleaned: it had no failed rows left
@@ -131,7 +146,7 @@ def _write_rows(
                 if rid not in failed or rid in in_flight or rid in seen:
                     continue
                 text = orjson.loads(iline)["body"]["input"]
-                if index.contains(rid, text_sha256(text)):
+                if embedded(rid, text, records.metadata_at(i) if aggregate else None):
                     plan.already_embedded += 1
                     continue
                 if rs.attempts.get(rid, 1) >= max_attempts:

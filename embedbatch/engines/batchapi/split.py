@@ -146,6 +146,37 @@ class BatchSplitter:
             self.batch, self.requests, self.inputs, self.bytes, self.tokens = batch, requests, inputs, size, queued
         return out
 
+    def keep_together(self, n_requests: int, n_bytes: int, n_inputs: int, tokens: int) -> None:
+        """Before :meth:`assign` of requests that must share a batch (a document's chunks under
+        ``--chunk-aggregate``): start a new batch unless the open one can take all of them.
+
+        Raises:
+            LimitError: they exceed an empty batch's limits.
+        """
+        lim = self.limits
+        if (
+            n_requests > self._max_requests
+            or n_inputs > self._max_inputs
+            or n_bytes > self._max_bytes
+            or tokens > self._max_tokens
+        ):
+            raise LimitError(
+                f"a document of {n_requests} chunks ({n_bytes} bytes, {tokens} tokens) does not fit one batch "
+                f"(limits: {lim.max_requests} requests, {lim.max_bytes} bytes, {lim.max_enqueued_tokens} tokens); "
+                "--chunk-aggregate keeps a document's chunks in one batch: raise --chunk-tokens"
+            )
+        if self.batch < 0:
+            return  # the first assign opens the first batch
+        if (
+            self.requests + n_requests > self._max_requests
+            or self.inputs + n_inputs > self._max_inputs
+            or self.bytes + n_bytes > self._max_bytes
+            or self.tokens + tokens > self._max_tokens
+        ):
+            self.closed.append((self.requests, self.inputs, self.bytes, self.tokens))
+            self.batch += 1
+            self.requests = self.inputs = self.bytes = self.tokens = 0
+
     def _check_alone(self, n_bytes: int, n_inputs: int, tokens: int) -> None:
         lim = self.limits
         if n_bytes > lim.max_bytes:

@@ -400,6 +400,7 @@ def _commit(job: LocalJob, ds: Any, embedded: IdIndex, info: dict[str, Any]) -> 
                     on_rows(result.rows)
             t = clock.busy(t)
             crash_point("ray_driver_batch")
+        sink.check_complete()
         sink.commit()
         result.shards = sink.shards
     except BaseException:

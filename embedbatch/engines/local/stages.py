@@ -297,6 +297,7 @@ def write(
             if on_rows is not None:
                 on_rows(result.rows)
         if not errors:
+            sink.check_complete()
             sink.commit()
             result.shards = sink.shards
         else:

@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 import structlog
 
+from embedbatch.aggregate import INCOMPLETE_DOCUMENT
 from embedbatch.api.openai import EmbeddingAnswer, embeddings_once, new_sdk_client
 from embedbatch.config import (
     IngestConfig,
@@ -420,6 +421,7 @@ def _embed(
         for name in ("requests", "answered_429", "retries", "splits"):
             setattr(result, name, getattr(result, name) + getattr(engine.stats, name))
         failed = [*(kept_failed or []), *engine.failed]
+        failed += [(r, INCOMPLETE_DOCUMENT) for r in sink.incomplete()]  # sent again whole by a retry
         _write_failed(run.paths, failed)
         result.failed = len(failed)
         if ok:
