@@ -503,7 +503,13 @@ class IngestConfig:
     Attributes:
         rows_per_shard: shard size target in rows (a batch starts a new shard when it would
             not fit in the open one).
-        dtype: ``float32`` or ``float16`` for the ``embedding`` column.
+        dtype: how the ``embedding`` column stores vectors: ``float32``, ``float16``, ``int8``
+            or ``binary`` (:mod:`embedbatch.store.quant`). A dataset keeps the storage of its
+            first commit: later writers follow the manifest.
+        keep_float: int8/binary: ``float16`` keeps the vectors beside them (rescoring, exact
+            reads), ``none`` keeps only the compressed ones.
+        truncate_dim: keep the first N components of each vector and L2-normalise them
+            (Matryoshka; see :func:`embedbatch.store.quant.check_truncation`).
         dsn: PostgreSQL for runs with a pgvector target (never written to run state or logs).
         libsql_auth_token: the remote libSQL token for runs with a libSQL target (never stored).
         delete_files: once a batch is ingested, delete its files at the provider and its local
@@ -511,10 +517,20 @@ class IngestConfig:
     """
 
     rows_per_shard: int = 100_000
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16", "int8", "binary"] = "float32"
+    keep_float: Literal["float16", "none"] = "float16"
+    truncate_dim: int | None = None
     dsn: str | None = field(default=None, repr=False)
     libsql_auth_token: str | None = field(default=None, repr=False)
     delete_files: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "float16", "int8", "binary"):
+            raise UsageError(f"--store-dtype must be float32, float16, int8 or binary, got {self.dtype!r}")
+        if self.keep_float not in ("float16", "none"):
+            raise UsageError(f"--keep-float must be float16 or none, got {self.keep_float!r}")
+        if self.truncate_dim is not None and self.truncate_dim < 1:
+            raise UsageError(f"--truncate-dim must be at least 1, got {self.truncate_dim}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,6 +33,7 @@ from embedbatch.cli.options import (
     SampleOptions,
     SinkOptions,
     SourceOptions,
+    StoreOptions,
     SubmitOptions,
     estimate_from,
     with_options,
@@ -82,6 +83,7 @@ class _PlanOptions:
     batch: BatchOptions
     submit: SubmitOptions
     sink: SinkOptions
+    store: StoreOptions | None = None
 
 
 def _plan(source: str, resume: Path | None, o: _PlanOptions, *, dry_run: bool) -> tuple[Any, Any]:
@@ -98,6 +100,8 @@ def _plan(source: str, resume: Path | None, o: _PlanOptions, *, dry_run: bool) -
         raise UsageError("OPENAI_API_KEY is not set (put it in the environment or .env); nothing was planned")
     target = o.sink.target(source, o.src)
     libsql_target = o.sink.libsql_target(source, o.src)
+    store = o.store or StoreOptions()
+    store.fields(o.batch.model_name(s))  # a refused --truncate-dim stops here, before anything is sent
     with RowProgress("planning") as progress:
         planned = plan_run(
             ws,
@@ -105,7 +109,7 @@ def _plan(source: str, resume: Path | None, o: _PlanOptions, *, dry_run: bool) -
             prepare=o.prep.build(source, o.src),
             sample=o.sample.build(),
             submit=o.submit.build(o.batch, s, dry_run=dry_run),
-            args=safe_args(source, o.src, o.prep, o.sample, o.batch, o.submit, o.sink),
+            args=safe_args(source, o.src, o.prep, o.sample, o.batch, o.submit, o.sink, store),
             on_row=progress,
             pg_target=target,
             libsql_target=libsql_target,
@@ -150,6 +154,7 @@ def submit(
     batch: BatchOptions,
     submit: SubmitOptions,
     sink: SinkOptions,
+    store: StoreOptions,
     source: SourceArg = "",
     resume: Resume = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the JSONL files; no network.")] = False,
@@ -159,7 +164,7 @@ def submit(
     """Plan batch input files under the API limits, upload them and create batches."""
     from embedbatch.engines.batchapi.submit import submit_run
 
-    run, planned = _plan(source, resume, _PlanOptions(src, prep, sample, batch, submit, sink), dry_run=dry_run)
+    run, planned = _plan(source, resume, _PlanOptions(src, prep, sample, batch, submit, sink, store), dry_run=dry_run)
     _print_planned(run, planned, json_out=json_out)
     if dry_run:
         (err_console if json_out else console).print(f"dry run: batch files written to {run.root} (nothing sent)")
@@ -202,6 +207,7 @@ def run_cmd(
     rt: RealtimeOptions,
     sink: SinkOptions,
     drive: DriveOptions,
+    store: StoreOptions,
     source: SourceArg = "",
     resume: Resume = None,
     engine: Annotated[
@@ -226,15 +232,21 @@ def run_cmd(
     if engine == "realtime":
         from embedbatch.cli.realtime import embed_realtime
 
-        embed_realtime(source, src, prep, sample, batch, rt, sink, submit.max_cost_usd, drive.dtype, json_out=json_out)
+        embed_realtime(
+            source, src, prep, sample, batch, rt, sink, submit.max_cost_usd, store, drive.dtype, json_out=json_out
+        )
         return
 
-    run, planned = _plan(source, resume, _PlanOptions(src, prep, sample, batch, submit, sink), dry_run=False)
+    run, planned = _plan(source, resume, _PlanOptions(src, prep, sample, batch, submit, sink, store), dry_run=False)
     if not json_out:
         _print_planned(run, planned, json_out=False)
         console.print(f"run directory: {run.root}")
     ws = open_workspace()
-    cfg = drive.ingest(dsn=sink.dsn(settings(), src), libsql_auth_token=sink.libsql_token(settings()))
+    cfg = drive.ingest(
+        dsn=sink.dsn(settings(), src),
+        libsql_auth_token=sink.libsql_token(settings()),
+        store=store.fields(batch.model_name(settings()), drive.dtype),
+    )
     with RunProgress(run) as progress:
         summary = with_client(
             lambda c: drive_run(

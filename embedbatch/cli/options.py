@@ -22,6 +22,7 @@ import typer
 
 from embedbatch.config import (
     BatchLimits,
+    IngestConfig,
     LibsqlTarget,
     PgTarget,
     PrepareConfig,
@@ -376,6 +377,44 @@ class SubmitOptions(OptionGroup):
             file_expiry_days=self.file_expiry_days,
             output_expiry_days=self.output_expiry_days,
         )
+
+
+@dataclass(frozen=True)
+class StoreOptions(OptionGroup):
+    """How vectors are stored: dtype, float vectors kept beside compressed ones, Matryoshka cut."""
+
+    store_dtype: Annotated[
+        str | None,
+        typer.Option("--store-dtype", help="float32 (default), float16, int8 or binary vectors in the shards."),
+    ] = None
+    keep_float: Annotated[
+        str | None,
+        typer.Option("--keep-float", help="int8/binary: float16 (default) keeps the vectors beside them, or none."),
+    ] = None
+    truncate_dim: Annotated[
+        int | None,
+        typer.Option("--truncate-dim", help="Keep each vector's first N components, re-normalised (Matryoshka)."),
+    ] = None
+    force: Annotated[
+        bool, typer.Option("--force", help="--truncate-dim for a model not known to be Matryoshka-trained.")
+    ] = False
+
+    def fields(self, model: str, legacy_dtype: str | None = None) -> dict[str, Any]:
+        """:class:`IngestConfig` keyword arguments (``legacy_dtype``: the older ``--dtype`` /
+        ``--shard-dtype`` flag, used when ``--store-dtype`` is not given).
+
+        Raises:
+            UsageError: ``--truncate-dim`` for a model not known to support it, without ``--force``.
+        """
+        from embedbatch.store.quant import check_truncation
+
+        check_truncation(model, self.truncate_dim, force=self.force)
+        dtype = self.store_dtype or legacy_dtype or "float32"
+        out: dict[str, Any] = {"dtype": dtype, "truncate_dim": self.truncate_dim}
+        if self.keep_float:
+            out["keep_float"] = self.keep_float
+        IngestConfig(**out)  # checks the values now, before anything is sent
+        return out
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from embedbatch.cli.options import (
     SampleOptions,
     SinkOptions,
     SourceOptions,
+    StoreOptions,
     estimate_from,
     with_options,
 )
@@ -41,6 +42,7 @@ def embed(
     batch: BatchOptions,
     rt: RealtimeOptions,
     sink: SinkOptions,
+    store: StoreOptions,
     max_cost_usd: Annotated[
         float | None, typer.Option("--max-cost-usd", help="Refuse above this standard-price estimate.")
     ] = None,
@@ -57,7 +59,7 @@ def embed(
         else:
             print_estimate(est)
         return
-    embed_realtime(source, src, prep, sample, batch, rt, sink, max_cost_usd, shard_dtype, json_out=json_out)
+    embed_realtime(source, src, prep, sample, batch, rt, sink, max_cost_usd, store, shard_dtype, json_out=json_out)
 
 
 def embed_realtime(
@@ -69,6 +71,7 @@ def embed_realtime(
     rt: RealtimeOptions,
     sink: SinkOptions,
     max_cost_usd: float | None,
+    store: StoreOptions,
     shard_dtype: str,
     *,
     json_out: bool,
@@ -86,14 +89,14 @@ def embed_realtime(
             sample=sample.build(),
             realtime=rt.build(batch, s),
             ingest=IngestConfig(
-                dtype=shard_dtype,  # type: ignore[arg-type]
                 dsn=sink.dsn(s, src),
                 libsql_auth_token=sink.libsql_token(s),
+                **store.fields(batch.model_name(s), shard_dtype),
             ),
             pg_target=sink.target(source, src),
             libsql_target=sink.libsql_target(source, src),
             max_cost_usd=max_cost_usd,
-            args=safe_args(source, src, prep, sample, batch, rt, sink, engine="realtime"),
+            args=safe_args(source, src, prep, sample, batch, rt, sink, store, engine="realtime"),
             on_rows=progress,
         )
     if json_out:

@@ -93,6 +93,7 @@ def get(
         raise NotFoundError(f"no id {record_id!r} in dataset {m}/{d}")
     vec = row.pop("embedding")
     row["dimensions"] = len(vec)
+    row["embedding_from"] = _vector_source(ws, m, d, row["shard"])  # e.g. "int8 (dequantised)"
     if json_out:
         print_json({**_plain(row), "embedding": [float(x) for x in vec]})
         return
@@ -172,6 +173,14 @@ def _delete_from_sinks(sink: SinkOptions, ids: list[str]) -> dict[str, int]:
     return out
 
 
+def _vector_source(ws: Any, model: str, dataset: str, shard: str) -> str:
+    import pyarrow.parquet as pq
+
+    from embedbatch.store.shards import vector_source
+
+    return vector_source(pq.read_schema(ws.shards_dir(model, dataset) / shard))
+
+
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
 
@@ -195,7 +204,8 @@ def export(
     if json_out:
         print_json(report)
     else:
-        console.print(f"exported {report['count']:,} × {report['dimensions']} to {out}", markup=False)
+        source = ", ".join(report["vectors_from"])
+        console.print(f"exported {report['count']:,} × {report['dimensions']} ({source}) to {out}", markup=False)
 
 
 @app.command("import")

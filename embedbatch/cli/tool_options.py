@@ -4,7 +4,7 @@ how a group becomes flags): each builds its typed config, so the commands stay t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -85,8 +85,9 @@ class ShardOptions(OptionGroup):
     rows_per_shard: Annotated[int, typer.Option("--rows-per-shard")] = 100_000
     shard_dtype: Annotated[str, typer.Option("--shard-dtype", help="float32 or float16 shards.")] = "float32"
 
-    def build(self) -> IngestConfig:
-        return IngestConfig(rows_per_shard=self.rows_per_shard, dtype=self.shard_dtype)  # type: ignore[arg-type]
+    def build(self, store: dict[str, Any] | None = None) -> IngestConfig:
+        """``store``: :meth:`StoreOptions.fields` (else ``--shard-dtype``)."""
+        return IngestConfig(rows_per_shard=self.rows_per_shard, **(store or {"dtype": self.shard_dtype}))
 
 
 @dataclass(frozen=True)
@@ -125,12 +126,15 @@ class DriveOptions(OptionGroup):
     rows_per_shard: Annotated[int, typer.Option("--rows-per-shard")] = 100_000
     dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16 shards.")] = "float32"
 
-    def ingest(self, *, dsn: str | None, libsql_auth_token: str | None) -> IngestConfig:
-        """The :class:`IngestConfig` (the credentials are passed, never stored)."""
+    def ingest(
+        self, *, dsn: str | None, libsql_auth_token: str | None, store: dict[str, Any] | None = None
+    ) -> IngestConfig:
+        """The :class:`IngestConfig` (the credentials are passed, never stored); ``store``:
+        :meth:`StoreOptions.fields` (else ``--dtype``)."""
         return IngestConfig(
             rows_per_shard=self.rows_per_shard,
-            dtype=self.dtype,  # type: ignore[arg-type]
             dsn=dsn,
             libsql_auth_token=libsql_auth_token,
             delete_files=self.delete_remote_files,
+            **(store or {"dtype": self.dtype}),
         )

@@ -27,6 +27,7 @@ from embedbatch.cli.options import (
     SampleOptions,
     SinkOptions,
     SourceOptions,
+    StoreOptions,
     with_options,
 )
 from embedbatch.cli.render import (
@@ -55,6 +56,7 @@ def local(
     worker: LocalOptions,
     ray: RayOptions,
     shards: ShardOptions,
+    store: StoreOptions,
     json_out: JsonOut = False,
 ) -> None:
     """Embed with a local SentenceTransformer (GPU or CPU, or a Ray cluster) into the same shards and sinks."""
@@ -69,12 +71,12 @@ def local(
             prepare=prep.build(source, src),
             sample=sample.build(),
             local=cfg,
-            ingest=shards.build(),
+            ingest=shards.build(store.fields(worker.model, shards.shard_dtype)),
             pg_target=sink.target(source, src),
             dsn=sink.dsn(s, src),
             libsql_target=sink.libsql_target(source, src),
             libsql_auth_token=sink.libsql_token(s),
-            args=safe_args(source, src, prep, sample, sink, model=worker.model),
+            args=safe_args(source, src, prep, sample, sink, store, model=worker.model),
             on_rows=progress,
             ray=ray.build(),
         )
@@ -232,6 +234,10 @@ def search(
     group_by_parent: Annotated[
         bool, typer.Option("--group-by-parent", help="The best chunk of each document (chunked datasets).")
     ] = False,
+    rescore_multiplier: Annotated[
+        int | None,
+        typer.Option("--rescore-multiplier", help="int8/binary shards: candidates per result to rescore (4)."),
+    ] = None,
     json_out: JsonOut = False,
 ) -> None:
     """Embed a query with the dataset's model and print the nearest rows (exact, streamed over
@@ -279,7 +285,17 @@ def search(
             local_model=local_model,
         )
     elif dataset:
-        hits = search_shards(ws, s, query_text, dataset=dataset, model=model, k=k, local_model=local_model, exact=exact)
+        hits = search_shards(
+            ws,
+            s,
+            query_text,
+            dataset=dataset,
+            model=model,
+            k=k,
+            local_model=local_model,
+            exact=exact,
+            rescore_multiplier=rescore_multiplier,
+        )
     else:
         raise UsageError("give --dataset (Parquet shards), --pg-table (PostgreSQL) or --libsql-url (libSQL)")
     if group_by_parent and dataset:

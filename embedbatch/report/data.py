@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from embedbatch.runs import RunState, load_batches, shown_runs
 from embedbatch.store.index import IdIndex
 from embedbatch.store.manifest import Manifest
-from embedbatch.store.shards import vectors_of
+from embedbatch.store.shards import best_vectors
 from embedbatch.store.verify import run_row
 from embedbatch.workspace import RunPaths, Workspace, utc_now
 
@@ -103,7 +103,7 @@ def _sample(ws: Workspace, manifest: Manifest, n: int, seed: int) -> dict[str, A
         return {}
     picks = sorted({int(i) for i in np.linspace(0, len(shards) - 1, min(MAP_SHARDS, len(shards)))})
     base = ws.shards_dir(manifest.model, manifest.dataset)
-    columns = ["id", "text", "embedding", "split", "source", "run_id"]
+    columns = ["id", "text", "embedding", "embedding_float", "split", "source", "run_id"]
     parts = []
     index = IdIndex.load(ws, manifest)
     try:
@@ -130,7 +130,7 @@ def _sample(ws: Workspace, manifest: Manifest, n: int, seed: int) -> dict[str, A
     table = pa.concat_tables(parts, promote_options="default").take(pa.array(keep)) if rows else None
     if table is None or len(table) == 0:
         return {}
-    vecs = vectors_of(table.column("embedding"))
+    vecs = best_vectors(table, pq.read_schema(base / shards[picks[0]]["file"]))
     norms = np.linalg.norm(vecs, axis=1)
     xy, method = _project(vecs)
     lo, hi = float(norms.min()), float(norms.max())

@@ -63,9 +63,11 @@ def search_shards(
     k: int = 5,
     local_model: str | None = None,
     exact: bool = False,
+    rescore_multiplier: int | None = None,
 ) -> list[dict[str, Any]]:
     """Top-k rows: through the dataset's vector index when one is current, else exact cosine
-    similarity over every shard (streamed); each hit says which in ``via``.
+    similarity over every shard (streamed; compressed shards with rescoring, see
+    :func:`nearest`); each hit says which in ``via``.
 
     ``dataset`` may also name an index merged from several datasets (``index build --merge``).
 
@@ -89,7 +91,8 @@ def search_shards(
             return [{**h, "via": loaded.label} for h in search_index(ws, loaded, q, k=k)]
         finally:
             loaded.close()
-    return [{**h, "via": f"exact ({why})"} for h in nearest(ws, manifest, q, k=k)]
+    hits = nearest(ws, manifest, q, k=k, rescore_multiplier=rescore_multiplier)
+    return [{**h, "via": f"exact ({why})"} for h in hits]
 
 
 def best_per_parent(
@@ -150,28 +153,87 @@ def find_dataset(ws: Workspace, dataset: str, model: str | None) -> tuple[str, s
     return pairs[0]
 
 
+RESCORE_MULTIPLIER = 4  # candidates per result a compressed scan keeps for rescoring (the HF study's default)
+
+
 def nearest(
-    ws: Workspace, manifest: Manifest, query: np.ndarray, *, k: int, exclude: str | None = None, chunk_rows: int = 2048
+    ws: Workspace,
+    manifest: Manifest,
+    query: np.ndarray,
+    *,
+    k: int,
+    exclude: str | None = None,
+    chunk_rows: int = 2048,
+    rescore_multiplier: int | None = None,
 ) -> list[dict[str, Any]]:
     """Exact top-k by cosine similarity over the dataset's current rows, streaming the shards in
     chunks (a matrix product and a running top-k), so peak memory is one chunk
     (``chunk_rows × dim × 4`` bytes) whatever the dataset's size; float16 shards are scored in
     float32.
 
+    Compressed shards (int8, binary; :mod:`embedbatch.store.quant`) are scanned as stored
+    (dequantised: for binary, the float query against ±1 signs), keeping
+    ``rescore_multiplier × k`` candidates, which are then scored again with their most exact
+    vectors (the float16 kept beside them, else the dequantised ones).
+
     Args:
-        query: ``(dim,)`` float32.
+        query: ``(dim,)`` float32 (longer than a cut dataset's vectors: cut the same way).
         exclude: an id left out of the results (``search --id``).
+        rescore_multiplier: candidates per result for compressed shards (default
+            :data:`RESCORE_MULTIPLIER`; 1: no rescoring).
 
     Returns:
         Up to ``k`` ``{"id", "score", "text"}``, best first.
     """
-    from embedbatch.store.shards import iter_vector_chunks, read_rows_at
+    from embedbatch.store.quant import COMPRESSED, truncate
+    from embedbatch.store.shards import read_rows_at
 
     q = np.asarray(query, np.float32)
+    if manifest.dimensions and q.shape[0] > manifest.dimensions and manifest.truncate_dim:
+        q = truncate(q[None, :], manifest.dimensions)[0]
     q = q / (np.linalg.norm(q) or 1.0)
+    compressed = any(sh.get("dtype") in COMPRESSED for sh in manifest.shards)
+    mult = max(1, rescore_multiplier if rescore_multiplier is not None else RESCORE_MULTIPLIER)
+    rescore = compressed and mult > 1
+    best_s, best_at = _scan(ws, manifest, q, k * mult if rescore else k, exclude, chunk_rows, stored=compressed)
+    base = ws.shards_dir(manifest.model, manifest.dataset)
+    if rescore:
+        vecs: dict[tuple[str, int], np.ndarray] = {}
+        for file in {f for f, _, _ in best_at}:
+            rows = [r for f, r, _ in best_at if f == file]
+            for r, row in zip(rows, read_rows_at(base / file, rows, ["embedding"]), strict=True):
+                vecs[(file, r)] = np.asarray(row["embedding"], np.float32)
+        exact = np.array([float(vecs[(f, r)] @ q) / (np.linalg.norm(vecs[(f, r)]) or 1.0) for f, r, _ in best_at])
+        best_s = exact.astype(np.float32)
+        if len(best_s) > k:
+            sel = np.argpartition(-best_s, k - 1)[:k]
+            best_s, best_at = best_s[sel], [best_at[i] for i in sel]
+    order = np.argsort(-best_s, kind="stable")
+    hits = [(float(best_s[i]), *best_at[i]) for i in order]
+    texts: dict[tuple[str, int], str] = {}
+    for file in {h[1] for h in hits}:
+        rows = [h[2] for h in hits if h[1] == file]
+        for r, row in zip(rows, read_rows_at(base / file, rows, ["text"]), strict=True):
+            texts[(file, r)] = row["text"]
+    return [{"id": rid, "score": score, "text": texts[(file, r)]} for score, file, r, rid in hits]
+
+
+def _scan(
+    ws: Workspace,
+    manifest: Manifest,
+    q: np.ndarray,
+    k: int,
+    exclude: str | None,
+    chunk_rows: int,
+    *,
+    stored: bool,
+) -> tuple[np.ndarray, list[tuple[str, int, str]]]:
+    """The running top-``k`` of a streamed scan: scores and ``(shard, row, id)``."""
+    from embedbatch.store.shards import iter_vector_chunks
+
     best_s = np.empty(0, np.float32)
     best_at: list[tuple[str, int, str]] = []
-    for file, start, ids, vecs, live in iter_vector_chunks(ws, manifest, chunk_rows=chunk_rows):
+    for file, start, ids, vecs, live in iter_vector_chunks(ws, manifest, chunk_rows=chunk_rows, stored=stored):
         if not len(vecs):
             continue
         norms = np.linalg.norm(vecs, axis=1)
@@ -188,15 +250,7 @@ def nearest(
             sel = np.argpartition(-best_s, k - 1)[:k]
             best_s = best_s[sel]
             best_at = [best_at[i] for i in sel]
-    order = np.argsort(-best_s, kind="stable")
-    hits = [(float(best_s[i]), *best_at[i]) for i in order]
-    base = ws.shards_dir(manifest.model, manifest.dataset)
-    texts: dict[tuple[str, int], str] = {}
-    for file in {h[1] for h in hits}:
-        rows = [h[2] for h in hits if h[1] == file]
-        for r, row in zip(rows, read_rows_at(base / file, rows, ["text"]), strict=True):
-            texts[(file, r)] = row["text"]
-    return [{"id": rid, "score": score, "text": texts[(file, r)]} for score, file, r, rid in hits]
+    return best_s, best_at
 
 
 def search_by_id(

@@ -41,7 +41,7 @@ from embedbatch.errors import MissingExtraError, StateError, UsageError
 from embedbatch.search.files import FlatFile, RowMap, read_header
 from embedbatch.store.index import IdIndex
 from embedbatch.store.manifest import Manifest, file_sha256
-from embedbatch.store.shards import read_rows_at, vectors_of
+from embedbatch.store.shards import best_vectors, read_rows_at, vector_columns
 from embedbatch.workspace import Workspace, atomic_write_json, crash_point, file_lock, fsync_dir
 
 __all__ = ["KINDS", "METRICS", "IndexInfo", "build_index", "index_dir", "load_index", "search_index"]
@@ -114,8 +114,9 @@ def _shard_chunks(
     base = ws.shards_dir(manifest.model, manifest.dataset)
     out = []
     for s in shards:
-        table = pq.read_table(base / s["file"], columns=["id", "embedding"])
-        out.append((s["file"], table.column("id").to_pylist(), vectors_of(table.column("embedding"))))
+        schema = pq.read_schema(base / s["file"])
+        table = pq.read_table(base / s["file"], columns=["id", *vector_columns(schema)])
+        out.append((s["file"], table.column("id").to_pylist(), best_vectors(table, schema)))
     return out
 
 

@@ -4,7 +4,11 @@ Views:
 
 - ``embeddings``: every current shard row of every dataset (the shard columns: ``id``, ``source``,
   ``dataset``, ``split``, ``text``, ``metadata``, ``embedding``, ``model``, ``created_at``,
-  ``run_id``, plus ``shard``); rows a later shard superseded are left out.
+  ``run_id``, ``parent_id``, ``chunk_index``, plus ``shard``); rows a later shard superseded are
+  left out. Compressed shards (:mod:`embedbatch.store.quant`) give their codes in
+  ``embedding_int8`` (``TINYINT[]``; the ranges are the manifest's ``quantization``) or
+  ``embedding_bits`` (``BLOB``, packed sign bits), and in ``embedding`` the float16 vectors kept
+  beside them (NULL when none were kept): one query may span datasets of every dtype.
 - ``shards``: one row per manifest entry (model, dataset, shard, rows, bytes, dim, dtype,
   min_norm, max_norm, created_at, sha256).
 - ``runs``: one row per run.json (run_id, model, dataset, kind, status, created_at,
@@ -30,8 +34,34 @@ __all__ = ["run_sql"]
 _SHARD_COLUMNS = ("rows", "bytes", "dim", "dtype", "min_norm", "max_norm", "created_at", "sha256")
 
 
-def _tables(ws: Workspace, *, with_runs: bool) -> tuple[list[str], pa.Table, pa.Table, pa.Table]:
-    files: list[str] = []
+# Shards by how their ``embedding`` column is stored: files, and whether any keeps float16 beside.
+Groups = dict[str, tuple[list[str], bool]]
+
+
+def _embeddings_view(groups: Groups) -> str:
+    """``CREATE VIEW embeddings``: one ``read_parquet`` per storage kind, so each keeps its own
+    vector type, unioned by name (see the module docstring)."""
+    parts = []
+    for kind, (paths, kept) in groups.items():
+        listing = ", ".join("'" + f.replace("'", "''") + "'" for f in paths)
+        source = f"read_parquet([{listing}], union_by_name = true, filename = true)"
+        if kind == "float":
+            cols = "e.* EXCLUDE (filename), NULL::TINYINT[] AS embedding_int8, NULL::BLOB AS embedding_bits"
+        else:
+            int8 = ("embedding_int8", "embedding_bits", "BLOB")
+            codes, other, other_type = int8 if kind == "int8" else ("embedding_bits", "embedding_int8", "TINYINT[]")
+            floats = "e.embedding_float::FLOAT[]" if kept else "NULL::FLOAT[]"
+            drop = "filename, embedding" + (", embedding_float" if kept else "")
+            cols = f"e.* EXCLUDE ({drop}), {floats} AS embedding, e.embedding AS {codes}, NULL::{other_type} AS {other}"
+        parts.append(
+            f"SELECT {cols}, regexp_extract(e.filename, '[^/]+$') AS shard FROM {source} e "
+            "ANTI JOIN superseded_t g ON g.path = e.filename AND g.id = e.id"
+        )
+    return "CREATE VIEW embeddings AS " + " UNION ALL BY NAME ".join(parts)
+
+
+def _tables(ws: Workspace, *, with_runs: bool) -> tuple[Groups, pa.Table, pa.Table, pa.Table]:
+    files: Groups = {}
     shards: list[dict[str, Any]] = []
     gone: list[dict[str, str]] = []
     for model, dataset in ws.datasets():
@@ -40,7 +70,10 @@ def _tables(ws: Workspace, *, with_runs: bool) -> tuple[list[str], pa.Table, pa.
         drop = superseded_ids(m)
         for s in m.shards:
             path = str(base / s["file"])
-            files.append(path)
+            dtype = s.get("dtype", "float32")
+            kind = dtype if dtype in ("int8", "binary") else "float"
+            listed, kept = files.get(kind, ([], False))
+            files[kind] = ([*listed, path], kept or bool(s.get("keep_float")))
             shards.append(
                 {"model": model, "dataset": dataset, "shard": s["file"], **{k: s.get(k) for k in _SHARD_COLUMNS}}
             )
@@ -113,13 +146,7 @@ def run_sql(ws: Workspace, query: str) -> tuple[list[str], list[tuple[Any, ...]]
         con.execute("CREATE VIEW shards AS SELECT * FROM shards_t")
         con.execute("CREATE VIEW runs AS SELECT * FROM runs_t")
         if files:
-            listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-            con.execute(
-                "CREATE VIEW embeddings AS SELECT e.* EXCLUDE (filename), "
-                "regexp_extract(e.filename, '[^/]+$') AS shard "
-                f"FROM read_parquet([{listing}], union_by_name = true, filename = true) e "
-                "ANTI JOIN superseded_t g ON g.path = e.filename AND g.id = e.id"
-            )
+            con.execute(_embeddings_view(files))
         else:
             con.execute(
                 "CREATE VIEW embeddings AS SELECT NULL::VARCHAR AS id, NULL::VARCHAR AS text, NULL::VARCHAR AS model, "

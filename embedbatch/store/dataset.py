@@ -179,15 +179,54 @@ class DatasetStore:
             index.close()
 
     def writer(
-        self, *, dim: int | None, dtype: str = "float32", rows_per_shard: int = 100_000, git_sha: str | None = None
+        self,
+        *,
+        dim: int | None,
+        dtype: str = "float32",
+        rows_per_shard: int = 100_000,
+        git_sha: str | None = None,
+        keep_float: bool = False,
+        truncate_dim: int | None = None,
     ) -> ShardWriter:
         """A writer that stages shards for :meth:`commit` (nothing is visible before it).
 
         Args:
             dim: embedding dimension, or None to take it from the first write.
-            dtype: ``float32`` or ``float16`` storage.
+            dtype: ``float32``, ``float16``, ``int8`` or ``binary`` storage; int8 uses the
+                dataset's calibrated ranges when it has them (:attr:`Manifest.quantization`).
+            keep_float: int8/binary: keep the vectors as float16 beside them (for rescoring).
+            truncate_dim: cut each vector to its first N components, re-normalised.
         """
-        return ShardWriter(self.shards_dir, dim=dim, dtype=dtype, rows_per_shard=rows_per_shard, git_sha=git_sha)
+        from embedbatch.store.quant import codec_from_json
+
+        q = self.manifest().quantization if dtype == "int8" else None
+        codec = codec_from_json(q) if q else None
+        return ShardWriter(
+            self.shards_dir,
+            dim=dim,
+            dtype=dtype,
+            rows_per_shard=rows_per_shard,
+            git_sha=git_sha,
+            codec=codec,
+            keep_float=keep_float,
+            truncate_dim=truncate_dim,
+        )
+
+    def storage(self, cfg: Any, run_args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """:meth:`writer`'s ``dtype``, ``keep_float`` and ``truncate_dim`` for a run: what the run
+        recorded when it was planned (``--store-dtype``, ``--keep-float``, ``--truncate-dim``),
+        else the dataset's own compressed storage or cut (a cron ``poll`` without flags keeps
+        it), else ``cfg`` (:class:`~embedbatch.config.IngestConfig`)."""
+        args = run_args or {}
+        m = self.manifest()
+        compressed = m.dtype in ("int8", "binary") and m.rows > 0
+        dtype = args.get("store_dtype") or (m.dtype if compressed else cfg.dtype)
+        keep = args.get("keep_float") or (m.keep_float or "none" if compressed else cfg.keep_float)
+        return {
+            "dtype": dtype,
+            "keep_float": keep == "float16",
+            "truncate_dim": args.get("truncate_dim") or m.truncate_dim or cfg.truncate_dim,
+        }
 
     def remove_orphans(self, manifest: Manifest) -> list[str]:
         """Delete unlisted shard files, dead writers' temp files and unlisted index files.
@@ -305,6 +344,10 @@ class DatasetStore:
         if staged:
             manifest.dimensions = writer.dim
             manifest.dtype = writer.dtype
+            if writer.dtype == "int8" and manifest.quantization is None and writer.codec is not None:
+                manifest.quantization = writer.codec.to_json()  # the ranges every later writer uses
+            manifest.keep_float = "float16" if writer.keep_float else None
+            manifest.truncate_dim = manifest.truncate_dim or writer.truncate_dim
         manifest.runs.setdefault(run_id, run_info)
         if sampling and sampling not in manifest.sampling:
             manifest.sampling.append(sampling)
@@ -390,42 +433,3 @@ def _unlocked(path: Path) -> bool:
     finally:
         os.close(fd)
     return True
-
-
-def stored_ids(store: DatasetStore) -> Any:
-    """``(ids) -> (n,) bool`` of ids the dataset holds now, or None for an empty dataset (an
-    intake then probes nothing)."""
-    index = store.id_index()
-    return index.has_ids if len(index) else None
-
-
-def run_deletes_key(run_id: str) -> str:
-    """The manifest source key of a run's stale-chunk deletions (committed once per run)."""
-    return f"{run_id}/deletes"
-
-
-DELETES_FILE = "deletes.json"  # a run's stale chunk ids, written at intake, committed at its end
-
-
-def save_run_deletes(run_dir: Path, ids: Sequence[str]) -> None:
-    """Keep a run's ids to delete (its documents' chunks past their new count) in its folder."""
-    if ids:
-        import orjson
-
-        from embedbatch.workspace import atomic_write_bytes
-
-        atomic_write_bytes(run_dir / DELETES_FILE, orjson.dumps(list(ids)))
-
-
-def commit_run_deletes(store: DatasetStore, run_dir: Path, *, run_id: str, run_info: dict[str, Any]) -> int:
-    """Commit the ids a run saved with :func:`save_run_deletes`, exactly once (key
-    ``{run_id}/deletes``); returns how many were deleted now."""
-    path = run_dir / DELETES_FILE
-    if not path.exists():
-        return 0
-    import orjson
-
-    ids = orjson.loads(path.read_bytes())
-    return len(
-        store.delete(ids, key=f"{run_id}/deletes", run_id=run_id, run_info=run_info)
-    )  # the local engine's key too

@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from embedbatch.errors import StateError, UsageError
 from embedbatch.failures import tsv_escape
 from embedbatch.store.manifest import Manifest, file_sha256
-from embedbatch.store.shards import iter_vector_chunks
+from embedbatch.store.shards import iter_vector_chunks, vector_source
 from embedbatch.workspace import Workspace, atomic_write_json, fsync_dir
 
 __all__ = ["FORMATS", "export_dataset"]
@@ -102,11 +103,20 @@ def export_dataset(
         "dtype": np_dtype.name,
         "dimensions": dim,
         "count": n,
+        "vectors_from": _sources(ws, manifest),
         "files": {vec_path.name: file_sha256(vec_path), ids_path.name: file_sha256(ids_path)},
     }
     atomic_write_json(out / "export.json", report)
     _swap_into_place(out, final)
     return report
+
+
+def _sources(ws: Workspace, manifest: Manifest) -> list[str]:
+    """What the exported vectors were read from (``float32``, ``int8 (dequantised)``, …), once
+    per kind among the shards (int8/binary shards are dequantised unless float16 was kept)."""
+    base = ws.shards_dir(manifest.model, manifest.dataset)
+    kinds = {(s.get("dtype", "float32"), s.get("keep_float")): s["file"] for s in manifest.shards if s.get("rows")}
+    return sorted({vector_source(pq.read_schema(base / f)) for f in kinds.values()})
 
 
 _EXPORT_FILES = frozenset({"export.json", "ids.txt", "vectors.npy", "vectors.arrow", "vectors.f16"})

@@ -41,6 +41,11 @@ class Manifest:
             zero-row shard).
         runs: run id → ``{"created_at", "kind"}`` of every run that committed rows.
         sampling: the distinct sampling descriptions of those runs.
+        quantization: int8 storage: the dataset's calibrated ranges
+            (:meth:`embedbatch.store.quant.Codec.to_json`), set by the first int8 commit and
+            then used unchanged by every writer.
+        truncate_dim: the Matryoshka dimension the vectors were cut to (None: not cut).
+        keep_float: int8/binary: ``float16`` when the float vectors are kept beside them.
     """
 
     path: Path
@@ -51,6 +56,9 @@ class Manifest:
     shards: list[dict[str, Any]] = field(default_factory=list)
     runs: dict[str, Any] = field(default_factory=dict)
     sampling: list[dict[str, Any]] = field(default_factory=list)
+    quantization: dict[str, Any] | None = None
+    truncate_dim: int | None = None
+    keep_float: str | None = None
 
     @classmethod
     def load(cls, ws: Workspace, model: str, dataset: str) -> Manifest:
@@ -72,6 +80,9 @@ class Manifest:
             d.get("shards", []),
             d.get("runs", {}),
             d.get("sampling", []),
+            d.get("quantization"),
+            d.get("truncate_dim"),
+            d.get("keep_float"),
         )
 
     def save(self) -> None:
@@ -87,6 +98,9 @@ class Manifest:
                 "shards": self.shards,
                 "runs": self.runs,
                 "sampling": self.sampling,
+                **({"quantization": self.quantization} if self.quantization else {}),
+                **({"truncate_dim": self.truncate_dim} if self.truncate_dim else {}),
+                **({"keep_float": self.keep_float} if self.keep_float else {}),
                 "updated_at": utc_now().isoformat(),
                 "tool_version": __version__,
             },

@@ -28,12 +28,23 @@ from embedbatch._version import __version__
 from embedbatch.errors import StateError
 from embedbatch.store.index import text_keys
 from embedbatch.store.manifest import Manifest, superseded_ids
+from embedbatch.store.quant import (
+    CALIBRATION_ROWS,
+    COMPRESSED,
+    FLOAT_COLUMN,
+    Codec,
+    calibrate,
+    codec_from_metadata,
+    itemsize,
+    truncate,
+)
 from embedbatch.workspace import Workspace, utc_now
 
 __all__ = [
     "ChunkColumns",
     "ShardWriter",
     "StagedShard",
+    "best_vectors",
     "embedding_schema",
     "iter_live_rows",
     "iter_run_chunks",
@@ -41,6 +52,8 @@ __all__ = [
     "read_rows_at",
     "read_vectors",
     "row_group_rows",
+    "vector_columns",
+    "vector_source",
     "vectors_of",
 ]
 
@@ -51,35 +64,42 @@ __all__ = [
 _COMPRESSION = {
     name: "zstd"
     for name in ("id", "source", "dataset", "split", "text", "metadata", "model", "created_at", "run_id", "parent_id")
-} | {"embedding": "none", "chunk_index": "zstd"}
+} | {"embedding": "none", FLOAT_COLUMN: "none", "chunk_index": "zstd"}
 _STATS_COLUMNS = ["id", "source", "dataset", "split", "model", "created_at", "run_id"]
 
 
-def embedding_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+def embedding_schema(
+    dim: int, dtype: str = "float32", *, codec: Codec | None = None, keep_float: bool = False
+) -> pa.Schema:
     """The data model: id, source, dataset, split, text, metadata, embedding, model, created_at,
-    run_id, parent_id, chunk_index.
+    run_id, parent_id, chunk_index[, embedding_float].
 
-    ``embedding`` is ``fixed_size_list<float32|float16>[dim]``; ``parent_id`` (string) and
-    ``chunk_index`` (int32) are set for chunk rows and null otherwise (shards written before
+    ``embedding`` is ``fixed_size_list<float32|float16|int8>[dim]`` or, for binary,
+    ``fixed_size_binary[dim / 8]`` (see :mod:`embedbatch.store.quant`; the codec, with int8's
+    ranges, is in the schema metadata); ``embedding_float`` (``fixed_size_list<float16>[dim]``)
+    holds the float vectors beside int8/binary ones when they are kept. ``parent_id`` (string)
+    and ``chunk_index`` (int32) are set for chunk rows and null otherwise (shards written before
     chunking existed lack both columns: readers treat them as null).
     """
-    value = pa.float16() if dtype == "float16" else pa.float32()
-    return pa.schema(
-        [
-            ("id", pa.string()),
-            ("source", pa.string()),
-            ("dataset", pa.string()),
-            ("split", pa.string()),
-            ("text", pa.string()),
-            ("metadata", pa.string()),
-            ("embedding", pa.list_(value, dim)),
-            ("model", pa.string()),
-            ("created_at", pa.timestamp("us", tz="UTC")),
-            ("run_id", pa.string()),
-            ("parent_id", pa.string()),
-            ("chunk_index", pa.int32()),
-        ]
-    )
+    codec = codec or Codec(dtype, dim)
+    fields = [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("dataset", pa.string()),
+        ("split", pa.string()),
+        ("text", pa.string()),
+        ("metadata", pa.string()),
+        ("embedding", codec.arrow_type()),
+        ("model", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("run_id", pa.string()),
+        ("parent_id", pa.string()),
+        ("chunk_index", pa.int32()),
+    ]
+    if keep_float:
+        fields.append((FLOAT_COLUMN, pa.list_(pa.float16(), dim)))
+    schema = pa.schema(fields)
+    return schema.with_metadata(codec.metadata()) if codec.dtype in COMPRESSED else schema
 
 
 def _chunk_columns(metadata: list[str]) -> tuple[pa.Array, pa.Array]:
@@ -169,7 +189,11 @@ class ShardWriter:
     Args:
         directory: the dataset's shards folder.
         dim: embedding dimension (None: taken from the first write).
-        dtype: ``float32`` or ``float16`` storage.
+        dtype: ``float32``, ``float16``, ``int8`` or ``binary`` storage (:mod:`embedbatch.store.quant`).
+        codec: int8: the dataset's calibrated ranges (None: this writer calibrates them on its
+            first :data:`~embedbatch.store.quant.CALIBRATION_ROWS` rows, buffered until then).
+        keep_float: int8/binary: also keep each vector as float16 (``embedding_float``).
+        truncate_dim: keep each vector's first N components, L2-normalised (Matryoshka).
         git_sha: recorded in each shard's footer.
     """
 
@@ -181,10 +205,16 @@ class ShardWriter:
         dtype: str = "float32",
         rows_per_shard: int = 100_000,
         git_sha: str | None = None,
+        codec: Codec | None = None,
+        keep_float: bool = False,
+        truncate_dim: int | None = None,
     ) -> None:
         self.dir = directory
-        self.dim = dim
+        self.dim = truncate_dim if truncate_dim and dim is not None else dim
         self.dtype = dtype
+        self.codec = codec
+        self.keep_float = keep_float and dtype in COMPRESSED
+        self.truncate_dim = truncate_dim
         self.rows_per_shard = rows_per_shard
         self.git_sha = git_sha
         self._writer: pq.ParquetWriter | None = None
@@ -194,9 +224,11 @@ class ShardWriter:
         self._reserved = 0
         self._min_norm = np.inf
         self._max_norm = 0.0
+        self._clipped = 0
         self._sources: list[str] = []
         self._ids: list[str] = []
         self._text_keys: list[np.ndarray] = []
+        self._uncalibrated: list[tuple[dict[str, Any], np.ndarray]] = []  # int8 rows before the ranges
         self.staged: list[StagedShard] = []
 
     @property
@@ -228,14 +260,12 @@ class ShardWriter:
         # zstd level 1 for the small columns; dictionaries only for the low-cardinality ones.
         self._writer = pq.ParquetWriter(
             self._file,
-            embedding_schema(self.dim, self.dtype),
+            embedding_schema(self.dim, self.dtype, codec=self.codec, keep_float=self.keep_float),
             compression=_COMPRESSION,
             compression_level={name: 1 for name, codec in _COMPRESSION.items() if codec == "zstd"},
             use_dictionary=["source", "dataset", "split", "model", "run_id"],
             write_statistics=_STATS_COLUMNS,
         )
-        self._rows = 0
-        self._min_norm, self._max_norm = np.inf, 0.0
 
     def write(
         self,
@@ -261,41 +291,78 @@ class ShardWriter:
         """
         if len(ids) == 0:
             return
+        if self.truncate_dim is not None:
+            vectors = truncate(np.asarray(vectors, np.float32), self.truncate_dim)
         if self.dim is None:
             self.dim = int(vectors.shape[1])
         if vectors.shape[1] != self.dim:
             raise StateError(f"{vectors.shape[1]}-d vectors written to a {self.dim}-d shard")
-        if self._writer is None:
-            self._open()
-        assert self._writer is not None
         n = len(ids)
         v32 = vectors.astype(np.float32, copy=False)
         norms = np.sqrt(np.einsum("ij,ij->i", v32, v32))
         self._min_norm = min(self._min_norm, float(norms.min()))
         self._max_norm = max(self._max_norm, float(norms.max()))
-        flat = vectors.astype(np.float16 if self.dtype == "float16" else np.float32, copy=False).reshape(-1)
-        emb = pa.FixedSizeListArray.from_arrays(pa.array(flat), self.dim)
-        ts = pa.array([created_at or utc_now()] * n, type=pa.timestamp("us", tz="UTC"))
-        table = pa.Table.from_arrays(
-            [
-                pa.array(ids, pa.string()),
-                pa.array([source] * n, pa.string()),
-                pa.array([dataset] * n, pa.string()),
-                pa.array(splits, pa.string()),
-                pa.array(texts, pa.string()),
-                pa.array(metadata, pa.string()),
-                emb,
-                pa.array([model] * n, pa.string()),
-                ts,
-                pa.array([run_id] * n, pa.string()),
-                *_chunk_columns(metadata),
-            ],
-            schema=embedding_schema(self.dim, self.dtype),
-        )
-        self._writer.write_table(table, row_group_size=row_group_rows(self.dim, 2 if self.dtype == "float16" else 4))
         self._ids.extend(ids)
         self._text_keys.append(text_keys(texts))
         self._rows += n
+        columns = {
+            "ids": ids,
+            "texts": texts,
+            "metadata": metadata,
+            "splits": splits,
+            "source": source,
+            "dataset": dataset,
+            "model": model,
+            "run_id": run_id,
+            "created_at": created_at or utc_now(),
+        }
+        if self.codec is None and self.dtype == "int8":
+            self._uncalibrated.append((columns, v32))
+            if sum(len(v) for _, v in self._uncalibrated) >= CALIBRATION_ROWS:
+                self._calibrate()
+            return
+        self._write_table(columns, v32)
+
+    def _calibrate(self) -> None:
+        """int8: the ranges from the rows buffered so far, then write those rows."""
+        held, self._uncalibrated = self._uncalibrated, []
+        if not held:
+            return
+        assert self.dim is not None
+        lo, hi = calibrate(np.concatenate([v for _, v in held]))
+        self.codec = Codec("int8", self.dim, lo, hi)
+        for columns, v32 in held:
+            self._write_table(columns, v32)
+
+    def _write_table(self, columns: dict[str, Any], v32: np.ndarray) -> None:
+        assert self.dim is not None
+        if self.codec is None:
+            self.codec = Codec(self.dtype, self.dim)
+        if self._writer is None:
+            self._open()
+        assert self._writer is not None
+        n = len(columns["ids"])
+        emb, clipped = self.codec.encode(v32)
+        self._clipped += clipped
+        table = pa.Table.from_arrays(
+            [
+                pa.array(columns["ids"], pa.string()),
+                pa.array([columns["source"]] * n, pa.string()),
+                pa.array([columns["dataset"]] * n, pa.string()),
+                pa.array(columns["splits"], pa.string()),
+                pa.array(columns["texts"], pa.string()),
+                pa.array(columns["metadata"], pa.string()),
+                emb,
+                pa.array([columns["model"]] * n, pa.string()),
+                pa.array([columns["created_at"]] * n, type=pa.timestamp("us", tz="UTC")),
+                pa.array([columns["run_id"]] * n, pa.string()),
+                *_chunk_columns(columns["metadata"]),
+                *([Codec("float16", self.dim).encode(v32)[0]] if self.keep_float else []),
+            ],
+            schema=embedding_schema(self.dim, self.dtype, codec=self.codec, keep_float=self.keep_float),
+        )
+        per_row = itemsize(self.dtype) + (2 if self.keep_float else 0)
+        self._writer.write_table(table, row_group_size=row_group_rows(self.dim, per_row))
 
     def add_source(self, key: str) -> None:
         """Record that batch ``key`` (``run_id/batch``) is in the open shard."""
@@ -303,6 +370,7 @@ class ShardWriter:
 
     def close_shard(self) -> None:
         """Finish the open shard: footer stats, fsync; it stays a staged temp file."""
+        self._calibrate()  # int8 rows still waiting for their ranges (a small first shard)
         if self._writer is None:
             return
         assert self._tmp is not None
@@ -310,6 +378,8 @@ class ShardWriter:
             "rows": self._rows,
             "dim": self.dim,
             "dtype": self.dtype,
+            **({"keep_float": "float16"} if self.keep_float else {}),
+            **({"clipped": self._clipped} if self.dtype == "int8" else {}),
             "min_norm": self._min_norm if self._rows else None,
             "max_norm": self._max_norm if self._rows else None,
             "created_at": utc_now().isoformat(),
@@ -325,7 +395,8 @@ class ShardWriter:
         self.staged.append(StagedShard(self._tmp, self._lock_fd, entry, self._ids, keys))
         self._tmp, self._lock_fd = None, -1
         self._sources, self._ids, self._text_keys = [], [], []
-        self._rows = self._reserved = 0
+        self._rows = self._reserved = self._clipped = 0
+        self._min_norm, self._max_norm = np.inf, 0.0
 
     def take_staged(self) -> list[StagedShard]:
         """Hand the staged shards over (to the store's commit)."""
@@ -343,6 +414,7 @@ class ShardWriter:
             self._tmp, self._lock_fd = None, -1
         for st in self.take_staged():
             st.release()
+        self._uncalibrated = []
 
 
 def iter_live_rows(ws: Workspace, manifest: Manifest, columns: list[str]) -> Iterator[dict[str, list[Any]]]:
@@ -377,10 +449,10 @@ def read_vectors(ws: Workspace, model: str, dataset: str) -> tuple[list[str], li
     gone = superseded_ids(manifest)
     base = ws.shards_dir(model, dataset)
     for s in manifest.shards:
-        table = pq.read_table(base / s["file"], columns=["id", "text", "embedding"])
+        schema = pq.read_schema(base / s["file"])
+        table = pq.read_table(base / s["file"], columns=["id", "text", *vector_columns(schema)])
         drop = gone.get(s["file"], set())
-        emb = table.column("embedding").combine_chunks()
-        arr = emb.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(table), -1)
+        arr = best_vectors(table, schema)
         sid = table.column("id").to_pylist()
         stx = table.column("text").to_pylist()
         if drop:
@@ -398,29 +470,54 @@ def read_vectors(ws: Workspace, model: str, dataset: str) -> tuple[list[str], li
 ROW_GROUP_BYTES = 8 << 20  # vector bytes per row group: what `get` reads to return one row
 
 
-def row_group_rows(dim: int, itemsize: int = 4) -> int:
+def row_group_rows(dim: int, itemsize: float = 4) -> int:
     """Rows per Parquet row group: a power of two holding about :data:`ROW_GROUP_BYTES` of
     vectors (1,024 rows at 1536-d float32, 4,096 at 384-d), between 1,024 and 16,384. Small
     enough that a look-up by id reads a few MB, large enough that a scan stays sequential."""
-    rows = ROW_GROUP_BYTES // max(1, dim * itemsize)
+    rows = int(ROW_GROUP_BYTES // max(1, dim * itemsize))
     return int(min(16_384, max(1_024, 1 << max(0, rows.bit_length() - 1))))
 
 
 def vectors_of(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """An ``embedding`` column (fixed-size lists of float32 or float16) as ``(n, dim)`` float32."""
+    """A float column (fixed-size lists of float32 or float16) as ``(n, dim)`` float32; for a
+    shard's vectors whatever their dtype use :func:`best_vectors`."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     n = len(arr)
     flat = arr.values.to_numpy(zero_copy_only=False)
     return np.asarray(flat, dtype=np.float32).reshape(n, -1) if n else np.empty((0, 0), np.float32)
 
 
+def vector_columns(schema: pa.Schema) -> list[str]:
+    """The vector columns a shard with ``schema`` has: ``embedding`` and, when float vectors
+    are kept beside int8/binary ones, ``embedding_float``."""
+    return ["embedding", FLOAT_COLUMN] if FLOAT_COLUMN in schema.names else ["embedding"]
+
+
+def best_vectors(data: pa.Table | pa.RecordBatch, schema: pa.Schema) -> np.ndarray:
+    """The most exact ``(n, dim)`` float32 vectors ``data`` holds: the kept float16 ones when
+    read (``embedding_float``), else ``embedding`` decoded (dequantised for int8/binary)."""
+    if FLOAT_COLUMN in data.schema.names:
+        return vectors_of(data.column(FLOAT_COLUMN))
+    return codec_from_metadata(schema).decode(data.column("embedding"))
+
+
+def vector_source(schema: pa.Schema) -> str:
+    """What :func:`best_vectors` returns for a shard, in words (``get`` and ``export`` say it):
+    ``float32``, ``float16``, ``float16 (kept beside int8)`` or ``int8 (dequantised)``."""
+    dtype = codec_from_metadata(schema).dtype
+    if dtype in COMPRESSED:
+        return f"float16 (kept beside {dtype})" if FLOAT_COLUMN in schema.names else f"{dtype} (dequantised)"
+    return dtype
+
+
 def iter_vector_chunks(
-    ws: Workspace, manifest: Manifest, *, chunk_rows: int = 2048
+    ws: Workspace, manifest: Manifest, *, chunk_rows: int = 2048, stored: bool = False
 ) -> Iterator[tuple[str, int, pa.Array, np.ndarray, np.ndarray]]:
     """Every shard's rows in chunks, for a bounded-memory scan: ``(shard file, first row,
     ids (Arrow strings), (n, dim) float32 vectors, (n,) bool live)``; ``live`` is False for rows a
     later shard superseded. Memory: one chunk (``chunk_rows × dim × 4`` bytes), whatever the
-    dataset's size.
+    dataset's size. The vectors are :func:`best_vectors`, or with ``stored`` the ``embedding``
+    column decoded as stored (int8/binary dequantised: what a compressed scan scores).
 
     Raises:
         StateError: a listed shard is missing.
@@ -437,9 +534,12 @@ def iter_vector_chunks(
         drop_arr = pa.array(sorted(drop), pa.string()) if drop else None
         start = 0
         pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)  # stream pages, no read-ahead of the file
-        for batch in pf.iter_batches(columns=["id", "embedding"], batch_size=chunk_rows):
+        schema = pf.schema_arrow
+        codec = codec_from_metadata(schema)
+        columns = ["id", "embedding"] if stored else ["id", *vector_columns(schema)]
+        for batch in pf.iter_batches(columns=columns, batch_size=chunk_rows):
             ids = batch.column(0)
-            vecs = vectors_of(batch.column(1))
+            vecs = codec.decode(batch.column("embedding")) if stored else best_vectors(batch, schema)
             if drop_arr is not None:
                 live = np.asarray(pc.invert(pc.is_in(ids, value_set=drop_arr)).to_numpy(zero_copy_only=False))
             else:
@@ -452,15 +552,22 @@ def read_rows_at(path: Path, rows: list[int], columns: list[str]) -> list[dict[s
     """The given rows (0-based, within the shard) of a shard, in the order asked, reading only
     the row groups that hold them (see :func:`row_group_rows`)."""
     pf = pq.ParquetFile(path)
+    schema = pf.schema_arrow
     bounds = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)])
     out: dict[int, dict[str, Any]] = {}
     by_group: dict[int, list[int]] = {}
     for r in rows:
         by_group.setdefault(int(np.searchsorted(bounds, r, side="right")) - 1, []).append(r)
+    with_vectors = "embedding" in columns
+    plain = [c for c in columns if c != "embedding"]
+    read = [*plain, *vector_columns(schema)] if with_vectors else columns
     for g, rs in by_group.items():
-        table = pf.read_row_group(g, columns=columns)
+        table = pf.read_row_group(g, columns=read)
         local = table.take(pa.array([r - int(bounds[g]) for r in rs], pa.int64()))
-        for r, row in zip(rs, local.to_pylist(), strict=True):
+        vecs = best_vectors(local, schema) if with_vectors else None
+        for k, (r, row) in enumerate(zip(rs, local.select(plain).to_pylist(), strict=True)):
+            if vecs is not None:
+                row["embedding"] = vecs[k]
             out[r] = row
     return [out[r] for r in rows]
 
@@ -501,8 +608,9 @@ def iter_run_chunks(
             continue
         if not s.get("rows"):
             continue  # deletions alone
-        names = set(pq.read_schema(base / s["file"]).names)
-        table = pq.read_table(base / s["file"], columns=[c for c in columns if c in names])
+        schema = pq.read_schema(base / s["file"])
+        want = [*columns, *vector_columns(schema)[1:]]
+        table = pq.read_table(base / s["file"], columns=[c for c in want if c in schema.names])
         table = table.filter(pc.equal(table["run_id"], run_id))
         drop = gone.get(s["file"], set())
         if drop:
@@ -510,8 +618,7 @@ def iter_run_chunks(
         done = progress.get(s["file"], 0)
         for start in range(done, len(table), chunk_rows):
             part = table.slice(start, chunk_rows)
-            emb = part["embedding"].combine_chunks()
-            vecs = emb.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(part), -1)
+            vecs = best_vectors(part, schema)
             ids = part["id"].to_pylist()
             cols = _chunk_columns_of(part, ids) if with_chunks else None
             yield s["file"], start + len(part), ids, vecs, part["text"].to_pylist(), cols

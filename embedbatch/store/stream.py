@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import orjson
@@ -32,7 +33,8 @@ class StreamCommitter:
         state: the run (its id, model, source and git sha go into the rows and the manifest).
         kind: the engine (``local``, ``realtime``): names each commit ``{run_id}/{kind}-NNNNN``.
         dim: vector dimension (None: from the first write).
-        dtype: shard storage, ``float32`` or ``float16``.
+        storage: the writer's ``dtype``/``keep_float``/``truncate_dim``
+            (:meth:`DatasetStore.storage`; default float32).
         rows_per_shard: rows per shard.
 
     Attributes:
@@ -47,14 +49,14 @@ class StreamCommitter:
         *,
         kind: str,
         dim: int | None,
-        dtype: str = "float32",
+        storage: dict[str, Any] | None = None,
         rows_per_shard: int = 100_000,
     ) -> None:
         self.store = store
         self.state = state
         self.kind = kind
         self.rows_per_shard = rows_per_shard
-        self.writer = store.writer(dim=dim, dtype=dtype, rows_per_shard=rows_per_shard, git_sha=state.git_sha)
+        self.writer = store.writer(dim=dim, rows_per_shard=rows_per_shard, git_sha=state.git_sha, **(storage or {}))
         self.rows = 0
         self.committed_rows = 0
         self.commits = 0

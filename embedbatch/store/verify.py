@@ -13,6 +13,8 @@ from embedbatch.runs import RunState, load_batches, shown_runs
 from embedbatch.store.dataset import DatasetStore
 from embedbatch.store.index import IdIndex, id_key, text_keys
 from embedbatch.store.manifest import Manifest, file_sha256, superseded_ids
+from embedbatch.store.quant import FLOAT_COLUMN, Codec, codec_from_metadata
+from embedbatch.store.shards import best_vectors, vector_columns
 from embedbatch.workspace import RunPaths, Workspace
 
 __all__ = ["VerifyReport", "list_workspace", "run_row", "verify_dataset"]
@@ -72,7 +74,7 @@ def verify_dataset(
         table = _read_shard(base / s["file"], s, rep.problems)
         if table is None:
             continue
-        dims.add(table.column("embedding").type.list_size)
+        dims.add(codec_from_metadata(table.schema).dim)
         rep.problems.extend(_check_index(index_dir / s["file"], table))
         drop = gone.get(s["file"], set())
         current = [rid for rid in table.column("id").to_pylist() if rid not in drop]
@@ -100,16 +102,33 @@ def _read_shard(path: Any, entry: dict[str, Any], problems: list[str]) -> Any:
     if file_sha256(path) != entry["sha256"]:
         problems.append(f"{name}: sha256 differs from the manifest")
     try:
-        table = pq.read_table(path, columns=["id", "text", "embedding"])
+        schema = pq.read_schema(path)
+        table = pq.read_table(path, columns=["id", "text", *vector_columns(schema)])
+        codec = codec_from_metadata(schema)
     except Exception as exc:
         problems.append(f"{name}: unreadable ({exc})")
         return None
     if len(table) != entry["rows"]:
         problems.append(f"{name}: {len(table)} rows != manifest {entry['rows']}")
-    values = table.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
-    if not np.isfinite(values).all():
+    problems.extend(_check_codec(name, entry, codec, table))
+    if codec.dtype != "binary" and not np.isfinite(codec.decode(table.column("embedding"))).all():
         problems.append(f"{name}: NaN or inf in embeddings")
+    if FLOAT_COLUMN in table.column_names and not np.isfinite(best_vectors(table, schema)).all():
+        problems.append(f"{name}: NaN or inf in the kept float vectors")
     return table
+
+
+def _check_codec(name: str, entry: dict[str, Any], codec: Codec, table: Any) -> list[str]:
+    """A compressed shard against its entry: the dtype it says, int8 ranges present and
+    ordered, binary bytes per row matching the dimension."""
+    out = []
+    if entry.get("dtype", codec.dtype) != codec.dtype:
+        out.append(f"{name}: stored as {codec.dtype}, the manifest says {entry.get('dtype')}")
+    if codec.dtype == "int8" and (codec.lo is None or codec.hi is None or not (codec.hi > codec.lo).all()):
+        out.append(f"{name}: int8 shard without valid calibration ranges")
+    if codec.dtype == "binary" and table.schema.field("embedding").type.byte_width != (codec.dim + 7) // 8:
+        out.append(f"{name}: binary vectors of the wrong width for {codec.dim} dimensions")
+    return out
 
 
 def _quick(ws: Workspace, model: str, dataset: str, last: int) -> VerifyReport:

@@ -29,7 +29,8 @@ from embedbatch.engines.batchapi.output import BatchReader
 from embedbatch.errors import StateError
 from embedbatch.failures import top_reasons, tsv_escape, tsv_unescape
 from embedbatch.runs import BatchState, Run, SinkState, crash_point
-from embedbatch.store.dataset import DatasetStore, commit_run_deletes
+from embedbatch.store.dataset import DatasetStore
+from embedbatch.store.deletes import commit_run_deletes
 from embedbatch.store.index import IdIndex
 from embedbatch.store.manifest import Manifest
 from embedbatch.tokens import MODEL_DIMENSIONS, cost_usd
@@ -63,7 +64,10 @@ class IngestResult:
 
 
 def _expected_dim(model: str, dimensions: int | None, manifest: Manifest) -> int | None:
-    return dimensions or manifest.dimensions or MODEL_DIMENSIONS.get(model)
+    """The dimension output lines must have: asked for, else the dataset's (unless its vectors
+    are stored cut to ``truncate_dim``), else the model's."""
+    stored = None if manifest.truncate_dim else manifest.dimensions
+    return dimensions or stored or MODEL_DIMENSIONS.get(model)
 
 
 def rebuild_failed_ids(run: Run, index: IdIndex) -> int:
@@ -192,7 +196,7 @@ class _GroupWriter:
         self.store, self.run, self.config, self.res = store, run, config, res
         rs = run.state
         self.writer = store.writer(
-            dim=None, dtype=config.dtype, rows_per_shard=config.rows_per_shard, git_sha=rs.git_sha
+            dim=None, rows_per_shard=config.rows_per_shard, git_sha=rs.git_sha, **store.storage(config, rs.args)
         )
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedbatch-shard-writer")
         self.in_flight: list[Future[None]] = []
@@ -287,7 +291,8 @@ def _write_batches(
             rows_open = out.writer.rows_in_open_shard
             out.close_shard_if(rows_open > 0 and rows_open + bs.requests > config.rows_per_shard)
             for positions, vecs in reader.chunks():
-                if reader.dim is not None and manifest.dimensions is not None and reader.dim != manifest.dimensions:
+                cut = out.writer.truncate_dim or reader.dim
+                if reader.dim is not None and manifest.dimensions is not None and cut != manifest.dimensions:
                     raise StateError(
                         f"batch {bs.name} has {reader.dim}-d vectors but the dataset has {manifest.dimensions}-d shards"
                     )

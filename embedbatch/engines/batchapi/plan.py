@@ -22,7 +22,8 @@ from embedbatch.intake import Intake, dataset_name, source_label
 from embedbatch.planned import skip_done_or_planned
 from embedbatch.runs import OpenRuns, Run, RunState, git_sha, lockfile_sha256, note_run
 from embedbatch.sinks.runner import check_targets, target_dimension
-from embedbatch.store.dataset import DatasetStore, commit_run_deletes, save_run_deletes, stored_ids
+from embedbatch.store.dataset import DatasetStore
+from embedbatch.store.deletes import commit_run_deletes, save_run_deletes, stored_ids
 from embedbatch.tokens import check_model_options, get_tokenizer
 from embedbatch.workspace import RunPaths, Workspace, crash_point
 

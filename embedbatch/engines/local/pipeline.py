@@ -44,7 +44,8 @@ from embedbatch.errors import UsageError
 from embedbatch.intake import Intake, dataset_name, source_label
 from embedbatch.runs import Run, RunState, git_sha, lockfile_sha256
 from embedbatch.sinks.runner import check_targets, run_sinks_blocking
-from embedbatch.store.dataset import DatasetStore, run_deletes_key
+from embedbatch.store.dataset import DatasetStore
+from embedbatch.store.deletes import run_deletes_key
 from embedbatch.workspace import Workspace
 
 __all__ = ["LocalResult", "run_local"]

@@ -343,8 +343,9 @@ def run_ray(job: LocalJob, ray_cfg: RayConfig, owns_cluster: bool) -> Intake:
 def _commit(job: LocalJob, ds: Any, embedded: IdIndex, info: dict[str, Any]) -> None:
     """Driver: rows with vectors from the actors → shards, each id once."""
     rs, result, on_rows, ingest = job.run.state, job.result, job.on_rows, job.ingest
+    storage = job.store.storage(ingest, rs.args)
     sink = StreamCommitter(
-        job.store, rs, kind="local", dim=job.enc.dim, dtype=ingest.dtype, rows_per_shard=ingest.rows_per_shard
+        job.store, rs, kind="local", dim=job.enc.dim, storage=storage, rows_per_shard=ingest.rows_per_shard
     )
     written: set[int] = set()  # 64-bit id keys written by this run
     workers: Counter[str] = Counter()

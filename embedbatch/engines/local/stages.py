@@ -279,7 +279,8 @@ def write(
 ) -> None:
     """Writer thread: rows into shards; each full shard is committed through the store."""
     clock = result.writer
-    sink = StreamCommitter(store, rs, kind="local", dim=dim, dtype=cfg.dtype, rows_per_shard=cfg.rows_per_shard)
+    storage = store.storage(cfg, rs.args)
+    sink = StreamCommitter(store, rs, kind="local", dim=dim, storage=storage, rows_per_shard=cfg.rows_per_shard)
     t = time.perf_counter()
     try:
         while True:

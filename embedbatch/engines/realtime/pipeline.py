@@ -49,7 +49,8 @@ from embedbatch.planned import skip_done_or_planned
 from embedbatch.records import Record
 from embedbatch.runs import OpenRuns, Run, RunState, git_sha, lockfile_sha256
 from embedbatch.sinks.runner import check_targets, run_sinks_blocking, target_dimension
-from embedbatch.store.dataset import DatasetStore, commit_run_deletes, save_run_deletes, stored_ids
+from embedbatch.store.dataset import DatasetStore
+from embedbatch.store.deletes import commit_run_deletes, save_run_deletes, stored_ids
 from embedbatch.store.stream import StreamCommitter
 from embedbatch.tokens import check_model_options, cost_usd, get_tokenizer
 from embedbatch.workspace import RunPaths, Workspace, atomic_write_bytes
@@ -382,7 +383,8 @@ def _embed(
     """Pass 2: send, commit, and record the outcome in run.json (also when it stops early).
     ``kept_failed``: rows a retry did not send (their failure cannot change); they stay failed."""
     rs = run.state
-    sink = StreamCommitter(store, rs, kind="realtime", dim=None, dtype=ingest.dtype, rows_per_shard=cfg.commit_rows)
+    storage = store.storage(ingest, rs.args)
+    sink = StreamCommitter(store, rs, kind="realtime", dim=None, storage=storage, rows_per_shard=cfg.commit_rows)
     write_lock = asyncio.Lock()
 
     async def deliver(records: list[Record], answer: EmbeddingAnswer) -> None:
