@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from embedbatch.cli.app import JsonOut, Model, app, open_workspace, settings
-from embedbatch.cli.options import SinkOptions, with_options
+from embedbatch.cli.options import SinkOptions, StoreOptions, with_options
 from embedbatch.cli.render import console, print_chunks, print_json, print_kv
 from embedbatch.errors import NotFoundError, UsageError
 
@@ -209,7 +209,9 @@ def export(
 
 
 @app.command("import")
+@with_options
 def import_cmd(
+    store: StoreOptions,
     source: Annotated[Path, typer.Argument(help="Parquet file or folder, or vectors.npy + ids.txt (export's layout).")],
     dataset: Annotated[str, typer.Option("--dataset", help="The dataset to import into.")],
     model: Annotated[str, typer.Option("--model", help="The model the vectors come from.")],
@@ -217,7 +219,7 @@ def import_cmd(
     text_field: Annotated[str, typer.Option("--text-field", help="Optional: rows without it get no text.")] = "text",
     vector_field: Annotated[str, typer.Option("--vector-field")] = "embedding",
     rows_per_shard: Annotated[int, typer.Option("--rows-per-shard")] = 100_000,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16 shards.")] = "float32",
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16 shards (or --store-dtype).")] = "float32",
     json_out: JsonOut = False,
 ) -> None:
     """Bring your own vectors: stream them into shards, manifest and id index, checking dimension,
@@ -227,6 +229,7 @@ def import_cmd(
     from embedbatch.workspace import check_component
 
     ws = open_workspace()
+    storage = store.fields(model, dtype)
     with RowProgress("importing") as progress:
         result = import_vectors(
             ws,
@@ -237,7 +240,9 @@ def import_cmd(
             text_field=text_field,
             vector_field=vector_field,
             rows_per_part=rows_per_shard,
-            dtype=dtype,
+            dtype=storage["dtype"],
+            keep_float=storage.get("keep_float", "float16") == "float16",
+            truncate_dim=storage["truncate_dim"],
             on_rows=progress,
         )
     if json_out:

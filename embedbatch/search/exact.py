@@ -218,6 +218,41 @@ def nearest(
     return [{"id": rid, "score": score, "text": texts[(file, r)]} for score, file, r, rid in hits]
 
 
+def _scored_chunks(ws: Workspace, manifest: Manifest, q: np.ndarray, chunk_rows: int, *, stored: bool) -> Any:
+    """``(shard, first row, ids, (n,) float32 scores)`` per chunk, superseded rows at -inf."""
+    from embedbatch.store.shards import iter_code_chunks, iter_vector_chunks
+
+    if not stored:
+        for file, start, ids, vecs, live in iter_vector_chunks(ws, manifest, chunk_rows=chunk_rows):
+            yield file, start, ids, _cosines(vecs, q, live)
+        return
+    q_bits: dict[int, np.ndarray] = {}
+    for file, start, ids, codec, column, live in iter_code_chunks(ws, manifest, chunk_rows=max(chunk_rows, 65_536)):
+        if codec.dtype == "binary" and codec.dim % 64 == 0:
+            if codec.dim not in q_bits:
+                q_bits[codec.dim] = np.packbits(q[: codec.dim] > 0).view(np.uint64)
+            words = codec.bits(column).view(np.uint64)  # (n, dim / 64)
+            distance = np.bitwise_count(words ^ q_bits[codec.dim]).sum(axis=1, dtype=np.int32)
+            scores = (1.0 - 2.0 * distance / codec.dim).astype(np.float32)
+            scores[~live] = -np.inf
+            yield file, start, ids, scores
+        elif codec.dtype == "int8":  # stored vectors are unit length: the dot product ranks them
+            scores = codec.int8_dot(column, q)
+            scores[~live] = -np.inf
+            yield file, start, ids, scores
+        else:
+            yield file, start, ids, _cosines(codec.decode(column), q, live)
+
+
+def _cosines(vecs: np.ndarray, q: np.ndarray, live: np.ndarray) -> np.ndarray:
+    if not len(vecs):
+        return np.empty(0, np.float32)
+    norms = np.linalg.norm(vecs, axis=1)
+    scores: np.ndarray = (vecs @ q) / np.where(norms == 0, 1.0, norms)
+    scores[~live] = -np.inf
+    return scores
+
+
 def _scan(
     ws: Workspace,
     manifest: Manifest,
@@ -228,17 +263,14 @@ def _scan(
     *,
     stored: bool,
 ) -> tuple[np.ndarray, list[tuple[str, int, str]]]:
-    """The running top-``k`` of a streamed scan: scores and ``(shard, row, id)``."""
-    from embedbatch.store.shards import iter_vector_chunks
-
+    """The running top-``k`` of a streamed scan: scores and ``(shard, row, id)``. ``stored``:
+    score the shards as stored (binary codes by Hamming similarity, ``1 - 2·distance/dim``, on
+    64-bit words; int8 dequantised)."""
     best_s = np.empty(0, np.float32)
     best_at: list[tuple[str, int, str]] = []
-    for file, start, ids, vecs, live in iter_vector_chunks(ws, manifest, chunk_rows=chunk_rows, stored=stored):
-        if not len(vecs):
+    for file, start, ids, scores in _scored_chunks(ws, manifest, q, chunk_rows, stored=stored):
+        if not len(scores):
             continue
-        norms = np.linalg.norm(vecs, axis=1)
-        scores = (vecs @ q) / np.where(norms == 0, 1.0, norms)
-        scores[~live] = -np.inf
         # One candidate more when a row is excluded: it may be among the top k (a tie).
         want = k + 1 if exclude is not None else k
         top = np.argpartition(-scores, want - 1)[:want] if len(scores) > want else np.arange(len(scores))

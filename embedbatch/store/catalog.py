@@ -6,8 +6,8 @@ Views:
   ``dataset``, ``split``, ``text``, ``metadata``, ``embedding``, ``model``, ``created_at``,
   ``run_id``, ``parent_id``, ``chunk_index``, plus ``shard``); rows a later shard superseded are
   left out. Compressed shards (:mod:`embedbatch.store.quant`) give their codes in
-  ``embedding_int8`` (``TINYINT[]``; the ranges are the manifest's ``quantization``) or
-  ``embedding_bits`` (``BLOB``, packed sign bits), and in ``embedding`` the float16 vectors kept
+  ``embedding_int8`` (``BLOB``, one signed byte a dimension; the ranges are the manifest's
+  ``quantization``) or ``embedding_bits`` (``BLOB``, packed sign bits), and in ``embedding`` the float16 vectors kept
   beside them (NULL when none were kept): one query may span datasets of every dtype.
 - ``shards``: one row per manifest entry (model, dataset, shard, rows, bytes, dim, dtype,
   min_norm, max_norm, created_at, sha256).
@@ -46,13 +46,13 @@ def _embeddings_view(groups: Groups) -> str:
         listing = ", ".join("'" + f.replace("'", "''") + "'" for f in paths)
         source = f"read_parquet([{listing}], union_by_name = true, filename = true)"
         if kind == "float":
-            cols = "e.* EXCLUDE (filename), NULL::TINYINT[] AS embedding_int8, NULL::BLOB AS embedding_bits"
+            cols = "e.* EXCLUDE (filename), NULL::BLOB AS embedding_int8, NULL::BLOB AS embedding_bits"
         else:
-            int8 = ("embedding_int8", "embedding_bits", "BLOB")
-            codes, other, other_type = int8 if kind == "int8" else ("embedding_bits", "embedding_int8", "TINYINT[]")
+            names = ("embedding_int8", "embedding_bits")
+            codes, other = names if kind == "int8" else names[::-1]
             floats = "e.embedding_float::FLOAT[]" if kept else "NULL::FLOAT[]"
             drop = "filename, embedding" + (", embedding_float" if kept else "")
-            cols = f"e.* EXCLUDE ({drop}), {floats} AS embedding, e.embedding AS {codes}, NULL::{other_type} AS {other}"
+            cols = f"e.* EXCLUDE ({drop}), {floats} AS embedding, e.embedding AS {codes}, NULL::BLOB AS {other}"
         parts.append(
             f"SELECT {cols}, regexp_extract(e.filename, '[^/]+$') AS shard FROM {source} e "
             "ANTI JOIN superseded_t g ON g.path = e.filename AND g.id = e.id"

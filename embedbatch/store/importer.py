@@ -32,6 +32,7 @@ from embedbatch.errors import InputError, UsageError
 from embedbatch.failures import tsv_unescape
 from embedbatch.store.dataset import DatasetStore
 from embedbatch.store.index import id_key
+from embedbatch.store.quant import STORE_DTYPES
 from embedbatch.workspace import Workspace, crash_point, utc_now
 
 __all__ = ["ImportResult", "import_vectors"]
@@ -226,6 +227,8 @@ def import_vectors(
     vector_field: str = "embedding",
     rows_per_part: int = 100_000,
     dtype: str = "float32",
+    keep_float: bool = False,
+    truncate_dim: int | None = None,
     on_rows: Callable[[int], None] | None = None,
 ) -> ImportResult:
     """Import vectors into (model, dataset), exactly once (module doc).
@@ -233,7 +236,9 @@ def import_vectors(
     Args:
         text_field: the text column (Parquet; optional: rows without it get an empty text).
         rows_per_part: rows per part, which is one shard.
-        dtype: ``float32`` or ``float16`` shards.
+        dtype: ``float32``, ``float16``, ``int8`` or ``binary`` shards (:mod:`embedbatch.store.quant`).
+        keep_float: int8/binary: keep the vectors as float16 beside them.
+        truncate_dim: keep each vector's first N components, re-normalised.
 
     Returns:
         :class:`ImportResult`.
@@ -245,8 +250,8 @@ def import_vectors(
             import).
         LockedError: another import of the dataset is running.
     """
-    if dtype not in ("float32", "float16"):
-        raise UsageError(f"--dtype must be float32 or float16, got {dtype!r}")
+    if dtype not in STORE_DTYPES:
+        raise UsageError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
     if rows_per_part < 1:
         raise UsageError("--rows-per-shard must be at least 1")
     files = _files(Path(source))
@@ -256,7 +261,7 @@ def import_vectors(
     with store.engine_lock("import"):
         manifest = store.manifest()
         done = manifest.sources()
-        dim = manifest.dimensions
+        dim = None if manifest.truncate_dim else manifest.dimensions  # a cut dataset: the input's own is checked
         for k, part in enumerate(_parts(files, rows_per_part, id_field, text_field, vector_field)):
             result.parts += 1
             key = f"{import_id}/part-{k:06d}"
@@ -267,7 +272,9 @@ def import_vectors(
             _check(part, dim, _earlier(store, import_id, part.ids), id_field)
             dim = int(part.vectors.shape[1])
             result.dim = dim
-            writer = store.writer(dim=dim, dtype=dtype, rows_per_shard=len(part.ids) + 1)
+            writer = store.writer(
+                dim=dim, dtype=dtype, rows_per_shard=len(part.ids) + 1, keep_float=keep_float, truncate_dim=truncate_dim
+            )
             writer.write(
                 ids=part.ids,
                 texts=part.texts,

@@ -3,7 +3,9 @@
 ``--store-dtype``:
 
 - ``float32`` (default), ``float16``: ``fixed_size_list<float32|float16>[dim]``.
-- ``int8``: ``fixed_size_list<int8>[dim]``, scalar quantisation with per-dimension ranges
+- ``int8``: ``fixed_size_binary[dim]``, one signed byte per dimension (Parquet has no 1-byte
+  integer type: a list of int8 would be stored as 4-byte INT32 values), scalar quantisation with
+  per-dimension ranges
   ``[lo, hi]`` (``q = round((x - lo) / (hi - lo) · 255) - 128``, clipped). The ranges are
   calibrated on the dataset's first :data:`CALIBRATION_ROWS` rows (a shard's writer buffers them),
   kept in the manifest and used unchanged by every later writer, so every shard decodes alike
@@ -76,8 +78,9 @@ class Codec:
         """The ``embedding`` column's Arrow type."""
         if self.dtype == "binary":
             return pa.binary((self.dim + 7) // 8)
-        value = {"float32": pa.float32(), "float16": pa.float16(), "int8": pa.int8()}[self.dtype]
-        return pa.list_(value, self.dim)
+        if self.dtype == "int8":
+            return pa.binary(self.dim)
+        return pa.list_(pa.float16() if self.dtype == "float16" else pa.float32(), self.dim)
 
     def encode(self, vectors: np.ndarray) -> tuple[pa.Array, int]:
         """``(n, dim)`` float32 → the column's values, and how many int8 values were clipped.
@@ -97,8 +100,9 @@ class Codec:
             scaled = (vectors - self.lo) / np.maximum(self.hi - self.lo, 1e-12) * 255.0 - 128.0
             q = np.rint(scaled)
             clipped = int(((q < -128) | (q > 127)).sum())
-            flat = np.clip(q, -128, 127).astype(np.int8).reshape(-1)
-            return pa.FixedSizeListArray.from_arrays(pa.array(flat), self.dim), clipped
+            codes = np.ascontiguousarray(np.clip(q, -128, 127).astype(np.int8))
+            column = pa.FixedSizeBinaryArray.from_buffers(self.arrow_type(), n, [None, pa.py_buffer(codes.tobytes())])
+            return column, clipped
         flat = vectors.astype(np.float16 if self.dtype == "float16" else np.float32, copy=False).reshape(-1)
         return pa.FixedSizeListArray.from_arrays(pa.array(flat), self.dim), 0
 
@@ -111,12 +115,12 @@ class Codec:
         if self.dtype == "binary":
             bits = np.unpackbits(self.bits(arr), axis=1, count=self.dim)
             return (bits.astype(np.float32) * 2.0 - 1.0) / np.float32(np.sqrt(self.dim))
-        flat = arr.values.to_numpy(zero_copy_only=False)
         if self.dtype == "int8":
             assert self.lo is not None and self.hi is not None
-            q = np.asarray(flat, np.float32).reshape(n, self.dim)
+            q = self.codes(arr).astype(np.float32)
             out: np.ndarray = ((q + 128.0) / 255.0 * (self.hi - self.lo) + self.lo).astype(np.float32)
             return out
+        flat = arr.values.to_numpy(zero_copy_only=False)
         return np.asarray(flat, dtype=np.float32).reshape(n, -1)
 
     def bits(self, column: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -126,6 +130,21 @@ class Codec:
         width = arr.type.byte_width
         raw = np.frombuffer(arr.buffers()[1], np.uint8, count=len(arr) * width, offset=arr.offset * width)
         return raw.reshape(len(arr), width)
+
+    def codes(self, column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """int8 only: the codes, ``(n, dim)`` int8."""
+        return self.bits(column).view(np.int8)
+
+    def int8_dot(self, column: pa.Array | pa.ChunkedArray, query: np.ndarray) -> np.ndarray:
+        """int8 only: ``dequantised · query`` for each row, ``(n,)`` float32, without
+        dequantising: ``codes @ (q · step) + q · (lo + 128 · step)`` (one int8 → float32
+        conversion and one matrix-vector product)."""
+        assert self.lo is not None and self.hi is not None
+        step = (self.hi - self.lo) / 255.0
+        scaled = (query * step).astype(np.float32)
+        offset = float(query @ (self.lo + 128.0 * step))
+        out: np.ndarray = self.codes(column).astype(np.float32) @ scaled + np.float32(offset)
+        return out
 
     def metadata(self) -> dict[bytes, bytes]:
         """The shard schema metadata that lets a shard decode on its own."""
@@ -155,7 +174,7 @@ def codec_from_metadata(schema: pa.Schema) -> Codec:
     if METADATA_KEY in md:
         return codec_from_json(orjson.loads(md[METADATA_KEY]))
     t = schema.field("embedding").type
-    if pa.types.is_fixed_size_binary(t):
+    if pa.types.is_fixed_size_binary(t):  # (our compressed shards always carry their metadata)
         return Codec("binary", t.byte_width * 8)
     return Codec("float16" if t.value_type == pa.float16() else "float32", t.list_size)
 

@@ -46,6 +46,7 @@ __all__ = [
     "StagedShard",
     "best_vectors",
     "embedding_schema",
+    "iter_code_chunks",
     "iter_live_rows",
     "iter_run_chunks",
     "iter_vector_chunks",
@@ -74,10 +75,11 @@ def embedding_schema(
     """The data model: id, source, dataset, split, text, metadata, embedding, model, created_at,
     run_id, parent_id, chunk_index[, embedding_float].
 
-    ``embedding`` is ``fixed_size_list<float32|float16|int8>[dim]`` or, for binary,
-    ``fixed_size_binary[dim / 8]`` (see :mod:`embedbatch.store.quant`; the codec, with int8's
-    ranges, is in the schema metadata); ``embedding_float`` (``fixed_size_list<float16>[dim]``)
-    holds the float vectors beside int8/binary ones when they are kept. ``parent_id`` (string)
+    ``embedding`` is ``fixed_size_list<float32|float16>[dim]``, or ``fixed_size_binary[dim]``
+    (int8 codes) / ``fixed_size_binary[dim / 8]`` (sign bits) for compressed storage (see
+    :mod:`embedbatch.store.quant`; the codec, with int8's ranges, is in the schema metadata);
+    ``embedding_float`` (``fixed_size_list<float16>[dim]``) holds the float vectors beside
+    int8/binary ones when they are kept. ``parent_id`` (string)
     and ``chunk_index`` (int32) are set for chunk rows and null otherwise (shards written before
     chunking existed lack both columns: readers treat them as null).
     """
@@ -548,6 +550,39 @@ def iter_vector_chunks(
             start += len(ids)
 
 
+def iter_code_chunks(
+    ws: Workspace, manifest: Manifest, *, chunk_rows: int = 65_536
+) -> Iterator[tuple[str, int, pa.Array, Codec, pa.Array, np.ndarray]]:
+    """:func:`iter_vector_chunks` without decoding: ``(shard file, first row, ids, the shard's
+    codec, its embedding column as stored, (n,) bool live)``, for a scan that scores the codes
+    themselves (Hamming distances of binary codes).
+
+    Raises:
+        StateError: a listed shard is missing.
+    """
+    import pyarrow.compute as pc
+
+    gone = superseded_ids(manifest)
+    base = ws.shards_dir(manifest.model, manifest.dataset)
+    for s in manifest.shards:
+        path = base / s["file"]
+        if not path.exists():
+            raise StateError(f"{path}: listed in the manifest but missing")
+        drop = gone.get(s["file"], set())
+        drop_arr = pa.array(sorted(drop), pa.string()) if drop else None
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+        codec = codec_from_metadata(pf.schema_arrow)
+        start = 0
+        for batch in pf.iter_batches(columns=["id", "embedding"], batch_size=chunk_rows):
+            ids = batch.column(0)
+            if drop_arr is not None:
+                live = np.asarray(pc.invert(pc.is_in(ids, value_set=drop_arr)).to_numpy(zero_copy_only=False))
+            else:
+                live = np.ones(len(ids), bool)
+            yield s["file"], start, ids, codec, batch.column(1), live
+            start += len(ids)
+
+
 def read_rows_at(path: Path, rows: list[int], columns: list[str]) -> list[dict[str, Any]]:
     """The given rows (0-based, within the shard) of a shard, in the order asked, reading only
     the row groups that hold them (see :func:`row_group_rows`)."""
@@ -560,7 +595,8 @@ def read_rows_at(path: Path, rows: list[int], columns: list[str]) -> list[dict[s
         by_group.setdefault(int(np.searchsorted(bounds, r, side="right")) - 1, []).append(r)
     with_vectors = "embedding" in columns
     plain = [c for c in columns if c != "embedding"]
-    read = [*plain, *vector_columns(schema)] if with_vectors else columns
+    best = [FLOAT_COLUMN] if FLOAT_COLUMN in schema.names else ["embedding"]  # the kept floats alone, if any
+    read = [*plain, *best] if with_vectors else columns
     for g, rs in by_group.items():
         table = pf.read_row_group(g, columns=read)
         local = table.take(pa.array([r - int(bounds[g]) for r in rs], pa.int64()))

@@ -126,8 +126,9 @@ def _check_codec(name: str, entry: dict[str, Any], codec: Codec, table: Any) -> 
         out.append(f"{name}: stored as {codec.dtype}, the manifest says {entry.get('dtype')}")
     if codec.dtype == "int8" and (codec.lo is None or codec.hi is None or not (codec.hi > codec.lo).all()):
         out.append(f"{name}: int8 shard without valid calibration ranges")
-    if codec.dtype == "binary" and table.schema.field("embedding").type.byte_width != (codec.dim + 7) // 8:
-        out.append(f"{name}: binary vectors of the wrong width for {codec.dim} dimensions")
+    width = {"binary": (codec.dim + 7) // 8, "int8": codec.dim}.get(codec.dtype)
+    if width is not None and table.schema.field("embedding").type.byte_width != width:
+        out.append(f"{name}: {codec.dtype} vectors of the wrong width for {codec.dim} dimensions")
     return out
 
 

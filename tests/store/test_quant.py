@@ -200,3 +200,41 @@ def test_sql_spans_datasets_of_every_dtype(tmp_path: Path) -> None:
         ("f32", 50, 50, 0, 0, DIM, None),
         ("i8", 40, 0, 40, 0, None, None),
     ]
+
+
+def test_the_binary_scan_scores_by_hamming_distance(tmp_path: Path) -> None:
+    """128-d binary shards are scanned on 64-bit words: scores 1 - 2·hamming/dim, the same
+    ranking as the dot product of the sign vectors."""
+    rng = np.random.default_rng(7)
+    vecs = _unit(rng, 3000, 128)
+    ws = Workspace(tmp_path / "ws")
+    _commit(DatasetStore(ws, "m", "h"), vecs, 0, "run1", dtype="binary", keep_float=False)
+    q = _unit(rng, 1, 128)[0]
+    signs = np.where(vecs > 0, 1.0, -1.0)
+    want = np.sort((signs @ np.where(q > 0, 1.0, -1.0)) / 128)[::-1][:10]
+    got = nearest(ws, Manifest.load(ws, "m", "h"), q, k=10, rescore_multiplier=1)
+    assert np.allclose([h["score"] for h in got], want)
+
+
+def test_import_stores_compressed_and_cut_vectors(tmp_path: Path) -> None:
+    """`import` takes the same storage: int8 codes decoding within the calibration's steps, and
+    a Matryoshka cut (forced past the guard by the caller) re-normalised."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embedbatch.store.importer import import_vectors
+
+    vecs = _unit(np.random.default_rng(8), 1200)
+    src = tmp_path / "mine.parquet"
+    pq.write_table(
+        pa.table({"id": [f"x{i}" for i in range(1200)], "embedding": list(vecs)}),
+        src,
+    )
+    ws = Workspace(tmp_path / "ws")
+    import_vectors(ws, src, model="m", dataset="imp8", dtype="int8", keep_float=False)
+    _, _, got = read_vectors(ws, "m", "imp8")
+    assert Manifest.load(ws, "m", "imp8").shards[0]["dtype"] == "int8"
+    assert float(np.abs(got - vecs).max()) < 0.02
+    import_vectors(ws, src, model="m", dataset="cut", truncate_dim=48)
+    _, _, cut = read_vectors(ws, "m", "cut")
+    assert np.allclose(cut, truncate(vecs, 48), atol=1e-6)
