@@ -512,50 +512,12 @@ def vector_source(schema: pa.Schema) -> str:
     return dtype
 
 
-def iter_vector_chunks(
-    ws: Workspace, manifest: Manifest, *, chunk_rows: int = 2048, stored: bool = False
-) -> Iterator[tuple[str, int, pa.Array, np.ndarray, np.ndarray]]:
-    """Every shard's rows in chunks, for a bounded-memory scan: ``(shard file, first row,
-    ids (Arrow strings), (n, dim) float32 vectors, (n,) bool live)``; ``live`` is False for rows a
-    later shard superseded. Memory: one chunk (``chunk_rows × dim × 4`` bytes), whatever the
-    dataset's size. The vectors are :func:`best_vectors`, or with ``stored`` the ``embedding``
-    column decoded as stored (int8/binary dequantised: what a compressed scan scores).
-
-    Raises:
-        StateError: a listed shard is missing.
-    """
-    import pyarrow.compute as pc
-
-    gone = superseded_ids(manifest)
-    base = ws.shards_dir(manifest.model, manifest.dataset)
-    for s in manifest.shards:
-        path = base / s["file"]
-        if not path.exists():
-            raise StateError(f"{path}: listed in the manifest but missing")
-        drop = gone.get(s["file"], set())
-        drop_arr = pa.array(sorted(drop), pa.string()) if drop else None
-        start = 0
-        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)  # stream pages, no read-ahead of the file
-        schema = pf.schema_arrow
-        codec = codec_from_metadata(schema)
-        columns = ["id", "embedding"] if stored else ["id", *vector_columns(schema)]
-        for batch in pf.iter_batches(columns=columns, batch_size=chunk_rows):
-            ids = batch.column(0)
-            vecs = codec.decode(batch.column("embedding")) if stored else best_vectors(batch, schema)
-            if drop_arr is not None:
-                live = np.asarray(pc.invert(pc.is_in(ids, value_set=drop_arr)).to_numpy(zero_copy_only=False))
-            else:
-                live = np.ones(len(ids), bool)
-            yield s["file"], start, ids, vecs, live
-            start += len(ids)
-
-
-def iter_code_chunks(
-    ws: Workspace, manifest: Manifest, *, chunk_rows: int = 65_536
-) -> Iterator[tuple[str, int, pa.Array, Codec, pa.Array, np.ndarray]]:
-    """:func:`iter_vector_chunks` without decoding: ``(shard file, first row, ids, the shard's
-    codec, its embedding column as stored, (n,) bool live)``, for a scan that scores the codes
-    themselves (Hamming distances of binary codes).
+def _shard_batches(
+    ws: Workspace, manifest: Manifest, columns: Any, chunk_rows: int
+) -> Iterator[tuple[str, int, pa.Schema, pa.RecordBatch, np.ndarray]]:
+    """Every shard's ``columns(schema)`` in record batches: ``(shard file, first row, the
+    shard's schema, batch, (n,) bool live)``; ``live`` is False for rows a later shard
+    superseded. Pages are streamed (no read-ahead of the file).
 
     Raises:
         StateError: a listed shard is missing.
@@ -571,16 +533,51 @@ def iter_code_chunks(
         drop = gone.get(s["file"], set())
         drop_arr = pa.array(sorted(drop), pa.string()) if drop else None
         pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-        codec = codec_from_metadata(pf.schema_arrow)
+        schema = pf.schema_arrow
         start = 0
-        for batch in pf.iter_batches(columns=["id", "embedding"], batch_size=chunk_rows):
-            ids = batch.column(0)
+        for batch in pf.iter_batches(columns=columns(schema), batch_size=chunk_rows):
+            ids = batch.column("id")
             if drop_arr is not None:
                 live = np.asarray(pc.invert(pc.is_in(ids, value_set=drop_arr)).to_numpy(zero_copy_only=False))
             else:
                 live = np.ones(len(ids), bool)
-            yield s["file"], start, ids, codec, batch.column(1), live
+            yield s["file"], start, schema, batch, live
             start += len(ids)
+
+
+def iter_vector_chunks(
+    ws: Workspace, manifest: Manifest, *, chunk_rows: int = 2048, stored: bool = False
+) -> Iterator[tuple[str, int, pa.Array, np.ndarray, np.ndarray]]:
+    """Every shard's rows in chunks, for a bounded-memory scan: ``(shard file, first row,
+    ids (Arrow strings), (n, dim) float32 vectors, (n,) bool live)``; ``live`` is False for rows a
+    later shard superseded. Memory: one chunk (``chunk_rows × dim × 4`` bytes), whatever the
+    dataset's size. The vectors are :func:`best_vectors`, or with ``stored`` the ``embedding``
+    column decoded as stored (int8/binary dequantised: what a compressed scan scores).
+
+    Raises:
+        StateError: a listed shard is missing.
+    """
+
+    def columns(schema: pa.Schema) -> list[str]:
+        return ["id", "embedding"] if stored else ["id", *vector_columns(schema)]
+
+    for file, start, schema, batch, live in _shard_batches(ws, manifest, columns, chunk_rows):
+        emb = codec_from_metadata(schema).decode(batch.column("embedding")) if stored else None
+        yield file, start, batch.column("id"), emb if emb is not None else best_vectors(batch, schema), live
+
+
+def iter_code_chunks(
+    ws: Workspace, manifest: Manifest, *, chunk_rows: int = 65_536
+) -> Iterator[tuple[str, int, pa.Array, Codec, pa.Array, np.ndarray]]:
+    """:func:`iter_vector_chunks` without decoding: ``(shard file, first row, ids, the shard's
+    codec, its embedding column as stored, (n,) bool live)``, for a scan that scores the codes
+    themselves (Hamming distances of binary codes).
+
+    Raises:
+        StateError: a listed shard is missing.
+    """
+    for file, start, schema, batch, live in _shard_batches(ws, manifest, lambda _: ["id", "embedding"], chunk_rows):
+        yield file, start, batch.column("id"), codec_from_metadata(schema), batch.column("embedding"), live
 
 
 def read_rows_at(path: Path, rows: list[int], columns: list[str]) -> list[dict[str, Any]]:
