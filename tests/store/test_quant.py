@@ -238,3 +238,26 @@ def test_import_stores_compressed_and_cut_vectors(tmp_path: Path) -> None:
     import_vectors(ws, src, model="m", dataset="cut", truncate_dim=48)
     _, _, cut = read_vectors(ws, "m", "cut")
     assert np.allclose(cut, truncate(vecs, 48), atol=1e-6)
+
+
+def test_cut_vectors_reach_a_database_of_the_cut_dimension(tmp_path: Path, server: object, ws: Workspace) -> None:
+    """`embed --truncate-dim 256` into libSQL: the target is checked (and created) for 256-d
+    vectors, the vectors stored there are the cut, re-normalised ones."""
+    pytest.importorskip("libsql", reason="libsql is the libSQL sink")
+    import sqlite3
+    import struct
+
+    from tests.conftest import cli_env, run_cli
+
+    src = tmp_path / "d.jsonl"
+    src.write_bytes(b"".join(orjson.dumps({"id": f"r{i}", "text": f"row {i}"}) + b"\n" for i in range(20)))
+    db = tmp_path / "v.db"
+    flags = ["--truncate-dim", "256", "--libsql-url", str(db), "--libsql-table", "v", "--libsql-mode", "insert"]
+    r = run_cli(["embed", str(src), "--dataset", "cut", *flags], cli_env(server, ws), tmp_path)  # type: ignore[arg-type]
+    assert r.returncode == 0, r.stderr
+    with sqlite3.connect(str(db)) as conn:
+        blobs = dict(conn.execute("SELECT id, embedding FROM v").fetchall())
+    vec = np.array(struct.unpack("<256f", blobs["r3"]), np.float32)
+    (row,) = DatasetStore(ws, "text-embedding-3-small", "cut").get(["r3"], columns=["embedding"])
+    assert len(blobs) == 20 and row is not None and np.allclose(vec, row["embedding"], atol=1e-6)
+    assert abs(float(np.linalg.norm(vec)) - 1) < 1e-5

@@ -91,7 +91,7 @@ def plan_run(
     check_model_options(submit.model, submit.dimensions)
     if (pg_target is not None or libsql_target is not None) and not submit.dry_run:
         check_targets(
-            dim=target_dimension(submit.model, submit.dimensions, probe_dim),
+            dim=(args or {}).get("truncate_dim") or target_dimension(submit.model, submit.dimensions, probe_dim),
             pg_target=pg_target,
             libsql_target=libsql_target,
             dsn=dsn,

@@ -141,7 +141,11 @@ def run_local(
     max_content = min(prepare.max_tokens, enc.max_length - enc.special_tokens(enc.new_tokenizer()))
     # Before any work: the targets must take this model's vectors.
     check_targets(
-        dim=enc.dim, pg_target=pg_target, libsql_target=libsql_target, dsn=dsn, libsql_auth_token=libsql_auth_token
+        dim=ingest.truncate_dim or enc.dim,  # (vectors cut to --truncate-dim are stored cut)
+        pg_target=pg_target,
+        libsql_target=libsql_target,
+        dsn=dsn,
+        libsql_auth_token=libsql_auth_token,
     )
     run = ws.new_run(label, dataset)
     result = LocalResult(str(run.root), label, enc.device, enc.dtype if not local.devices else local.dtype)

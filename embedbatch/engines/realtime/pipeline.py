@@ -359,7 +359,7 @@ def _check_sinks(
         return int(anyio.run(once).vectors.shape[1])
 
     check_targets(
-        dim=target_dimension(cfg.model, cfg.dimensions, probe),
+        dim=ingest.truncate_dim or target_dimension(cfg.model, cfg.dimensions, probe),
         pg_target=pg_target,
         libsql_target=libsql_target,
         dsn=ingest.dsn,
