@@ -68,9 +68,9 @@ def write_all(
     names: dict[str, dict[str, Any]],
 ) -> int:
     """Every variant's dataset from the same stream of (ids, texts, vectors) parts."""
+    stores = {slug(st): st for st in names.values()}  # variants that differ only in the search share one
     writers = {
-        name: DatasetStore(ws, model, slug(name)).writer(dim=None, rows_per_shard=100_000, **st)
-        for name, st in names.items()
+        key: DatasetStore(ws, model, key).writer(dim=None, rows_per_shard=100_000, **st) for key, st in stores.items()
     }
     n = 0
     for ids, texts, vecs in parts:
@@ -80,14 +80,15 @@ def write_all(
             if w.rows_in_open_shard >= 100_000:
                 w.close_shard()
         n += len(ids)
-    for name, w in writers.items():
+    for key, w in writers.items():
         w.add_source("run_bench/all")
-        DatasetStore(ws, model, slug(name)).commit(w, run_id="run_bench", run_info={})
+        DatasetStore(ws, model, key).commit(w, run_id="run_bench", run_info={})
     return n
 
 
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_")[:60]
+def slug(storage: dict[str, Any]) -> str:
+    """The dataset name of a storage."""
+    return "_".join(f"{k}-{v}" for k, v in sorted(storage.items()))
 
 
 def vector_bytes(ws: Workspace, model: str, dataset: str) -> float:
@@ -113,7 +114,7 @@ def measure(
     print("|---|---|---|---|---|---|---|---|")
     base_bytes = None
     for name, (storage, mult) in names.items():
-        m = Manifest.load(ws, model, slug(name))
+        m = Manifest.load(ws, model, slug(storage))
         nearest(ws, m, queries[0], k=K, rescore_multiplier=mult)  # warm the page cache
         times, found = [], []
         for q in queries:
@@ -124,7 +125,7 @@ def measure(
         if not truth:
             truth = found
         recall = statistics.mean(len(f & t) / K for f, t in zip(found, truth, strict=True))
-        disk = vector_bytes(ws, model, slug(name))
+        disk = vector_bytes(ws, model, slug(storage))
         dtype = storage.get("dtype", "float32")
         scanned = m.dimensions * itemsize(dtype) if m.dimensions else 0
         base_bytes = base_bytes or disk
