@@ -30,6 +30,7 @@ float ones.
 from __future__ import annotations
 
 import base64
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,11 +173,17 @@ def codec_from_metadata(schema: pa.Schema) -> Codec:
     ``embedding`` column's type (float32/float16 shards, also those written before int8)."""
     md = schema.metadata or {}
     if METADATA_KEY in md:
-        return codec_from_json(orjson.loads(md[METADATA_KEY]))
+        return _codec_from_bytes(md[METADATA_KEY])
     t = schema.field("embedding").type
     if pa.types.is_fixed_size_binary(t):  # (our compressed shards always carry their metadata)
         return Codec("binary", t.byte_width * 8)
     return Codec("float16" if t.value_type == pa.float16() else "float32", t.list_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _codec_from_bytes(raw: bytes) -> Codec:
+    """Parsed once per distinct codec (a scan asks for every batch of every shard)."""
+    return codec_from_json(orjson.loads(raw))
 
 
 def decode_column(schema: pa.Schema, column: pa.Array | pa.ChunkedArray) -> np.ndarray:

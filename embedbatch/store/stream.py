@@ -73,14 +73,17 @@ class StreamCommitter:
         Raises:
             StateError: the vectors' dimension differs from the dataset's (at commit).
         """
-        if any(is_aggregated(r.metadata) for r in records):
-            records, vectors = self._aggregate(records, vectors)
+        marks = [is_aggregated(r.metadata) for r in records]  # one look at each row
+        if any(marks):
+            records, vectors = self._aggregate(records, vectors, marks)
         self._write(records, vectors)
 
-    def _aggregate(self, records: Sequence[Record], vectors: np.ndarray) -> tuple[list[Record], np.ndarray]:
+    def _aggregate(
+        self, records: Sequence[Record], vectors: np.ndarray, marks: list[bool]
+    ) -> tuple[list[Record], np.ndarray]:
         """Ordinary rows as they are, then the documents these chunks completed."""
-        chunk = [i for i, r in enumerate(records) if is_aggregated(r.metadata)]
-        plain = [i for i, r in enumerate(records) if not is_aggregated(r.metadata)]
+        chunk = [i for i, m in enumerate(marks) if m]
+        plain = [i for i, m in enumerate(marks) if not m]
         for i in chunk:
             self._held.setdefault(str(records[i].metadata["chunk"]["parent_id"]), []).append(records[i])
         ids, texts, metas, splits, vecs = self.aggregator.add(
